@@ -1,0 +1,57 @@
+"""The one exception family. Messages say what went wrong and what to do next.
+
+The CLI converts these to one stderr line and an exit code at a single boundary
+(`cli.main`); the core raises them and never prints.
+"""
+
+from __future__ import annotations
+
+# Exit codes, documented in README.md and man/semantic.1.
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3  # unknown agent, model or room
+EXIT_BUSY = 4  # another process holds the agent
+EXIT_TOO_LONG = 5  # the prompt does not fit the model's context
+EXIT_BAD_INPUT = 6  # empty or undecodable input
+EXIT_MODEL = 7  # a model could not be loaded or converted
+EXIT_CACHE = 8  # cache damage that verify found and did not repair
+EXIT_INTERRUPTED = 130
+
+
+class SemanticError(Exception):
+    """Base class: an error the user can act on."""
+
+    exit_code = EXIT_ERROR
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class UsageError(SemanticError):
+    exit_code = EXIT_USAGE
+
+
+class NotFoundError(SemanticError):
+    exit_code = EXIT_NOT_FOUND
+
+
+class BusyError(SemanticError):
+    exit_code = EXIT_BUSY
+
+
+class PromptTooLongError(SemanticError):
+    exit_code = EXIT_TOO_LONG
+
+
+class BadInputError(SemanticError):
+    exit_code = EXIT_BAD_INPUT
+
+
+class ModelError(SemanticError):
+    exit_code = EXIT_MODEL
+
+
+class CacheDamageError(SemanticError):
+    exit_code = EXIT_CACHE

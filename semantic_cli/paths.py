@@ -1,0 +1,86 @@
+"""Every path the tool reads or writes, resolved at call time.
+
+`SEMANTIC_HOME` relocates everything (data, cache, config) under one directory;
+otherwise the platform's conventional directories are used (platformdirs).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+APP = "semantic"
+
+
+def _home() -> Path | None:
+    value = os.environ.get("SEMANTIC_HOME")
+    return Path(value).expanduser() if value else None
+
+
+def _private_dir(path: Path) -> Path:
+    # Everything we write is the user's alone: directories 0700.
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def data_dir(create: bool = True) -> Path:
+    """Transcripts (SQLite), converted models, REPL history."""
+    home = _home()
+    if home is not None:
+        path = home / "data"
+    else:
+        from platformdirs import user_data_dir
+
+        path = Path(user_data_dir(APP))
+    return _private_dir(path) if create else path
+
+
+def cache_dir(create: bool = True) -> Path:
+    """KV blocks: derived data that may be deleted at any time."""
+    home = _home()
+    if home is not None:
+        path = home / "cache"
+    else:
+        from platformdirs import user_cache_dir
+
+        path = Path(user_cache_dir(APP))
+    return _private_dir(path) if create else path
+
+
+def config_dir(create: bool = True) -> Path:
+    home = _home()
+    if home is not None:
+        path = home / "config"
+    else:
+        from platformdirs import user_config_dir
+
+        path = Path(user_config_dir(APP))
+    return _private_dir(path) if create else path
+
+
+def config_file() -> Path:
+    return config_dir(create=False) / "config.toml"
+
+
+def db_file() -> Path:
+    return data_dir() / "semantic.db"
+
+
+def models_dir() -> Path:
+    return _private_dir(data_dir() / "models")
+
+
+def blocks_dir() -> Path:
+    return _private_dir(cache_dir() / "blocks")
+
+
+def locks_dir() -> Path:
+    return _private_dir(data_dir() / "locks")
+
+
+def history_dir() -> Path:
+    return _private_dir(data_dir() / "history")
+
+
+def downloads_dir() -> Path:
+    return _private_dir(cache_dir() / "downloads")
