@@ -84,3 +84,11 @@ def history_dir() -> Path:
 
 def downloads_dir() -> Path:
     return _private_dir(cache_dir() / "downloads")
+
+
+def private_file(path: Path) -> Path:
+    """Create `path` (if missing) readable by the user alone, before anyone writes it.
+    SQLite gives its -wal and -shm files the database file's mode."""
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    os.chmod(path, 0o600)
+    return path

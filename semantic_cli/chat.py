@@ -1,0 +1,221 @@
+"""One chat turn, or a room's concurrent turns: the core behind `semantic chat`.
+
+prepare (transcript -> token ids) -> restore (hot/warm KV) -> generate (engine)
+-> record (transcript, one transaction) -> persist (KV blocks) -> keep hot.
+The transcript is written before the cache: a failure while caching costs a
+re-prefill later, never a message.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from . import config, prompting
+from .engine import Engine, TokenEvent, TurnDone, TurnRequest, TurnStats, get_engine
+from .errors import PromptTooLongError, UsageError
+from .kvlayers import CacheSpec, cache_spec
+from .kvstore import KVStore, PersistStats, is_disk_full
+from .locks import AgentLock
+from .models import ModelRef, requested_spec, resolve
+from .store import Agent, Store
+
+
+@dataclass(frozen=True)
+class GenSettings:
+    max_tokens: int | None = None
+    temp: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Notice:
+    key: str
+    text: str
+
+
+@dataclass(frozen=True)
+class TurnRecorded:
+    key: str
+    model: str
+    done: TurnDone  # finish_reason "interrupted" for a reply cut short by Ctrl-C
+    tier: str  # where the reused prefix came from: hot, warm or cold
+    persisted: PersistStats | None
+    warnings: list[str]  # said after the turn (e.g. the cache could not be saved)
+
+
+@dataclass
+class _Pending:
+    agent: Agent
+    user_text: str
+    engine: Engine
+    request: TurnRequest
+    new_log: bool
+    log_len: int
+    tier: str
+    is_new: bool
+    warnings: list[str]
+    tokens: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+
+def make_kvstore() -> KVStore:
+    from .config import parse_bytes
+
+    return KVStore(config.get("block_tokens"), parse_bytes(config.get("cache_budget")), parse_bytes(config.get("hot_budget")))
+
+
+class Chat:
+    """A process's conversations: holds the agents' locks, the hot tier and the engines."""
+
+    def __init__(self, store: Store, kv: KVStore | None = None) -> None:
+        self.store = store
+        self.kv = kv if kv is not None else make_kvstore()
+        self.locks: dict[str, AgentLock] = {}
+        self._specs: dict[str, CacheSpec] = {}
+        self._warned: set[tuple[str, str]] = set()
+
+    # ---- agents -------------------------------------------------------
+    def open_agent(self, name: str, model_flag: str | None = None, system: str | None = None, wait: bool = False) -> Agent:
+        """Lock an agent for this process; an unknown name is created on its first turn."""
+        if name not in self.locks:
+            self.locks[name] = AgentLock(name).acquire(wait=wait)
+        agent = self.store.find_agent(name)
+        if agent is None:
+            return Agent(name, requested_spec(model_flag), system or "", {}, time.time(), time.time())
+        if model_flag and model_flag != agent.model:
+            agent = self.store.update_agent(agent, model=model_flag)
+        if system is not None and agent.system == "" and not self.store.messages(name):
+            agent = self.store.update_agent(agent, system=system)
+        return agent
+
+    def close(self) -> None:
+        for lock in self.locks.values():
+            lock.release()
+        self.locks.clear()
+
+    def engine_for(self, agent: Agent, on_progress: Any = None) -> Engine:
+        return get_engine(self._ref(agent.model, on_progress))
+
+    def _ref(self, spec: str, on_progress: Any) -> ModelRef:
+        return resolve(spec, on_progress)
+
+    def spec(self, engine: Engine) -> CacheSpec:
+        fp = engine.lm.fingerprint
+        if fp not in self._specs:
+            self._specs[fp] = cache_spec(engine.lm.model)
+        return self._specs[fp]
+
+    # ---- turns --------------------------------------------------------
+    def prepare(self, agent: Agent, user_text: str, settings: GenSettings, on_progress: Any = None) -> _Pending:
+        engine = self.engine_for(agent, on_progress)
+        lm = engine.lm
+        tok = lm.tokenizer
+        history = self.store.messages(agent.name) if self.store.find_agent(agent.name) else []
+        msgs = prompting.chat_messages(agent, history)
+        log = self.store.token_log(agent.name, lm.tokenizer_fingerprint) if history else None
+        delta = None
+        if log:
+            delta = prompting.turn_delta(tok, msgs, user_text, log_ends_with_eos=log[-1] in tok.eos_token_ids)
+        if log and delta is not None:
+            prompt, new_log = log + delta, False
+        else:
+            prompt, new_log = prompting.full_prompt(tok, msgs + [{"role": "user", "content": user_text}]), True
+            log = []
+        context = lm.context_length
+        if len(prompt) >= context:
+            what = "message" if not history else "conversation with this message"
+            raise PromptTooLongError(
+                f"the {what} is {len(prompt)} tokens but {lm.name} has a context of {context} tokens; "
+                + ("shorten it" if not history else f"shorten it or start over with `semantic agents reset {agent.name}`")
+            )
+        max_tokens = settings.max_tokens or agent.settings.get("max_tokens") or config.get("max_tokens")
+        max_tokens = min(int(max_tokens), context - len(prompt))
+        temp = settings.temp if settings.temp is not None else agent.settings.get("temp", config.get("temp"))
+        top_p = settings.top_p if settings.top_p is not None else agent.settings.get("top_p", config.get("top_p"))
+        restored = self.kv.restore(agent.name, lm.fingerprint, self.spec(engine), prompt, capacity=len(prompt) + max_tokens)
+        request = TurnRequest(agent.name, prompt, restored.cache, restored.matched, max_tokens, float(temp), float(top_p))
+        is_new = self.store.find_agent(agent.name) is None
+        return _Pending(agent, user_text, engine, request, new_log, len(log), restored.tier, is_new, list(restored.warnings))
+
+    def run(self, pendings: list[_Pending], seed: int | None = None) -> Iterator[Any]:
+        """Generate all pending turns concurrently (one engine), recording each as it finishes."""
+        engines = {id(p.engine) for p in pendings}
+        if len(engines) > 1:
+            raise UsageError("agents in one room must share a model; give them the same --model (see README: rooms)")
+        by_key = {p.agent.name: p for p in pendings}
+        yield from self._notices(pendings)
+        events = pendings[0].engine.generate([p.request for p in pendings], seed=seed)
+        try:
+            for ev in events:
+                if isinstance(ev, TokenEvent):
+                    p = by_key[ev.key]
+                    if ev.token is not None:
+                        p.tokens.append(ev.token)
+                    p.text.append(ev.text)
+                elif isinstance(ev, TurnDone):
+                    yield ev
+                    yield self._finish(by_key.pop(ev.key), ev)
+                    continue
+                yield ev
+        except (KeyboardInterrupt, GeneratorExit):
+            events.close()
+            for p in list(by_key.values()):
+                self._record(p, self._interrupted(p))
+            by_key.clear()
+            raise
+        finally:
+            events.close()
+
+    def _interrupted(self, p: _Pending) -> TurnDone:
+        req = p.request
+        elapsed = time.perf_counter() - p.started
+        stats = TurnStats(elapsed, len(req.prompt), req.cached, len(req.prompt) - req.cached, len(p.tokens), 0.0, 0.0)
+        return TurnDone(req.key, "interrupted", "".join(p.text), list(p.tokens), None, req.prompt + p.tokens, stats)
+
+    def _record(self, p: _Pending, done: TurnDone) -> None:
+        """Commit the turn to the transcript: one transaction, the truth."""
+        lm = p.engine.lm
+        if p.is_new:
+            a = p.agent
+            self.store.create_agent(a.name, a.model, a.system, a.settings)
+            p.is_new = False
+        status = "interrupted" if done.finish_reason == "interrupted" else "complete"
+        meta = {"finish_reason": done.finish_reason, "model": lm.name, **done.stats.__dict__}
+        new_tokens = done.all_tokens if p.new_log else done.all_tokens[p.log_len :]
+        self.store.record_turn(
+            p.agent.name,
+            [("user", p.user_text, "complete", {}), ("assistant", done.text, status, meta)],
+            lm.tokenizer_fingerprint,
+            new_tokens,
+            replace_log=p.new_log,
+        )
+
+    def _finish(self, p: _Pending, done: TurnDone) -> TurnRecorded:
+        self._record(p, done)
+        lm = p.engine.lm
+        persisted = None
+        if done.cache is not None:
+            self.kv.keep_hot(p.agent.name, lm.fingerprint, done.all_tokens, done.cache)
+            try:
+                persisted = self.kv.persist(p.agent.name, lm.fingerprint, self.spec(p.engine), done.all_tokens, done.cache, set(self.locks))
+            except OSError as exc:
+                why = "the disk is full" if is_disk_full(exc) else exc.strerror or str(exc)
+                p.warnings.append(f"KV cache not saved ({why}); the conversation is saved and will re-prefill next time")
+        return TurnRecorded(p.agent.name, lm.name, done, p.tier, persisted, [w for w in p.warnings if self._first(p.agent.name, w)])
+
+    def _notices(self, pendings: list[_Pending]) -> Iterator[Notice]:
+        for p in pendings:
+            for w in p.warnings:
+                if self._first(p.agent.name, w):
+                    yield Notice(p.agent.name, w)
+
+    def _first(self, agent: str, warning: str) -> bool:
+        """Say each warning once per agent per process."""
+        if (agent, warning) in self._warned:
+            return False
+        self._warned.add((agent, warning))
+        return True

@@ -1,0 +1,97 @@
+"""The `semantic` command: Typer app assembly and the one error boundary.
+
+Command modules parse arguments, call the core and render; they raise
+`SemanticError`s, which become one stderr line and an exit code here.
+Tracebacks only with SEMANTIC_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+import typer
+
+from . import __version__
+from .errors import EXIT_INTERRUPTED, EXIT_USAGE, SemanticError
+
+app = typer.Typer(
+    name="semantic",
+    help="Chat with named local-LLM agents whose conversations and KV caches persist between runs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"semantic {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Chat with named local-LLM agents whose conversations and KV caches persist between runs."""
+
+
+def _register() -> None:
+    from . import cli_agents, cli_bench, cli_cache, cli_chat, cli_config
+
+    app.command("chat")(cli_chat.chat)
+    app.command("doctor")(cli_config.doctor)
+    app.add_typer(cli_agents.app, name="agents")
+    app.add_typer(cli_cache.app, name="cache")
+    app.add_typer(cli_config.app, name="config")
+    app.add_typer(cli_bench.app, name="bench")
+
+
+_register()
+
+
+def _fail(message: str, code: int) -> None:
+    sys.stderr.write(f"semantic: error: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    debug = os.environ.get("SEMANTIC_DEBUG") == "1"
+    os.umask(0o077)  # everything this tool writes is private to the user
+    try:
+        result = app(args=argv, standalone_mode=False, prog_name="semantic")
+        raise SystemExit(result if isinstance(result, int) else 0)
+    except SemanticError as exc:
+        if debug:
+            raise
+        _fail(exc.message, exc.exit_code)
+    except click.exceptions.Abort:
+        sys.stderr.write("\n")
+        raise SystemExit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        sys.stderr.write("\ninterrupted\n")
+        raise SystemExit(EXIT_INTERRUPTED)
+    except click.exceptions.NoSuchOption as exc:
+        exc.show()
+        raise SystemExit(EXIT_USAGE)
+    except click.ClickException as exc:
+        exc.show()
+        raise SystemExit(exc.exit_code)
+    except BrokenPipeError:
+        # The reader went away (`| head`): not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1)
+    except Exception as exc:  # the last resort: one line, unless debugging
+        if debug:
+            raise
+        _fail(f"unexpected {type(exc).__name__}: {exc} (rerun with SEMANTIC_DEBUG=1 for a traceback and please report it)", 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""`semantic chat`: one-shot (pipe or -m) and interactive (REPL) chat with one agent or a room."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Optional
+
+import typer
+
+from . import render
+from .errors import BadInputError, UsageError
+
+
+def decode_message(data: bytes) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"input is not valid UTF-8 (bad byte at offset {exc.start}); convert it first, e.g. with iconv")
+    if not text.strip():
+        raise BadInputError("empty message: nothing to send (pipe some text in or pass -m TEXT)")
+    return text
+
+
+def room_agents(agents: list[str], room: str | None, store: Any) -> list[str]:
+    from .store import validate_name
+
+    names = list(agents)
+    if room:
+        names = store.get_room(room) + names
+    if not names:
+        raise UsageError("name an agent: semantic chat --agent NAME (or --room NAME)")
+    for n in names:
+        validate_name(n)
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UsageError(f"agent {dupes[0]!r} is named twice; a room needs distinct agents")
+    return names
+
+
+def chat(
+    agent: list[str] = typer.Option([], "--agent", "-a", help="Agent to talk to; repeat for a room. Created on first use."),
+    room: Optional[str] = typer.Option(None, "--room", help="Open a saved room (a named group of agents)."),
+    save_room: Optional[str] = typer.Option(None, "--save-room", help="Save these agents as a room with this name."),
+    message: Optional[str] = typer.Option(None, "--message", "-m", help="Send this message and print the reply (no REPL)."),
+    to_all: bool = typer.Option(False, "--all", help="In a room without a terminal: every agent answers the message."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object per reply instead of text."),
+    system: Optional[str] = typer.Option(None, "--system", help="Persona (system prompt) for a new agent."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, help="Maximum tokens per reply."),
+    temp: Optional[float] = typer.Option(None, "--temp", min=0.0, help="Sampling temperature (default 0: greedy)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model: mlx-lm directory, .gguf file or Hugging Face repo id."),
+    wait: bool = typer.Option(False, "--wait", help="Wait for an agent another process is using instead of failing."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Status and figures on stderr in one-shot mode."),
+    no_markdown: bool = typer.Option(False, "--no-markdown", help="Show replies as plain text in the REPL."),
+    color: str = typer.Option("auto", "--color", help="auto, always or never (NO_COLOR is respected)."),
+) -> None:
+    """Chat with one agent, or a room of agents answering concurrently."""
+    from .chat import Chat, GenSettings
+    from .store import Store
+
+    if color not in ("auto", "always", "never"):
+        raise UsageError("--color must be auto, always or never")
+    render.set_color(color)
+    store = Store()
+    session = Chat(store)
+    settings = GenSettings(max_tokens, temp, top_p, seed)
+    try:
+        names = room_agents(agent, room, store)
+        opened = [session.open_agent(n, model, system, wait) for n in names]
+        if save_room:
+            store.save_room(save_room, names)
+        interactive = message is None and sys.stdin.isatty()
+        if interactive:
+            from .repl import Repl
+
+            Repl(session, opened, settings, markdown=not no_markdown).run()
+            return
+        text = message if message is not None else decode_message(sys.stdin.buffer.read())
+        targets = _targets(opened, text, to_all)
+        one_shot(session, targets, settings, json_out, verbose)
+    finally:
+        session.close()
+        store.close()
+
+
+def _targets(opened: list[Any], text: str, to_all: bool) -> list[tuple[Any, str]]:
+    from .rooms import address
+
+    if len(opened) == 1 and not text.lstrip().startswith("@"):
+        return [(opened[0], text)]
+    if to_all:
+        return [(a, text) for a in opened]
+    names, body = address(text, [a.name for a in opened], current=None)
+    return [(a, body) for a in opened if a.name in names]
+
+
+def one_shot(session: Any, targets: list[tuple[Any, str]], settings: Any, json_out: bool, verbose: bool) -> None:
+    from .chat import Notice, TurnRecorded
+    from .engine import PromptProgress, TokenEvent
+
+    err = render.stderr()
+    out = sys.stdout
+    single = len(targets) == 1
+    with render.progress(err, enabled=verbose) as progress:
+        pendings = [session.prepare(a, text, settings, progress) for a, text in targets]
+        order = [p.agent.name for p in pendings]
+        finished: dict[str, Any] = {}
+        printed = 0
+        for ev in session.run(pendings, seed=settings.seed):
+            if isinstance(ev, Notice):
+                err.print(f"warning: {ev.key}: {ev.text}", style="yellow", markup=False)
+            elif isinstance(ev, PromptProgress) and verbose and ev.total > 256:
+                progress(f"prefill {ev.key}", ev.done, ev.total)
+            elif isinstance(ev, TokenEvent) and single and not json_out:
+                out.write(ev.text)
+                out.flush()
+            elif isinstance(ev, TurnRecorded):
+                finished[ev.key] = ev
+                for w in ev.warnings:
+                    err.print(f"warning: {ev.key}: {w}", style="yellow", markup=False)
+                while printed < len(order) and order[printed] in finished:
+                    _emit(finished[order[printed]], out, single, json_out)
+                    if verbose:
+                        err.print(render.footer(finished[order[printed]].done.stats, finished[order[printed]].tier), style="dim", markup=False)
+                    printed += 1
+
+
+def turn_json(rec: Any, model: str) -> dict[str, Any]:
+    s = rec.done.stats
+    return {
+        "reply": rec.done.text,
+        "agent": rec.key,
+        "model": model,
+        "finish_reason": rec.done.finish_reason,
+        "ttft_s": round(s.ttft_s, 4),
+        "prompt_tokens": s.prompt_tokens,
+        "cached_tokens": s.cached_tokens,
+        "prefilled_tokens": s.prefilled_tokens,
+        "generated_tokens": s.generated_tokens,
+        "prompt_tps": round(s.prompt_tps, 2),
+        "generation_tps": round(s.generation_tps, 2),
+        "cache_tier": rec.tier,
+    }
+
+
+def _emit(rec: Any, out: Any, single: bool, json_out: bool) -> None:
+    if json_out:
+        out.write(json.dumps(turn_json(rec, rec.model)) + "\n")
+    elif single:
+        out.write("\n")
+    else:
+        out.write(f"[{rec.key}]\n{rec.done.text}\n\n")
+    out.flush()

@@ -1,0 +1,84 @@
+"""`semantic config ...` and `semantic doctor`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import typer
+
+from . import config, paths, render
+
+app = typer.Typer(help="Show and change settings (a TOML file in the config dir).", no_args_is_help=True)
+
+
+@app.command("show")
+def show(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Every setting, its effective value and where it comes from."""
+    values = config.effective()
+    if json_out:
+        print(json.dumps({k: {"value": v, "source": src} for k, (v, src) in values.items()}, indent=2))
+        return
+    out = render.stdout()
+    for key, (value, src) in values.items():
+        out.print(f"{key} = {value!r}  [dim]({src})[/dim]")
+
+
+@app.command("get")
+def get(key: str = typer.Argument(..., help="Setting name.")) -> None:
+    """Print one setting's effective value."""
+    print(config.get(key))
+
+
+@app.command("set")
+def set_(key: str = typer.Argument(..., help="Setting name."), value: str = typer.Argument(..., help="New value.")) -> None:
+    """Write a setting to the config file."""
+    stored = config.set_value(key, value)
+    print(f"{key} = {stored!r}", file=sys.stderr)
+
+
+@app.command("path")
+def path() -> None:
+    """Print the config file's path."""
+    print(paths.config_file())
+
+
+def doctor(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Backend, device, BLAS, dtype, model and directories."""
+    from . import backend
+    from .default_model import default_model_dir, default_model_ready
+    from .models import DEFAULT, requested_spec
+
+    info = backend.info()
+    spec = requested_spec(None)
+    report = {
+        "version": __import__("semantic_cli").__version__,
+        "python": sys.version.split()[0],
+        "mlx": _version("mlx"),
+        "mlx_lm": _version("mlx-lm"),
+        "backend": info.backend,
+        "device": info.device,
+        "blas": info.blas,
+        "dtype": info.compute_dtype if info.compute_dtype != "model" else "the model's own",
+        "model": spec,
+        "model_path": str(default_model_dir()) if spec == DEFAULT else spec,
+        "model_ready": default_model_ready() if spec == DEFAULT else None,
+        "data_dir": str(paths.data_dir(create=False)),
+        "cache_dir": str(paths.cache_dir(create=False)),
+        "config_file": str(paths.config_file()),
+    }
+    if json_out:
+        print(json.dumps(report, indent=2))
+        return
+    out = render.stdout()
+    for key, value in report.items():
+        out.print(f"[bold]{key:12}[/bold] {value}")
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "not installed"

@@ -1,0 +1,187 @@
+"""The process-wide engine: one loaded model and one continuous-batching generator.
+
+Every generation, a single agent included, runs through
+`mlx_lm.generate.BatchGenerator`; each sequence may be seeded with a restored
+KV cache. The engine yields small event records and never prints.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+from . import models
+from .models import LoadedModel, ModelRef
+
+PREFILL_STEP = 512  # small enough for a live progress bar, large enough for BLAS
+
+
+@dataclass(frozen=True)
+class TurnRequest:
+    key: str  # who is asking (the agent name); events carry it back
+    prompt: list[int]  # the whole token sequence the reply continues
+    cache: list[Any] | None  # a KV cache covering prompt[:cached], or None
+    cached: int
+    max_tokens: int
+    temp: float = 0.0
+    top_p: float = 1.0
+
+
+@dataclass(frozen=True)
+class TurnStats:
+    ttft_s: float
+    prompt_tokens: int
+    cached_tokens: int
+    prefilled_tokens: int
+    generated_tokens: int
+    prompt_tps: float
+    generation_tps: float
+
+
+@dataclass(frozen=True)
+class PromptProgress:
+    key: str
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    key: str
+    token: int | None  # the sampled id; None for text flushed at the end
+    text: str  # the newly decodable text (may be empty mid-character)
+
+
+@dataclass(frozen=True)
+class TurnDone:
+    key: str
+    finish_reason: str  # "stop" | "length" | "interrupted"
+    text: str
+    generated: list[int]  # sampled ids, the final EOS included when there was one
+    cache: list[Any] | None  # the KV cache of all_tokens (None when interrupted)
+    all_tokens: list[int]  # prompt + generated: what `cache` covers
+    stats: TurnStats
+
+
+Event = PromptProgress | TokenEvent | TurnDone
+
+
+@dataclass
+class _Live:
+    request: TurnRequest
+    uid: int
+    start: float
+    detok: Any
+    first_token_at: float | None = None
+    generated: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, lm: LoadedModel) -> None:
+        self.lm = lm
+        self._generator: Any = None
+
+    @property
+    def generator(self) -> Any:
+        if self._generator is None:
+            from mlx_lm.generate import BatchGenerator
+
+            eos = sorted(self.lm.tokenizer.eos_token_ids)
+            self._generator = BatchGenerator(
+                self.lm.model,
+                stop_tokens=[[e] for e in eos],
+                prefill_step_size=PREFILL_STEP,
+                completion_batch_size=32,
+                prefill_batch_size=8,
+            )
+        return self._generator
+
+    def generate(self, requests: Sequence[TurnRequest], seed: int | None = None) -> Iterator[Event]:
+        """Run the requests concurrently; yields events as they happen.
+
+        Closing the iterator early (Ctrl-C in the caller) removes the unfinished
+        sequences so the generator stays usable.
+        """
+        from . import backend
+
+        mx = backend.mx()
+        from mlx_lm.sample_utils import make_sampler
+
+        if seed is not None:
+            mx.random.seed(seed)
+        gen = self.generator
+        live: dict[int, _Live] = {}
+        for req in requests:
+            if req.cached >= len(req.prompt):
+                raise ValueError("a cache must leave at least one prompt token to process")
+            sampler = make_sampler(temp=req.temp, top_p=req.top_p if req.top_p < 1.0 else 0.0)
+            [uid] = gen.insert(
+                [req.prompt[req.cached :]],
+                max_tokens=[req.max_tokens],
+                caches=[req.cache] if req.cache is not None else None,
+                all_tokens=[list(req.prompt[: req.cached])],
+                samplers=[sampler],
+            )
+            live[uid] = _Live(req, uid, time.perf_counter(), self.lm.tokenizer.detokenizer)
+        try:
+            while live:
+                prompt_responses, gen_responses = gen.next()
+                for pr in prompt_responses:
+                    if pr.uid in live:
+                        done, total = pr.progress
+                        yield PromptProgress(live[pr.uid].request.key, done, total)
+                for r in gen_responses:
+                    st = live.get(r.uid)
+                    if st is None:
+                        continue
+                    now = time.perf_counter()
+                    if st.first_token_at is None:
+                        st.first_token_at = now
+                    st.generated.append(r.token)
+                    if r.finish_reason != "stop":  # the stop token itself is not text
+                        st.detok.add_token(r.token)
+                        piece = st.detok.last_segment
+                        st.text.append(piece)
+                        yield TokenEvent(st.request.key, r.token, piece)
+                    if r.finish_reason is not None:
+                        st.detok.finalize()
+                        tail = st.detok.last_segment
+                        if tail:
+                            st.text.append(tail)
+                            yield TokenEvent(st.request.key, None, tail)
+                        del live[r.uid]
+                        yield self._done(st, r.finish_reason, r.prompt_cache, list(r.all_tokens), now)
+        finally:
+            if live:
+                gen.remove(list(live))
+
+    def _done(self, st: _Live, reason: str, cache: Any, all_tokens: list[int], now: float) -> TurnDone:
+        req = st.request
+        first = st.first_token_at or now
+        ttft = first - st.start
+        prefilled = len(req.prompt) - req.cached
+        decode_time = now - first
+        stats = TurnStats(
+            ttft_s=ttft,
+            prompt_tokens=len(req.prompt),
+            cached_tokens=req.cached,
+            prefilled_tokens=prefilled,
+            generated_tokens=len(st.generated),
+            prompt_tps=prefilled / ttft if ttft > 0 else 0.0,
+            generation_tps=(len(st.generated) - 1) / decode_time if decode_time > 0 else 0.0,
+        )
+        return TurnDone(req.key, reason, "".join(st.text), list(st.generated), cache, all_tokens, stats)
+
+
+_engines: dict[str, Engine] = {}
+
+
+def get_engine(ref: ModelRef | None = None) -> Engine:
+    """The engine for a model, loading it once per process."""
+    ref = ref or models.resolve(None)
+    engine = _engines.get(ref.path)
+    if engine is None:
+        engine = _engines[ref.path] = Engine(models.load(ref))
+    return engine

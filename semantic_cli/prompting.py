@@ -1,0 +1,56 @@
+"""From a transcript to the token ids the model sees.
+
+The agent's token log is append-only: each turn adds only the tokens of the
+new user message (and the template's closing of the previous reply) to what
+the model already saw, so the KV cache of earlier turns stays a valid prefix.
+Templates that rewrite history would silently break that; when the rendered
+history is not a prefix of the new rendering we re-render everything instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .store import Agent, Message
+
+
+def chat_messages(agent: Agent, history: list[Message]) -> list[dict[str, str]]:
+    out = [{"role": "system", "content": agent.system}] if agent.system else []
+    out += [{"role": m.role, "content": m.content} for m in history]
+    return out
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def full_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Every token of the conversation, ending in the assistant's opening."""
+    return encode(tokenizer, _render(tokenizer, messages, add_generation_prompt=True))
+
+
+def turn_delta(tokenizer: Any, messages: list[dict[str, str]], new_user: str, log_ends_with_eos: bool) -> list[int] | None:
+    """Tokens to append to the log for a new user message, or None if the template
+    does not render history as a stable prefix (the caller then re-renders)."""
+    before = _render(tokenizer, messages, add_generation_prompt=False)
+    after = _render(tokenizer, messages + [{"role": "user", "content": new_user}], add_generation_prompt=True)
+    if not after.startswith(before):
+        return None
+    closing = ""
+    if messages and messages[-1]["role"] == "assistant":
+        # The log holds the reply as generated (ending in EOS, or cut short);
+        # add whatever the template puts after it that the model did not emit.
+        opened = _render(tokenizer, messages[:-1], add_generation_prompt=True)
+        rest = before[len(opened) :] if before.startswith(opened) else None
+        reply = messages[-1]["content"]
+        if rest is None or not rest.startswith(reply):
+            return None
+        closing = rest[len(reply) :]
+        eos_text = tokenizer.eos_token or ""
+        if log_ends_with_eos and eos_text and closing.startswith(eos_text):
+            closing = closing[len(eos_text) :]
+    return encode(tokenizer, closing) + encode(tokenizer, after[len(before) :])

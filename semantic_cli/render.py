@@ -1,0 +1,70 @@
+"""Terminal output: consoles that respect NO_COLOR/--color, progress bars, footers."""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+_color_mode = "auto"
+
+
+def set_color(mode: str) -> None:
+    global _color_mode
+    _color_mode = mode
+
+
+def _color_system(stream: Any) -> str | None:
+    if _color_mode == "never" or (_color_mode == "auto" and (os.environ.get("NO_COLOR") or not stream.isatty())):
+        return None
+    return "auto" if _color_mode == "auto" else "standard"
+
+
+def stdout() -> Console:
+    system = _color_system(sys.stdout)
+    return Console(file=sys.stdout, color_system=system, force_terminal=_color_mode == "always" or None, highlight=False, soft_wrap=True, no_color=system is None)
+
+
+def stderr() -> Console:
+    system = _color_system(sys.stderr)
+    return Console(file=sys.stderr, color_system=system, force_terminal=_color_mode == "always" or None, highlight=False, soft_wrap=True, no_color=system is None)
+
+
+def footer(stats: Any, tier: str) -> str:
+    cached = f", {stats.cached_tokens} from {tier} cache" if stats.cached_tokens else ""
+    return (
+        f"ttft {stats.ttft_s:.2f}s · prompt {stats.prompt_tps:.0f} tok/s · gen {stats.generation_tps:.1f} tok/s · "
+        f"prefilled {stats.prefilled_tokens} of {stats.prompt_tokens} tokens{cached}"
+    )
+
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@contextmanager
+def progress(console: Console, enabled: bool = True) -> Iterator[ProgressFn]:
+    """A progress callback (stage, done, total) drawing rich bars on `console`."""
+    if not enabled:
+        yield lambda stage, done, total: None
+        return
+    bars = Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+    tasks: dict[str, Any] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bars.add_task(stage, total=max(total, 1))
+        bars.update(tasks[stage], completed=done, total=max(total, 1))
+
+    with bars:
+        yield update

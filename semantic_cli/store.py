@@ -1,0 +1,272 @@
+"""The transcript store: agents, their messages and the exact token ids the model saw.
+
+SQLite in the data dir, WAL mode. This is the truth; KV blocks are derived
+from it and may vanish at any time. A turn (user message, reply, the tokens
+the model saw) is committed in one transaction, so a killed process leaves
+either the whole turn or none of it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import time
+from array import array
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+from . import paths
+from .errors import BadInputError, NotFoundError, UsageError
+
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS agents (
+    name TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    system TEXT NOT NULL DEFAULT '',
+    settings TEXT NOT NULL DEFAULT '{}',
+    created_at REAL NOT NULL,
+    last_active REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    agent TEXT NOT NULL REFERENCES agents(name) ON DELETE CASCADE ON UPDATE CASCADE,
+    role TEXT NOT NULL,
+    content TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'complete',
+    created_at REAL NOT NULL,
+    meta TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS messages_agent ON messages(agent, id);
+-- Append-only log of the token ids the model has seen, one chunk per turn.
+CREATE TABLE IF NOT EXISTS token_chunks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    agent TEXT NOT NULL REFERENCES agents(name) ON DELETE CASCADE ON UPDATE CASCADE,
+    tokenizer TEXT NOT NULL,
+    tokens BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS token_chunks_agent ON token_chunks(agent, id);
+CREATE TABLE IF NOT EXISTS rooms (
+    name TEXT PRIMARY KEY,
+    agents TEXT NOT NULL
+);
+"""
+
+
+def validate_name(name: str, what: str = "agent") -> str:
+    if not NAME_RE.fullmatch(name or ""):
+        raise UsageError(
+            f"invalid {what} name {name!r}: use 1-64 characters of a-z, 0-9, '_' and '-', starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Agent:
+    name: str
+    model: str
+    system: str
+    settings: dict
+    created_at: float
+    last_active: float
+
+
+@dataclass(frozen=True)
+class Message:
+    id: int
+    agent: str
+    role: str  # "system" | "user" | "assistant"
+    content: str
+    status: str  # "complete" | "interrupted"
+    created_at: float
+    meta: dict
+
+
+def _pack(tokens: list[int]) -> bytes:
+    return array("I", tokens).tobytes()
+
+
+def _unpack(blob: bytes) -> list[int]:
+    out = array("I")
+    out.frombytes(blob)
+    return out.tolist()
+
+
+class Store:
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = paths.private_file(path or paths.db_file())
+        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _tx(self) -> "_Transaction":
+        return _Transaction(self.db)
+
+    # ---- agents -------------------------------------------------------
+    def _agent(self, row: sqlite3.Row) -> Agent:
+        return Agent(row["name"], row["model"], row["system"], json.loads(row["settings"]), row["created_at"], row["last_active"])
+
+    def find_agent(self, name: str) -> Agent | None:
+        row = self.db.execute("SELECT * FROM agents WHERE name=?", (name,)).fetchone()
+        return self._agent(row) if row else None
+
+    def get_agent(self, name: str) -> Agent:
+        agent = self.find_agent(validate_name(name))
+        if agent is None:
+            raise NotFoundError(f"no agent named {name!r}; create it with `semantic agents new {name}` or list them with `semantic agents ls`")
+        return agent
+
+    def list_agents(self) -> list[Agent]:
+        return [self._agent(r) for r in self.db.execute("SELECT * FROM agents ORDER BY name")]
+
+    def create_agent(self, name: str, model: str, system: str = "", settings: dict | None = None) -> Agent:
+        validate_name(name)
+        now = time.time()
+        try:
+            self.db.execute(
+                "INSERT INTO agents(name, model, system, settings, created_at, last_active) VALUES (?,?,?,?,?,?)",
+                (name, model, system, json.dumps(settings or {}), now, now),
+            )
+        except sqlite3.IntegrityError:
+            raise UsageError(f"agent {name!r} already exists; pick another name or `semantic agents rm {name}`")
+        return self.get_agent(name)
+
+    def update_agent(self, agent: Agent, **changes: object) -> Agent:
+        """Change model, system or settings. A persona or model change drops the token log:
+        the next turn re-renders the transcript (and so cannot reuse stale KV)."""
+        new = replace(agent, **changes)
+        with self._tx():
+            self.db.execute(
+                "UPDATE agents SET model=?, system=?, settings=? WHERE name=?",
+                (new.model, new.system, json.dumps(new.settings), agent.name),
+            )
+            if new.system != agent.system or new.model != agent.model:
+                self.db.execute("DELETE FROM token_chunks WHERE agent=?", (agent.name,))
+        return new
+
+    def touch(self, name: str) -> None:
+        self.db.execute("UPDATE agents SET last_active=? WHERE name=?", (time.time(), name))
+
+    def delete_agent(self, name: str) -> None:
+        self.get_agent(name)
+        self.db.execute("DELETE FROM agents WHERE name=?", (name,))
+
+    def rename_agent(self, old: str, new: str) -> None:
+        self.get_agent(old)
+        validate_name(new)
+        if self.find_agent(new):
+            raise UsageError(f"agent {new!r} already exists")
+        self.db.execute("UPDATE agents SET name=? WHERE name=?", (new, old))
+
+    def fork_agent(self, source: str, new: str) -> Agent:
+        src = self.get_agent(source)
+        with self._tx():
+            self.create_agent(new, src.model, src.system, src.settings)
+            self.db.execute(
+                "INSERT INTO messages(agent, role, content, status, created_at, meta) "
+                "SELECT ?, role, content, status, created_at, meta FROM messages WHERE agent=? ORDER BY id",
+                (new, source),
+            )
+            self.db.execute(
+                "INSERT INTO token_chunks(agent, tokenizer, tokens) SELECT ?, tokenizer, tokens FROM token_chunks WHERE agent=? ORDER BY id",
+                (new, source),
+            )
+        return self.get_agent(new)
+
+    def reset_agent(self, name: str) -> None:
+        self.get_agent(name)
+        with self._tx():
+            self.db.execute("DELETE FROM messages WHERE agent=?", (name,))
+            self.db.execute("DELETE FROM token_chunks WHERE agent=?", (name,))
+
+    # ---- transcript ---------------------------------------------------
+    def messages(self, name: str) -> list[Message]:
+        rows = self.db.execute("SELECT * FROM messages WHERE agent=? ORDER BY id", (name,))
+        return [
+            Message(r["id"], r["agent"], r["role"], r["content"], r["status"], r["created_at"], json.loads(r["meta"]))
+            for r in rows
+        ]
+
+    def token_log(self, name: str, tokenizer: str) -> list[int] | None:
+        """The ids the model has seen, or None when there is no log for this tokenizer."""
+        rows = self.db.execute("SELECT tokenizer, tokens FROM token_chunks WHERE agent=? ORDER BY id", (name,)).fetchall()
+        if not rows or any(r["tokenizer"] != tokenizer for r in rows):
+            return None
+        out: list[int] = []
+        for r in rows:
+            out += _unpack(r["tokens"])
+        return out
+
+    def record_turn(
+        self,
+        name: str,
+        messages: list[tuple[str, str, str, dict]],
+        tokenizer: str,
+        new_tokens: list[int],
+        replace_log: bool,
+    ) -> None:
+        """Commit one turn: its messages (role, content, status, meta) and the tokens it added."""
+        now = time.time()
+        with self._tx():
+            if replace_log:
+                self.db.execute("DELETE FROM token_chunks WHERE agent=?", (name,))
+            for role, content, status, meta in messages:
+                self.db.execute(
+                    "INSERT INTO messages(agent, role, content, status, created_at, meta) VALUES (?,?,?,?,?,?)",
+                    (name, role, content, status, now, json.dumps(meta)),
+                )
+            if new_tokens:
+                self.db.execute(
+                    "INSERT INTO token_chunks(agent, tokenizer, tokens) VALUES (?,?,?)", (name, tokenizer, _pack(new_tokens))
+                )
+            self.db.execute("UPDATE agents SET last_active=? WHERE name=?", (now, name))
+
+    def token_counts(self) -> dict[str, int]:
+        rows = self.db.execute("SELECT agent, SUM(LENGTH(tokens)) / 4 AS n FROM token_chunks GROUP BY agent")
+        return {r["agent"]: int(r["n"] or 0) for r in rows}
+
+    # ---- rooms --------------------------------------------------------
+    def save_room(self, name: str, agents: list[str]) -> None:
+        validate_name(name, "room")
+        self.db.execute("INSERT OR REPLACE INTO rooms(name, agents) VALUES (?,?)", (name, json.dumps(agents)))
+
+    def get_room(self, name: str) -> list[str]:
+        row = self.db.execute("SELECT agents FROM rooms WHERE name=?", (validate_name(name, "room"),)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no room named {name!r}; open one with `semantic chat --agent a --agent b --save-room {name}`")
+        return json.loads(row["agents"])
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def decode_stdin(data: bytes) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"stdin is not valid UTF-8 (byte {exc.start}); convert it first, e.g. with iconv")
+    if not text.strip():
+        raise BadInputError("empty message: nothing on stdin (pass text with -m or pipe some in)")
+    return text
+
+
+def iter_names(names: list[str]) -> Iterator[str]:
+    for n in names:
+        yield validate_name(n)

@@ -1,0 +1,47 @@
+"""Driving the chat core in-process, as the CLI does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from semantic_cli.chat import Chat, GenSettings, Notice, TurnRecorded
+from semantic_cli.store import Store
+
+
+class Session:
+    """One 'process' worth of state: a store, a chat (hot tier, locks)."""
+
+    def __init__(self) -> None:
+        self.store = Store()
+        self.chat = Chat(self.store)
+        self.notices: list[str] = []
+
+    def say(self, agent: str, text: str, model: Path | str | None = None, max_tokens: int = 12, system: str | None = None) -> TurnRecorded:
+        [rec] = self.room({agent: text}, model=model, max_tokens=max_tokens, system=system)
+        return rec
+
+    def room(self, messages: dict[str, str], model: Path | str | None = None, max_tokens: int = 12, system: str | None = None) -> list[TurnRecorded]:
+        settings = GenSettings(max_tokens=max_tokens)
+        pendings = []
+        for name, text in messages.items():
+            agent = self.chat.open_agent(name, str(model) if model else None, system)
+            pendings.append(self.chat.prepare(agent, text, settings))
+        out: list[Any] = []
+        for ev in self.chat.run(pendings):
+            if isinstance(ev, TurnRecorded):
+                out.append(ev)
+                self.notices += ev.warnings
+            elif isinstance(ev, Notice):
+                self.notices.append(ev.text)
+        return out
+
+    def close(self) -> None:
+        self.chat.close()
+        self.store.close()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
