@@ -2,6 +2,159 @@
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from typing import Optional
+
 import typer
+from rich.table import Table
+
+from . import render
+from .errors import CacheDamageError, UsageError
 
 app = typer.Typer(help="Inspect and manage the persistent KV cache.", no_args_is_help=True)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def human_age(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    s = max(0.0, time.time() - ts)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{int(s // size)}{unit} ago"
+    return "just now"
+
+
+def _open() -> tuple:
+    from .kvindex import KVIndex
+    from .store import Store
+
+    return KVIndex(), Store()
+
+
+@app.command("ls")
+def ls(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """One row per agent: tokens in transcript and cache, blocks, bytes, tier, last use."""
+    from .cacheadmin import scan
+
+    index, store = _open()
+    found = scan(index, store)
+    if json_out:
+        print(
+            json.dumps(
+                {
+                    "agents": [asdict(a) for a in found.agents],
+                    "total_bytes": found.total_bytes,
+                    "blocks": found.blocks,
+                    "stale_blocks": len(found.stale_blocks),
+                    "stale_bytes": found.stale_bytes,
+                    "orphaned_files": len(found.orphaned_files),
+                    "orphaned_bytes": found.orphaned_bytes,
+                },
+                indent=2,
+            )
+        )
+        return
+    table = Table(box=None, header_style="bold")
+    for col in ("agent", "model", "tokens", "cached", "blocks", "own", "shared", "tier", "used"):
+        table.add_column(col, justify="right" if col not in ("agent", "model", "tier") else "left")
+    for a in found.agents:
+        table.add_row(
+            a.agent, os.path.basename(a.model.rstrip("/")) or a.model, str(a.transcript_tokens), str(a.cached_tokens), f"{a.blocks_own}/{a.blocks_shared}",
+            human_bytes(a.bytes_own), human_bytes(a.bytes_shared), a.tier, human_age(a.last_used),
+        )
+    out = render.stdout()
+    out.print(table)
+    out.print(
+        f"total {human_bytes(found.total_bytes)} in {found.blocks} blocks · stale {human_bytes(found.stale_bytes)} "
+        f"({len(found.stale_blocks)} blocks) · orphaned {human_bytes(found.orphaned_bytes)} ({len(found.orphaned_files)} files)",
+        markup=False,
+    )
+
+
+@app.command("evict")
+def evict(
+    agents: list[str] = typer.Argument(None, help="Agents whose cache to drop (their transcripts stay)."),
+    everything: bool = typer.Option(False, "--all", help="Every agent's cache."),
+    older_than: Optional[str] = typer.Option(None, "--older-than", help="Agents unused for this long, e.g. 7d, 12h."),
+    max_bytes: Optional[str] = typer.Option(None, "--max-bytes", help="Evict least recently used agents until the cache fits, e.g. 2GB."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan; change nothing."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    json_out: bool = typer.Option(False, "--json", help="Print the plan (and result) as JSON."),
+) -> None:
+    """Drop cached KV blocks: scan, show the plan and the bytes it frees, then do it."""
+    from .cacheadmin import execute_eviction, plan_eviction, scan
+    from .config import parse_bytes, parse_duration
+    from .store import validate_name
+
+    agents = agents or []
+    for name in agents:
+        validate_name(name)
+    if not (agents or everything or older_than or max_bytes):
+        raise UsageError("say what to evict: AGENT..., --all, --older-than 7d or --max-bytes 2GB")
+    index, store = _open()
+    found = scan(index, store)
+    unknown = [a for a in agents if a not in {r.agent for r in found.agents}]
+    if unknown:
+        from .errors import NotFoundError
+
+        raise NotFoundError(f"no agent named {unknown[0]!r}; see `semantic cache ls`")
+    plan = plan_eviction(
+        index, found, agents, everything,
+        parse_duration(older_than) if older_than else None,
+        parse_bytes(max_bytes) if max_bytes else None,
+    )
+    err = render.stderr()
+    summary = {"agents": plan.agents, "blocks": len(plan.blocks), "bytes_freed": plan.bytes_freed, "skipped_busy": plan.skipped_busy, "dry_run": dry_run}
+    if not json_out:
+        who = ", ".join(plan.agents) or "no agents"
+        err.print(f"plan: evict {who}; free {len(plan.blocks)} blocks, {human_bytes(plan.bytes_freed)}", markup=False)
+        for b in plan.skipped_busy:
+            err.print(f"skipped {b}: in use by another process", style="yellow", markup=False)
+    if dry_run or (not plan.agents and not plan.blocks):
+        if json_out:
+            print(json.dumps(summary))
+        return
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UsageError("not a terminal: pass --yes to evict without confirmation (or --dry-run to look)")
+        if not typer.confirm("evict?", default=False, err=True):
+            raise typer.Exit(1)
+    freed = execute_eviction(index, plan)
+    summary["bytes_freed"] = freed
+    if json_out:
+        print(json.dumps(summary))
+    else:
+        err.print(f"freed {human_bytes(freed)}", markup=False)
+
+
+@app.command("verify")
+def verify(
+    repair: bool = typer.Option(False, "--repair", help="Drop damaged entries and orphaned files."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Re-check every block's checksum and name, and the index against the files."""
+    from .cacheadmin import verify as run_verify
+
+    index, _ = _open()
+    report = run_verify(index, repair)
+    if json_out:
+        print(json.dumps({"checked": report.checked, "problems": [asdict(p) for p in report.problems], "repaired": report.repaired}))
+    else:
+        out = render.stdout()
+        for p in report.problems:
+            out.print(f"{p.what} {p.name}: {p.reason}" + (" (dropped)" if repair else ""), markup=False)
+        out.print(f"checked {report.checked} files: {len(report.problems)} problem(s)" + (", repaired" if repair and report.problems else ""), markup=False)
+    if report.problems and not repair:
+        raise CacheDamageError(f"{len(report.problems)} problem(s) in the KV cache; run `semantic cache verify --repair` to drop them")

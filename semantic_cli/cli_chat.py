@@ -19,7 +19,8 @@ def decode_message(data: bytes) -> str:
         raise BadInputError(f"input is not valid UTF-8 (bad byte at offset {exc.start}); convert it first, e.g. with iconv")
     if not text.strip():
         raise BadInputError("empty message: nothing to send (pipe some text in or pass -m TEXT)")
-    return text
+    # `echo` and editors end input with a newline that is not part of the message.
+    return text.rstrip()
 
 
 def room_agents(agents: list[str], room: str | None, store: Any) -> list[str]:
@@ -77,7 +78,7 @@ def chat(
 
             Repl(session, opened, settings, markdown=not no_markdown).run()
             return
-        text = message if message is not None else decode_message(sys.stdin.buffer.read())
+        text = decode_message(message.encode("utf-8", "surrogateescape") if message is not None else sys.stdin.buffer.read())
         targets = _targets(opened, text, to_all)
         one_shot(session, targets, settings, json_out, verbose)
     finally:

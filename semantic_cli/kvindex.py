@@ -181,6 +181,21 @@ class KVIndex:
         self.db.execute("DELETE FROM chains WHERE agent=?", (agent,))
         self.drop_tail(agent)
 
+    def release_agent(self, agent: str) -> int:
+        """Drop an agent's cache and free the blocks only it used; returns bytes freed."""
+        with self.transaction():
+            own = set(self.chain(agent))
+            tail = self.tail(agent)
+            self.drop_agent(agent)
+            still_used = self.refcounts()
+            freed = tail.nbytes if tail else 0
+            for row in self.blocks(sorted(own)).values():
+                if row.hash not in still_used:
+                    self.db.execute("DELETE FROM blocks WHERE hash=?", (row.hash,))
+                    _unlink(block_path(row.hash))
+                    freed += row.nbytes
+        return freed
+
     def rename_agent(self, old: str, new: str) -> None:
         with self.transaction():
             self.db.execute("UPDATE chains SET agent=? WHERE agent=?", (new, old))

@@ -57,12 +57,12 @@ def resolve(spec: str | None, on_progress: Progress | None = None) -> ModelRef:
 
 
 def _converted_gguf(gguf: Path, on_progress: Progress | None) -> Path:
-    from .gguf import convert_gguf
+    from .gguf import convert_gguf, is_converted
 
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     out = paths.models_dir() / f"{gguf.stem}-{key}"
-    if not (out / "config.json").exists():
+    if not is_converted(out):
         report = (lambda done, total: on_progress("convert", done, total)) if on_progress else None
         convert_gguf(gguf, out, report)
     return out
