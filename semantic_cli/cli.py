@@ -52,6 +52,15 @@ def _register() -> None:
 
 _register()
 
+# typer >= 0.2x vendors its own click: its usage errors are not click's classes.
+_CLICK_ERRORS: tuple[type[Exception], ...] = (click.ClickException,)
+try:
+    from typer._click.exceptions import ClickException as _TyperClickException
+
+    _CLICK_ERRORS += (_TyperClickException,)
+except ImportError:  # older typer raises click's own
+    pass
+
 
 def _fail(message: str, code: int) -> None:
     sys.stderr.write(f"semantic: error: {message}\n")
@@ -69,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         _fail(exc.message, exc.exit_code)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, typer.Abort):
         sys.stderr.write("\n")
         raise SystemExit(EXIT_INTERRUPTED)
     except KeyboardInterrupt:
@@ -80,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.NoSuchOption as exc:
         exc.show()
         raise SystemExit(EXIT_USAGE)
-    except click.ClickException as exc:
+    except _CLICK_ERRORS as exc:  # type: ignore[misc]
         exc.show()
         raise SystemExit(exc.exit_code)
     except BrokenPipeError:

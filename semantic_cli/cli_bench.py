@@ -2,6 +2,121 @@
 
 from __future__ import annotations
 
-import typer
+import json
+from pathlib import Path
+from typing import Any, Callable, Optional
 
-app = typer.Typer(help="Benchmarks: exactness, resume, block gather, batching.", no_args_is_help=True)
+import typer
+from rich.table import Table
+
+from . import render
+
+app = typer.Typer(help="Benchmarks: exactness (exp-005), block gather (exp-006), resume, batch.", no_args_is_help=True)
+
+OUT = typer.Option(None, "--out", help="Where to write the results JSON (default: the data dir's bench/).")
+JSON = typer.Option(False, "--json", help="Print the results JSON on stdout instead of a table.")
+MODEL = typer.Option(None, "--model", help="Model to benchmark (default: the configured model).")
+
+
+def _engine(model: str | None) -> Any:
+    from .engine import get_engine
+    from .models import resolve
+
+    err = render.stderr()
+    with render.progress(err, enabled=err.is_terminal) as progress:
+        return get_engine(resolve(model, progress))
+
+
+def _finish(res: Any, rows: list[tuple[str, ...]], out: Path | None, json_out: bool, extra: Callable[[Any], None] | None = None) -> None:
+    path = res.write(out)
+    if json_out:
+        print(json.dumps(res.to_json(), indent=2))
+    else:
+        table = Table(*rows[0], box=None, header_style="bold")
+        for row in rows[1:]:
+            table.add_row(*row)
+        console = render.stdout()
+        console.print(table)
+        if extra:
+            extra(console)
+    render.stderr().print(f"results: {path}", style="dim", markup=False)
+
+
+@app.command("exp-005")
+def exp005(model: Optional[str] = MODEL, out: Optional[Path] = OUT, json_out: bool = JSON) -> None:
+    """Exactness: engine (BatchGenerator) vs mlx_lm.generate, greedy, on 1, 2 and 8 blocks."""
+    from . import bench_exactness as b
+
+    res = b.run(_engine(model))
+    _finish(res, b.table(res), out, json_out)
+    if not res.results["all_identical"]:
+        raise typer.Exit(1)
+
+
+@app.command("exp-006")
+def exp006(
+    runs: int = typer.Option(50, "--runs", min=5, help="Timed reconstructions."),
+    tokens: int = typer.Option(8192, "--tokens", min=256, help="Cache length in tokens."),
+    out: Optional[Path] = OUT,
+    json_out: bool = JSON,
+) -> None:
+    """Block gather: rebuild an 8K-token cache of the default model's geometry from blocks (p50/p95/p99)."""
+    from . import backend, bench_gather as b
+    from .bench_resume import scratch_home
+
+    backend.mx()
+    with scratch_home(), render.progress(render.stderr(), enabled=render.stderr().is_terminal) as progress:
+        res = b.run(tokens=tokens, runs=runs, on_progress=progress)
+    r = res.results
+    ms = lambda s: f"{s * 1000:.1f} ms"  # noqa: E731
+    rows = [("", "p50", "p95", "p99")]
+    for label, key in (("restore from blocks", "restore_s"), ("plain copy (fresh buffer)", "copy_fresh_s"), ("plain copy (reused buffer)", "copy_reused_s")):
+        rows.append((label, ms(r[key]["p50"]), ms(r[key]["p95"]), ms(r[key]["p99"])))
+
+    def extra(console: Any) -> None:
+        console.print(f"{r['bytes'] / 1e6:.0f} MB in {r['blocks']} blocks · p95 / copy = {r['p95_over_copy']:.2f} (target <= 2)", markup=False)
+        for line in b.histogram(res.samples["restore_s"]):
+            console.print(line, markup=False)
+
+    _finish(res, rows, out, json_out, extra)
+
+
+@app.command("resume")
+def resume(
+    model: Optional[str] = MODEL,
+    sizes: str = typer.Option("1024,2048,4096,8192", "--sizes", help="History lengths in tokens."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Warm and hot measurements per size."),
+    out: Optional[Path] = OUT,
+    json_out: bool = JSON,
+) -> None:
+    """Time to first token with 1K-8K tokens of history: cold vs warm vs hot; write cost; dedup."""
+    from . import bench_resume as b
+
+    engine = _engine(model)
+    with render.progress(render.stderr(), enabled=render.stderr().is_terminal) as progress:
+        res = b.run(engine, tuple(int(s) for s in sizes.split(",")), repeats, progress)
+
+    def extra(console: Any) -> None:
+        wc, dd = res.results["write_cost"], res.results["dedup"]
+        worst = max(t["bytes_written"] / t["bound"] for t in wc["turns"])
+        console.print(f"write cost: {len(wc['turns'])} turns, bytes written <= bound on every turn: {wc['all_within_bound']} (worst {worst:.2f} of bound)", markup=False)
+        console.print(f"dedup: {dd['agents']} agents, {dd['system_tokens']}-token shared system prompt: {dd['shared_blocks']} shared blocks, {dd['block_bytes_stored'] / 1e6:.1f} MB stored vs {dd['block_bytes_without_sharing'] / 1e6:.1f} MB unshared", markup=False)
+
+    _finish(res, b.table(res), out, json_out, extra)
+
+
+@app.command("batch")
+def batch(
+    model: Optional[str] = MODEL,
+    agents: str = typer.Option("1,2,4,8", "--agents", help="Agent counts to try."),
+    max_tokens: int = typer.Option(64, "--max-tokens", min=1, help="Tokens per reply."),
+    out: Optional[Path] = OUT,
+    json_out: bool = JSON,
+) -> None:
+    """Aggregate tokens/s and TTFT for N agents at once vs the same N turns one after another."""
+    from . import bench_batch as b
+
+    engine = _engine(model)
+    with render.progress(render.stderr(), enabled=render.stderr().is_terminal) as progress:
+        res = b.run(engine, tuple(int(a) for a in agents.split(",")), max_tokens, progress)
+    _finish(res, b.table(res), out, json_out)

@@ -11,11 +11,14 @@ written. Anything unreadable is dropped and re-prefilled: never trusted.
 from __future__ import annotations
 
 import errno
+import os
 import hashlib
 import time
 from array import array
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import blockfile
@@ -23,6 +26,7 @@ from .blockfile import BlockFileError
 from .kvindex import BlockRow, KVIndex, TailRow, block_path, tails_dir
 from .kvlayers import CacheSpec, cache_nbytes, from_snapshot, restored_kv_cache, snapshot_state
 
+_READERS = min(4, os.cpu_count() or 1)
 STEP = 256  # KVCache's growth step: restored buffers get spare capacity in these units
 
 
@@ -156,36 +160,47 @@ class KVStore:
                 views[name] = buf
         mx.eval(list(keys.values()) + list(values.values()))
         np_views = {name: np.asarray(buf)[0] for name, buf in views.items()}
-        snapshots: dict[int, tuple[str, dict[str, Any], dict[str, Any]]] = {}
-        matched = 0
-        warnings: list[str] = []
-        for path, checksum, start, block_hash in files:
-            expected_tokens = prompt[start : start + (B if block_hash else tail.n_tokens)]  # type: ignore[union-attr]
+
+        def read_one(path: Path, checksum: str, start: int, block_hash: str | None) -> tuple[dict | None, dict[str, Any], str | None]:
+            n = B if block_hash else tail.n_tokens  # type: ignore[union-attr]
+            expected_tokens = prompt[start : start + n]
             snap_arrays: dict[str, Any] = {}
 
             def expect(header: dict) -> None:
-                if header.get("hash") != block_hash and block_hash is not None:
+                if block_hash is not None and header.get("hash") != block_hash:
                     raise BlockFileError("block name does not match its content")
                 if header.get("tokens") != expected_tokens or header.get("start") != start:
                     raise BlockFileError("block tokens do not match")
 
             def sink(a: blockfile.ArraySpec) -> Any:
                 if a.name in np_views:
-                    n = a.shape[1]
                     dest = np_views[a.name]
+                    # Never let a header steer bytes outside this block's slice.
+                    if a.shape != (dest.shape[0], n, dest.shape[2]) or a.dtype != dest.dtype.name:
+                        raise BlockFileError(f"array {a.name} has an unexpected shape")
                     return [memoryview(dest[h, start : start + n]) for h in range(a.shape[0])]
                 buf = np.empty(a.shape, dtype=np.dtype(a.dtype))
                 snap_arrays[a.name] = buf
                 return [memoryview(buf).cast("B")]
 
             try:
-                header = blockfile.read_into(path, checksum, expect, sink)
+                return blockfile.read_into(path, checksum, expect, sink), snap_arrays, None
             except BlockFileError as exc:
+                return None, snap_arrays, str(exc)
+
+        # Reads release the GIL: a few threads overlap the copies out of the page cache.
+        with ThreadPoolExecutor(max_workers=_READERS) as pool:
+            results = list(pool.map(lambda f: read_one(*f), files))
+        snapshots: dict[int, tuple[str, dict[str, Any], dict[str, Any]]] = {}
+        matched = 0
+        warnings: list[str] = []
+        for (path, checksum, start, block_hash), (header, snap_arrays, error) in zip(files, results):
+            if header is None:
                 if block_hash is not None:
                     self._drop_block(block_hash)
                 else:
                     self.index.drop_tail(agent)
-                warnings.append(f"a cached KV block was damaged ({exc}) and was dropped: re-prefilling from there")
+                warnings.append(f"a cached KV block was damaged ({error}) and was dropped: re-prefilling from there")
                 break
             matched = start + (B if block_hash else tail.n_tokens)  # type: ignore[union-attr]
             for layer_s, snap in (header.get("snapshots") or {}).items():

@@ -84,6 +84,9 @@ def load(ref: ModelRef) -> LoadedModel:
     from . import backend
 
     backend.mx()  # backend set-up before mlx_lm imports mlx
+    # transformers (mlx-lm's tokenizer loader) logs advisories on stderr; stderr is ours.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
         from mlx_lm import load as mlx_load
 

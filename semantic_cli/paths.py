@@ -88,7 +88,11 @@ def downloads_dir() -> Path:
 
 def private_file(path: Path) -> Path:
     """Create `path` (if missing) readable by the user alone, before anyone writes it.
-    SQLite gives its -wal and -shm files the database file's mode."""
-    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    SQLite gives its -wal and -shm files the database file's mode.
+    An existing file is not opened: closing any descriptor of a file drops every
+    POSIX lock this process holds on it, and an open SQLite connection's locks
+    are what stop another process deleting the WAL from under it."""
+    if not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
     os.chmod(path, 0o600)
     return path

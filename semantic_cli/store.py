@@ -165,7 +165,14 @@ class Store:
         validate_name(new)
         if self.find_agent(new):
             raise UsageError(f"agent {new!r} already exists")
-        self.db.execute("UPDATE agents SET name=? WHERE name=?", (new, old))
+        with self._tx():
+            self.db.execute("UPDATE agents SET name=? WHERE name=?", (new, old))
+            # Saved rooms follow the rename; otherwise `--room` would recreate the old name, empty.
+            for r in self.db.execute("SELECT name, agents FROM rooms").fetchall():
+                members = json.loads(r["agents"])
+                if old in members:
+                    renamed = json.dumps([new if m == old else m for m in members])
+                    self.db.execute("UPDATE rooms SET agents=? WHERE name=?", (renamed, r["name"]))
 
     def fork_agent(self, source: str, new: str) -> Agent:
         src = self.get_agent(source)

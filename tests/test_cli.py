@@ -1,0 +1,189 @@
+"""The `semantic` entry point end to end (subprocess) against a temp SEMANTIC_HOME."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from conftest import run_cli
+from semantic_cli.errors import EXIT_BAD_INPUT, EXIT_BUSY, EXIT_MODEL, EXIT_NOT_FOUND, EXIT_TOO_LONG, EXIT_USAGE
+
+JSON_FIELDS = {
+    "reply", "agent", "model", "finish_reason", "ttft_s", "prompt_tokens", "cached_tokens",
+    "prefilled_tokens", "generated_tokens", "prompt_tps", "generation_tps",
+}
+
+
+def _db_rows(home, sql: str, *args) -> list:
+    db = sqlite3.connect(home / "data" / "semantic.db")
+    try:
+        return db.execute(sql, args).fetchall()
+    finally:
+        db.close()
+
+
+def test_pipe_prints_only_the_reply(tiny, home):
+    r = run_cli("chat", "--agent", "planner", "--model", str(tiny["llama"]), "--max-tokens", "8", input="hello there\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == b""
+    assert r.stdout.endswith(b"\n") and b"\x1b[" not in r.stdout
+    rows = _db_rows(home, "SELECT role, content, status FROM messages WHERE agent='planner' ORDER BY id")
+    assert rows[0] == ("user", "hello there", "complete")
+    assert rows[1][0] == "assistant" and rows[1][2] == "complete"
+    assert r.stdout.decode() == rows[1][1] + "\n"
+
+
+def test_json_output_and_continuation_across_invocations(tiny, home):
+    args = ("chat", "--agent", "a", "--model", str(tiny["llama"]), "--max-tokens", "6", "--json")
+    first = json.loads(run_cli(*args, "-m", "first message").stdout)
+    assert JSON_FIELDS <= set(first)
+    assert first["agent"] == "a" and first["generated_tokens"] == 6 and first["finish_reason"] == "length"
+    assert first["cached_tokens"] == 0 and first["prefilled_tokens"] == first["prompt_tokens"]
+    second = json.loads(run_cli(*args, "-m", "second message").stdout)
+    # The second turn sees the first: its prompt is longer, and the first turn's KV came from disk.
+    assert second["prompt_tokens"] > first["prompt_tokens"] + first["generated_tokens"]
+    assert second["cached_tokens"] == first["prompt_tokens"] + first["generated_tokens"]
+    assert second["prefilled_tokens"] == second["prompt_tokens"] - second["cached_tokens"]
+    assert len(_db_rows(home, "SELECT id FROM messages WHERE agent='a'")) == 4
+
+
+def test_verbose_puts_status_on_stderr_only(tiny, home):
+    r = run_cli("chat", "-a", "v", "--model", str(tiny["llama"]), "--max-tokens", "4", "-v", "-m", "hi")
+    assert r.returncode == 0
+    assert b"ttft" in r.stderr and b"ttft" not in r.stdout
+
+
+def test_system_persona_is_stored_on_first_use(tiny, home):
+    run_cli("chat", "-a", "p", "--model", str(tiny["llama"]), "--system", "You are terse.", "--max-tokens", "2", "-m", "hi")
+    assert _db_rows(home, "SELECT system FROM agents WHERE name='p'") == [("You are terse.",)]
+
+
+@pytest.mark.parametrize(
+    "args, stdin, code, needle",
+    [
+        (["--agent", "../x", "-m", "hi"], None, EXIT_USAGE, b"invalid agent name"),
+        (["--agent", "Bad Name", "-m", "hi"], None, EXIT_USAGE, b"invalid agent name"),
+        (["--agent", "a", "--model", "/nonexistent/model"], "hi", EXIT_NOT_FOUND, b"unknown model"),
+        (["--agent", "a", "--model", "{tmp}"], "hi", EXIT_MODEL, b"not an mlx-lm model directory"),
+        (["--agent", "a", "--model", "{llama}"], "", EXIT_BAD_INPUT, b"empty message"),
+        (["--agent", "a", "--model", "{llama}"], b"\xff\xfe bad", EXIT_BAD_INPUT, b"not valid UTF-8"),
+        (["--agent", "a", "--agent", "a", "-m", "hi"], None, EXIT_USAGE, b"named twice"),
+        (["--agent", "a", "--color", "purple", "-m", "hi"], None, EXIT_USAGE, b"--color"),
+    ],
+)
+def test_bad_input_is_one_line_an_exit_code_and_nothing_written(tiny, home, tmp_path, args, stdin, code, needle):
+    args = [a.replace("{tmp}", str(tmp_path)).replace("{llama}", str(tiny["llama"])) for a in args]
+    r = run_cli("chat", *args, input=stdin)
+    assert r.returncode == code, r.stderr
+    assert needle in r.stderr
+    assert r.stderr.count(b"\n") == 1 and b"Traceback" not in r.stderr
+    assert r.stdout == b""
+    db = home / "data" / "semantic.db"
+    assert not db.exists() or _db_rows(home, "SELECT COUNT(*) FROM agents") == [(0,)]
+
+
+def test_message_longer_than_the_context_says_the_numbers(tiny, home):
+    long = "word " * 5000  # the tiny models have a 4,096-token context
+    r = run_cli("chat", "-a", "a", "--model", str(tiny["llama"]), input=long)
+    assert r.returncode == EXIT_TOO_LONG
+    line = r.stderr.decode()
+    assert "4096" in line and "tokens" in line and line.count("\n") == 1
+    assert _db_rows(home, "SELECT COUNT(*) FROM agents") == [(0,)]
+
+
+def test_second_process_on_the_same_agent_is_refused(tiny, home):
+    from semantic_cli.locks import AgentLock
+
+    with AgentLock("busy"):
+        r = run_cli("chat", "-a", "busy", "--model", str(tiny["llama"]), "-m", "hi")
+        assert r.returncode == EXIT_BUSY
+        assert f"busy (pid {__import__('os').getpid()})".encode() in r.stderr
+        other = run_cli("chat", "-a", "other", "--model", str(tiny["llama"]), "--max-tokens", "2", "-m", "hi")
+        assert other.returncode == 0
+
+
+def test_help_and_cache_ls_do_not_import_mlx(home):
+    code = (
+        "import sys\n"
+        "from semantic_cli.cli import main\n"
+        "for argv in (['--help'], ['cache', 'ls'], ['agents', 'ls'], ['config', 'show']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, (argv, e.code)\n"
+        "bad = sorted(m for m in sys.modules if m == 'mlx' or m.startswith(('mlx.', 'mlx_lm')))\n"
+        "print('MLX:' + ','.join(bad))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "MLX:\n" in r.stdout, r.stdout[-300:]
+
+
+def test_semantic_home_relocates_everything(tiny, home, tmp_path):
+    r = run_cli("chat", "-a", "h", "--model", str(tiny["llama"]), "--max-tokens", "2", "-m", "hi")
+    assert r.returncode == 0
+    written = {p.relative_to(home).parts[0] for p in home.rglob("*")}
+    assert written <= {"data", "cache", "config"}
+    assert (home / "data" / "semantic.db").exists() and any((home / "cache").rglob("*.kv"))
+
+
+def test_debug_env_shows_tracebacks(home):
+    r = run_cli("chat", "--agent", "../bad", "-m", "hi", env={"SEMANTIC_DEBUG": "1"})
+    assert r.returncode != 0 and b"Traceback" in r.stderr
+
+
+def test_cache_commands(tiny, home, monkeypatch):
+    env = {"SEMANTIC_BLOCK_TOKENS": "16"}
+    for name in ("c1", "c2"):
+        assert run_cli("chat", "-a", name, "--model", str(tiny["llama"]), "--max-tokens", "4", "-m", "tell me a story about caches " * 4, env=env).returncode == 0
+    ls = json.loads(run_cli("cache", "ls", "--json").stdout)
+    rows = {a["agent"]: a for a in ls["agents"]}
+    assert rows["c1"]["tier"] == "warm" and rows["c1"]["cached_tokens"] > 16
+    assert rows["c1"]["blocks_shared"] >= 1  # the same template prefix and message
+    assert run_cli("cache", "verify").returncode == 0
+    dry = run_cli("cache", "evict", "c1", "--dry-run", "--json")
+    plan = json.loads(dry.stdout)
+    assert plan["agents"] == ["c1"] and plan["dry_run"] is True and plan["bytes_freed"] > 0
+    assert json.loads(run_cli("cache", "ls", "--json").stdout) == ls  # dry run changed nothing
+    refused = run_cli("cache", "evict", "c1")  # no terminal, no --yes
+    assert refused.returncode == EXIT_USAGE
+    done = json.loads(run_cli("cache", "evict", "c1", "--yes", "--json").stdout)
+    assert done["bytes_freed"] == plan["bytes_freed"]
+    after = {a["agent"]: a for a in json.loads(run_cli("cache", "ls", "--json").stdout)["agents"]}
+    assert after["c1"]["tier"] == "cold" and after["c1"]["transcript_tokens"] == rows["c1"]["transcript_tokens"]
+    assert after["c2"]["cached_tokens"] == rows["c2"]["cached_tokens"]  # shared blocks stayed for c2
+    assert run_cli("cache", "evict", "nobody", "--yes").returncode == EXIT_NOT_FOUND
+    assert run_cli("cache", "evict").returncode == EXIT_USAGE
+
+
+def test_cache_verify_reports_and_repairs_damage(tiny, home):
+    env = {"SEMANTIC_BLOCK_TOKENS": "16"}
+    run_cli("chat", "-a", "d", "--model", str(tiny["llama"]), "--max-tokens", "4", "-m", "some words to fill blocks " * 6, env=env)
+    victim = sorted((home / "cache" / "blocks").rglob("*.kv"))[0]
+    data = bytearray(victim.read_bytes())
+    data[-10] ^= 1
+    victim.write_bytes(bytes(data))
+    (home / "cache" / "blocks" / "zz").mkdir()
+    (home / "cache" / "blocks" / "zz" / "orphan.kv").write_bytes(b"x")
+    r = run_cli("cache", "verify", "--json")
+    assert r.returncode == 8
+    problems = json.loads(r.stdout)["problems"]
+    assert {p["what"] for p in problems} == {"block", "orphan"}
+    assert run_cli("cache", "verify", "--repair").returncode == 0
+    assert run_cli("cache", "verify").returncode == 0
+    again = run_cli("chat", "-a", "d", "--max-tokens", "2", "--json", "-m", "still there?", env=env)
+    assert again.returncode == 0 and json.loads(again.stdout)["prompt_tokens"] > 40
+
+
+def test_config_precedence(home, monkeypatch):
+    assert run_cli("config", "set", "max_tokens", "77").returncode == 0
+    assert run_cli("config", "get", "max_tokens").stdout.strip() == b"77"
+    assert run_cli("config", "get", "model", env={"SEMANTIC_MODEL": "/x"}).stdout.strip() == b"/x"
+    assert run_cli("config", "set", "block_tokens", "-3").returncode == EXIT_USAGE
+    assert run_cli("config", "get", "nope").returncode == EXIT_USAGE
+    path = run_cli("config", "path").stdout.decode().strip()
+    assert path.startswith(str(home)) and "max_tokens = 77" in open(path).read()
