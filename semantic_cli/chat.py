@@ -8,6 +8,7 @@ re-prefill later, never a message.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -16,7 +17,7 @@ from . import config, prompting
 from .engine import Engine, TokenEvent, TurnDone, TurnRequest, TurnStats, get_engine
 from .errors import PromptTooLongError, UsageError
 from .kvlayers import CacheSpec, cache_spec
-from .kvstore import KVStore, PersistStats, is_disk_full
+from .kvstore import KVStore, PersistStats, Restored, failure_reason
 from .locks import AgentLock
 from .models import ModelRef, requested_spec, resolve
 from .store import Agent, Store
@@ -77,6 +78,7 @@ class Chat:
         self.locks: dict[str, AgentLock] = {}
         self._specs: dict[str, CacheSpec] = {}
         self._warned: set[tuple[str, str]] = set()
+        self._kv_down: str | None = None  # why the KV cache is unusable in this process, if it is
 
     # ---- agents -------------------------------------------------------
     def open_agent(self, name: str, model_flag: str | None = None, system: str | None = None, wait: bool = False) -> Agent:
@@ -96,6 +98,7 @@ class Chat:
         for lock in self.locks.values():
             lock.release()
         self.locks.clear()
+        self.kv.close()
 
     def engine_for(self, agent: Agent, on_progress: Any = None) -> Engine:
         return get_engine(self._ref(agent.model, on_progress))
@@ -136,7 +139,11 @@ class Chat:
         max_tokens = min(int(max_tokens), context - len(prompt))
         temp = settings.temp if settings.temp is not None else agent.settings.get("temp", config.get("temp"))
         top_p = settings.top_p if settings.top_p is not None else agent.settings.get("top_p", config.get("top_p"))
-        restored = self.kv.restore(agent.name, lm.fingerprint, self.spec(engine), prompt, capacity=len(prompt) + max_tokens)
+        try:
+            restored = self.kv.restore(agent.name, lm.fingerprint, self.spec(engine), prompt, capacity=len(prompt) + max_tokens)
+        except (OSError, sqlite3.Error) as exc:
+            self._kv_down = failure_reason(exc)
+            restored = Restored(None, 0, "cold", [f"KV cache unavailable ({self._kv_down}): re-prefilling, and not caching this turn"])
         request = TurnRequest(agent.name, prompt, restored.cache, restored.matched, max_tokens, float(temp), float(top_p))
         is_new = self.store.find_agent(agent.name) is None
         return _Pending(agent, user_text, engine, request, new_log, len(log), restored.tier, is_new, list(restored.warnings))
@@ -200,11 +207,11 @@ class Chat:
         persisted = None
         if done.cache is not None:
             self.kv.keep_hot(p.agent.name, lm.fingerprint, done.all_tokens, done.cache)
+        if done.cache is not None and self._kv_down is None:
             try:
                 persisted = self.kv.persist(p.agent.name, lm.fingerprint, self.spec(p.engine), done.all_tokens, done.cache, set(self.locks))
-            except OSError as exc:
-                why = "the disk is full" if is_disk_full(exc) else exc.strerror or str(exc)
-                p.warnings.append(f"KV cache not saved ({why}); the conversation is saved and will re-prefill next time")
+            except (OSError, sqlite3.Error) as exc:
+                p.warnings.append(f"KV cache not saved ({failure_reason(exc)}); the conversation is saved and will re-prefill next time")
         return TurnRecorded(p.agent.name, lm.name, done, p.tier, persisted, [w for w in p.warnings if self._first(p.agent.name, w)])
 
     def _notices(self, pendings: list[_Pending]) -> Iterator[Notice]:

@@ -1,7 +1,413 @@
-"""`semantic agents ...`: list, create, show, edit, reset, remove, rename, fork."""
+"""`semantic agents ...`: list, create, show, edit, reset, remove, rename, fork.
+
+Nothing here loads a model: these commands work on the transcript store and the
+KV index only, so they start fast and never import mlx. The transcript is
+changed first (it is the truth); the cache, being derived, follows.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
 import typer
 
+from . import paths, render
+from .cli_cache import human_age, human_bytes
+from .errors import BadInputError, UsageError
+from .kvindex import KVIndex, TailRow, tails_dir
+from .locks import AgentLock
+from .store import Agent, Message, Store, validate_name
+
 app = typer.Typer(help="Manage agents: named personas with their own conversation and cache.", no_args_is_help=True)
+
+NAME = typer.Argument(..., help="Agent name.")
+SYSTEM = typer.Option(None, "--system", help="Persona (system prompt).")
+SYSTEM_FILE = typer.Option(None, "--system-file", help="Read the persona from a file ('-' for stdin).")
+MODEL = typer.Option(None, "--model", help="Model: mlx-lm directory, .gguf file or Hugging Face repo id.")
+TEMP = typer.Option(None, "--temp", min=0.0, help="Sampling temperature (0: greedy).")
+MAX_TOKENS = typer.Option(None, "--max-tokens", min=1, help="Maximum tokens per reply.")
+TOP_P = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold.")
+YES = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")
+
+
+# ---- helpers ----------------------------------------------------------
+@contextmanager
+def _opened() -> Iterator[tuple[Store, KVIndex]]:
+    store, kv = Store(), KVIndex()
+    try:
+        yield store, kv
+    finally:
+        kv.close()
+        store.close()
+
+
+@contextmanager
+def _locked(*names: str) -> Iterator[None]:
+    """Hold the agents' locks: a chat running them elsewhere makes us refuse (BusyError)."""
+    with ExitStack() as stack:
+        for name in names:
+            stack.enter_context(AgentLock(name))
+        yield
+
+
+def _status(text: str) -> None:
+    render.stderr().print(text, markup=False)
+
+
+def _read_system(system: str | None, system_file: Path | None) -> str | None:
+    if system is not None and system_file is not None:
+        raise UsageError("pass either --system or --system-file, not both")
+    if system_file is None:
+        return system
+    try:
+        data = sys.stdin.buffer.read() if str(system_file) == "-" else system_file.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read --system-file {system_file}: {exc.strerror or exc}")
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"--system-file {system_file} is not valid UTF-8 (bad byte at offset {exc.start})")
+
+
+def _check_model(spec: str) -> str:
+    """Validate a model spec without loading it; local paths are stored absolute so
+    the agent works from any directory."""
+    from .models import DEFAULT, resolve
+
+    if spec == DEFAULT:
+        return spec  # resolving it would download and convert the default model
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.resolve())  # converted on first use, not here (that takes a while)
+    resolve(spec)  # NotFoundError / ModelError for anything unusable
+    return str(path.resolve()) if path.exists() else spec
+
+
+def _settings(temp: float | None, max_tokens: int | None, top_p: float | None) -> dict[str, Any]:
+    given = {"temp": temp, "max_tokens": max_tokens, "top_p": top_p}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _confirm(question: str, yes: bool) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise UsageError(f"{question.rstrip('?')}: refusing without a terminal; pass --yes to confirm")
+    if not typer.confirm(question, default=False, err=True):
+        _status("nothing changed")
+        raise typer.Exit(1)
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _excerpt(text: str, width: int = 40) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def _agent_cached(kv: KVIndex, name: str) -> int:
+    tail = kv.tail(name)
+    return sum(r.n_tokens for r in kv.blocks(kv.chain(name)).values()) + (tail.n_tokens if tail else 0)
+
+
+def _cached_tokens(kv: KVIndex) -> dict[str, int]:
+    """Per agent: tokens in its chain's blocks plus its tail."""
+    chains = kv.chains()
+    rows = kv.blocks(sorted({h for chain in chains.values() for h in chain}))
+    out = {a: sum(rows[h].n_tokens for h in chain if h in rows) for a, chain in chains.items()}
+    for tail in kv.all_tails():
+        out[tail.agent] = out.get(tail.agent, 0) + tail.n_tokens
+    return out
+
+
+def _turns(store: Store) -> dict[str, int]:
+    rows = store.db.execute("SELECT agent, COUNT(*) AS n FROM messages WHERE role='user' GROUP BY agent")
+    return {r["agent"]: int(r["n"]) for r in rows}
+
+
+def _must_be_free(store: Store, name: str) -> None:
+    """Checked under the name's lock, so no chat can create it between check and write."""
+    if store.find_agent(name):
+        raise UsageError(f"agent {name!r} already exists; pick another name or `semantic agents rm {name}`")
+
+
+def _history(name: str) -> Path:
+    return paths.history_dir() / f"{name}.history"
+
+
+def _release(kv: KVIndex, name: str) -> int:
+    """Free an agent's cache; returns bytes really freed. A tail hard-linked by a fork
+    stays on disk for the fork, so it does not count."""
+    tail = kv.tail(name)
+    shared_tail = 0
+    if tail is not None:
+        try:
+            shared_tail = tail.nbytes if os.stat(tails_dir() / tail.file).st_nlink > 1 else 0
+        except FileNotFoundError:
+            shared_tail = tail.nbytes
+    return max(0, kv.release_agent(name) - shared_tail)
+
+
+def _agent_json(agent: Agent) -> dict[str, Any]:
+    return {
+        "name": agent.name,
+        "model": agent.model,
+        "system": agent.system,
+        "settings": agent.settings,
+        "created_at": _iso(agent.created_at),
+        "last_active": _iso(agent.last_active),
+    }
+
+
+# ---- commands ---------------------------------------------------------
+@app.command("ls")
+def ls(json_out: bool = typer.Option(False, "--json", help="Print a JSON list.")) -> None:
+    """Every agent: model, persona, turns, transcript and cached tokens, last activity."""
+    with _opened() as (store, kv):
+        agents = store.list_agents()
+        turns, tokens, cached = _turns(store), store.token_counts(), _cached_tokens(kv)
+    rows = [
+        {
+            **_agent_json(a),
+            "turns": turns.get(a.name, 0),
+            "transcript_tokens": tokens.get(a.name, 0),
+            "cached_tokens": cached.get(a.name, 0),
+        }
+        for a in agents
+    ]
+    if json_out:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        _status("no agents yet; create one with `semantic agents new NAME` or `semantic chat --agent NAME`")
+        return
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col, justify in (("NAME", "left"), ("MODEL", "left"), ("PERSONA", "left"), ("TURNS", "right"),
+                         ("TOKENS", "right"), ("CACHED", "right"), ("LAST ACTIVE", "right")):  # fmt: skip
+        table.add_column(col, justify=justify, overflow="ellipsis", no_wrap=col != "PERSONA")  # type: ignore[arg-type]
+    for a, row in zip(agents, rows):
+        model = Path(a.model).name if os.sep in a.model and Path(a.model).exists() else a.model
+        table.add_row(a.name, model, _excerpt(a.system) or "-", str(row["turns"]), str(row["transcript_tokens"]),
+                      str(row["cached_tokens"]), human_age(a.last_active))  # fmt: skip
+    render.stdout().print(table)
+
+
+@app.command("new")
+def new(
+    name: str = NAME,
+    system: Optional[str] = SYSTEM,
+    system_file: Optional[Path] = SYSTEM_FILE,
+    model: Optional[str] = MODEL,
+    temp: Optional[float] = TEMP,
+    max_tokens: Optional[int] = MAX_TOKENS,
+    top_p: Optional[float] = TOP_P,
+) -> None:
+    """Create an agent with a persona, a model and sampling settings."""
+    from .models import requested_spec
+
+    validate_name(name)
+    persona = _read_system(system, system_file) or ""
+    spec = _check_model(requested_spec(model))
+    with _opened() as (store, kv), _locked(name):
+        if store.find_agent(name):
+            raise UsageError(f"agent {name!r} already exists; change it with `semantic agents edit {name}`")
+        kv.release_agent(name)  # an orphaned cache under this name must not be mistaken for the new agent's
+        store.create_agent(name, spec, persona, _settings(temp, max_tokens, top_p))
+    _status(f"created agent {name!r} (model {spec})")
+
+
+@app.command("show")
+def show(
+    name: str = NAME,
+    json_out: bool = typer.Option(False, "--json", help="The agent and its messages as JSON."),
+    markdown: bool = typer.Option(False, "--markdown", help="Export the transcript as Markdown."),
+) -> None:
+    """The agent's transcript, rendered."""
+    if json_out and markdown:
+        raise UsageError("pass either --json or --markdown, not both")
+    with _opened() as (store, _):
+        agent = store.get_agent(name)
+        messages = store.messages(name)
+    if json_out:
+        doc = {"agent": _agent_json(agent), "messages": [_message_json(m) for m in messages]}
+        print(json.dumps(doc, indent=2, ensure_ascii=False))
+    elif markdown:
+        sys.stdout.write(to_markdown(agent, messages))
+    else:
+        _show_rich(agent, messages)
+
+
+def _message_json(m: Message) -> dict[str, Any]:
+    return {"id": m.id, "role": m.role, "content": m.content, "status": m.status, "created_at": _iso(m.created_at), "meta": m.meta}
+
+
+def to_markdown(agent: Agent, messages: list[Message]) -> str:
+    parts = [f"# {agent.name}\n", f"- model: `{agent.model}`"]
+    parts += [f"- {k}: {v}" for k, v in sorted(agent.settings.items())]
+    if agent.system:
+        parts.append("\n## Persona\n\n" + "\n".join(f"> {line}" if line else ">" for line in agent.system.splitlines()))
+    for m in messages:
+        who = "You" if m.role == "user" else agent.name if m.role == "assistant" else m.role
+        parts.append(f"\n## {who}\n\n{m.content.strip()}")
+        if m.status == "interrupted":
+            parts.append("\n*(interrupted)*")
+    return "\n".join(parts) + "\n"
+
+
+def _show_rich(agent: Agent, messages: list[Message]) -> None:
+    from rich.markdown import Markdown
+    from rich.text import Text
+
+    out = render.stdout()
+    out.print(Text(f"{agent.name} · {agent.model}", style="bold"))
+    if agent.system:
+        out.print(Text(f"persona: {agent.system}", style="dim"))
+    if not messages:
+        _status("no messages yet")
+    for m in messages:
+        out.print()
+        if m.role == "assistant":
+            label = Text(agent.name, style="bold green")
+            if m.status == "interrupted":
+                label.append(" (interrupted)", style="yellow")
+            out.print(label)
+            out.print(Markdown(m.content))
+        else:
+            out.print(Text("you" if m.role == "user" else m.role, style="bold cyan"))
+            out.print(Text(m.content))
+
+
+@app.command("edit")
+def edit(
+    name: str = NAME,
+    system: Optional[str] = SYSTEM,
+    system_file: Optional[Path] = SYSTEM_FILE,
+    model: Optional[str] = MODEL,
+    temp: Optional[float] = TEMP,
+    max_tokens: Optional[int] = MAX_TOKENS,
+    top_p: Optional[float] = TOP_P,
+) -> None:
+    """Change an agent's persona, model or settings (persona/model changes drop its cache)."""
+    validate_name(name)
+    persona = _read_system(system, system_file)
+    settings = _settings(temp, max_tokens, top_p)
+    if persona is None and model is None and not settings:
+        raise UsageError("nothing to change: pass --system, --system-file, --model, --temp, --max-tokens or --top-p")
+    spec = _check_model(model) if model is not None else None
+    with _opened() as (store, kv):
+        agent = store.get_agent(name)
+        with _locked(name):
+            changes: dict[str, Any] = {}
+            if persona is not None and persona != agent.system:
+                changes["system"] = persona
+            if spec is not None and spec != agent.model:
+                changes["model"] = spec
+            if settings and {**agent.settings, **settings} != agent.settings:
+                changes["settings"] = {**agent.settings, **settings}
+            if not changes:
+                _status(f"agent {name!r} unchanged (same values)")
+                return
+            store.update_agent(agent, **changes)
+            invalidated = "system" in changes or "model" in changes
+            cached = _agent_cached(kv, name) if invalidated else 0
+            if invalidated:
+                _release(kv, name)  # the old prefix no longer matches what the model will see
+            had_turns = bool(store.messages(name))
+    words = {"system": "persona", "model": "model", "settings": "settings"}
+    _status(f"updated agent {name!r}: {', '.join(words[k] for k in changes)}")
+    if invalidated and (had_turns or cached):
+        what = "persona" if "system" in changes else "model"
+        _status(f"the {what} changed: the cached prefix ({cached} tokens) was invalidated; the next turn re-reads the transcript")
+
+
+@app.command("reset")
+def reset(name: str = NAME, yes: bool = YES) -> None:
+    """Empty the conversation; keep the persona and settings."""
+    validate_name(name)
+    with _opened() as (store, kv):
+        store.get_agent(name)
+        with _locked(name):
+            _confirm(f"erase the conversation of agent {name!r}?", yes)
+            store.reset_agent(name)
+            freed = _release(kv, name)
+    _status(f"reset agent {name!r}: conversation emptied, persona kept; {human_bytes(freed)} of KV cache freed")
+
+
+@app.command("rm")
+def rm(name: str = NAME, yes: bool = YES) -> None:
+    """Delete an agent, its conversation and the cache blocks only it uses."""
+    validate_name(name)
+    with _opened() as (store, kv):
+        store.get_agent(name)
+        with _locked(name):
+            _confirm(f"delete agent {name!r} and its conversation?", yes)
+            store.delete_agent(name)
+            freed = _release(kv, name)
+            _history(name).unlink(missing_ok=True)
+    _status(f"removed agent {name!r}; {human_bytes(freed)} of KV cache freed (blocks shared with other agents stay)")
+
+
+@app.command("rename")
+def rename(old: str = typer.Argument(..., help="Current name."), new: str = typer.Argument(..., help="New name.")) -> None:
+    """Rename an agent; its conversation, cache and input history follow."""
+    validate_name(old)
+    validate_name(new)
+    if old == new:
+        raise UsageError("the new name is the same as the old one")
+    with _opened() as (store, kv):
+        store.get_agent(old)
+        with _locked(old, new):
+            _must_be_free(store, new)
+            kv.release_agent(new)  # an orphaned cache under the new name would collide
+            store.rename_agent(old, new)
+            kv.rename_agent(old, new)
+            _rename_tail_file(kv, new)
+            if _history(old).exists():
+                os.replace(_history(old), _history(new))
+    _status(f"renamed agent {old!r} to {new!r}")
+
+
+def _rename_tail_file(kv: KVIndex, name: str) -> None:
+    """Tail files are named after their agent; a later agent reusing the old name must
+    not overwrite (or unlink) this one's."""
+    tail = kv.tail(name)
+    if tail is None or tail.file.startswith(f"{name}-"):
+        return
+    fresh = f"{name}-{tail.checksum}.kv"
+    try:
+        os.link(tails_dir() / tail.file, tails_dir() / fresh)
+    except FileExistsError:
+        pass
+    except OSError:
+        return  # the old name keeps working; only a later collision could cost a re-prefill
+    with kv.transaction():
+        kv.set_tail(TailRow(name, tail.model, tail.start, tail.n_tokens, fresh, tail.nbytes, tail.checksum, tail.last_used))
+    (tails_dir() / tail.file).unlink(missing_ok=True)
+
+
+@app.command("fork")
+def fork(name: str = NAME, new: str = typer.Argument(..., help="Name of the copy.")) -> None:
+    """Copy an agent's conversation; the copy shares every cached block (instant, free on disk)."""
+    validate_name(name)
+    validate_name(new)
+    with _opened() as (store, kv):
+        store.get_agent(name)
+        with _locked(new):
+            _must_be_free(store, new)
+            kv.release_agent(new)  # an orphaned cache under the new name would collide
+            store.fork_agent(name, new)
+            kv.fork_agent(name, new)
+            turns = _turns(store).get(new, 0)
+            blocks = len(kv.chain(new))
+    _status(f"forked {name!r} as {new!r}: {turns} turns, sharing {blocks} cached blocks")
+

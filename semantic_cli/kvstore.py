@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import blockfile
+from . import blockfile, paths
 from .blockfile import BlockFileError
 from .kvindex import BlockRow, KVIndex, TailRow, block_path, tails_dir
 from .kvlayers import CacheSpec, cache_nbytes, from_snapshot, restored_kv_cache, snapshot_state
@@ -67,8 +67,21 @@ class KVStore:
         self.block_tokens = block_tokens
         self.disk_budget = disk_budget
         self.hot_budget = hot_budget
-        self.index = KVIndex()
+        self._index: KVIndex | None = None
         self._hot: OrderedDict[str, _Hot] = OrderedDict()
+
+    @property
+    def index(self) -> KVIndex:
+        # Opened on first use: a cache dir that cannot be opened (full disk, bad
+        # permissions) must cost a re-prefill, not the conversation.
+        if self._index is None:
+            self._index = KVIndex()
+        return self._index
+
+    def close(self) -> None:
+        if self._index is not None:
+            self._index.close()
+            self._index = None
 
     # ---- hot tier -----------------------------------------------------
     def keep_hot(self, agent: str, model: str, tokens: list[int], cache: list[Any]) -> None:
@@ -324,5 +337,13 @@ def _as_numpy(np: Any, mx: Any, a: Any) -> Any:
     return np.asarray(a)
 
 
-def is_disk_full(exc: OSError) -> bool:
-    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+def failure_reason(exc: Exception) -> str:
+    """A short reason for a cache failure; SQLite reports a full disk as a mere I/O error."""
+    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not full:
+        try:
+            st = os.statvfs(paths.cache_dir(create=False))
+            full = st.f_bavail * st.f_frsize < (1 << 20)
+        except OSError:
+            pass
+    return "the disk is full" if full else getattr(exc, "strerror", None) or str(exc)
