@@ -69,7 +69,7 @@ def chat(
     settings = GenSettings(max_tokens, temp, top_p, seed)
     try:
         names = room_agents(agent, room, store)
-        opened = [session.open_agent(n, model, system, wait) for n in names]
+        opened = open_room(session, names, model, system, wait)
         if save_room:
             store.save_room(save_room, names)
         interactive = message is None and sys.stdin.isatty()
@@ -84,6 +84,28 @@ def chat(
     finally:
         session.close()
         store.close()
+
+
+def open_room(session: Any, names: list[str], model: str | None, system: str | None, wait: bool) -> list[Any]:
+    """Lock and load the agents. In a room, a busy agent is left out (with a warning)
+    rather than failing the others; a room must share one model."""
+    from .errors import BusyError
+
+    opened = []
+    for name in names:
+        try:
+            opened.append(session.open_agent(name, model, system, wait))
+        except BusyError as exc:
+            if len(names) == 1:
+                raise
+            render.stderr().print(f"warning: {exc.message}; the room continues without it", style="yellow", markup=False)
+    if not opened:
+        raise BusyError("every agent in this room is busy in another process; try again later or pass --wait")
+    models = {a.model for a in opened}
+    if len(models) > 1:
+        detail = ", ".join(f"{a.name}: {a.model}" for a in opened)
+        raise UsageError(f"a room's agents must share one model ({detail}); pass --model to switch them all, or chat with them separately")
+    return opened
 
 
 def _targets(opened: list[Any], text: str, to_all: bool) -> list[tuple[Any, str]]:

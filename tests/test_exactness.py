@@ -1,0 +1,35 @@
+"""exp-005: the engine (BatchGenerator, batch of one) equals mlx_lm's generate, greedy."""
+
+from __future__ import annotations
+
+import pytest
+
+from semantic_cli import bench_exactness
+from semantic_cli.engine import get_engine
+from semantic_cli.models import ModelRef
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3_text"])
+def test_engine_matches_mlx_lm_generate_on_tiny_models(tiny, kind):
+    engine = get_engine(ModelRef(str(tiny[kind]), str(tiny[kind])))
+    res = bench_exactness.run(engine, block_sizes=(1, 2, 8), max_tokens=64)
+    rows = res.results["rows"]
+    assert [r["blocks"] for r in rows] == [1, 2, 8]
+    assert all(r["generated"] == 64 for r in rows)  # tiny models never emit EOS
+    assert res.results["all_identical"], rows
+
+
+@pytest.mark.smollm
+def test_engine_matches_mlx_lm_generate_on_smollm2(smollm):
+    engine = get_engine(ModelRef(str(smollm), str(smollm)))
+    res = bench_exactness.run(engine, block_sizes=(1,), max_tokens=24)
+    assert res.results["rows"][0]["prompt_tokens"] > 200
+    assert res.results["all_identical"], res.results["rows"]
+
+
+def test_mismatch_would_be_reported(tiny):
+    """The comparison itself can fail: a different model gives different ids."""
+    a = get_engine(ModelRef(str(tiny["llama"]), str(tiny["llama"])))
+    b = get_engine(ModelRef(str(tiny["qwen2"]), str(tiny["qwen2"])))
+    prompt = [1, 5, 9, 200, 31]
+    assert bench_exactness.engine_ids(a, prompt, 8) != bench_exactness.reference_ids(b, prompt, 8)
