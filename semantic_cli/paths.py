@@ -23,39 +23,29 @@ def _private_dir(path: Path) -> Path:
     return path
 
 
-def data_dir(create: bool = True) -> Path:
-    """Transcripts (SQLite), converted models, REPL history."""
+def _base(kind: str, create: bool) -> Path:
     home = _home()
     if home is not None:
-        path = home / "data"
+        path = home / kind
     else:
-        from platformdirs import user_data_dir
+        import platformdirs
 
-        path = Path(user_data_dir(APP))
+        path = Path(getattr(platformdirs, f"user_{kind}_dir")(APP))
     return _private_dir(path) if create else path
+
+
+def data_dir(create: bool = True) -> Path:
+    """Transcripts (SQLite), converted models, REPL history."""
+    return _base("data", create)
 
 
 def cache_dir(create: bool = True) -> Path:
     """KV blocks: derived data that may be deleted at any time."""
-    home = _home()
-    if home is not None:
-        path = home / "cache"
-    else:
-        from platformdirs import user_cache_dir
-
-        path = Path(user_cache_dir(APP))
-    return _private_dir(path) if create else path
+    return _base("cache", create)
 
 
 def config_dir(create: bool = True) -> Path:
-    home = _home()
-    if home is not None:
-        path = home / "config"
-    else:
-        from platformdirs import user_config_dir
-
-        path = Path(user_config_dir(APP))
-    return _private_dir(path) if create else path
+    return _base("config", create)
 
 
 def config_file() -> Path:

@@ -15,10 +15,9 @@ import time
 from array import array
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
 
 from . import paths
-from .errors import BadInputError, NotFoundError, UsageError
+from .errors import NotFoundError, UsageError
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
@@ -262,18 +261,3 @@ class _Transaction:
 
     def __exit__(self, exc_type: object, *_: object) -> None:
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
-
-
-def decode_stdin(data: bytes) -> str:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BadInputError(f"stdin is not valid UTF-8 (byte {exc.start}); convert it first, e.g. with iconv")
-    if not text.strip():
-        raise BadInputError("empty message: nothing on stdin (pass text with -m or pipe some in)")
-    return text
-
-
-def iter_names(names: list[str]) -> Iterator[str]:
-    for n in names:
-        yield validate_name(n)
