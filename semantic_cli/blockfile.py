@@ -132,25 +132,53 @@ def read_into(path: Path, checksum: str, expect: Callable[[dict], None], sink: S
     with f:
         header, prefix = read_header(f)
         expect(header)
-        digest = _hasher()
-        digest.update(prefix)
-        for spec in header.get("arrays", []):
-            spec = ArraySpec(spec["name"], spec["dtype"], tuple(spec["shape"]), spec["offset"], spec["nbytes"])
-            got = 0
-            for buf in sink(spec):
-                buf = buf.cast("B") if buf.format != "B" else buf
-                n = f.readinto(buf)
-                if n != len(buf):
-                    raise BlockFileError("truncated data")
-                digest.update(buf)
-                got += n
-            if got != spec.nbytes:
+        buffers: list[memoryview] = []
+        for raw in header.get("arrays", []):
+            spec = ArraySpec(raw["name"], raw["dtype"], tuple(raw["shape"]), raw["offset"], raw["nbytes"])
+            views = [b.cast("B") if b.format != "B" else b for b in sink(spec)]
+            if sum(len(b) for b in views) != spec.nbytes:
                 raise BlockFileError(f"array {spec.name} size mismatch")
-        if f.read(1):
+            buffers += views
+        # Scatter-read straight into the destination buffers: one syscall per
+        # IOV_MAX buffers instead of one per head and layer.
+        fd, pos = f.fileno(), len(prefix)
+        for i in range(0, len(buffers), _IOV_MAX):
+            batch = buffers[i : i + _IOV_MAX]
+            want = sum(len(b) for b in batch)
+            got = os.preadv(fd, batch, pos)
+            while got < want:  # short reads happen near EOF or on signals
+                if got <= 0 or not _finish_short_read(fd, batch, pos, got):
+                    raise BlockFileError("truncated data")
+                got = want
+            pos += want
+        if os.pread(fd, 1, pos):
             raise BlockFileError("trailing bytes")
+    digest = _hasher()
+    digest.update(prefix)
+    for b in buffers:
+        digest.update(b)
     if digest.hexdigest() != checksum:
         raise BlockFileError("checksum mismatch")
     return header
+
+
+_IOV_MAX = 1024
+
+
+def _finish_short_read(fd: int, batch: list[memoryview], pos: int, done: int) -> bool:
+    """Continue a short preadv buffer by buffer; False if the file ends first."""
+    offset = 0
+    for b in batch:
+        end = offset + len(b)
+        if end > done:
+            start = max(0, done - offset)
+            while start < len(b):
+                n = os.preadv(fd, [b[start:]], pos + offset + start)
+                if n <= 0:
+                    return False
+                start += n
+        offset = end
+    return True
 
 
 def file_checksum(path: Path) -> str:
