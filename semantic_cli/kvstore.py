@@ -125,6 +125,8 @@ class KVStore:
             and start + tail.n_tokens <= limit
             and (tail.n_tokens > 0 or spec.snapshot_layers)
         )
+        if tail_ok and not self._tail_matches(tail, prompt):  # type: ignore[arg-type]
+            tail_ok = False  # the conversation moved on (persona change, reset): stale, not damaged
         if spec.snapshot_layers and not tail_ok:
             return Restored(None, 0, "cold", warnings)  # whole-layer snapshots only fit at the tail's end
         if n_blocks == 0 and not tail_ok:
@@ -138,6 +140,15 @@ class KVStore:
             return Restored(None, 0, "cold", warnings)
         self.index.touch(agent, hashes[:n_blocks])
         return Restored(cache, matched, "warm", warnings)
+
+    def _tail_matches(self, tail: TailRow, prompt: list[int]) -> bool:
+        """Whether the tail covers these tokens (its header says; damage is found on the full read)."""
+        try:
+            with open(tails_dir() / tail.file, "rb") as f:
+                header = blockfile.read_header(f)[0]
+        except (OSError, BlockFileError):
+            return True  # let the full read find it, drop it and say so
+        return header.get("tokens") == prompt[tail.start : tail.start + tail.n_tokens]
 
     def _read(
         self, spec: CacheSpec, hashes: list[str], rows: dict[str, BlockRow], tail: TailRow | None, agent: str, capacity: int, prompt: list[int]

@@ -1,89 +1,378 @@
-"""The interactive chat loop (prompt-toolkit input, rich live output)."""
+"""The interactive chat loop: prompt-toolkit input, rich live output, slash commands.
+
+This is UI code and prints; the core (`chat.Chat`) never does. A reply streams
+into a rich Live region (Markdown unless --no-markdown); a room shows one
+labelled panel per agent, all streaming at once. Ctrl-C during a reply stops
+it: the core records the partial reply as "interrupted" and we return to the
+prompt. Ctrl-C at an empty prompt, Ctrl-D or /quit leave with exit code 0.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
-from rich.console import Group
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.live import Live
 from rich.markdown import Markdown
 from rich.panel import Panel
+from rich.progress_bar import ProgressBar
+from rich.segment import SegmentLines
+from rich.spinner import Spinner
+from rich.table import Table
 from rich.text import Text
 
-from . import paths, render
+from . import paths, render, slash
 from .errors import SemanticError
 from .rooms import address
+from .slash import printable
+
+PREFILL_BAR_MIN = 256  # shorter prefills are over before a bar could be read
+BLOCK = '"""'  # opens and closes a multi-line message, as in ollama
+
+
+@dataclass
+class Totals:
+    """Session figures for /stats."""
+
+    turns: int = 0
+    interrupted: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    prefilled_tokens: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class Reply:
+    """One agent's reply as it streams: what the view draws."""
+
+    name: str
+    title: str
+    text: str = ""
+    tokens: int = 0
+    prefill: tuple[int, int] | None = None
+    footer: str = ""
+    state: str = "waiting"  # waiting | streaming | done | interrupted | failed
+    notes: list[str] = field(default_factory=list)
+
+
+class TurnView:
+    """The live region. While streaming, each reply shows only its last lines so the
+    region never outgrows the screen (rich cannot redraw what scrolled away); the
+    final render (`final`) shows everything."""
+
+    def __init__(self, replies: list[Reply], markdown: bool, panels: bool) -> None:
+        self.replies = replies
+        self.markdown = markdown
+        self.panels = panels
+        self.final = False
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        per_reply = max(3, (console.height - 2) // len(self.replies) - (4 if self.panels else 2))
+        inner = options.max_width - (4 if self.panels else 0)
+        for r in self.replies:
+            body = self._body(r, console, options.update(width=inner, height=None), per_reply)
+            if self.panels:
+                style = "yellow" if r.state == "interrupted" else "dim" if r.state == "done" else "cyan"
+                yield Panel(body, title=r.title, title_align="left", border_style=style)
+            else:
+                yield body
+
+    def _body(self, r: Reply, console: Console, options: ConsoleOptions, max_lines: int) -> RenderableType:
+        parts: list[RenderableType] = [Text(n, style="yellow") for n in r.notes]
+        if r.text:
+            shown = printable(r.text)
+            content: RenderableType = Markdown(shown) if self.markdown else Text(shown)
+            parts.append(content if self.final else _tail(content, console, options, max_lines))
+        status = self._status(r)
+        if status is not None:
+            parts.append(status)
+        return Group(*parts)
+
+    def _status(self, r: Reply) -> RenderableType | None:
+        if r.state == "interrupted":
+            return Text(f"interrupted after {r.tokens} tokens (kept, marked interrupted)", style="yellow", no_wrap=True, overflow="ellipsis")
+        if r.state == "failed":
+            return Text("no reply (see the error below)", style="red", no_wrap=True, overflow="ellipsis")
+        if r.footer:
+            return Text(r.footer, style="dim", no_wrap=True, overflow="ellipsis")
+        if r.prefill is not None and r.prefill[1] >= PREFILL_BAR_MIN and r.prefill[0] < r.prefill[1]:
+            done, total = r.prefill
+            bar = Table.grid(padding=(0, 1))
+            bar.add_row(
+                Text("reading the conversation", style="dim"),
+                ProgressBar(total=total, completed=done, width=30),
+                Text(f"{done:,}/{total:,} tokens", style="dim"),
+            )
+            return bar
+        if r.state == "waiting" and not r.text:
+            return Spinner("dots", text=Text("thinking", style="dim"), style="dim")
+        return None
+
+
+def _tail(renderable: RenderableType, console: Console, options: ConsoleOptions, max_lines: int) -> RenderableType:
+    """The last `max_lines` lines of `renderable`, rendered once (this runs every frame)."""
+    lines = console.render_lines(renderable, options, pad=False)
+    if len(lines) <= max_lines:
+        return SegmentLines(lines, new_lines=True)
+    hidden = len(lines) - max_lines + 1
+    return Group(Text(f"… {hidden} more lines above", style="dim"), SegmentLines(lines[hidden:], new_lines=True))
+
+
+def unblock(text: str) -> tuple[str, bool]:
+    """The message inside a triple-quoted block, and whether it was one."""
+    s = text.strip()
+    if not s.startswith(BLOCK):
+        return text, False
+    s = s[len(BLOCK) :]
+    if s.rstrip().endswith(BLOCK):
+        s = s.rstrip()[: -len(BLOCK)]
+    return s.strip("\n"), True
+
+
+def block_open(text: str) -> bool:
+    """A `\"\"\"` block is still open: Enter adds a line instead of sending."""
+    s = text.strip()
+    return s.startswith(BLOCK) and (len(s) < 2 * len(BLOCK) or not s.endswith(BLOCK))
 
 
 class Repl:
     def __init__(self, session: Any, agents: list[Any], settings: Any, markdown: bool = True) -> None:
         self.session = session
-        self.agents = {a.name: a for a in agents}
+        self.agents: dict[str, Any] = {a.name: a for a in agents}
         self.current = agents[0].name
         self.settings = settings
         self.markdown = markdown
         self.console = render.stdout()
+        self.console.soft_wrap = False  # rich must wrap itself, or Live miscounts lines to redraw
         self.err = render.stderr()
-        self.last: dict[str, Any] = {}
+        self.last: dict[str, Any] = {}  # agent -> its last TurnRecorded
+        self.last_reply: tuple[str, str] | None = None  # (agent, text) of the latest reply, for /round
+        self.totals = Totals()
+        self._prompts: dict[str, Any] = {}
 
-    def _prompt_session(self) -> Any:
-        from prompt_toolkit import PromptSession
-        from prompt_toolkit.history import FileHistory
+    @property
+    def room(self) -> bool:
+        return len(self.agents) > 1
 
-        return PromptSession(history=FileHistory(str(paths.history_dir() / f"{self.current}.history")))
+    def agent(self, name: str | None = None) -> Any:
+        return self.agents[name or self.current]
 
+    def replace_agent(self, agent: Any) -> None:
+        self.agents[agent.name] = agent
+
+    # ---- input ----------------------------------------------------------
+    def _prompt(self) -> Any:
+        """One prompt-toolkit session per agent: each has its own history file."""
+        if self.current not in self._prompts:
+            from prompt_toolkit import PromptSession
+            from prompt_toolkit.history import FileHistory
+            from prompt_toolkit.output import ColorDepth
+
+            self._prompts[self.current] = PromptSession(
+                history=FileHistory(str(paths.history_dir() / f"{self.current}.history")),
+                completer=slash.Completer(self),
+                complete_while_typing=True,
+                key_bindings=_key_bindings(),
+                prompt_continuation=lambda width, line, wrap: "." * (width - 1) + " ",
+                color_depth=ColorDepth.DEPTH_1_BIT if self.console.no_color else None,
+                reserve_space_for_menu=4,
+            )
+        return self._prompts[self.current]
+
+    def read(self) -> str:
+        return self._prompt().prompt([("bold", self.current), ("", "> ")])
+
+    # ---- the loop -------------------------------------------------------
     def run(self) -> None:
-        names = ", ".join(self.agents)
-        self.err.print(f"chatting with {names} · /help for commands · Ctrl-D to leave", style="dim", markup=False)
-        prompt = self._prompt_session()
+        model = self.agent().model
+        who = f"room {', '.join(self.agents)} · @name or @all to address" if self.room else f"chatting with {self.current} ({model})"
+        self.err.print(f"{who} · /help for commands · Ctrl-D to leave", style="dim", markup=False, highlight=False)
         while True:
             try:
-                text = prompt.prompt(f"{self.current}> ")
-            except (EOFError, KeyboardInterrupt):
+                raw = self.read()
+            except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at an empty prompt
                 return
+            text, quoted = unblock(raw)
             if not text.strip():
                 continue
-            if text.strip() == "/quit":
-                return
             try:
-                targets, body = address(text, list(self.agents), self.current)
-                self.turn([(self.agents[n], body) for n in targets])
+                if text.startswith("//"):
+                    self.send(text[1:])  # `//x` sends a message that starts with a slash
+                elif text.startswith("/") and not quoted:
+                    if not slash.dispatch(self, text.strip()):
+                        return
+                else:
+                    self.send(text)
             except SemanticError as exc:
-                self.err.print(f"error: {exc.message}", style="red", markup=False)
-            except KeyboardInterrupt:
-                self.err.print("interrupted: the partial reply is kept, marked as interrupted", style="yellow", markup=False)
+                self.error(exc.message)
+            except KeyboardInterrupt:  # a cut reply says so in its own status line
+                self.err.print("interrupted", style="yellow", markup=False, highlight=False)
 
-    def turn(self, targets: list[tuple[Any, str]]) -> None:
+    def error(self, message: str) -> None:
+        self.err.print(f"error: {message}", style="red", markup=False, highlight=False)
+
+    def info(self, message: str) -> None:
+        self.err.print(message, style="dim", markup=False, highlight=False)
+
+    def send(self, text: str) -> None:
+        targets, body = address(text, list(self.agents), self.current)
+        self.turn([(self.agents[n], body) for n in targets])
+
+    # ---- one turn (or a room's concurrent turns) ------------------------
+    def turn(self, targets: list[tuple[Any, str]], titles: dict[str, str] | None = None) -> list[Any]:
+        """Run the turns, streaming them live; returns their TurnRecorded events.
+        Ctrl-C: the core keeps the partial replies; KeyboardInterrupt is re-raised."""
         from .chat import Notice, TurnRecorded
         from .engine import PromptProgress, TokenEvent
 
-        with render.progress(self.err) as progress:
+        with render.progress(self.err) as progress:  # model download/conversion, loading
             pendings = [self.session.prepare(a, body, self.settings, progress) for a, body in targets]
-        texts = {p.agent.name: "" for p in pendings}
-        status = {p.agent.name: "" for p in pendings}
-        room = len(pendings) > 1
+        replies = {p.agent.name: Reply(p.agent.name, (titles or {}).get(p.agent.name, p.agent.name)) for p in pendings}
+        view = TurnView(list(replies.values()), self.markdown, panels=self.room)
+        recorded: list[Any] = []
+        started = time.perf_counter()
+        with _quiet_tty(), Live(view, console=self.console, refresh_per_second=10, transient=False) as live:
+            events = self.session.run(pendings, seed=self.settings.seed)
+            try:
+                for ev in events:
+                    r = replies.get(getattr(ev, "key", ""))
+                    if r is None:
+                        continue
+                    if isinstance(ev, TokenEvent):
+                        r.text += ev.text
+                        r.tokens += ev.token is not None
+                        r.state = "streaming"
+                    elif isinstance(ev, PromptProgress):
+                        r.prefill = (ev.done, ev.total)
+                        if ev.total >= PREFILL_BAR_MIN:
+                            live.refresh()  # a fast prefill may end before the next tick
+                    elif isinstance(ev, Notice):
+                        r.notes.append(f"warning: {ev.text}")
+                    elif isinstance(ev, TurnRecorded):
+                        r.state, r.text = "done", ev.done.text
+                        r.footer = render.footer(ev.done.stats, ev.tier)
+                        r.notes += [f"warning: {w}" for w in ev.warnings]
+                        recorded.append(ev)
+                        self._count(ev)
+            except KeyboardInterrupt:
+                events.close()  # the core records the partial replies now, not at garbage collection
+                for r in replies.values():
+                    if r.state != "done":
+                        r.state = "interrupted"
+                        self.totals.interrupted += 1
+                        self.totals.generated_tokens += r.tokens
+                raise
+            except BaseException:
+                for r in replies.values():
+                    if r.state != "done":
+                        r.state = "failed"
+                raise
+            finally:
+                view.final = True
+                live.refresh()
+                self.totals.seconds += time.perf_counter() - started
+        return recorded
 
-        def view() -> Any:
-            parts = []
-            for name, text in texts.items():
-                body = Markdown(text) if self.markdown and text else Text(text)
-                extra = Text(status[name], style="dim") if status[name] else None
-                content = Group(body, extra) if extra else body
-                parts.append(Panel(content, title=name, title_align="left") if room else content)
-            return Group(*parts)
+    def _count(self, rec: Any) -> None:
+        s = rec.done.stats
+        t = self.totals
+        t.turns += 1
+        t.prompt_tokens += s.prompt_tokens
+        t.cached_tokens += s.cached_tokens
+        t.prefilled_tokens += s.prefilled_tokens
+        t.generated_tokens += s.generated_tokens
+        self.last[rec.key] = rec
+        self.last_reply = (rec.key, rec.done.text)
 
-        with Live(view(), console=self.console, refresh_per_second=12, transient=False) as live:
-            for ev in self.session.run(pendings, seed=self.settings.seed):
-                if isinstance(ev, TokenEvent):
-                    texts[ev.key] += ev.text
-                    status[ev.key] = ""
-                elif isinstance(ev, PromptProgress) and ev.total > 256:
-                    status[ev.key] = f"reading the conversation: {ev.done}/{ev.total} tokens"
-                elif isinstance(ev, Notice):
-                    self.err.print(f"warning: {ev.key}: {ev.text}", style="yellow", markup=False)
-                elif isinstance(ev, TurnRecorded):
-                    self.last[ev.key] = ev
-                    status[ev.key] = render.footer(ev.done.stats, ev.tier)
-                    for w in ev.warnings:
-                        self.err.print(f"warning: {ev.key}: {w}", style="yellow", markup=False)
-                live.update(view())
+    # ---- /round ---------------------------------------------------------
+    def round(self, rounds: int, topic: str) -> None:
+        """Agents answer each other in turn; each sees the others' replies as user
+        messages attributed by name ("[critic]: ..."). Ctrl-C stops; finished turns stay."""
+        names = list(self.agents)
+        inbox: dict[str, list[str]] = {n: [] for n in names}
+        if topic:
+            for n in names:
+                inbox[n].append(topic)
+        elif self.last_reply is not None:
+            speaker, said = self.last_reply
+            for n in names:
+                if n != speaker:
+                    inbox[n].append(f"[{speaker}]: {said.strip() or '(no reply)'}")
+        else:
+            self.error("what should they discuss? /round N TOPIC")
+            return
+        done = 0
+        try:
+            for i in range(rounds):
+                for name in names:
+                    message = "\n\n".join(inbox[name]) or "(your turn: continue the discussion)"
+                    inbox[name] = []
+                    recs = self.turn([(self.agents[name], message)], titles={name: f"{name} · round {i + 1}/{rounds}"})
+                    said = recs[0].done.text.strip() if recs else ""
+                    for other in names:
+                        if other != name:
+                            inbox[other].append(f"[{name}]: {said or '(no reply)'}")
+                    done += 1
+        except KeyboardInterrupt:
+            why = f"round stopped after {done} complete turns; they are kept (the cut reply is marked interrupted)"
+            self.err.print(why, style="yellow", markup=False, highlight=False)
+            return
+        self.info(f"round over: {done} turns")
+
+
+@contextmanager
+def _quiet_tty() -> Iterator[None]:
+    """No echo while a reply streams: an echoed key (or the ^C of Ctrl-C) would shift
+    the live region by a line and leave a stale copy on screen. Non-canonical, so keys
+    typed meanwhile (Ctrl-D included) reach the next prompt as typed; Ctrl-C still signals."""
+    try:
+        import termios
+
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd)
+    except (ImportError, OSError, ValueError):  # no tty (or not POSIX): nothing to quiet
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~(termios.ECHO | termios.ICANON | getattr(termios, "ECHOCTL", 0))
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
+def _key_bindings() -> Any:
+    from prompt_toolkit.filters import has_focus
+    from prompt_toolkit.key_binding import KeyBindings
+
+    kb = KeyBindings()
+    default = has_focus("DEFAULT_BUFFER")
+
+    @kb.add("enter", filter=default)
+    def _enter(event: Any) -> None:
+        buf = event.current_buffer
+        if block_open(buf.text):
+            buf.newline(copy_margin=False)
+        else:
+            buf.validate_and_handle()
+
+    @kb.add("escape", "enter", filter=default)
+    def _newline(event: Any) -> None:
+        event.current_buffer.newline(copy_margin=False)
+
+    @kb.add("c-c", filter=default)
+    def _interrupt(event: Any) -> None:
+        # With text: drop it (like a shell). At an empty prompt: leave.
+        if event.current_buffer.text:
+            event.current_buffer.reset()
+        else:
+            event.app.exit(exception=KeyboardInterrupt())
+
+    return kb

@@ -159,3 +159,15 @@ def test_files_are_private(tiny, home):
             assert os.stat(os.path.join(root, d)).st_mode & 0o077 == 0, d
         for f in files:
             assert os.stat(os.path.join(root, f)).st_mode & 0o077 == 0, f
+
+
+def test_a_stale_tail_is_not_reported_as_damage(tiny, home, monkeypatch):
+    """After the log is re-rendered (persona change), the old tail no longer matches: no warning."""
+    monkeypatch.setenv("SEMANTIC_BLOCK_TOKENS", "64")
+    with Session() as s:
+        s.say("t", "short", model=tiny["llama"])
+        agent = s.store.get_agent("t")
+        s.store.update_agent(agent, system="A new persona.")
+    with Session() as s:
+        rec = s.say("t", "again")
+        assert rec.tier == "cold" and not s.notices

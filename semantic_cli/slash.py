@@ -1,0 +1,311 @@
+"""Slash commands in the REPL (/help, /agent, /system, /stats, /cache, /save, ...),
+their tab completion, and `@name` completion in rooms.
+
+`COMMANDS` is the one table: /help prints it and scripts/gen_docs.py puts it
+in the man page.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from prompt_toolkit.completion import Completer as _PTCompleter
+from prompt_toolkit.completion import Completion, PathCompleter
+from prompt_toolkit.document import Document
+from rich.table import Table
+
+from . import render
+from .errors import SemanticError, UsageError
+
+# Model output may hold raw control characters (an ESC would let a reply drive the
+# terminal and break the live redraw): show them as visible symbols instead.
+_CONTROLS = {c: 0x2400 + c for c in range(32) if c not in (9, 10)} | {0x7F: 0x2421} | {c: 0xFFFD for c in range(0x80, 0xA0)}
+
+
+def printable(text: str) -> str:
+    return text.translate(_CONTROLS)
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    args: str
+    help: str
+    run: Callable[[Any, str], bool | None]  # returns False to leave the REPL
+    aliases: tuple[str, ...] = ()
+
+
+# ---- the commands ---------------------------------------------------------
+def _help(repl: Any, arg: str) -> None:
+    table = Table.grid(padding=(0, 2))
+    for c in COMMANDS:
+        table.add_row(f"/{c.name}" + (f" {c.args}" if c.args else ""), c.help)
+    repl.console.print(table)
+    repl.console.print(KEYS_HELP, style="dim", markup=False, highlight=False)
+
+
+def _agent(repl: Any, arg: str) -> None:
+    if not arg:
+        raise UsageError("which agent? /agent NAME (/agents lists them)")
+    from .store import validate_name
+
+    name = validate_name(arg.split()[0])
+    if name not in repl.agents:
+        # Another agent joins the room; a new one uses the room's model so it can answer with the others.
+        known = repl.session.store.find_agent(name) is not None
+        agent = repl.session.open_agent(name, None if known else repl.agent().model)
+        repl.replace_agent(agent)
+        repl.info(f"{name} joins the room ({', '.join(repl.agents)})" + ("" if known else "; created on its first turn"))
+    repl.current = name
+    repl.info(f"talking to {name}")
+
+
+def _agents(repl: Any, arg: str) -> None:
+    store = repl.session.store
+    table = Table(box=None, padding=(0, 2), header_style="bold")
+    for col in ("", "agent", "model", "turns", "persona"):
+        table.add_column(col)
+    for name, agent in repl.agents.items():
+        turns = sum(1 for m in store.messages(name) if m.role == "assistant")
+        table.add_row("*" if name == repl.current else "", name, agent.model, str(turns), _excerpt(agent.system) or "-")
+    repl.console.print(table)
+    others = [a.name for a in store.list_agents() if a.name not in repl.agents]
+    if others:
+        repl.info(f"not in this room: {', '.join(others)} (/agent NAME brings one in)")
+
+
+def _system(repl: Any, arg: str) -> None:
+    agent = repl.agent()
+    if not arg:
+        repl.console.print(printable(agent.system) or "(no persona: the model's default system prompt)", markup=False, highlight=False)
+        return
+    store = repl.session.store
+    if store.find_agent(agent.name) is None:
+        from dataclasses import replace
+
+        agent = replace(agent, system=arg)  # created with this persona on its first turn
+    else:
+        agent = store.update_agent(agent, system=arg)  # drops the token log: the old prefix is not reused
+    # The old persona's cache is a prefix nothing will ask for again: free it now, so the
+    # next turn does not trip over a tail that no longer matches.
+    repl.session.kv.drop_hot(agent.name)
+    repl.session.kv.index.release_agent(agent.name)
+    repl.replace_agent(agent)
+    repl.info(f"{agent.name}: persona set; the next turn re-reads the conversation under it")
+
+
+def _reset(repl: Any, arg: str) -> None:
+    name = repl.current
+    store = repl.session.store
+    if store.find_agent(name) is None:
+        repl.info(f"{name} has no conversation yet")
+        return
+    n = len(store.messages(name))
+    if not _confirm(f"empty {name}'s conversation ({n} messages; the persona stays)? [y/N] "):
+        repl.info("kept")
+        return
+    store.reset_agent(name)
+    freed = repl.session.kv.index.release_agent(name)
+    repl.session.kv.drop_hot(name)
+    repl.last.pop(name, None)
+    repl.info(f"{name}: conversation emptied, {_bytes(freed)} of cache freed")
+
+
+def _stats(repl: Any, arg: str) -> None:
+    if not repl.last and not repl.totals.turns and not repl.totals.interrupted:
+        repl.info("no turns yet in this session")
+        return
+    for name, rec in repl.last.items():
+        s = rec.done.stats
+        repl.console.print(f"last turn ({name}): {render.footer(s, rec.tier)}", markup=False, highlight=False)
+        repl.console.print(f"  {s.generated_tokens} tokens generated, finish: {rec.done.finish_reason}", markup=False, highlight=False)
+    t = repl.totals
+    hit = f", {100 * t.cached_tokens / t.prompt_tokens:.0f}% from cache" if t.prompt_tokens else ""
+    cut = f" ({t.interrupted} interrupted)" if t.interrupted else ""
+    repl.console.print(
+        f"session: {t.turns} turns{cut} · {t.generated_tokens:,} tokens generated · {t.prompt_tokens:,} prompt tokens{hit}, "
+        f"{t.prefilled_tokens:,} prefilled · {t.seconds:.1f}s generating",
+        markup=False,
+        highlight=False,
+    )
+
+
+def _cache(repl: Any, arg: str) -> None:
+    name = arg.split()[0] if arg else repl.current
+    kv = repl.session.kv
+    chain = kv.index.chain(name)
+    rows = kv.index.blocks(chain)
+    tail = kv.index.tail(name)
+    refs = kv.index.refcounts() if chain else {}
+    hot = kv.hot_agents().get(name)
+    disk_tokens = sum(r.n_tokens for r in rows.values()) + (tail.n_tokens if tail else 0)
+    disk_bytes = sum(r.nbytes for r in rows.values()) + (tail.nbytes if tail else 0)
+    shared = sum(1 for h in chain if refs.get(h, 0) > 1)
+    tier = "hot" if hot else "warm" if chain or tail else "cold"
+    transcript = repl.session.store.token_counts().get(name, 0)
+    lines = [f"{name}: tier {tier} · transcript {transcript:,} tokens"]
+    lines.append(f"  in memory: {hot:,} tokens" if hot else "  in memory: -")
+    if chain or tail:
+        tail_part = f" + a {tail.n_tokens:,}-token tail" if tail else ""
+        lines.append(f"  on disk: {disk_tokens:,} tokens in {len(chain)} blocks ({shared} shared){tail_part}, {_bytes(disk_bytes)}")
+    else:
+        lines.append("  on disk: - (the next turn re-reads the transcript)")
+    for line in lines:
+        repl.console.print(line, markup=False, highlight=False)
+
+
+def _model(repl: Any, arg: str) -> None:
+    agent = repl.agent()
+    with render.progress(repl.err) as progress:
+        lm = repl.session.engine_for(agent, progress).lm
+    for line in (f"{agent.name}: {lm.name}", f"  from: {agent.model}", f"  path: {lm.ref.path}", f"  dtype {lm.dtype} · context {lm.context_length:,} tokens"):
+        repl.console.print(line, markup=False, highlight=False)
+
+
+def _save(repl: Any, arg: str) -> None:
+    if not arg:
+        raise UsageError("where to? /save FILE.md or /save FILE.json")
+    path = Path(arg).expanduser()
+    if path.suffix.lower() not in (".md", ".markdown", ".json"):
+        raise UsageError(f"say the format by the extension: {path.stem}.md (Markdown) or {path.stem}.json")
+    agent = repl.agent()
+    messages = repl.session.store.messages(agent.name) if repl.session.store.find_agent(agent.name) else []
+    if path.suffix.lower() == ".json":
+        data = json.dumps(transcript_json(agent, messages), indent=2, ensure_ascii=False) + "\n"
+    else:
+        data = transcript_markdown(agent, messages)
+    try:
+        path.write_text(data, encoding="utf-8")
+    except OSError as exc:
+        raise SemanticError(f"cannot write {path}: {exc.strerror}") from None
+    repl.info(f"saved {len(messages)} messages of {agent.name} to {path}")
+
+
+def _round(repl: Any, arg: str) -> None:
+    if not repl.room:
+        raise UsageError("a round needs a room: open one with --agent a --agent b, or bring an agent in with /agent NAME")
+    m = re.fullmatch(r"(\d+)\s*(.*)", arg, re.S)
+    if not m or int(m.group(1)) < 1:
+        raise UsageError("/round N [topic], with N a number of rounds, e.g. /round 2 is this plan sound?")
+    repl.round(int(m.group(1)), m.group(2).strip())
+
+
+def _quit(repl: Any, arg: str) -> bool:
+    return False
+
+
+COMMANDS: list[Command] = [
+    Command("help", "", "this list", _help, ("?",)),
+    Command("agent", "NAME", "talk to NAME (another agent joins the room if needed)", _agent),
+    Command("agents", "", "the room's agents, and the others", _agents),
+    Command("system", "[TEXT]", "show or set the persona (setting it re-reads the conversation)", _system),
+    Command("reset", "", "empty this agent's conversation and cache (the persona stays)", _reset, ("clear",)),
+    Command("stats", "", "last turn's figures and this session's totals", _stats),
+    Command("cache", "[NAME]", "this agent's cache: tier, tokens, blocks, bytes", _cache),
+    Command("model", "", "the model this agent uses", _model),
+    Command("save", "FILE", "export the transcript: FILE.md (Markdown) or FILE.json", _save),
+    Command("round", "N [TOPIC]", "in a room: agents answer each other for N rounds (Ctrl-C stops)", _round),
+    Command("quit", "", "leave (so do Ctrl-D and Ctrl-C at an empty prompt)", _quit, ("exit", "bye")),
+]
+_BY_NAME = {n: c for c in COMMANDS for n in (c.name, *c.aliases)}
+
+KEYS_HELP = (
+    'Enter sends · Esc Enter adds a line · """ starts and ends a multi-line message · Ctrl-R searches history · '
+    "Tab completes · Ctrl-C stops a reply (kept, marked interrupted) · Ctrl-D leaves · in a room: @name or @all first · "
+    "//text sends a message starting with /"
+)
+
+
+def dispatch(repl: Any, line: str) -> bool:
+    """Run a slash command; False means leave the REPL."""
+    word, _, arg = line[1:].partition(" ")
+    cmd = _BY_NAME.get(word.lower())
+    if cmd is None:
+        raise UsageError(f"unknown command /{word}; /help lists them (start with // to send a message that begins with /)")
+    return cmd.run(repl, arg.strip()) is not False
+
+
+# ---- exports ----------------------------------------------------------------
+def transcript_json(agent: Any, messages: Iterable[Any]) -> dict[str, Any]:
+    return {
+        "agent": agent.name,
+        "model": agent.model,
+        "system": agent.system,
+        "messages": [{"role": m.role, "content": m.content, "status": m.status, "created_at": m.created_at, "meta": m.meta} for m in messages],
+    }
+
+
+def transcript_markdown(agent: Any, messages: Iterable[Any]) -> str:
+    out = [f"# {agent.name}", "", f"- model: `{agent.model}`"]
+    if agent.system:
+        out += ["- persona:", "", *[f"  > {line}" for line in agent.system.splitlines()]]
+    for m in messages:
+        who = "you" if m.role == "user" else agent.name if m.role == "assistant" else m.role
+        mark = " (interrupted)" if m.status == "interrupted" else ""
+        out += ["", f"## {who}{mark}", "", m.content.rstrip()]
+    return "\n".join(out) + "\n"
+
+
+# ---- completion -------------------------------------------------------------
+class Completer(_PTCompleter):
+    """`/command` names, `/agent NAME`, `/save PATH`, and leading `@name` mentions in a room."""
+
+    def __init__(self, repl: Any) -> None:
+        self.repl = repl
+        self.paths = PathCompleter(expanduser=True)
+
+    def get_completions(self, document: Document, event: Any) -> Iterable[Completion]:
+        text = document.text_before_cursor
+        if text.startswith("/") and "\n" not in text:
+            word, space, arg = text.partition(" ")
+            if not space:
+                for c in COMMANDS:
+                    if c.name.startswith(word[1:].lower()):
+                        yield Completion(f"/{c.name}", -len(word), display_meta=c.help)
+            elif word in ("/agent", "/cache") and " " not in arg:
+                for name in self._agent_names():
+                    if name.startswith(arg):
+                        yield Completion(name, -len(arg))
+            elif word == "/save":
+                yield from self.paths.get_completions(Document(arg, len(arg)), event)
+            return
+        words = text.split(" ")
+        if self.repl.room and words[-1].startswith("@") and all(w.startswith("@") for w in words[:-1] if w):
+            stem = words[-1][1:]
+            for name in [*self.repl.agents, "all"]:
+                if name.startswith(stem):
+                    yield Completion(f"@{name} ", -len(words[-1]))
+
+    def _agent_names(self) -> list[str]:
+        names = list(self.repl.agents)
+        try:
+            names += [a.name for a in self.repl.session.store.list_agents() if a.name not in names]
+        except Exception:  # completion must never break typing
+            pass
+        return names
+
+
+def _confirm(question: str) -> bool:
+    from prompt_toolkit import prompt
+
+    try:
+        return prompt(question).strip().lower() in ("y", "yes")
+    except (EOFError, KeyboardInterrupt):
+        return False
+
+
+def _excerpt(text: str, width: int = 48) -> str:
+    one = " ".join(text.split())
+    return one if len(one) <= width else one[: width - 1] + "…"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return f"{n} B"
