@@ -11,12 +11,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from . import backend
 from .bench import Results, filler_tokens, model_info
 from .engine import PREFILL_STEP, Engine, TurnDone, TurnRequest
 
 
 def reference_ids(engine: Engine, prompt: list[int], max_tokens: int) -> list[int]:
-    import mlx.core as mx
+    mx = backend.mx()
     from mlx_lm.generate import generate_step
 
     eos = engine.lm.tokenizer.eos_token_ids

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from . import backend
 from .bench import Results, summary
 from .kvlayers import CacheSpec
 
@@ -20,7 +21,7 @@ GEOMETRY = {"layers": 30, "kv_heads": 3, "head_dim": 64, "dtype": "float32"}
 
 
 def synthetic_cache(tokens: int, layers: int, kv_heads: int, head_dim: int) -> list[Any]:
-    import mlx.core as mx
+    mx = backend.mx()
     from mlx_lm.models.cache import KVCache
 
     mx.random.seed(6)

@@ -15,6 +15,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+from . import backend
 from .bench import Results, filler_tokens, model_info, summary
 from .chat import Chat, GenSettings, TurnRecorded
 from .engine import Engine, TokenEvent, TurnDone
@@ -55,7 +56,7 @@ def timed_turn(chat: Chat, name: str, text: str, model: str, max_tokens: int = 1
 
 
 def run(engine: Engine, sizes: tuple[int, ...] = (1024, 2048, 4096, 8192), repeats: int = 3, on_progress: Any = None) -> Results:
-    import mlx.core as mx
+    mx = backend.mx()
     from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
     lm = engine.lm

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import blockfile, paths
+from . import backend, blockfile, paths
 from .blockfile import BlockFileError
 from .kvindex import BlockRow, KVIndex, TailRow, block_path, tails_dir
 from .kvlayers import CacheSpec, cache_nbytes, from_snapshot, restored_kv_cache, snapshot_state
@@ -153,7 +153,7 @@ class KVStore:
     def _read(
         self, spec: CacheSpec, hashes: list[str], rows: dict[str, BlockRow], tail: TailRow | None, agent: str, capacity: int, prompt: list[int]
     ) -> tuple[list[Any] | None, int, list[str]]:
-        import mlx.core as mx
+        mx = backend.mx()
         import numpy as np
 
         B = self.block_tokens
@@ -248,7 +248,7 @@ class KVStore:
     # ---- persist ------------------------------------------------------
     def persist(self, agent: str, model: str, spec: CacheSpec, tokens: list[int], cache: list[Any], protect: set[str]) -> PersistStats:
         """Write the new full blocks and the tail of `cache` (which covers `tokens`)."""
-        import mlx.core as mx
+        mx = backend.mx()
         import numpy as np
 
         if not spec.persistable:

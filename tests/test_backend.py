@@ -1,0 +1,52 @@
+"""Backend set-up: OpenBLAS is loaded before anything imports mlx, on every path."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from semantic_cli import backend
+
+PACKAGE = Path(backend.__file__).parent
+
+
+def test_only_backend_imports_mlx_core_directly():
+    offenders = []
+    for path in PACKAGE.glob("*.py"):
+        if path.name == "backend.py":
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if re.match(r"\s*(import mlx\.core|from mlx\.core import|import mlx$)", line):
+                offenders.append(f"{path.name}:{n}")
+    assert offenders == [], "import mlx through backend.mx() so OpenBLAS is loaded first"
+
+
+@pytest.mark.skipif(not any(Path(p).exists() for p in backend._OPENBLAS_CANDIDATES), reason="no system OpenBLAS")
+def test_converting_a_gguf_first_still_gets_openblas(tmp_path):
+    """The default model's conversion is often the first thing to touch mlx."""
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF not really")
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from semantic_cli import gguf, backend\n"
+        "from semantic_cli.errors import ModelError\n"
+        f"try:\n    gguf.convert_gguf(Path({str(bad)!r}), Path({str(tmp_path / 'out')!r}))\n"
+        "except ModelError:\n    pass\n"
+        "assert 'mlx.core' in sys.modules\n"
+        "print(backend.info().blas)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("OpenBLAS"), r.stdout
+
+
+def test_cpu_runs_models_in_float32(tiny):
+    from semantic_cli.models import ModelRef, load
+
+    lm = load(ModelRef(str(tiny["qwen3"]), str(tiny["qwen3"])))
+    assert backend.info().backend != "cpu" or lm.dtype == "float32"

@@ -1,0 +1,70 @@
+"""Disk budget, eviction selectors and waiting for a busy agent."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from conftest import run_cli
+from helpers import Session
+from semantic_cli.kvindex import KVIndex
+from semantic_cli.locks import AgentLock
+from semantic_cli.store import Store
+
+TEXT = "a message long enough to fill a few blocks of the cache " * 4
+
+
+def test_disk_budget_moves_least_recently_used_agents_to_cold(tiny, home, monkeypatch):
+    monkeypatch.setenv("SEMANTIC_BLOCK_TOKENS", "16")
+    with Session() as s:
+        first = s.say("old", TEXT, model=tiny["llama"])
+    per_agent = sum(b.nbytes for b in KVIndex().blocks(KVIndex().chain("old")).values()) + KVIndex().tail("old").nbytes
+    # Room for about two agents' caches: the third turn pushes the oldest out.
+    monkeypatch.setenv("SEMANTIC_CACHE_BUDGET", str(int(per_agent * 2.5)))
+    with Session() as s:
+        s.say("mid", TEXT.upper(), model=tiny["llama"])
+        time.sleep(0.01)
+        s.say("new", TEXT[::-1], model=tiny["llama"])
+    index = KVIndex()
+    # "old" went first; "mid" and "new" were in use by this process, so they stay.
+    assert index.tail("old") is None and index.chain("old") == []
+    assert index.tail("mid") is not None and index.tail("new") is not None
+    with Session() as s:  # a later process using only "new": now "mid" may go too
+        s.say("new", "next")
+    index = KVIndex()
+    assert index.tail("mid") is None and index.tail("new") is not None
+    assert index.total_bytes() <= per_agent * 2.5
+    # Eviction never touches transcripts: "old" answers, from a cold start.
+    assert len(Store().messages("old")) == 2
+    with Session() as s:
+        rec = s.say("old", "are you still there?")
+    # Only blocks shared with the others (the chat template's opening) were still cached.
+    assert rec.done.stats.cached_tokens <= 32 and rec.done.stats.prompt_tokens > len(first.done.all_tokens)
+
+
+def test_evict_older_than_and_max_bytes(tiny, home):
+    env = {"SEMANTIC_BLOCK_TOKENS": "16"}
+    for name in ("e1", "e2", "e3"):
+        assert run_cli("chat", "-a", name, "--model", str(tiny["llama"]), "--max-tokens", "4", "-m", f"{name}: {TEXT}", env=env).returncode == 0
+    none_old = json.loads(run_cli("cache", "evict", "--older-than", "1h", "--dry-run", "--json").stdout)
+    assert none_old["agents"] == []
+    time.sleep(1.1)
+    all_old = json.loads(run_cli("cache", "evict", "--older-than", "1s", "--dry-run", "--json").stdout)
+    assert sorted(all_old["agents"]) == ["e1", "e2", "e3"]
+    ls = json.loads(run_cli("cache", "ls", "--json").stdout)
+    target = ls["total_bytes"] // 2
+    plan = json.loads(run_cli("cache", "evict", "--max-bytes", str(target), "--yes", "--json").stdout)
+    assert plan["agents"][0] == "e1"  # least recently used first
+    after = json.loads(run_cli("cache", "ls", "--json").stdout)
+    assert after["total_bytes"] <= target
+    assert run_cli("cache", "evict", "--older-than", "soon").returncode == 2
+
+
+def test_wait_for_a_busy_agent(tiny, home):
+    lock = AgentLock("w").acquire()
+    threading.Timer(1.5, lock.release).start()
+    t0 = time.monotonic()
+    r = run_cli("chat", "-a", "w", "--model", str(tiny["llama"]), "--max-tokens", "2", "--wait", "-m", "hi")
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - t0 >= 1.4
