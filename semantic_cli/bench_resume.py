@@ -68,14 +68,19 @@ def run(engine: Engine, sizes: tuple[int, ...] = (1024, 2048, 4096, 8192), repea
         store = Store()
         for n in sizes:
             name = f"resume-{n}"
-            history = min(n, lm.context_length - 64) - 40  # leave room for the template and the question
-            text = filler_tokens(lm.tokenizer, history, seed=n)
+            # Leave room for the template, the question and the measured turns.
+            history = min(n, lm.context_length - 32 * (2 * repeats + 2)) - 40
+            # The history goes straight into the transcript with no KV cache:
+            # the first measured turn is exactly a cold (evicted) agent's turn.
+            store.create_agent(name, spec)
+            store.record_turn(
+                name,
+                [("user", filler_tokens(lm.tokenizer, history, seed=n), "complete", {}), ("assistant", "Noted.", "complete", {})],
+                lm.tokenizer_fingerprint, [], replace_log=True,
+            )
             chat = Chat(store)
-            timed_turn(chat, name, text, spec)  # builds the history (a cold prefill)
-            # cold: evicted, re-prefill everything
-            chat.kv.index.release_agent(name)
-            chat.kv.drop_hot(name)
             cold, rec = timed_turn(chat, name, QUESTION, spec)
+            assert rec.tier == "cold", rec.tier
             tokens = rec.done.stats.prompt_tokens
             warm_s, hot_s, restore_s = [], [], []
             for _ in range(repeats):
