@@ -113,10 +113,16 @@ class Engine:
             mx.random.seed(seed)
         gen = self.generator
         live: dict[int, _Live] = {}
+        samplers: dict[tuple[float, float], Any] = {}
         for req in requests:
             if req.cached >= len(req.prompt):
                 raise ValueError("a cache must leave at least one prompt token to process")
-            sampler = make_sampler(temp=req.temp, top_p=req.top_p if req.top_p < 1.0 else 0.0)
+            # One sampler object per setting: BatchGenerator samples the whole
+            # batch in one call only when every sequence shares the same object.
+            key = (req.temp, req.top_p)
+            if key not in samplers:
+                samplers[key] = make_sampler(temp=req.temp, top_p=req.top_p if req.top_p < 1.0 else 0.0)
+            sampler = samplers[key]
             [uid] = gen.insert(
                 [req.prompt[req.cached :]],
                 max_tokens=[req.max_tokens],
