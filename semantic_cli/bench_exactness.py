@@ -9,7 +9,6 @@ prefill step, 64 new tokens each.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from . import backend
 from .bench import Results, filler_tokens, model_info

@@ -7,15 +7,15 @@ there), and execution re-checks before deleting. Transcripts are never touched.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
-from array import array
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
 
 from . import blockfile, paths
 from .blockfile import BlockFileError
-from .kvindex import KVIndex, block_path, tails_dir
+from .kvindex import KVIndex, block_name, block_path, remove_file, tails_dir
 from .locks import holder
 from .store import Store
 
@@ -88,8 +88,7 @@ def scan(index: KVIndex, store: Store) -> CacheScan:
             )
         )
     stale = [h for h in blocks if h not in refs]
-    known = {str(block_path(h)) for h in blocks} | {str(tails_dir() / t.file) for t in tails.values()}
-    orphans = {p: n for p, n in _disk_files().items() if p not in known}
+    orphans = _orphans(blocks, [t.file for t in tails.values()])
     return CacheScan(
         agents=rows,
         total_bytes=index.total_bytes(),
@@ -161,7 +160,7 @@ def execute_eviction(index: KVIndex, plan: EvictionPlan) -> int:
         for h, row in rows.items():
             if h not in refs:
                 index.db.execute("DELETE FROM blocks WHERE hash=?", (h,))
-                _unlink(block_path(h))
+                remove_file(block_path(h))
                 freed += row.nbytes
     return freed
 
@@ -197,8 +196,8 @@ def verify(index: KVIndex, repair: bool = False) -> VerifyReport:
         missing = [h for h in chain if h not in known]
         if missing:
             problems.append(Problem("chain", agent, f"names {len(missing)} block(s) not in the index"))
-    found_files = scan_orphans(index)
-    problems += [Problem("orphan", p, "file not in the index (a write was interrupted)") for p in found_files]
+    found_files = _orphans([b.hash for b in blocks], [t.file for t in tails])
+    problems += [Problem("orphan", p, "file not in the index (a write was interrupted)") for p in sorted(found_files)]
     if repair:
         with index.transaction():
             for p in problems:
@@ -212,13 +211,14 @@ def verify(index: KVIndex, repair: bool = False) -> VerifyReport:
                     index.db.execute("DELETE FROM chains WHERE agent=? AND pos>=?", (p.name, cut))
                     index.drop_tail(p.name)
                 else:
-                    _unlink_path(p.name)
+                    remove_file(Path(p.name))
     return VerifyReport(len(blocks) + len(tails), problems, repair)
 
 
-def scan_orphans(index: KVIndex) -> list[str]:
-    known = {str(block_path(b.hash)) for b in index.all_blocks()} | {str(tails_dir() / t.file) for t in index.all_tails()}
-    return sorted(p for p in _disk_files() if p not in known)
+def _orphans(block_hashes: Iterable[str], tail_files: Iterable[str]) -> dict[str, int]:
+    """Files on disk (path -> size) that the index does not name."""
+    known = {str(block_path(h)) for h in block_hashes} | {str(tails_dir() / f) for f in tail_files}
+    return {p: n for p, n in _disk_files().items() if p not in known}
 
 
 def _check_file(path: os.PathLike, checksum: str) -> str | None:
@@ -239,18 +239,6 @@ def _check_block(block_hash: str, model: str, parent: str, checksum: str) -> str
             header, _ = blockfile.read_header(f)
     except BlockFileError as exc:
         return str(exc)
-    tokens = header.get("tokens") or []
-    name = hashlib.blake2b(model.encode() + parent.encode() + array("I", tokens).tobytes(), digest_size=16).hexdigest()
-    if header.get("hash") != block_hash or name != block_hash:
+    if header.get("hash") != block_hash or block_name(model, parent, header.get("tokens") or []) != block_hash:
         return "content does not match its name"
     return None
-
-
-def _unlink(path: os.PathLike) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-_unlink_path = _unlink

@@ -113,21 +113,6 @@ def _excerpt(text: str, width: int = 40) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
-def _agent_cached(kv: KVIndex, name: str) -> int:
-    tail = kv.tail(name)
-    return sum(r.n_tokens for r in kv.blocks(kv.chain(name)).values()) + (tail.n_tokens if tail else 0)
-
-
-def _cached_tokens(kv: KVIndex) -> dict[str, int]:
-    """Per agent: tokens in its chain's blocks plus its tail."""
-    chains = kv.chains()
-    rows = kv.blocks(sorted({h for chain in chains.values() for h in chain}))
-    out = {a: sum(rows[h].n_tokens for h in chain if h in rows) for a, chain in chains.items()}
-    for tail in kv.all_tails():
-        out[tail.agent] = out.get(tail.agent, 0) + tail.n_tokens
-    return out
-
-
 def _turns(store: Store) -> dict[str, int]:
     rows = store.db.execute("SELECT agent, COUNT(*) AS n FROM messages WHERE role='user' GROUP BY agent")
     return {r["agent"]: int(r["n"]) for r in rows}
@@ -160,7 +145,7 @@ def ls(json_out: bool = typer.Option(False, "--json", help="Print a JSON list.")
     """Every agent: model, persona, turns, transcript and cached tokens, last activity."""
     with _opened() as (store, kv):
         agents = store.list_agents()
-        turns, tokens, cached = _turns(store), store.token_counts(), _cached_tokens(kv)
+        turns, tokens, cached = _turns(store), store.token_counts(), kv.cached_tokens()
     rows = [
         {
             **_agent_json(a),
@@ -306,7 +291,7 @@ def edit(
                 return
             store.update_agent(agent, **changes)
             invalidated = "system" in changes or "model" in changes
-            cached = _agent_cached(kv, name) if invalidated else 0
+            cached = kv.cached_tokens().get(name, 0) if invalidated else 0
             if invalidated:
                 kv.release_agent(name)  # the old prefix no longer matches what the model will see
             had_turns = bool(store.messages(name))

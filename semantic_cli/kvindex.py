@@ -7,13 +7,16 @@ the files go together, and agents fall back to their transcripts.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 import time
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import paths
+from .db import Transaction, connect
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS blocks (
@@ -70,6 +73,11 @@ class TailRow:
     last_used: float
 
 
+def block_name(model: str, parent: str, tokens: list[int]) -> str:
+    """A block's name: the chain hash of (model fingerprint, parent block's name, its token ids)."""
+    return hashlib.blake2b(model.encode() + parent.encode() + array("I", tokens).tobytes(), digest_size=16).hexdigest()
+
+
 def block_path(block_hash: str) -> Path:
     return paths.blocks_dir() / block_hash[:2] / f"{block_hash}.kv"
 
@@ -82,18 +90,15 @@ def tails_dir() -> Path:
 
 class KVIndex:
     def __init__(self) -> None:
-        path = paths.private_file(paths.cache_dir() / "index.db")
-        self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        # Derived data: a crash may lose the last commit, never corrupt the index.
+        self.db = connect(paths.cache_dir() / "index.db", synchronous="NORMAL")
         self.db.executescript(SCHEMA)
 
     def close(self) -> None:
         self.db.close()
 
-    def transaction(self) -> "_Tx":
-        return _Tx(self.db)
+    def transaction(self) -> Transaction:
+        return Transaction(self.db)
 
     # ---- reads --------------------------------------------------------
     def blocks(self, hashes: list[str]) -> dict[str, BlockRow]:
@@ -134,6 +139,15 @@ class KVIndex:
         tail = self.tail(agent)
         return tail.model if tail else None
 
+    def cached_tokens(self) -> dict[str, int]:
+        """Per agent: the tokens in its chain's blocks plus its tail."""
+        chains = self.chains()
+        rows = self.blocks(sorted({h for chain in chains.values() for h in chain}))
+        out = {a: sum(rows[h].n_tokens for h in chain if h in rows) for a, chain in chains.items()}
+        for tail in self.all_tails():
+            out[tail.agent] = out.get(tail.agent, 0) + tail.n_tokens
+        return out
+
     def refcounts(self) -> dict[str, int]:
         return {r["hash"]: r["n"] for r in self.db.execute("SELECT hash, COUNT(*) AS n FROM chains GROUP BY hash")}
 
@@ -168,13 +182,13 @@ class KVIndex:
             self.db.execute("DELETE FROM chains WHERE agent=? AND pos>=?", (r["agent"], r["pos"]))
             self.drop_tail(r["agent"])
         self.db.execute("DELETE FROM blocks WHERE hash=?", (block_hash,))
-        _unlink(block_path(block_hash))
+        remove_file(block_path(block_hash))
 
     def drop_tail(self, agent: str) -> None:
         tail = self.tail(agent)
         self.db.execute("DELETE FROM tails WHERE agent=?", (agent,))
         if tail:
-            _unlink(tails_dir() / tail.file)
+            remove_file(tails_dir() / tail.file)
 
     def drop_agent(self, agent: str) -> None:
         """Move an agent to cold: its chain and tail go; shared blocks stay for others."""
@@ -197,7 +211,7 @@ class KVIndex:
             for row in self.blocks(sorted(own)).values():
                 if row.hash not in still_used:
                     self.db.execute("DELETE FROM blocks WHERE hash=?", (row.hash,))
-                    _unlink(block_path(row.hash))
+                    remove_file(block_path(row.hash))
                     freed += row.nbytes
         return freed
 
@@ -209,7 +223,7 @@ class KVIndex:
             tail = self.tail(old)
             self.db.execute("DELETE FROM tails WHERE agent=?", (old,))
             if tail and self._link_tail(tail, new):
-                _unlink(tails_dir() / tail.file)
+                remove_file(tails_dir() / tail.file)
 
     def _link_tail(self, tail: TailRow, agent: str) -> bool:
         """Give `agent` a hard link to `tail`'s file (instant, no bytes copied)."""
@@ -241,7 +255,7 @@ class KVIndex:
         ).fetchall()
         for r in rows:
             self.db.execute("DELETE FROM blocks WHERE hash=?", (r["hash"],))
-            _unlink(block_path(r["hash"]))
+            remove_file(block_path(r["hash"]))
         return sum(r["nbytes"] for r in rows)
 
     def total_bytes(self) -> int:
@@ -254,23 +268,8 @@ def _tail(r: sqlite3.Row) -> TailRow:
     return TailRow(r["agent"], r["model"], r["start"], r["n_tokens"], r["file"], r["nbytes"], r["checksum"], r["last_used"])
 
 
-def _unlink(path: Path) -> None:
+def remove_file(path: Path) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-class _Tx:
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-        self.depth = 0
-
-    def __enter__(self) -> None:
-        if not self.db.in_transaction:
-            self.db.execute("BEGIN IMMEDIATE")
-            self.depth = 1
-
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        if self.depth:
-            self.db.execute("ROLLBACK" if exc_type else "COMMIT")

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
-import hashlib
 import time
-from array import array
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,7 +21,7 @@ from typing import Any
 
 from . import backend, blockfile, paths
 from .blockfile import BlockFileError
-from .kvindex import BlockRow, KVIndex, TailRow, block_path, tails_dir
+from .kvindex import BlockRow, KVIndex, TailRow, block_name, block_path, tails_dir
 from .kvlayers import CacheSpec, cache_nbytes, from_snapshot, restored_kv_cache, snapshot_state
 
 _READERS = min(4, os.cpu_count() or 1)
@@ -33,8 +31,7 @@ STEP = 256  # KVCache's growth step: restored buffers get spare capacity in thes
 def chain_hashes(model_fp: str, tokens: list[int], block_tokens: int) -> list[str]:
     out, parent = [], model_fp
     for i in range(len(tokens) // block_tokens):
-        chunk = array("I", tokens[i * block_tokens : (i + 1) * block_tokens]).tobytes()
-        parent = hashlib.blake2b(model_fp.encode() + parent.encode() + chunk, digest_size=16).hexdigest()
+        parent = block_name(model_fp, parent, tokens[i * block_tokens : (i + 1) * block_tokens])
         out.append(parent)
     return out
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import paths
+from .db import Transaction, connect
 from .errors import NotFoundError, UsageError
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -96,19 +97,16 @@ def _unpack(blob: bytes) -> list[int]:
 
 class Store:
     def __init__(self, path: Path | None = None) -> None:
-        self.path = paths.private_file(path or paths.db_file())
-        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
+        self.path = path or paths.db_file()
+        self.db = connect(self.path, synchronous="FULL")  # the truth: durable on every commit
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
 
     def close(self) -> None:
         self.db.close()
 
-    def _tx(self) -> "_Transaction":
-        return _Transaction(self.db)
+    def _tx(self) -> Transaction:
+        return Transaction(self.db)
 
     # ---- agents -------------------------------------------------------
     def _agent(self, row: sqlite3.Row) -> Agent:
@@ -250,14 +248,3 @@ class Store:
         if row is None:
             raise NotFoundError(f"no room named {name!r}; open one with `semantic chat --agent a --agent b --save-room {name}`")
         return json.loads(row["agents"])
-
-
-class _Transaction:
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
