@@ -44,7 +44,11 @@ def _run(engine: Engine, requests: list[TurnRequest]) -> dict[str, Any]:
 
 
 def run(engine: Engine, agents: tuple[int, ...] = (1, 2, 4, 8), max_tokens: int = 64, on_progress: Any = None) -> Results:
-    res = Results("batch", model_info(engine.lm), {"agents": list(agents), "max_tokens": max_tokens})
+    from . import cpu_split
+
+    # split_matmuls: whether batches of 2+ ran their matmuls on two CPU streams (see cpu_split).
+    config = {"agents": list(agents), "max_tokens": max_tokens, "split_matmuls": cpu_split.available()}
+    res = Results("batch", model_info(engine.lm), config)
     _run(engine, _requests(engine, 1, 4))  # warm-up: first-call allocations
     rows = []
     for step, n in enumerate(agents):

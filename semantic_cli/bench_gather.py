@@ -53,6 +53,7 @@ def run(tokens: int = 8192, runs: int = 50, block_tokens: int = 256, on_progress
     stats = store.persist("exp-006", model_fp, spec, ids, cache, protect=set())
     persist_s = time.perf_counter() - t
     del cache
+    backend.freeze_startup_objects()  # the state a chat process is in once its model is loaded
     prompt = ids + [1]
     restore_s: list[float] = []
     for i in range(runs):

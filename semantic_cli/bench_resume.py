@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 from . import backend
 from .bench import Results, filler_tokens, model_info, summary
+from .bench_probe import run_probe
 from .chat import Chat, GenSettings, TurnRecorded
 from .engine import Engine, TokenEvent, TurnDone
 from .store import Store
@@ -110,9 +111,18 @@ def run(engine: Engine, sizes: tuple[int, ...] = (1024, 2048, 4096, 8192), repea
                 mx.eval([c.state for c in loaded])
                 load_s.append(time.perf_counter() - t)
                 del loaded
+            # The same two loads, each in a fresh process: what a new invocation pays.
+            restore_job = {
+                "op": "restore", "agent": name, "model_fp": lm.fingerprint, "kinds": list(chat.spec(engine).kinds),
+                "prompt": store.token_log(name, lm.tokenizer_fingerprint) + [0], "block_tokens": chat.kv.block_tokens,
+            }
+            fresh_restore_s, fresh_load_s = [], []
+            for _ in range(repeats):
+                fresh_restore_s.append(run_probe(restore_job))
+                fresh_load_s.append(run_probe({"op": "mlx_lm_load", "path": path}))
             os.unlink(path)
             chat.close()
-            w50, h50, r50, l50 = (summary(x)["p50"] for x in (warm_s, hot_s, restore_s, load_s))
+            w50, h50, r50, l50, fr50, fl50 = (summary(x)["p50"] for x in (warm_s, hot_s, restore_s, load_s, fresh_restore_s, fresh_load_s))
             rows.append(
                 {
                     "history_tokens": tokens,
@@ -125,9 +135,15 @@ def run(engine: Engine, sizes: tuple[int, ...] = (1024, 2048, 4096, 8192), repea
                     "mlx_lm_load_s": l50,
                     "mlx_lm_save_s": save_s,
                     "restore_over_mlx_lm_load": r50 / l50,
+                    "fresh_process_restore_s": fr50,
+                    "fresh_process_mlx_lm_load_s": fl50,
+                    "fresh_process_restore_over_load": fr50 / fl50,
                 }
             )
-            res.samples[str(n)] = {"cold": [cold], "warm": warm_s, "hot": hot_s, "restore": restore_s, "mlx_lm_load": load_s}
+            res.samples[str(n)] = {
+                "cold": [cold], "warm": warm_s, "hot": hot_s, "restore": restore_s, "mlx_lm_load": load_s,
+                "fresh_process_restore": fresh_restore_s, "fresh_process_mlx_lm_load": fresh_load_s,
+            }
             step += 1
             if on_progress:
                 on_progress("resume", step, len(sizes))
@@ -176,12 +192,13 @@ def dedup(engine: Engine, store: Store, agents: int = 10, system_tokens: int = 1
 
 
 def table(res: Results) -> list[tuple[str, ...]]:
-    head = ("history", "cold ttft", "warm ttft", "hot ttft", "warm x", "hot x", "restore", "mlx-lm load", "restore/load")
+    head = ("history", "cold ttft", "warm ttft", "hot ttft", "warm x", "hot x", "restore", "mlx-lm load", "restore/load", "new process: restore/load")
     return [head] + [
         (
             str(r["history_tokens"]), f"{r['cold_ttft_s']:.2f}s", f"{r['warm_ttft_s']:.3f}s", f"{r['hot_ttft_s']:.3f}s",
             f"{r['warm_speedup']:.0f}x", f"{r['hot_speedup']:.0f}x", f"{r['warm_restore_s'] * 1000:.0f}ms", f"{r['mlx_lm_load_s'] * 1000:.0f}ms",
             f"{r['restore_over_mlx_lm_load']:.2f}",
+            f"{r['fresh_process_restore_s'] * 1000:.0f}/{r['fresh_process_mlx_lm_load_s'] * 1000:.0f}ms = {r['fresh_process_restore_over_load']:.2f}",
         )
         for r in res.results["rows"]
     ]

@@ -104,7 +104,7 @@ class Engine:
         Closing the iterator early (Ctrl-C in the caller) removes the unfinished
         sequences so the generator stays usable.
         """
-        from . import backend
+        from . import backend, cpu_split
 
         mx = backend.mx()
         from mlx_lm.sample_utils import make_sampler
@@ -133,6 +133,7 @@ class Engine:
             live[uid] = _Live(req, uid, time.perf_counter(), self.lm.tokenizer.detokenizer)
         try:
             while live:
+                cpu_split.set_batched(len(live) >= 2)
                 prompt_responses, gen_responses = gen.next()
                 for pr in prompt_responses:
                     if pr.uid in live:
@@ -162,6 +163,7 @@ class Engine:
         finally:
             if live:
                 gen.remove(list(live))
+            cpu_split.set_batched(False)
 
     def _done(self, st: _Live, reason: str, cache: Any, all_tokens: list[int], now: float) -> TurnDone:
         req = st.request

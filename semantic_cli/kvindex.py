@@ -173,8 +173,10 @@ class KVIndex:
 
     def touch(self, agent: str, hashes: list[str]) -> None:
         now = time.time()
-        self.db.executemany("UPDATE blocks SET last_used=? WHERE hash=?", [(now, h) for h in hashes])
-        self.db.execute("UPDATE tails SET last_used=? WHERE agent=?", (now, agent))
+        # One commit, not one per row: each commit grows the WAL, and its checkpoints stall restores.
+        with self.transaction():
+            self.db.executemany("UPDATE blocks SET last_used=? WHERE hash=?", [(now, h) for h in hashes])
+            self.db.execute("UPDATE tails SET last_used=? WHERE agent=?", (now, agent))
 
     def drop_block(self, block_hash: str) -> None:
         """Forget a block (it was bad or evicted) and every chain link from it on."""

@@ -159,9 +159,12 @@ class KVStore:
             files.append((tails_dir() / tail.file, tail.checksum, tail.start, None))
         with open(files[0][0], "rb") as f:
             try:
-                geometry = {a["name"]: a for a in blockfile.read_header(f)[0]["arrays"]}
-            except BlockFileError:
-                geometry = {}
+                first = blockfile.read_header(f)[0]
+                geometry = {a["name"]: a for a in first["arrays"]}
+            except (BlockFileError, KeyError, TypeError):
+                first, geometry = {}, {}
+        # The cache's own dtype, where the file holds other bits (bfloat16 is stored as uint16).
+        kv_dtype = first.get("kv_dtype")
         # One buffer per layer for keys and one for values, filled in place.
         total = (tail.start + tail.n_tokens) if tail else len(hashes) * B
         cap = -(-max(capacity, total) // STEP) * STEP
@@ -176,11 +179,16 @@ class KVStore:
                 return None, 0, ["a KV block was unreadable and was dropped: re-prefilling"]
             for name, meta, store in ((f"k{layer}", k, keys), (f"v{layer}", v, values)):
                 heads, _, dim = meta["shape"]
-                buf = mx.zeros((1, heads, cap, dim), dtype=getattr(mx, meta["dtype"]))
+                # Uninitialised: every byte up to `total` is read into; the spare capacity is zeroed after.
+                buf = backend.empty((1, heads, cap, dim), meta["dtype"])
                 store[layer] = buf
                 views[name] = buf
-        mx.eval(list(keys.values()) + list(values.values()))
         np_views = {name: np.asarray(buf)[0] for name, buf in views.items()}
+        # Per array: (shape of a block's slice minus its length, dtype, bytes per token, one byte view per head row).
+        dests = {
+            name: (v.shape[0], v.shape[2], v.dtype.name, v.shape[2] * v.itemsize, [memoryview(row).cast("B") for row in v])
+            for name, v in np_views.items()
+        }
 
         def read_one(path: Path, checksum: str, start: int, block_hash: str | None) -> tuple[dict | None, dict[str, Any], str | None]:
             n = B if block_hash else tail.n_tokens  # type: ignore[union-attr]
@@ -194,12 +202,13 @@ class KVStore:
                     raise BlockFileError("block tokens do not match")
 
             def sink(a: blockfile.ArraySpec) -> Any:
-                if a.name in np_views:
-                    dest = np_views[a.name]
+                dest = dests.get(a.name)
+                if dest is not None:
+                    heads, dim, dtype, token_bytes, rows = dest
                     # Never let a header steer bytes outside this block's slice.
-                    if a.shape != (dest.shape[0], n, dest.shape[2]) or a.dtype != dest.dtype.name:
+                    if a.shape != (heads, n, dim) or a.dtype != dtype:
                         raise BlockFileError(f"array {a.name} has an unexpected shape")
-                    return [memoryview(dest[h, start : start + n]) for h in range(a.shape[0])]
+                    return [row[start * token_bytes : (start + n) * token_bytes] for row in rows]
                 buf = np.empty(a.shape, dtype=np.dtype(a.dtype))
                 snap_arrays[a.name] = buf
                 return [memoryview(buf).cast("B")]
@@ -212,6 +221,9 @@ class KVStore:
         # Reads release the GIL: a few threads overlap the copies out of the page cache.
         with ThreadPoolExecutor(max_workers=_READERS) as pool:
             results = list(pool.map(lambda f: read_one(*f), files))
+        # Zeroed only now: touching fresh pages before the (parallel) reads faults them on one thread.
+        for view in np_views.values():
+            view[:, total:, :] = 0
         snapshots: dict[int, tuple[str, dict[str, Any], dict[str, Any]]] = {}
         matched = 0
         warnings: list[str] = []
@@ -226,14 +238,17 @@ class KVStore:
             matched = start + (B if block_hash else tail.n_tokens)  # type: ignore[union-attr]
             for layer_s, snap in (header.get("snapshots") or {}).items():
                 layer = int(layer_s)
-                arrays = {k.split(":", 1)[1]: mx.array(v) for k, v in snap_arrays.items() if k.startswith(f"s{layer}:")}
+                dtypes = snap.get("dtypes") or {}
+                arrays = {
+                    k.split(":", 1)[1]: _as_dtype(mx, mx.array(v), dtypes.get(k.split(":", 1)[1])) for k, v in snap_arrays.items() if k.startswith(f"s{layer}:")
+                }
                 snapshots[layer] = (snap["class"], arrays, snap["scalars"])
         if spec.snapshot_layers and (tail is None or matched != tail.start + tail.n_tokens or len(snapshots) != len(spec.snapshot_layers)):
             return None, 0, warnings
         cache: list[Any] = []
         for layer, kind in enumerate(spec.kinds):
             if kind == "kv":
-                cache.append(restored_kv_cache(keys[layer], values[layer], matched))
+                cache.append(restored_kv_cache(_as_dtype(mx, keys[layer], kv_dtype), _as_dtype(mx, values[layer], kv_dtype), matched))
             else:
                 cache.append(from_snapshot(*snapshots[layer]))
         return cache, matched, warnings
@@ -254,6 +269,7 @@ class KVStore:
         hashes = chain_hashes(model, tokens, B)
         existing = self.index.blocks(hashes)
         arrays_np: dict[int, tuple[Any, Any]] = {}
+        kv_dtype = _dtype_name(cache[spec.kv_layers[0]].keys.dtype) if spec.kv_layers else None
         for layer in spec.kv_layers:
             c = cache[layer]
             if c.offset != len(tokens):
@@ -276,7 +292,7 @@ class KVStore:
                 reused += 1
             else:
                 start = i * B
-                header = {"kind": "block", "hash": h, "model": model, "parent": parent, "start": start, "tokens": tokens[start : start + B]}
+                header = {"kind": "block", "hash": h, "model": model, "parent": parent, "start": start, "tokens": tokens[start : start + B], "kv_dtype": kv_dtype}
                 size, checksum = blockfile.write(block_path(h), header, kv_arrays(start, start + B))
                 with self.index.transaction():
                     self.index.add_block(BlockRow(h, model, parent, B, size, checksum, time.time()))
@@ -289,7 +305,7 @@ class KVStore:
         snap_arrays: list[tuple[str, str, tuple[int, ...], list[memoryview]]] = []
         for layer in spec.snapshot_layers:
             cls, arrays, scalars = snapshot_state(cache[layer])
-            snap_headers[str(layer)] = {"class": cls, "scalars": scalars}
+            snap_headers[str(layer)] = {"class": cls, "scalars": scalars, "dtypes": {key: _dtype_name(a.dtype) for key, a in arrays}}
             for key, a in arrays:
                 mx.eval(a)
                 npa = np.ascontiguousarray(_as_numpy(np, mx, a))
@@ -297,7 +313,7 @@ class KVStore:
         old_tail = self.index.tail(agent)
         tail_row = None
         if start < len(tokens) or snap_arrays:
-            header = {"kind": "tail", "agent": agent, "model": model, "start": start, "tokens": tokens[start:], "snapshots": snap_headers}
+            header = {"kind": "tail", "agent": agent, "model": model, "start": start, "tokens": tokens[start:], "snapshots": snap_headers, "kv_dtype": kv_dtype}
             probe_name = f"{agent}-{time.time_ns()}.kv"
             size, checksum = blockfile.write(tails_dir() / probe_name, header, kv_arrays(start, len(tokens)) + snap_arrays)
             final = f"{agent}-{checksum}.kv"
@@ -336,6 +352,18 @@ class KVStore:
                 self.drop_hot(a)
                 evicted.append(a)
         return evicted
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).rsplit(".", 1)[-1]  # mlx.core.bfloat16 -> bfloat16
+
+
+def _as_dtype(mx: Any, a: Any, name: Any) -> Any:
+    """Reinterpret restored bits as the dtype they were saved from (numpy has no bfloat16)."""
+    dtype = getattr(mx, name, None) if isinstance(name, str) else None
+    if isinstance(dtype, mx.Dtype) and dtype != a.dtype and dtype.size == a.dtype.size:
+        return a.view(dtype)
+    return a
 
 
 def _as_numpy(np: Any, mx: Any, a: Any) -> Any:

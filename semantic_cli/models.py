@@ -100,6 +100,7 @@ def load(ref: ModelRef) -> LoadedModel:
     tok_fp = _tokenizer_fingerprint(model_dir)
     fp = hashlib.sha256(f"{_weights_fingerprint(model_dir)}|{tok_fp}|{dtype}".encode()).hexdigest()[:32]
     name = Path(ref.path).name if ref.spec == DEFAULT or Path(ref.path).exists() else ref.spec
+    backend.freeze_startup_objects()
     return LoadedModel(ref, model, tokenizer, dtype, fp, tok_fp, _context_length(model_dir), name)
 
 

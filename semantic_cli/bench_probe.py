@@ -1,0 +1,54 @@
+"""One timed cache load in a fresh process, for `semantic bench resume`.
+
+A warm turn in real use is a new `semantic` process restoring into memory it
+has never touched, where first-touch page faults cost as much as the reads. So
+the restore and mlx-lm's `load_prompt_cache` are each timed here, in their own
+process, after the imports (which a chat process has done by then).
+
+    python -m semantic_cli.bench_probe '{"op": "restore", ...}'   ->   {"seconds": 0.21}
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+
+def probe(job: dict[str, Any]) -> float:
+    from . import backend
+    from .kvlayers import CacheSpec
+    from .kvstore import KVStore
+
+    mx = backend.mx()
+    from mlx_lm.models.cache import load_prompt_cache
+
+    backend.freeze_startup_objects()
+    if job["op"] == "restore":
+        store = KVStore(job["block_tokens"], disk_budget=1 << 62, hot_budget=0)
+        prompt = job["prompt"]
+        t = time.perf_counter()
+        restored = store.restore(job["agent"], job["model_fp"], CacheSpec(tuple(job["kinds"])), prompt, capacity=len(prompt))
+        seconds = time.perf_counter() - t
+        if restored.tier != "warm":
+            raise RuntimeError(f"expected a warm restore, got {restored.tier}: {restored.warnings}")
+        return seconds
+    t = time.perf_counter()
+    loaded = load_prompt_cache(job["path"])
+    mx.eval([c.state for c in loaded])
+    return time.perf_counter() - t
+
+
+def run_probe(job: dict[str, Any]) -> float:
+    """Run `probe(job)` in a fresh interpreter (same SEMANTIC_HOME); its seconds."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "semantic_cli.bench_probe", json.dumps(job)], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"bench probe failed: {out.stderr.strip().splitlines()[-1:]}")
+    return float(json.loads(out.stdout)["seconds"])
+
+
+if __name__ == "__main__":
+    print(json.dumps({"seconds": probe(json.loads(sys.argv[1]))}))

@@ -1,0 +1,74 @@
+"""KVStore against real files, without a model: dtypes survive the round trip,
+restored buffers hold exactly what was saved, and uninitialised allocation works."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from semantic_cli import backend
+from semantic_cli.kvlayers import CacheSpec
+from semantic_cli.kvstore import KVStore
+
+
+def _kv_cache(mx, tokens: int, dtype):
+    from mlx_lm.models.cache import KVCache
+
+    c = KVCache()
+    c.update_and_fetch(mx.random.normal((1, 2, tokens, 8)).astype(dtype), mx.random.normal((1, 2, tokens, 8)).astype(dtype))
+    return c
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "float16", "bfloat16"])
+def test_kv_and_snapshot_layers_come_back_in_their_own_dtype(home, dtype_name):
+    """numpy has no bfloat16: its bits are stored as uint16 and must come back as bfloat16
+    (GPU backends run models, and so caches, in bfloat16)."""
+    mx = backend.mx()
+    from mlx_lm.models.cache import RotatingKVCache
+
+    dtype = getattr(mx, dtype_name)
+    mx.random.seed(1)
+    tokens = 300
+    rotating = RotatingKVCache(max_size=32)
+    for _ in range(tokens // 30):  # 30 at a time: the window wraps
+        rotating.update_and_fetch(mx.random.normal((1, 2, 30, 8)).astype(dtype), mx.random.normal((1, 2, 30, 8)).astype(dtype))
+    cache = [_kv_cache(mx, tokens, dtype), rotating, _kv_cache(mx, tokens, dtype)]
+    spec = CacheSpec(("kv", "RotatingKVCache", "kv"))
+    ids = [(7 * i) % 101 for i in range(tokens)]
+    store = KVStore(128, 1 << 40, 0)
+    store.persist("a", "fp", spec, ids, cache, protect=set())
+
+    restored = store.restore("a", "fp", spec, ids + [1], capacity=tokens + 1)
+    assert restored.tier == "warm" and restored.matched == tokens and restored.warnings == []
+    for before, after in zip(cache, restored.cache):
+        arrays = [(a, b) for a, b in zip(before.state, after.state) if isinstance(a, mx.array)]
+        assert len(arrays) == 2
+        for a, b in arrays:
+            assert b.dtype == dtype
+            assert mx.array_equal(a, b).item()
+    assert (restored.cache[1].offset, restored.cache[1]._idx, restored.cache[1].max_size) == (rotating.offset, rotating._idx, rotating.max_size)
+
+
+def test_restored_buffers_hold_the_saved_tokens_and_zeros_after_them(home):
+    mx = backend.mx()
+    cache = [_kv_cache(mx, 300, mx.float32) for _ in range(2)]
+    ids = list(range(300))
+    store = KVStore(128, 1 << 40, 0)
+    store.persist("a", "fp", CacheSpec(("kv", "kv")), ids, cache, protect=set())
+    restored = store.restore("a", "fp", CacheSpec(("kv", "kv")), ids + [1], capacity=400)
+    for before, after in zip(cache, restored.cache):
+        assert after.keys.shape[2] >= 400  # room to grow without a copy
+        assert mx.array_equal(after.keys[..., :300, :], before.keys[..., :300, :]).item()
+        assert not mx.any(after.keys[..., 300:, :]).item() and not mx.any(after.values[..., 300:, :]).item()
+
+
+def test_empty_allocates_writable_buffers_of_the_asked_shape():
+    mx = backend.mx()
+    for dtype in ("float32", "float16", "int32", "bfloat16"):
+        a = backend.empty((2, 3, 5), dtype)
+        assert a.shape == (2, 3, 5) and a.dtype == getattr(mx, dtype)
+    a = backend.empty((4, 6), "float32")
+    view = np.asarray(a)
+    view[...] = np.arange(24, dtype=np.float32).reshape(4, 6)
+    assert a.tolist() == view.tolist()  # the numpy view is MLX's own buffer
+    assert mx.array_equal(a * 2, mx.arange(24, dtype=mx.float32).reshape(4, 6) * 2).item()
