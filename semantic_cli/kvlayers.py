@@ -75,7 +75,6 @@ def restored_kv_cache(keys: Any, values: Any, offset: int) -> Any:
 def snapshot_state(cache: Any) -> tuple[str, list[tuple[str, Any]], dict[str, Any]]:
     """(class name, [(key, mx.array)], {key: scalar}) of a layer cache's state."""
     mx = backend.mx()
-    backend.mx()
     from mlx.utils import tree_flatten
 
     arrays, scalars = [], {}
