@@ -38,9 +38,10 @@ def set_batched(active: bool) -> None:
         return
     mx = backend.mx()
     blas = backend.openblas()
-    assert blas is not None or not active
     mx.synchronize()
-    if active:
+    for stream in _state["streams"] or ():
+        mx.synchronize(stream)
+    if blas is not None and active:  # available() has said there is one
         _install()
         _state["threads"] = _state["threads"] or blas.openblas_get_num_threads()
         blas.openblas_set_num_threads(1)
