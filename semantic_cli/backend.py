@@ -89,13 +89,18 @@ def compute_dtype_name(model_dtype: str) -> str:
     return model_dtype if policy == "model" else policy
 
 
+def dtype_name(dtype: Any) -> str:
+    """An MLX dtype's bare name: mlx.core.bfloat16 -> "bfloat16"."""
+    return str(dtype).rsplit(".", 1)[-1]
+
+
 def apply_dtype_policy(model: Any) -> str:
     """Cast a loaded model's floating weights per the backend policy; returns the dtype."""
     core = mx()
     from mlx.utils import tree_flatten
 
     floats = [v.dtype for _, v in tree_flatten(model.parameters()) if core.issubdtype(v.dtype, core.floating)]
-    current = str(floats[0]).replace("mlx.core.", "") if floats else "float32"
+    current = dtype_name(floats[0]) if floats else "float32"
     target = compute_dtype_name(current)
     if target != current:
         model.set_dtype(getattr(core, target))

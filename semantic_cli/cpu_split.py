@@ -21,7 +21,8 @@ from . import backend
 
 _MIN_FEATURES = 128  # below this the extra stream hand-offs cost more than they save
 
-_state: dict[str, Any] = {"installed": False, "active": False, "streams": None, "threads": None}
+# streams: the two split streams, once the patches are installed; threads: OpenBLAS's own count.
+_state: dict[str, Any] = {"active": False, "streams": None, "threads": None}
 
 
 def available() -> bool:
@@ -51,7 +52,7 @@ def set_batched(active: bool) -> None:
 
 
 def _install() -> None:
-    if _state["installed"]:
+    if _state["streams"] is not None:
         return
     import mlx.nn as nn
 
@@ -73,7 +74,6 @@ def _install() -> None:
 
     nn.Linear.__call__ = split_linear
     nn.Embedding.as_linear = split_as_linear
-    _state["installed"] = True
 
 
 def _split_matmul(x: Any, weight: Any) -> Any:

@@ -239,9 +239,11 @@ class KVStore:
             for layer_s, snap in (header.get("snapshots") or {}).items():
                 layer = int(layer_s)
                 dtypes = snap.get("dtypes") or {}
-                arrays = {
-                    k.split(":", 1)[1]: _as_dtype(mx, mx.array(v), dtypes.get(k.split(":", 1)[1])) for k, v in snap_arrays.items() if k.startswith(f"s{layer}:")
-                }
+                arrays = {}
+                for name, v in snap_arrays.items():
+                    prefix, _, key = name.partition(":")
+                    if prefix == f"s{layer}":
+                        arrays[key] = _as_dtype(mx, mx.array(v), dtypes.get(key))
                 snapshots[layer] = (snap["class"], arrays, snap["scalars"])
         if spec.snapshot_layers and (tail is None or matched != tail.start + tail.n_tokens or len(snapshots) != len(spec.snapshot_layers)):
             return None, 0, warnings
@@ -269,7 +271,7 @@ class KVStore:
         hashes = chain_hashes(model, tokens, B)
         existing = self.index.blocks(hashes)
         arrays_np: dict[int, tuple[Any, Any]] = {}
-        kv_dtype = _dtype_name(cache[spec.kv_layers[0]].keys.dtype) if spec.kv_layers else None
+        kv_dtype = backend.dtype_name(cache[spec.kv_layers[0]].keys.dtype) if spec.kv_layers else None
         for layer in spec.kv_layers:
             c = cache[layer]
             if c.offset != len(tokens):
@@ -305,7 +307,7 @@ class KVStore:
         snap_arrays: list[tuple[str, str, tuple[int, ...], list[memoryview]]] = []
         for layer in spec.snapshot_layers:
             cls, arrays, scalars = snapshot_state(cache[layer])
-            snap_headers[str(layer)] = {"class": cls, "scalars": scalars, "dtypes": {key: _dtype_name(a.dtype) for key, a in arrays}}
+            snap_headers[str(layer)] = {"class": cls, "scalars": scalars, "dtypes": {key: backend.dtype_name(a.dtype) for key, a in arrays}}
             for key, a in arrays:
                 mx.eval(a)
                 npa = np.ascontiguousarray(_as_numpy(np, mx, a))
@@ -352,10 +354,6 @@ class KVStore:
                 self.drop_hot(a)
                 evicted.append(a)
         return evicted
-
-
-def _dtype_name(dtype: Any) -> str:
-    return str(dtype).rsplit(".", 1)[-1]  # mlx.core.bfloat16 -> bfloat16
 
 
 def _as_dtype(mx: Any, a: Any, name: Any) -> Any:
