@@ -79,7 +79,8 @@ def block_name(model: str, parent: str, tokens: list[int]) -> str:
 
 
 def block_path(block_hash: str) -> Path:
-    return paths.blocks_dir() / block_hash[:2] / f"{block_hash}.kv"
+    # Creates nothing (a restore names dozens of blocks); writers call `paths.blocks_dir()` first.
+    return paths.blocks_dir(create=False) / block_hash[:2] / f"{block_hash}.kv"
 
 
 def tails_dir() -> Path:

@@ -14,18 +14,15 @@ import errno
 import os
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from . import backend, blockfile, paths
 from .blockfile import BlockFileError
 from .kvindex import BlockRow, KVIndex, TailRow, block_name, block_path, tails_dir
-from .kvlayers import CacheSpec, cache_nbytes, from_snapshot, restored_kv_cache, snapshot_state
+from .kvlayers import CacheSpec, cache_nbytes, snapshot_state
+from .kvrestore import CacheFile, read_cache
 
-_READERS = min(4, os.cpu_count() or 1)
-STEP = 256  # KVCache's growth step: restored buffers get spare capacity in these units
 
 
 def chain_hashes(model_fp: str, tokens: list[int], block_tokens: int) -> list[str]:
@@ -150,110 +147,18 @@ class KVStore:
     def _read(
         self, spec: CacheSpec, hashes: list[str], rows: dict[str, BlockRow], tail: TailRow | None, agent: str, capacity: int, prompt: list[int]
     ) -> tuple[list[Any] | None, int, list[str]]:
-        mx = backend.mx()
-        import numpy as np
-
         B = self.block_tokens
-        files = [(block_path(h), rows[h].checksum, i * B, h) for i, h in enumerate(hashes)]
+        files = [CacheFile(block_path(h), rows[h].checksum, i * B, B, h) for i, h in enumerate(hashes)]
         if tail is not None:
-            files.append((tails_dir() / tail.file, tail.checksum, tail.start, None))
-        with open(files[0][0], "rb") as f:
-            try:
-                first = blockfile.read_header(f)[0]
-                geometry = {a["name"]: a for a in first["arrays"]}
-            except (BlockFileError, KeyError, TypeError):
-                first, geometry = {}, {}
-        # The cache's own dtype, where the file holds other bits (bfloat16 is stored as uint16).
-        kv_dtype = first.get("kv_dtype")
-        # One buffer per layer for keys and one for values, filled in place.
-        total = (tail.start + tail.n_tokens) if tail else len(hashes) * B
-        cap = -(-max(capacity, total) // STEP) * STEP
-        keys: dict[int, Any] = {}
-        values: dict[int, Any] = {}
-        views: dict[str, Any] = {}
-        for layer in spec.kv_layers:
-            k, v = geometry.get(f"k{layer}"), geometry.get(f"v{layer}")
-            if k is None or v is None:
-                if spec.kv_layers and files[0][3] is not None:
-                    self._drop_block(files[0][3])
-                return None, 0, ["a KV block was unreadable and was dropped: re-prefilling"]
-            for name, meta, store in ((f"k{layer}", k, keys), (f"v{layer}", v, values)):
-                heads, _, dim = meta["shape"]
-                # Uninitialised: every byte up to `total` is read into; the spare capacity is zeroed after.
-                buf = backend.empty((1, heads, cap, dim), meta["dtype"])
-                store[layer] = buf
-                views[name] = buf
-        np_views = {name: np.asarray(buf)[0] for name, buf in views.items()}
-        # Per array: (shape of a block's slice minus its length, dtype, bytes per token, one byte view per head row).
-        dests = {
-            name: (v.shape[0], v.shape[2], v.dtype.name, v.shape[2] * v.itemsize, [memoryview(row).cast("B") for row in v])
-            for name, v in np_views.items()
-        }
-
-        def read_one(path: Path, checksum: str, start: int, block_hash: str | None) -> tuple[dict | None, dict[str, Any], str | None]:
-            n = B if block_hash else tail.n_tokens  # type: ignore[union-attr]
-            expected_tokens = prompt[start : start + n]
-            snap_arrays: dict[str, Any] = {}
-
-            def expect(header: dict) -> None:
-                if block_hash is not None and header.get("hash") != block_hash:
-                    raise BlockFileError("block name does not match its content")
-                if header.get("tokens") != expected_tokens or header.get("start") != start:
-                    raise BlockFileError("block tokens do not match")
-
-            def sink(a: blockfile.ArraySpec) -> Any:
-                dest = dests.get(a.name)
-                if dest is not None:
-                    heads, dim, dtype, token_bytes, rows = dest
-                    # Never let a header steer bytes outside this block's slice.
-                    if a.shape != (heads, n, dim) or a.dtype != dtype:
-                        raise BlockFileError(f"array {a.name} has an unexpected shape")
-                    return [row[start * token_bytes : (start + n) * token_bytes] for row in rows]
-                buf = np.empty(a.shape, dtype=np.dtype(a.dtype))
-                snap_arrays[a.name] = buf
-                return [memoryview(buf).cast("B")]
-
-            try:
-                return blockfile.read_into(path, checksum, expect, sink), snap_arrays, None
-            except BlockFileError as exc:
-                return None, snap_arrays, str(exc)
-
-        # Reads release the GIL: a few threads overlap the copies out of the page cache.
-        with ThreadPoolExecutor(max_workers=_READERS) as pool:
-            results = list(pool.map(lambda f: read_one(*f), files))
-        # Zeroed only now: touching fresh pages before the (parallel) reads faults them on one thread.
-        for view in np_views.values():
-            view[:, total:, :] = 0
-        snapshots: dict[int, tuple[str, dict[str, Any], dict[str, Any]]] = {}
-        matched = 0
-        warnings: list[str] = []
-        for (path, checksum, start, block_hash), (header, snap_arrays, error) in zip(files, results):
-            if header is None:
-                if block_hash is not None:
-                    self._drop_block(block_hash)
-                else:
-                    self.index.drop_tail(agent)
-                warnings.append(f"a cached KV block was damaged ({error}) and was dropped: re-prefilling from there")
-                break
-            matched = start + (B if block_hash else tail.n_tokens)  # type: ignore[union-attr]
-            for layer_s, snap in (header.get("snapshots") or {}).items():
-                layer = int(layer_s)
-                dtypes = snap.get("dtypes") or {}
-                arrays = {}
-                for name, v in snap_arrays.items():
-                    prefix, _, key = name.partition(":")
-                    if prefix == f"s{layer}":
-                        arrays[key] = _as_dtype(mx, mx.array(v), dtypes.get(key))
-                snapshots[layer] = (snap["class"], arrays, snap["scalars"])
-        if spec.snapshot_layers and (tail is None or matched != tail.start + tail.n_tokens or len(snapshots) != len(spec.snapshot_layers)):
-            return None, 0, warnings
-        cache: list[Any] = []
-        for layer, kind in enumerate(spec.kinds):
-            if kind == "kv":
-                cache.append(restored_kv_cache(_as_dtype(mx, keys[layer], kv_dtype), _as_dtype(mx, values[layer], kv_dtype), matched))
-            else:
-                cache.append(from_snapshot(*snapshots[layer]))
-        return cache, matched, warnings
+            files.append(CacheFile(tails_dir() / tail.file, tail.checksum, tail.start, tail.n_tokens, None))
+        cache, matched, damage = read_cache(spec, files, prompt, capacity)
+        if damage is None:
+            return cache, matched, []
+        if damage.file.block_hash is not None:
+            self._drop_block(damage.file.block_hash)
+        else:
+            self.index.drop_tail(agent)
+        return cache, matched, [f"a cached KV block was damaged ({damage.reason}) and was dropped: re-prefilling from there"]
 
     def _drop_block(self, block_hash: str) -> None:
         with self.index.transaction():
@@ -289,6 +194,7 @@ class KVStore:
 
         written = reused = nbytes = 0
         parent = model
+        paths.blocks_dir()  # private (0700) before any block file is written under it
         for i, h in enumerate(hashes):
             if h in existing and block_path(h).exists():
                 reused += 1
@@ -354,14 +260,6 @@ class KVStore:
                 self.drop_hot(a)
                 evicted.append(a)
         return evicted
-
-
-def _as_dtype(mx: Any, a: Any, name: Any) -> Any:
-    """Reinterpret restored bits as the dtype they were saved from (numpy has no bfloat16)."""
-    dtype = getattr(mx, name, None) if isinstance(name, str) else None
-    if isinstance(dtype, mx.Dtype) and dtype != a.dtype and dtype.size == a.dtype.size:
-        return a.view(dtype)
-    return a
 
 
 def _as_numpy(np: Any, mx: Any, a: Any) -> Any:

@@ -60,8 +60,9 @@ def models_dir() -> Path:
     return _private_dir(data_dir() / "models")
 
 
-def blocks_dir() -> Path:
-    return _private_dir(cache_dir() / "blocks")
+def blocks_dir(create: bool = True) -> Path:
+    path = cache_dir(create) / "blocks"
+    return _private_dir(path) if create else path
 
 
 def locks_dir() -> Path:

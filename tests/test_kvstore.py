@@ -45,11 +45,13 @@ def test_kv_and_snapshot_layers_come_back_in_their_own_dtype(home, dtype_name):
         assert len(arrays) == 2
         for a, b in arrays:
             assert b.dtype == dtype
+            if not isinstance(before, RotatingKVCache):  # past its offset a KVCache's buffer is unused room
+                a, b = a[..., :tokens, :], b[..., :tokens, :]
             assert mx.array_equal(a, b).item()
     assert (restored.cache[1].offset, restored.cache[1]._idx, restored.cache[1].max_size) == (rotating.offset, rotating._idx, rotating.max_size)
 
 
-def test_restored_buffers_hold_the_saved_tokens_and_zeros_after_them(home):
+def test_restored_buffers_hold_the_saved_tokens_and_room_to_grow(home):
     mx = backend.mx()
     cache = [_kv_cache(mx, 300, mx.float32) for _ in range(2)]
     ids = list(range(300))
@@ -59,7 +61,7 @@ def test_restored_buffers_hold_the_saved_tokens_and_zeros_after_them(home):
     for before, after in zip(cache, restored.cache):
         assert after.keys.shape[2] >= 400  # room to grow without a copy
         assert mx.array_equal(after.keys[..., :300, :], before.keys[..., :300, :]).item()
-        assert not mx.any(after.keys[..., 300:, :]).item() and not mx.any(after.values[..., 300:, :]).item()
+        assert after.offset == 300 and mx.array_equal(after.values[..., :300, :], before.values[..., :300, :]).item()
 
 
 def test_empty_allocates_writable_buffers_of_the_asked_shape():

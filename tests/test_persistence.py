@@ -44,6 +44,34 @@ def test_resume_from_disk_is_byte_identical_to_continuing(tiny, tmp_path, monkey
     assert warm[-1].done.text == hot[-1].done.text
 
 
+def test_restored_buffers_room_to_grow_is_never_read(tiny, tmp_path, monkeypatch):
+    """Restored buffers are allocated uninitialised past the saved tokens (no page faults for
+    room a reply may never use). Filled with NaNs there, the resumed reply is still exact."""
+    import numpy as np
+
+    from semantic_cli import backend
+
+    monkeypatch.setenv("SEMANTIC_BLOCK_TOKENS", "32")
+    turns = [LONG, "tell me more about the fox", "and the dog?"]
+    monkeypatch.setenv("SEMANTIC_HOME", str(tmp_path / "hot"))
+    _, hot_ids = _conversation(tiny["llama"], turns, restart_before_last=False)
+
+    real_empty = backend.empty
+    poisoned = []
+
+    def empty_full_of_nans(shape: tuple[int, ...], dtype: str):  # all-ones bits: NaN in every float type
+        a = real_empty(shape, dtype)
+        np.asarray(a).view(np.uint8)[...] = 0xFF
+        poisoned.append(shape)
+        return a
+
+    monkeypatch.setattr(backend, "empty", empty_full_of_nans)
+    monkeypatch.setenv("SEMANTIC_HOME", str(tmp_path / "warm"))
+    warm, warm_ids = _conversation(tiny["llama"], turns, restart_before_last=True)
+    assert warm[-1].tier == "warm" and poisoned
+    assert warm_ids == hot_ids
+
+
 def test_sliding_window_model_resumes_past_a_wrapped_window(tiny, home, monkeypatch):
     """gemma3_text's sliding layers (window 32) wrap; their snapshot makes resume exact anyway."""
     monkeypatch.setenv("SEMANTIC_BLOCK_TOKENS", "16")
