@@ -110,6 +110,15 @@ def read_header(f: Any) -> tuple[dict, bytes]:
     return header, prefix
 
 
+def header_of(path: Path) -> dict:
+    """The header of the file at `path` (OSError if it cannot be opened)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return _read_header_at(fd)[0]
+    finally:
+        os.close(fd)
+
+
 def _read_header_at(fd: int) -> tuple[dict, bytes]:
     """`read_header` in one syscall for a typical file (two for a long header)."""
     first = os.pread(fd, _HEAD_READ, 0)
@@ -146,8 +155,9 @@ def read_into(path: Path, checksum: str, plan: Callable[[dict], list[memoryview]
             declared = sum(int(a["nbytes"]) for a in header.get("arrays", []))
         except (KeyError, TypeError, ValueError) as exc:
             raise BlockFileError(f"corrupt header ({exc!r})")
-        if size != len(prefix) + declared:
-            raise BlockFileError("truncated data" if size < len(prefix) + declared else "trailing bytes")
+        expected = len(prefix) + declared
+        if size != expected:
+            raise BlockFileError("truncated data" if size < expected else "trailing bytes")
         views = plan(header)
         if sum(len(v) for v in views) != declared:
             raise BlockFileError("arrays do not add up to the file")

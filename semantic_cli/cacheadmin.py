@@ -235,8 +235,7 @@ def _check_block(block_hash: str, model: str, parent: str, checksum: str) -> str
     if reason:
         return reason
     try:
-        with open(path, "rb") as f:
-            header, _ = blockfile.read_header(f)
+        header = blockfile.header_of(path)
     except BlockFileError as exc:
         return str(exc)
     if header.get("hash") != block_hash or block_name(model, parent, header.get("tokens") or []) != block_hash:

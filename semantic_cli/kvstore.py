@@ -24,7 +24,6 @@ from .kvlayers import CacheSpec, cache_nbytes, snapshot_state
 from .kvrestore import CacheFile, read_cache
 
 
-
 def chain_hashes(model_fp: str, tokens: list[int], block_tokens: int) -> list[str]:
     out, parent = [], model_fp
     for i in range(len(tokens) // block_tokens):
@@ -138,8 +137,7 @@ class KVStore:
     def _tail_matches(self, tail: TailRow, prompt: list[int]) -> bool:
         """Whether the tail covers these tokens (its header says; damage is found on the full read)."""
         try:
-            with open(tails_dir() / tail.file, "rb") as f:
-                header = blockfile.read_header(f)[0]
+            header = blockfile.header_of(tails_dir() / tail.file)
         except (OSError, BlockFileError):
             return True  # let the full read find it, drop it and say so
         return header.get("tokens") == prompt[tail.start : tail.start + tail.n_tokens]
