@@ -45,11 +45,14 @@ def machine() -> dict[str, Any]:
 
 
 def git_commit() -> str | None:
+    """The commit the code was measured at, with "+dirty" when tracked files had changes on top."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
-        return out.stdout.strip() or None
+        here = Path(__file__).parent
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=here).stdout.strip()
+        changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5, cwd=here)
     except (OSError, subprocess.SubprocessError):
         return None
+    return (head + ("+dirty" if changes.stdout.strip() else "")) or None
 
 
 def percentile(samples: list[float], q: float) -> float:

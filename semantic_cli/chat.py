@@ -172,10 +172,19 @@ class Chat:
             events.close()
             for p in list(by_key.values()):
                 self._record(p, self._interrupted(p))
+                self._mark_used(p)
             by_key.clear()
             raise
         finally:
             events.close()
+
+    def _mark_used(self, p: _Pending) -> None:
+        if self._kv_down is not None:
+            return
+        try:
+            self.kv.mark_used(p.agent.name)
+        except (OSError, sqlite3.Error):
+            pass  # only the eviction order is lost
 
     def _interrupted(self, p: _Pending) -> TurnDone:
         req = p.request

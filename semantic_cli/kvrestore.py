@@ -69,10 +69,10 @@ def read_cache(spec: CacheSpec, files: list[CacheFile], prompt: list[int], capac
     # Uninitialised: every byte up to `total` is read into. The spare capacity is left
     # as it is (no page faults now for room a reply may never use): caches never read
     # past their offset, and a test fills it with NaNs to prove it.
-    buffers = {name: backend.empty((1, geometry[name][0], cap, geometry[name][1]), geometry[name][2]) for name in names}
-    head_rows = {name: list(np.asarray(buf)[0]) for name, buf in buffers.items()}  # (cap, dim) each
-    rows = {name: [memoryview(r).cast("B") for r in rs] for name, rs in head_rows.items()}
-    token_bytes = {name: rs[0].strides[0] for name, rs in head_rows.items()}
+    allocated = backend.empty_arrays([((1, geometry[name][0], cap, geometry[name][1]), geometry[name][2]) for name in names])
+    buffers = dict(zip(names, allocated))
+    token_bytes = {name: geometry[name][1] * np.dtype(geometry[name][2]).itemsize for name in names}
+    rows = {name: _head_rows(buffers[name], geometry[name][0], cap * token_bytes[name]) for name in names}  # per head, its bytes
 
     def read_one(file: CacheFile) -> _Read:
         snapshots: dict[str, Any] = {}
@@ -141,6 +141,11 @@ def read_cache(spec: CacheSpec, files: list[CacheFile], prompt: list[int], capac
         else:
             cache.append(from_snapshot(*snapshots[layer]))
     return cache, matched, damage
+
+
+def _head_rows(buffer: Any, heads: int, row_bytes: int) -> list[memoryview]:
+    whole = memoryview(buffer).cast("B")
+    return [whole[h * row_bytes : (h + 1) * row_bytes] for h in range(heads)]
 
 
 def as_dtype(mx: Any, a: Any, name: Any) -> Any:

@@ -96,7 +96,6 @@ class KVStore:
         hot = self._hot.get(agent)
         if hot is not None and hot.model == model and 0 < len(hot.tokens) <= limit and prompt[: len(hot.tokens)] == hot.tokens:
             self._hot.move_to_end(agent)
-            self.index.touch(agent, [])
             return Restored(hot.cache, len(hot.tokens), "hot")
         if limit <= 0 or not spec.persistable:
             return Restored(None, 0, "cold")
@@ -131,8 +130,13 @@ class KVStore:
         warnings += read_warnings
         if matched == 0:
             return Restored(None, 0, "cold", warnings)
-        self.index.touch(agent, hashes[:n_blocks])
+        # Last use is recorded when the turn ends (`persist`, `mark_used`): a commit here
+        # would sit between the restore and the first token.
         return Restored(cache, matched, "warm", warnings)
+
+    def mark_used(self, agent: str) -> None:
+        """Record a use of the agent's cache by a turn that ended without persisting (interrupted)."""
+        self.index.touch(agent, self.index.chain(agent))
 
     def _tail_matches(self, tail: TailRow, prompt: list[int]) -> bool:
         """Whether the tail covers these tokens (its header says; damage is found on the full read)."""
@@ -231,6 +235,7 @@ class KVStore:
             self.index.db.execute("DELETE FROM tails WHERE agent=?", (agent,))
             if tail_row:
                 self.index.set_tail(tail_row)
+            self.index.touch(agent, hashes)
         if old_tail and (tail_row is None or old_tail.file != tail_row.file):
             try:
                 (tails_dir() / old_tail.file).unlink()

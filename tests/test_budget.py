@@ -68,3 +68,26 @@ def test_wait_for_a_busy_agent(tiny, home):
     r = run_cli("chat", "-a", "w", "--model", str(tiny["llama"]), "--max-tokens", "2", "--wait", "-m", "hi")
     assert r.returncode == 0, r.stderr
     assert time.monotonic() - t0 >= 1.4
+
+
+def test_last_use_is_recorded_by_every_turn_even_an_interrupted_one(tiny, home, monkeypatch):
+    """Restores commit nothing (it would delay the first token): the turn's end records the use."""
+    from semantic_cli.chat import GenSettings
+    from semantic_cli.engine import TokenEvent
+
+    monkeypatch.setenv("SEMANTIC_BLOCK_TOKENS", "16")
+    with Session() as s:
+        s.say("a", TEXT, model=tiny["llama"])
+    index = KVIndex()
+    before = index.tail("a").last_used, {b.last_used for b in index.blocks(index.chain("a")).values()}
+    time.sleep(0.02)
+    with Session() as s:  # a new process: the turn restores from disk, then Ctrl-C mid-reply
+        agent = s.chat.open_agent("a", None, None)
+        pending = s.chat.prepare(agent, "go on", GenSettings(max_tokens=40))
+        events = s.chat.run([pending])
+        next(ev for ev in events if isinstance(ev, TokenEvent))
+        events.close()  # what Ctrl-C does to the turn's generator
+    assert Store().messages("a")[-1].status == "interrupted"
+    index = KVIndex()
+    after = index.tail("a").last_used, {b.last_used for b in index.blocks(index.chain("a")).values()}
+    assert after[0] > before[0] and min(after[1]) > max(before[1])

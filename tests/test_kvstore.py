@@ -64,13 +64,13 @@ def test_restored_buffers_hold_the_saved_tokens_and_room_to_grow(home):
         assert after.offset == 300 and mx.array_equal(after.values[..., :300, :], before.values[..., :300, :]).item()
 
 
-def test_empty_allocates_writable_buffers_of_the_asked_shape():
+def test_empty_arrays_are_separate_writable_buffers_of_the_asked_shapes():
     mx = backend.mx()
-    for dtype in ("float32", "float16", "int32", "bfloat16"):
-        a = backend.empty((2, 3, 5), dtype)
-        assert a.shape == (2, 3, 5) and a.dtype == getattr(mx, dtype)
-    a = backend.empty((4, 6), "float32")
-    view = np.asarray(a)
-    view[...] = np.arange(24, dtype=np.float32).reshape(4, 6)
-    assert a.tolist() == view.tolist()  # the numpy view is MLX's own buffer
+    specs = [((2, 3, 5), dtype) for dtype in ("float32", "float16", "int32", "bfloat16", "uint16")] + [((4, 6), "float32")] * 2
+    arrays = backend.empty_arrays(specs)
+    assert [(a.shape, a.dtype) for a in arrays] == [(shape, getattr(mx, dtype)) for shape, dtype in specs]
+    a, b = arrays[-2:]
+    np.asarray(a)[...] = np.arange(24, dtype=np.float32).reshape(4, 6)  # the numpy view is MLX's own buffer
+    memoryview(b).cast("B")[:] = bytes(96)
     assert mx.array_equal(a * 2, mx.arange(24, dtype=mx.float32).reshape(4, 6) * 2).item()
+    assert mx.array_equal(b, mx.zeros((4, 6))).item()  # each array its own allocation (MLX can update it in place)

@@ -47,7 +47,6 @@ def test_resume_from_disk_is_byte_identical_to_continuing(tiny, tmp_path, monkey
 def test_restored_buffers_room_to_grow_is_never_read(tiny, tmp_path, monkeypatch):
     """Restored buffers are allocated uninitialised past the saved tokens (no page faults for
     room a reply may never use). Filled with NaNs there, the resumed reply is still exact."""
-    import numpy as np
 
     from semantic_cli import backend
 
@@ -56,16 +55,17 @@ def test_restored_buffers_room_to_grow_is_never_read(tiny, tmp_path, monkeypatch
     monkeypatch.setenv("SEMANTIC_HOME", str(tmp_path / "hot"))
     _, hot_ids = _conversation(tiny["llama"], turns, restart_before_last=False)
 
-    real_empty = backend.empty
+    real_empty_arrays = backend.empty_arrays
     poisoned = []
 
-    def empty_full_of_nans(shape: tuple[int, ...], dtype: str):  # all-ones bits: NaN in every float type
-        a = real_empty(shape, dtype)
-        np.asarray(a).view(np.uint8)[...] = 0xFF
-        poisoned.append(shape)
-        return a
+    def empty_full_of_nans(specs: list[tuple[tuple[int, ...], str]]):  # all-ones bits: NaN in every float type
+        arrays = real_empty_arrays(specs)
+        for a in arrays:
+            memoryview(a).cast("B")[:] = b"\xff" * a.nbytes
+        poisoned.extend(specs)
+        return arrays
 
-    monkeypatch.setattr(backend, "empty", empty_full_of_nans)
+    monkeypatch.setattr(backend, "empty_arrays", empty_full_of_nans)
     monkeypatch.setenv("SEMANTIC_HOME", str(tmp_path / "warm"))
     warm, warm_ids = _conversation(tiny["llama"], turns, restart_before_last=True)
     assert warm[-1].tier == "warm" and poisoned
