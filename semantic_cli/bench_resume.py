@@ -27,7 +27,7 @@ from .store import Store
 
 QUESTION = "In one word: is this about caching?"
 INPROCESS_PAIRS = 7  # restore/load pairs timed in this process (cheap: no model calls)
-FRESH_PAIRS = 5  # restore/load pairs timed in fresh processes (~2 s each for the imports)
+FRESH_PAIRS = 11  # restore/load pairs timed in fresh processes (~2 s each for the imports; 5 left medians moving by 0.3)
 
 
 @contextmanager
@@ -148,6 +148,8 @@ def run(engine: Engine, sizes: tuple[int, ...] = (1024, 2048, 4096, 8192), repea
                     "fresh_process_restore_s": fr50,
                     "fresh_process_mlx_lm_load_s": fl50,
                     "fresh_process_restore_over_load": fr50 / fl50,
+                    # Each pair ran back to back: the median of their ratios cancels the VM's drift.
+                    "fresh_process_paired_ratio_p50": summary([r / l for r, l in zip(fresh_restore_s, fresh_load_s)])["p50"],
                 }
             )
             res.samples[str(n)] = {
