@@ -13,7 +13,6 @@ preallocated destination buffers (`preadv`), one copy, hashed on the way.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import struct
@@ -84,32 +83,6 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def read_header(f: Any) -> tuple[dict, bytes]:
-    """The header of an open file, and the raw bytes before the first array (hashed too)."""
-    magic = f.read(len(MAGIC))
-    if magic != MAGIC:
-        raise BlockFileError("not a semantic KV file (bad magic)")
-    raw_len = f.read(4)
-    if len(raw_len) != 4:
-        raise BlockFileError("truncated header")
-    (n,) = struct.unpack("<I", raw_len)
-    if n > 16 << 20:
-        raise BlockFileError("implausible header length")
-    head = f.read(n)
-    if len(head) != n:
-        raise BlockFileError("truncated header")
-    try:
-        header = json.loads(head)
-    except ValueError as exc:
-        raise BlockFileError(f"corrupt header ({exc})")
-    if not isinstance(header, dict):
-        raise BlockFileError("corrupt header (not an object)")
-    prefix = MAGIC + raw_len + head
-    pad = -len(prefix) % ALIGN
-    prefix += f.read(pad)
-    return header, prefix
-
-
 def header_of(path: Path) -> dict:
     """The header of the file at `path` (OSError if it cannot be opened)."""
     fd = os.open(path, os.O_RDONLY)
@@ -120,14 +93,30 @@ def header_of(path: Path) -> dict:
 
 
 def _read_header_at(fd: int) -> tuple[dict, bytes]:
-    """`read_header` in one syscall for a typical file (two for a long header)."""
-    first = os.pread(fd, _HEAD_READ, 0)
-    if len(first) >= len(MAGIC) + 4:
-        (n,) = struct.unpack_from("<I", first, len(MAGIC))
-        need = len(MAGIC) + 4 + n + ALIGN
-        if len(first) < need and n <= 16 << 20:
-            first = os.pread(fd, need, 0)
-    return read_header(io.BytesIO(first))
+    """The header of an open file, and the raw bytes before the first array (hashed
+    too): one `pread` for a typical file, two for a long header."""
+    data = os.pread(fd, _HEAD_READ, 0)
+    if data[: len(MAGIC)] != MAGIC:
+        raise BlockFileError("not a semantic KV file (bad magic)")
+    if len(data) < len(MAGIC) + 4:
+        raise BlockFileError("truncated header")
+    (n,) = struct.unpack_from("<I", data, len(MAGIC))
+    if n > 16 << 20:
+        raise BlockFileError("implausible header length")
+    start = len(MAGIC) + 4
+    prefix_len = start + n + (-(start + n) % ALIGN)
+    if len(data) < prefix_len:
+        data = os.pread(fd, prefix_len, 0)
+    head = data[start : start + n]
+    if len(head) != n:
+        raise BlockFileError("truncated header")
+    try:
+        header = json.loads(head)
+    except ValueError as exc:
+        raise BlockFileError(f"corrupt header ({exc})")
+    if not isinstance(header, dict):
+        raise BlockFileError("corrupt header (not an object)")
+    return header, data[:prefix_len]  # short if the file ends in the padding: read_into's size check says so
 
 
 # Arrays are read in groups of about this many bytes: one syscall (one GIL
