@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup model system-deps clean bench docs
+.PHONY: run test setup native model system-deps clean bench docs
 
 run: setup model
 	$(BIN)/semantic chat --agent demo
@@ -12,22 +12,31 @@ run: setup model
 test: setup model
 	$(BIN)/python -m pytest -q
 
-setup: $(STAMP)
+setup: $(STAMP) native
 
 $(STAMP): pyproject.toml
 	@$(MAKE) --no-print-directory system-deps
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,native]'
 	touch $(STAMP)
 
-# OpenBLAS makes float32 matmul on the CPU backend ~30x faster (see docs/benchmarks.md).
+# The optional compiled allocator for warm restores (semantic_cli/_alloc.cpp): rebuilt when
+# its source or mlx changes; without a C++ compiler semantic allocates from Python instead.
+native: $(STAMP)
+	@$(BIN)/python scripts/build_native.py
+
+# OpenBLAS makes float32 matmul on the CPU backend ~30x faster (see docs/benchmarks.md);
+# a C++ compiler builds the native restore allocator (`make native`).
 system-deps:
-	@if [ "$$(uname -s)" = Linux ] && ! ls /usr/lib/*/openblas-pthread/libopenblas.so.0 >/dev/null 2>&1; then \
-		if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-			(apt-get update -qq && apt-get install -y -qq libopenblas0-pthread >/dev/null) || echo "note: could not install libopenblas0-pthread; the CPU backend will be slow"; \
-		elif command -v apt-get >/dev/null 2>&1; then \
-			echo "note: run 'sudo apt-get install libopenblas0-pthread' for a ~30x faster CPU backend"; \
+	@if [ "$$(uname -s)" = Linux ] && command -v apt-get >/dev/null 2>&1; then \
+		pkgs=""; \
+		ls /usr/lib/*/openblas-pthread/libopenblas.so.0 >/dev/null 2>&1 || pkgs=" libopenblas0-pthread"; \
+		command -v c++ >/dev/null 2>&1 || pkgs="$$pkgs g++"; \
+		if [ -n "$$pkgs" ] && [ "$$(id -u)" = 0 ]; then \
+			(apt-get update -qq && apt-get install -y -qq $$pkgs >/dev/null) || echo "note: could not install$$pkgs; semantic will be slower"; \
+		elif [ -n "$$pkgs" ]; then \
+			echo "note: 'sudo apt-get install$$pkgs' makes semantic faster (OpenBLAS: ~30x on the CPU backend; g++: warm restores)"; \
 		fi; \
 	fi
 
@@ -39,4 +48,4 @@ docs: setup
 	$(BIN)/python scripts/gen_docs.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info semantic_cli/_alloc*.so

@@ -41,6 +41,7 @@ def machine() -> dict[str, Any]:
         "device": info.device,
         "blas": info.blas,
         "python": platform.python_version(),
+        "restore_allocator": backend.allocator_name(),
     }
 
 

@@ -1,7 +1,10 @@
 """KVStore against real files, without a model: dtypes survive the round trip,
-restored buffers hold exactly what was saved, and uninitialised allocation works."""
+restored buffers hold exactly what was saved, and uninitialised allocation works,
+natively (semantic_cli/_alloc.cpp) and from Python."""
 
 from __future__ import annotations
+
+import shutil
 
 import numpy as np
 import pytest
@@ -9,6 +12,17 @@ import pytest
 from semantic_cli import backend
 from semantic_cli.kvlayers import CacheSpec
 from semantic_cli.kvstore import KVStore
+
+
+@pytest.fixture(params=["native", "python"])
+def allocator(request, monkeypatch) -> str:
+    """Runs a test with each way of allocating restore buffers."""
+    if request.param == "python":
+        monkeypatch.setenv("SEMANTIC_NATIVE", "0")
+    elif backend.native_allocator() is None:
+        pytest.skip("the native allocator is not built here (scripts/build_native.py --force says why)")
+    assert backend.allocator_name() == request.param
+    return request.param
 
 
 def _kv_cache(mx, tokens: int, dtype):
@@ -20,7 +34,7 @@ def _kv_cache(mx, tokens: int, dtype):
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "float16", "bfloat16"])
-def test_kv_and_snapshot_layers_come_back_in_their_own_dtype(home, dtype_name):
+def test_kv_and_snapshot_layers_come_back_in_their_own_dtype(home, allocator, dtype_name):
     """numpy has no bfloat16: its bits are stored as uint16 and must come back as bfloat16
     (GPU backends run models, and so caches, in bfloat16)."""
     mx = backend.mx()
@@ -51,7 +65,7 @@ def test_kv_and_snapshot_layers_come_back_in_their_own_dtype(home, dtype_name):
     assert (restored.cache[1].offset, restored.cache[1]._idx, restored.cache[1].max_size) == (rotating.offset, rotating._idx, rotating.max_size)
 
 
-def test_restored_buffers_hold_the_saved_tokens_and_room_to_grow(home):
+def test_restored_buffers_hold_the_saved_tokens_and_room_to_grow(home, allocator):
     mx = backend.mx()
     cache = [_kv_cache(mx, 300, mx.float32) for _ in range(2)]
     ids = list(range(300))
@@ -64,7 +78,7 @@ def test_restored_buffers_hold_the_saved_tokens_and_room_to_grow(home):
         assert after.offset == 300 and mx.array_equal(after.values[..., :300, :], before.values[..., :300, :]).item()
 
 
-def test_empty_arrays_are_separate_writable_buffers_of_the_asked_shapes():
+def test_empty_arrays_are_separate_writable_buffers_of_the_asked_shapes(allocator):
     mx = backend.mx()
     specs = [((2, 3, 5), dtype) for dtype in ("float32", "float16", "int32", "bfloat16", "uint16")] + [((4, 6), "float32")] * 2
     arrays = backend.empty_arrays(specs)
@@ -74,3 +88,20 @@ def test_empty_arrays_are_separate_writable_buffers_of_the_asked_shapes():
     memoryview(b).cast("B")[:] = bytes(96)
     assert mx.array_equal(a * 2, mx.arange(24, dtype=mx.float32).reshape(4, 6) * 2).item()
     assert mx.array_equal(b, mx.zeros((4, 6))).item()  # each array its own allocation (MLX can update it in place)
+
+def test_setup_builds_the_native_allocator_wherever_it_can():
+    """`make setup` builds it wherever a C++ compiler and nanobind are installed;
+    `scripts/build_native.py --force` says why it did not."""
+    pytest.importorskip("nanobind")
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler here")
+    assert backend.native_allocator() is not None
+
+
+def test_a_native_allocator_built_for_another_mlx_is_not_used(monkeypatch):
+    native = backend.native_allocator()
+    if native is None:
+        pytest.skip("the native allocator is not built here")
+    monkeypatch.setattr(native, "mlx_version", "0.0.1")  # as after `pip install -U mlx` without `make native`
+    assert backend.native_allocator() is None and backend.allocator_name() == "python"
+    assert backend.empty_arrays([((2, 3), "float32")])[0].shape == (2, 3)

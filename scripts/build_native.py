@@ -1,0 +1,97 @@
+"""Build semantic_cli._alloc, the optional compiled allocator (see semantic_cli/_alloc.cpp).
+
+    .venv/bin/python scripts/build_native.py [--force]
+
+Run by `make setup`, and again whenever the source, this script or the
+installed mlx is newer than the built module. It never fails the set-up:
+without a C++ compiler, nanobind, or an mlx whose nanobind internals this
+build can share, it says why in one line and semantic allocates restore
+buffers from Python instead (a few milliseconds slower per restore).
+The module is checked in a separate process before it is put in place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCE = ROOT / "semantic_cli" / "_alloc.cpp"
+TARGET = ROOT / "semantic_cli" / f"_alloc{sysconfig.get_config_var('EXT_SUFFIX')}"
+
+# What the built module must do before it replaces the old one: hand back
+# mlx arrays (so its nanobind shares mlx's type registry) that are writable
+# and separate, for the mlx it was built against.
+SMOKE_TEST = """
+import mlx.core as mx, _alloc
+a, b = _alloc.empty_arrays([[2, 3], [4]], [mx.float32, mx.uint16])
+assert isinstance(a, mx.array) and a.shape == (2, 3) and b.dtype == mx.uint16
+memoryview(a).cast("B")[:] = bytes(24)
+memoryview(b).cast("B")[:] = b"\\x01\\x00" * 4
+assert mx.array_equal(a, mx.zeros((2, 3))).item() and mx.array_equal(b, mx.ones(4, dtype=mx.uint16)).item()
+assert _alloc.mlx_version == mx.__version__
+"""
+
+
+def main(argv: list[str]) -> int:
+    try:
+        import mlx.core
+        import nanobind
+    except ImportError as exc:
+        return _skip(f"{exc.name} is not installed")
+    mlx_dir = Path(mlx.core.__file__).parent
+    libmlx = next(iter(sorted((mlx_dir / "lib").glob("libmlx.*"))), None)
+    if libmlx is None:
+        return _skip(f"no libmlx in {mlx_dir / 'lib'}")
+    inputs = (SOURCE, Path(__file__).resolve(), libmlx)
+    if "--force" not in argv and TARGET.exists() and TARGET.stat().st_mtime >= max(p.stat().st_mtime for p in inputs):
+        return 0  # up to date
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        return _skip("no C++ compiler (install g++ or clang)")
+    nb_src = Path(nanobind.source_dir())
+    with tempfile.TemporaryDirectory() as tmp:
+        built = Path(tmp) / TARGET.name
+        command = [
+            compiler, "-O2", "-std=c++20", "-shared", "-fPIC", "-fvisibility=hidden", "-fno-strict-aliasing", "-DNDEBUG",
+            "-DNB_DOMAIN=mlx",  # mlx keeps its nanobind types in this domain
+            f'-DSEMANTIC_MLX_VERSION="{mlx.core.__version__}"',
+            f"-I{nanobind.include_dir()}", f"-I{nb_src.parent / 'ext' / 'robin_map' / 'include'}",
+            f"-I{sysconfig.get_paths()['include']}", f"-I{mlx_dir / 'include'}",
+            str(nb_src / "nb_combined.cpp"), str(SOURCE),
+            f"-L{libmlx.parent}", "-lmlx", f"-Wl,-rpath,{libmlx.parent}",
+            "-o", str(built),
+        ]
+        if sys.platform == "darwin":
+            command.insert(1, "-undefined")
+            command.insert(2, "dynamic_lookup")
+        compiled = subprocess.run(command, capture_output=True, text=True)
+        if compiled.returncode != 0:
+            last = (compiled.stderr.strip().splitlines() or ["(no output)"])[-1]
+            return _skip(f"the compiler failed: {last}")
+        checked = subprocess.run([sys.executable, "-c", SMOKE_TEST], cwd=tmp, capture_output=True, text=True)
+        if checked.returncode != 0:
+            last = (checked.stderr.strip().splitlines() or [f"exit code {checked.returncode}"])[-1]
+            return _skip(f"the built module does not work with mlx {mlx.core.__version__}: {last}")
+        # Copy, then rename into place: a running semantic keeps the module it mapped.
+        partial = TARGET.with_name(TARGET.name + ".partial")
+        shutil.copyfile(built, partial)
+        os.chmod(partial, 0o755)
+        os.replace(partial, TARGET)
+    print(f"native allocator: built {TARGET.name} for mlx {mlx.core.__version__}")
+    return 0
+
+
+def _skip(reason: str) -> int:
+    TARGET.unlink(missing_ok=True)  # never leave a module built for something else
+    print(f"note: native allocator not built ({reason}); restores allocate from Python, a few ms slower")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
