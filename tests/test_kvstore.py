@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from semantic_cli import backend
+from semantic_cli.kvindex import KVIndex, block_path
 from semantic_cli.kvlayers import CacheSpec
 from semantic_cli.kvstore import KVStore
 
@@ -105,3 +106,25 @@ def test_a_native_allocator_built_for_another_mlx_is_not_used(monkeypatch):
     monkeypatch.setattr(native, "mlx_version", "0.0.1")  # as after `pip install -U mlx` without `make native`
     assert backend.native_allocator() is None and backend.allocator_name() == "python"
     assert backend.empty_arrays([((2, 3), "float32")])[0].shape == (2, 3)
+
+
+@pytest.mark.parametrize("how", ["truncate", "bitflip"])
+def test_a_damaged_block_ends_the_restore_just_before_it(home, allocator, how):
+    mx = backend.mx()
+    cache = [_kv_cache(mx, 300, mx.float32) for _ in range(2)]
+    ids = list(range(300))
+    store = KVStore(128, 1 << 40, 0)
+    store.persist("a", "fp", CacheSpec(("kv", "kv")), ids, cache, protect=set())
+    victim = block_path(KVIndex().chain("a")[1])
+    data = bytearray(victim.read_bytes())
+    if how == "truncate":
+        victim.write_bytes(data[: len(data) // 2])
+    else:
+        data[len(data) - 100] ^= 0x40  # in the last array's bytes
+        victim.write_bytes(bytes(data))
+    restored = store.restore("a", "fp", CacheSpec(("kv", "kv")), ids + [1], capacity=301)
+    assert restored.tier == "warm" and restored.matched == 128
+    assert any("damaged" in w for w in restored.warnings)
+    for before, after in zip(cache, restored.cache):
+        assert mx.array_equal(after.keys[..., :128, :], before.keys[..., :128, :]).item()
+        assert mx.array_equal(after.values[..., :128, :], before.values[..., :128, :]).item()
