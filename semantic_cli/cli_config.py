@@ -72,8 +72,9 @@ def doctor(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -
         print(json.dumps(report, indent=2))
         return
     out = render.stdout()
+    width = max(map(len, report))
     for key, value in report.items():
-        out.print(f"[bold]{key:12}[/bold] {value}")
+        out.print(f"[bold]{key:{width}}[/bold] {value}")
 
 
 def _version(dist: str) -> str:
