@@ -70,11 +70,14 @@ def main(argv: list[str]) -> int:
         if sys.platform == "darwin":
             command.insert(1, "-undefined")
             command.insert(2, "dynamic_lookup")
-        compiled = subprocess.run(command, capture_output=True, text=True)
-        if compiled.returncode != 0:
-            last = (compiled.stderr.strip().splitlines() or ["(no output)"])[-1]
-            return _skip(f"the compiler failed: {last}")
-        checked = subprocess.run([sys.executable, "-c", SMOKE_TEST], cwd=tmp, capture_output=True, text=True)
+        try:
+            compiled = subprocess.run(command, capture_output=True, text=True, timeout=600)
+            if compiled.returncode != 0:
+                last = (compiled.stderr.strip().splitlines() or ["(no output)"])[-1]
+                return _skip(f"the compiler failed: {last}")
+            checked = subprocess.run([sys.executable, "-c", SMOKE_TEST], cwd=tmp, capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired as exc:
+            return _skip(f"{Path(str(exc.cmd[0])).name} took longer than {exc.timeout:.0f} s")
         if checked.returncode != 0:
             last = (checked.stderr.strip().splitlines() or [f"exit code {checked.returncode}"])[-1]
             return _skip(f"the built module does not work with mlx {mlx.core.__version__}: {last}")
