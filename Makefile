@@ -21,22 +21,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test,native]'
 	touch $(STAMP)
 
-# The optional compiled allocator for warm restores (semantic_cli/_alloc.cpp): rebuilt when
+# The optional compiled restore loops (semantic_cli/_native.cpp): rebuilt when
 # its source or mlx changes; without a C++ compiler semantic allocates from Python instead.
 native: $(STAMP)
 	@$(BIN)/python scripts/build_native.py
 
 # OpenBLAS makes float32 matmul on the CPU backend ~30x faster (see docs/benchmarks.md);
-# a C++ compiler builds the native restore allocator (`make native`).
+# a C++ compiler and xxhash.h build the native restore loops (`make native`).
 system-deps:
 	@if [ "$$(uname -s)" = Linux ] && command -v apt-get >/dev/null 2>&1; then \
 		pkgs=""; \
 		ls /usr/lib/*/openblas-pthread/libopenblas.so.0 >/dev/null 2>&1 || pkgs=" libopenblas0-pthread"; \
 		command -v c++ >/dev/null 2>&1 || pkgs="$$pkgs g++"; \
+		[ -e /usr/include/xxhash.h ] || pkgs="$$pkgs libxxhash-dev"; \
 		if [ -n "$$pkgs" ] && [ "$$(id -u)" = 0 ]; then \
 			(apt-get update -qq && apt-get install -y -qq $$pkgs >/dev/null) || echo "note: could not install$$pkgs; semantic will be slower"; \
 		elif [ -n "$$pkgs" ]; then \
-			echo "note: 'sudo apt-get install$$pkgs' makes semantic faster (OpenBLAS: ~30x on the CPU backend; g++: warm restores)"; \
+			echo "note: 'sudo apt-get install$$pkgs' makes semantic faster (OpenBLAS: ~30x on the CPU backend; g++, libxxhash-dev: warm restores)"; \
 		fi; \
 	fi
 
@@ -48,4 +49,4 @@ docs: setup
 	$(BIN)/python scripts/gen_docs.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info semantic_cli/_alloc*.so
+	rm -rf $(VENV) build *.egg-info semantic_cli/_native*.so

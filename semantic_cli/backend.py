@@ -141,30 +141,33 @@ def empty_arrays(specs: list[tuple[tuple[int, ...], str]]) -> list[Any]:
     """Evaluated MLX arrays of these (shape, dtype)s whose contents are undefined, to be filled in place.
 
     Each is its own allocation, so MLX can update it in place. From the compiled
-    allocator where `make setup` built one for this mlx (semantic_cli/_alloc.cpp),
+    module where `make setup` built one for this mlx (semantic_cli/_native.cpp),
     else from Python.
     """
-    native = native_allocator()
-    if native is not None:
+    compiled = native()
+    if compiled is not None:
         core = mx()
-        return native.empty_arrays([list(shape) for shape, _ in specs], [getattr(core, dtype) for _, dtype in specs])
+        return compiled.empty_arrays([list(shape) for shape, _ in specs], [getattr(core, dtype) for _, dtype in specs])
     return stream_empty_arrays(specs)
 
 
-def native_allocator() -> Any | None:
-    """semantic_cli._alloc, if it was built for the mlx in use and SEMANTIC_NATIVE is not 0."""
+def native() -> Any | None:
+    """semantic_cli._native, if it was built for the mlx in use and SEMANTIC_NATIVE is not 0."""
     if os.environ.get("SEMANTIC_NATIVE") == "0":
         return None
     try:
-        from . import _alloc  # type: ignore[attr-defined]
+        from . import _native  # type: ignore[attr-defined]
     except ImportError:
         return None
-    return _alloc if _alloc.mlx_version == mx().__version__ else None
+    return _native if _native.mlx_version == mx().__version__ else None
 
 
-def allocator_name() -> str:
-    """Which allocation `empty_arrays` uses here: "native" or "python"."""
-    return "native" if native_allocator() is not None else "python"
+def restore_code() -> str:
+    """What a warm restore runs here: "native", "native allocation" (built without xxhash.h) or "python"."""
+    compiled = native()
+    if compiled is None:
+        return "python"
+    return "native" if hasattr(compiled, "read_hashed") else "native allocation"
 
 
 def stream_empty_arrays(specs: list[tuple[tuple[int, ...], str]]) -> list[Any]:

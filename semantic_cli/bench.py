@@ -41,7 +41,7 @@ def machine() -> dict[str, Any]:
         "device": info.device,
         "blas": info.blas,
         "python": platform.python_version(),
-        "restore_allocator": backend.allocator_name(),
+        "restore_code": backend.restore_code(),
     }
 
 

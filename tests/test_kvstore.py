@@ -1,28 +1,31 @@
 """KVStore against real files, without a model: dtypes survive the round trip,
 restored buffers hold exactly what was saved, and uninitialised allocation works,
-natively (semantic_cli/_alloc.cpp) and from Python."""
+natively (semantic_cli/_native.cpp) and from Python."""
 
 from __future__ import annotations
 
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from semantic_cli import backend
+from semantic_cli import backend, blockfile
+from semantic_cli.blockfile import file_checksum
 from semantic_cli.kvindex import KVIndex, block_path
 from semantic_cli.kvlayers import CacheSpec
 from semantic_cli.kvstore import KVStore
 
 
 @pytest.fixture(params=["native", "python"])
-def allocator(request, monkeypatch) -> str:
-    """Runs a test with each way of allocating restore buffers."""
+def restore_code(request, monkeypatch) -> str:
+    """Runs a test with the compiled restore loops and with Python's."""
     if request.param == "python":
         monkeypatch.setenv("SEMANTIC_NATIVE", "0")
-    elif backend.native_allocator() is None:
-        pytest.skip("the native allocator is not built here (scripts/build_native.py --force says why)")
-    assert backend.allocator_name() == request.param
+    elif backend.restore_code() != "native":
+        pytest.skip("the native restore loops are not built here (scripts/build_native.py --force says why)")
+    assert backend.restore_code() == request.param
     return request.param
 
 
@@ -35,7 +38,7 @@ def _kv_cache(mx, tokens: int, dtype):
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "float16", "bfloat16"])
-def test_kv_and_snapshot_layers_come_back_in_their_own_dtype(home, allocator, dtype_name):
+def test_kv_and_snapshot_layers_come_back_in_their_own_dtype(home, restore_code, dtype_name):
     """numpy has no bfloat16: its bits are stored as uint16 and must come back as bfloat16
     (GPU backends run models, and so caches, in bfloat16)."""
     mx = backend.mx()
@@ -66,7 +69,7 @@ def test_kv_and_snapshot_layers_come_back_in_their_own_dtype(home, allocator, dt
     assert (restored.cache[1].offset, restored.cache[1]._idx, restored.cache[1].max_size) == (rotating.offset, rotating._idx, rotating.max_size)
 
 
-def test_restored_buffers_hold_the_saved_tokens_and_room_to_grow(home, allocator):
+def test_restored_buffers_hold_the_saved_tokens_and_room_to_grow(home, restore_code):
     mx = backend.mx()
     cache = [_kv_cache(mx, 300, mx.float32) for _ in range(2)]
     ids = list(range(300))
@@ -79,7 +82,7 @@ def test_restored_buffers_hold_the_saved_tokens_and_room_to_grow(home, allocator
         assert after.offset == 300 and mx.array_equal(after.values[..., :300, :], before.values[..., :300, :]).item()
 
 
-def test_empty_arrays_are_separate_writable_buffers_of_the_asked_shapes(allocator):
+def test_empty_arrays_are_separate_writable_buffers_of_the_asked_shapes(restore_code):
     mx = backend.mx()
     specs = [((2, 3, 5), dtype) for dtype in ("float32", "float16", "int32", "bfloat16", "uint16")] + [((4, 6), "float32")] * 2
     arrays = backend.empty_arrays(specs)
@@ -90,26 +93,28 @@ def test_empty_arrays_are_separate_writable_buffers_of_the_asked_shapes(allocato
     assert mx.array_equal(a * 2, mx.arange(24, dtype=mx.float32).reshape(4, 6) * 2).item()
     assert mx.array_equal(b, mx.zeros((4, 6))).item()  # each array its own allocation (MLX can update it in place)
 
-def test_setup_builds_the_native_allocator_wherever_it_can():
-    """`make setup` builds it wherever a C++ compiler and nanobind are installed;
-    `scripts/build_native.py --force` says why it did not."""
+def test_setup_builds_the_native_restore_loops_wherever_it_can():
+    """`make setup` builds them wherever a C++ compiler, nanobind and xxhash.h are
+    installed; `scripts/build_native.py --force` says why it did not."""
     pytest.importorskip("nanobind")
     if shutil.which("c++") is None:
         pytest.skip("no C++ compiler here")
-    assert backend.native_allocator() is not None
+    assert backend.native() is not None
+    if any(Path(d, "xxhash.h").exists() for d in ("/usr/include", "/usr/local/include", "/opt/homebrew/include")):
+        assert backend.restore_code() == "native"
 
 
-def test_a_native_allocator_built_for_another_mlx_is_not_used(monkeypatch):
-    native = backend.native_allocator()
+def test_native_loops_built_for_another_mlx_are_not_used(monkeypatch):
+    native = backend.native()
     if native is None:
-        pytest.skip("the native allocator is not built here")
+        pytest.skip("the native restore loops are not built here")
     monkeypatch.setattr(native, "mlx_version", "0.0.1")  # as after `pip install -U mlx` without `make native`
-    assert backend.native_allocator() is None and backend.allocator_name() == "python"
+    assert backend.native() is None and backend.restore_code() == "python"
     assert backend.empty_arrays([((2, 3), "float32")])[0].shape == (2, 3)
 
 
 @pytest.mark.parametrize("how", ["truncate", "bitflip"])
-def test_a_damaged_block_ends_the_restore_just_before_it(home, allocator, how):
+def test_a_damaged_block_ends_the_restore_just_before_it(home, restore_code, how):
     mx = backend.mx()
     cache = [_kv_cache(mx, 300, mx.float32) for _ in range(2)]
     ids = list(range(300))
@@ -128,3 +133,35 @@ def test_a_damaged_block_ends_the_restore_just_before_it(home, allocator, how):
     for before, after in zip(cache, restored.cache):
         assert mx.array_equal(after.keys[..., :128, :], before.keys[..., :128, :]).item()
         assert mx.array_equal(after.values[..., :128, :], before.values[..., :128, :]).item()
+
+
+def test_native_reads_match_pythons_bytes_checksum_and_end_of_file(tmp_path):
+    native = backend.native()
+    if native is None or not hasattr(native, "read_hashed"):
+        pytest.skip("the native restore loops are not built here")
+    payload = np.random.default_rng(3).integers(0, 256, 3_000_000, dtype=np.uint8).tobytes()
+    path = tmp_path / "f"
+    path.write_bytes(b"prefix" + payload)
+    sizes = [65536] * 40 + [3_000_000 - 65536 * 40]  # several read groups, one long view
+    got = {}
+    for name in ("native", "python"):
+        views = [memoryview(bytearray(n)) for n in sizes]
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if name == "native":
+                status, got[name] = native.read_hashed(fd, 6, views, b"prefix", blockfile.GROUP_BYTES)
+                assert status == 0
+            else:
+                got[name] = blockfile._read_hashed(fd, views, b"prefix")
+        finally:
+            os.close(fd)
+        assert b"".join(views) == payload
+    assert got["native"] == got["python"] == file_checksum(path)
+    path.write_bytes(b"prefix" + payload[:-1])  # a file that ends one byte early
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert native.read_hashed(fd, 6, [memoryview(bytearray(n)) for n in sizes], b"prefix", blockfile.GROUP_BYTES)[0] == -1
+        with pytest.raises(blockfile.BlockFileError, match="truncated"):
+            blockfile._read_hashed(fd, [memoryview(bytearray(n)) for n in sizes], b"prefix")
+    finally:
+        os.close(fd)
