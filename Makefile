@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The optional compiled restore loops (semantic_cli/_native.cpp): rebuilt when
-# its source or mlx changes; without a C++ compiler semantic allocates from Python instead.
+# its source or mlx changes; without a C++ compiler semantic restores in Python instead.
 native: $(STAMP)
 	@$(BIN)/python scripts/build_native.py
 

@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
     if compiler is None:
         return _skip("no C++ compiler (install g++ or clang)")
     nb_src = Path(nanobind.source_dir())
-    xxhash_dir = next((d for d in XXHASH_DIRS if (Path(d) / "xxhash.h").exists()), None)
+    xxhash_dir = xxhash_include_dir()
     with tempfile.TemporaryDirectory() as tmp:
         built = Path(tmp) / TARGET.name
         command = [
@@ -111,6 +111,11 @@ def main(argv: list[str]) -> int:
     reads = "allocation and hashed reads" if xxhash_dir else "allocation only (no xxhash.h: install libxxhash-dev for hashed reads)"
     print(f"native restore loops: built {TARGET.name} for mlx {mlx.core.__version__}: {reads}")
     return 0
+
+
+def xxhash_include_dir() -> str | None:
+    """Where xxhash.h is, if anywhere: the native reads are built only with it."""
+    return next((d for d in XXHASH_DIRS if (Path(d) / "xxhash.h").exists()), None)
 
 
 def _skip(reason: str) -> int:

@@ -50,6 +50,7 @@ def doctor(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -
     from .models import DEFAULT, requested_spec
 
     info = backend.info()
+    restore = backend.restore_code()
     spec = requested_spec(None)
     report = {
         "version": __import__("semantic_cli").__version__,
@@ -60,7 +61,7 @@ def doctor(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -
         "device": info.device,
         "blas": info.blas,
         "dtype": info.compute_dtype if info.compute_dtype != "model" else "the model's own",
-        "restore_code": backend.restore_code() + ("" if backend.restore_code() == "native" else " (`make native` says what the native loops need)"),
+        "restore_code": restore + ("" if restore == "native" else " (`make native` says what the native loops need)"),
         "model": spec,
         "model_path": str(default_model_dir()) if spec == DEFAULT else spec,
         "model_ready": default_model_ready() if spec == DEFAULT else None,
