@@ -11,6 +11,7 @@
 // read_hashed (built where xxhash.h is found): a block file's scatter reads and
 //   their xxh3-64 without the GIL. From Python the two reader threads take
 //   turns: xxhash holds the GIL for 64 KB updates, the size of one head's rows.
+//   It also maps each row's fresh pages in one call before reading into them.
 //
 // Optional: scripts/build_native.py builds it against the installed mlx and a
 // nanobind whose internals mlx shares (domain "mlx"); backend.native() returns
@@ -23,7 +24,9 @@
 #include <cstdio>
 #include <vector>
 
+#include <sys/mman.h>
 #include <sys/uio.h>
+#include <unistd.h>
 
 #include "mlx/allocator.h"
 #include "mlx/array.h"
@@ -102,6 +105,25 @@ int read_fully(int fd, struct iovec* iov, int count, off_t offset) {
   return 0;
 }
 
+// Map the destination's whole pages before the read lands in them: one
+// MADV_POPULATE_WRITE per row costs less than a page fault per 4 KB inside the
+// copy (8K-token SmolLM2 restore, 2-core VM: ~200 -> ~180 ms). Only pages wholly
+// inside the view, so memory outside it is never touched; a kernel without it
+// (before Linux 5.14) or memory it cannot populate just faults as before.
+void prefault(const struct iovec& v) {
+#ifdef MADV_POPULATE_WRITE
+  static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  uintptr_t start = reinterpret_cast<uintptr_t>(v.iov_base);
+  uintptr_t first = (start + page - 1) & ~(page - 1);
+  uintptr_t end = (start + v.iov_len) & ~(page - 1);
+  if (end > first) {
+    ::madvise(reinterpret_cast<void*>(first), end - first, MADV_POPULATE_WRITE);
+  }
+#else
+  (void)v;
+#endif
+}
+
 }  // namespace
 
 // Read the file from `offset` into `views` in order, in groups of about
@@ -136,6 +158,9 @@ static nb::tuple read_hashed(int fd, int64_t offset, nb::list views, nb::bytes p
       size_t last = first, bytes = 0;
       while (last < iov.size() && (last == first || bytes < group_bytes) && last - first < IOV_MAX) {
         bytes += iov[last++].iov_len;
+      }
+      for (size_t i = first; i < last; ++i) {
+        prefault(iov[i]);
       }
       pending.assign(iov.begin() + first, iov.begin() + last);
       status = read_fully(fd, pending.data(), static_cast<int>(pending.size()), offset);

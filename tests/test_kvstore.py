@@ -161,6 +161,20 @@ def test_native_reads_match_pythons_bytes_checksum_and_end_of_file(tmp_path):
             os.close(fd)
         assert b"".join(views) == payload
     assert got["native"] == got["python"] == file_checksum(path)
+    # Rows of one big buffer, as a restore hands them over: page-unaligned, with
+    # gaps that belong to other blocks. The pages are mapped before each read,
+    # and nothing outside the views may change.
+    whole = bytearray(b"\xa5" * (sum(sizes) + 4096 * len(sizes) + 16))
+    starts = [16 + i * 4096 + sum(sizes[:i]) for i in range(len(sizes))]
+    rows = memoryview(whole)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert native.read_hashed(fd, 6, [rows[s : s + n] for s, n in zip(starts, sizes)], b"prefix", blockfile.GROUP_BYTES) == (0, got["python"])
+    finally:
+        os.close(fd)
+    assert b"".join(whole[s : s + n] for s, n in zip(starts, sizes)) == payload
+    gaps = [whole[:16]] + [whole[s + n : s + n + 4096] for s, n in zip(starts, sizes)]
+    assert all(set(gap) == {0xA5} for gap in gaps)
     path.write_bytes(b"prefix" + payload[:-1])  # a file that ends one byte early
     fd = os.open(path, os.O_RDONLY)
     try:
