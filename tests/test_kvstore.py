@@ -4,6 +4,7 @@ natively (semantic_cli/_native.cpp) and from Python."""
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import sys
@@ -162,19 +163,27 @@ def test_native_reads_match_pythons_bytes_checksum_and_end_of_file(tmp_path):
         assert b"".join(views) == payload
     assert got["native"] == got["python"] == file_checksum(path)
     # Rows of one big buffer, as a restore hands them over: page-unaligned, with
-    # gaps that belong to other blocks. The pages are mapped before each read,
-    # and nothing outside the views may change.
-    whole = bytearray(b"\xa5" * (sum(sizes) + 4096 * len(sizes) + 16))
+    # gaps that belong to other blocks, in memory already written (recycled) and
+    # in fresh anonymous memory (whose pages are mapped before each read). Nothing
+    # outside the views may change.
+    size = sum(sizes) + 4096 * len(sizes) + 16
     starts = [16 + i * 4096 + sum(sizes[:i]) for i in range(len(sizes))]
-    rows = memoryview(whole)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        assert native.read_hashed(fd, 6, [rows[s : s + n] for s, n in zip(starts, sizes)], b"prefix", blockfile.GROUP_BYTES) == (0, got["python"])
-    finally:
-        os.close(fd)
-    assert b"".join(whole[s : s + n] for s, n in zip(starts, sizes)) == payload
-    gaps = [whole[:16]] + [whole[s + n : s + n + 4096] for s, n in zip(starts, sizes)]
-    assert all(set(gap) == {0xA5} for gap in gaps)
+    recycled = bytearray(b"\xa5" * size)
+    fresh = mmap.mmap(-1, size)
+    for whole, filler in ((recycled, 0xA5), (fresh, 0)):
+        rows = memoryview(whole)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            views = [rows[s : s + n] for s, n in zip(starts, sizes)]
+            assert native.read_hashed(fd, 6, views, b"prefix", blockfile.GROUP_BYTES) == (0, got["python"])
+            del views
+        finally:
+            os.close(fd)
+        assert b"".join(whole[s : s + n] for s, n in zip(starts, sizes)) == payload
+        gaps = [whole[:16]] + [whole[s + n : s + n + 4096] for s, n in zip(starts, sizes)]
+        assert all(set(gap) == {filler} for gap in gaps)
+        rows.release()
+    fresh.close()
     path.write_bytes(b"prefix" + payload[:-1])  # a file that ends one byte early
     fd = os.open(path, os.O_RDONLY)
     try:
