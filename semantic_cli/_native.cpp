@@ -22,8 +22,8 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <utility>
 #include <cstdio>
+#include <utility>
 #include <vector>
 
 #include <sys/mman.h>
@@ -109,7 +109,7 @@ int read_fully(int fd, struct iovec* iov, int count, off_t offset) {
 
 // Fresh destination pages are mapped before a read lands in them: one
 // MADV_POPULATE_WRITE per row costs less than a page fault per 4 KB inside the
-// copy (8K-token SmolLM2 restore in a new process, 2-core VM: ~210 -> ~186 ms).
+// copy (8K-token SmolLM2 restore in a new process, 2-core VM: ~210 -> ~190 ms).
 // Memory that MLX recycled within the process is already mapped, and populating
 // it again only costs (~10 ms at 8K), so each read group asks mincore whether its
 // first row is mapped. Only pages wholly inside a view are named, so memory

@@ -112,9 +112,9 @@ def read_cache(spec: CacheSpec, files: list[CacheFile], prompt: list[int], capac
             return _Read(None, snapshots, str(exc))
 
     # Reads and hashing release the GIL: a few threads fault in fresh pages and
-    # copy out of the page cache side by side. (The native reads map each row's
-    # pages first with MADV_POPULATE_WRITE, ~10% faster at 8K; from Python, via
-    # ctypes, it measured no faster.)
+    # copy out of the page cache side by side. (The native reads map fresh rows'
+    # pages first with MADV_POPULATE_WRITE, ~10% faster at 8K in a new process;
+    # from Python, via ctypes, it measured no faster.)
     with ThreadPoolExecutor(max_workers=_READERS) as pool:
         results = list(pool.map(read_one, files))
     snapshots: dict[int, tuple[str, dict[str, Any], dict[str, Any]]] = {}
