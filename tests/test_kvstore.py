@@ -98,6 +98,7 @@ def test_empty_arrays_are_separate_writable_buffers_of_the_asked_shapes(restore_
     assert mx.array_equal(a * 2, mx.arange(24, dtype=mx.float32).reshape(4, 6) * 2).item()
     assert mx.array_equal(b, mx.zeros((4, 6))).item()  # each array its own allocation (MLX can update it in place)
 
+
 def test_setup_builds_the_native_restore_loops_wherever_it_can():
     """`make setup` builds them wherever a C++ compiler, nanobind and xxhash.h are
     installed; `scripts/build_native.py --force` says why it did not."""
@@ -140,6 +141,15 @@ def test_a_damaged_block_ends_the_restore_just_before_it(home, restore_code, how
         assert mx.array_equal(after.values[..., :128, :], before.values[..., :128, :]).item()
 
 
+def _reading(path: Path, read):
+    """read(fd) on the file, opened for this call only."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return read(fd)
+    finally:
+        os.close(fd)
+
+
 def test_native_reads_match_pythons_bytes_checksum_and_end_of_file(tmp_path):
     native = backend.native()
     if native is None or not hasattr(native, "read_hashed"):
@@ -148,20 +158,17 @@ def test_native_reads_match_pythons_bytes_checksum_and_end_of_file(tmp_path):
     path = tmp_path / "f"
     path.write_bytes(b"prefix" + payload)
     sizes = [65536] * 40 + [3_000_000 - 65536 * 40]  # several read groups, one long view
-    got = {}
-    for name in ("native", "python"):
-        views = [memoryview(bytearray(n)) for n in sizes]
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            if name == "native":
-                status, got[name] = native.read_hashed(fd, 6, views, b"prefix", blockfile.GROUP_BYTES)
-                assert status == 0
-            else:
-                got[name] = blockfile._read_hashed(fd, views, b"prefix")
-        finally:
-            os.close(fd)
-        assert b"".join(views) == payload
-    assert got["native"] == got["python"] == file_checksum(path)
+
+    def read_native(views):
+        return _reading(path, lambda fd: native.read_hashed(fd, 6, views, b"prefix", blockfile.GROUP_BYTES))
+
+    views = [memoryview(bytearray(n)) for n in sizes]
+    status, native_digest = read_native(views)
+    assert status == 0 and b"".join(views) == payload
+    views = [memoryview(bytearray(n)) for n in sizes]
+    python_digest = _reading(path, lambda fd: blockfile._read_hashed(fd, views, b"prefix"))
+    assert b"".join(views) == payload
+    assert native_digest == python_digest == file_checksum(path)
     # Rows of one big buffer, as a restore hands them over: page-unaligned, with
     # gaps that belong to other blocks, in memory already written (recycled) and
     # in fresh anonymous memory (whose pages are mapped before each read). Nothing
@@ -172,23 +179,15 @@ def test_native_reads_match_pythons_bytes_checksum_and_end_of_file(tmp_path):
     fresh = mmap.mmap(-1, size)
     for whole, filler in ((recycled, 0xA5), (fresh, 0)):
         rows = memoryview(whole)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            views = [rows[s : s + n] for s, n in zip(starts, sizes)]
-            assert native.read_hashed(fd, 6, views, b"prefix", blockfile.GROUP_BYTES) == (0, got["python"])
-            del views
-        finally:
-            os.close(fd)
+        views = [rows[s : s + n] for s, n in zip(starts, sizes)]
+        assert read_native(views) == (0, python_digest)
+        del views
+        rows.release()
         assert b"".join(whole[s : s + n] for s, n in zip(starts, sizes)) == payload
         gaps = [whole[:16]] + [whole[s + n : s + n + 4096] for s, n in zip(starts, sizes)]
         assert all(set(gap) == {filler} for gap in gaps)
-        rows.release()
     fresh.close()
     path.write_bytes(b"prefix" + payload[:-1])  # a file that ends one byte early
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        assert native.read_hashed(fd, 6, [memoryview(bytearray(n)) for n in sizes], b"prefix", blockfile.GROUP_BYTES)[0] == -1
-        with pytest.raises(blockfile.BlockFileError, match="truncated"):
-            blockfile._read_hashed(fd, [memoryview(bytearray(n)) for n in sizes], b"prefix")
-    finally:
-        os.close(fd)
+    assert read_native([memoryview(bytearray(n)) for n in sizes])[0] == -1
+    with pytest.raises(blockfile.BlockFileError, match="truncated"):
+        _reading(path, lambda fd: blockfile._read_hashed(fd, [memoryview(bytearray(n)) for n in sizes], b"prefix"))
