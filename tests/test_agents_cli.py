@@ -14,7 +14,7 @@ import pytest
 from conftest import SEMANTIC, run_cli
 from helpers import Session
 from semantic_cli import paths
-from semantic_cli.kvindex import KVIndex, tails_dir
+from semantic_cli.kv.index import KVIndex, tails_dir
 from semantic_cli.locks import AgentLock
 from semantic_cli.store import Store
 
@@ -105,7 +105,7 @@ def test_ls_empty(home):
 
 def test_ls_does_not_import_mlx(home):
     code = (
-        "import sys\nfrom semantic_cli import cli\n"
+        "import sys\nfrom semantic_cli.cli import app as cli\n"
         "try:\n    cli.main(['agents', 'ls', '--json'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm', 'numpy', 'transformers'))\n"
         "assert not heavy, heavy\n"

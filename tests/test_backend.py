@@ -9,23 +9,23 @@ from pathlib import Path
 
 import pytest
 
-from semantic_cli import backend
+from semantic_cli.backend import runtime
 
-PACKAGE = Path(backend.__file__).parent
+PACKAGE = Path(runtime.__file__).parent.parent
 
 
 def test_only_backend_imports_mlx_core_directly():
     offenders = []
-    for path in PACKAGE.glob("*.py"):
-        if path.name == "backend.py":
+    for path in PACKAGE.rglob("*.py"):
+        if path.relative_to(PACKAGE).parts[0] == "backend":
             continue
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if re.match(r"\s*(import mlx\.core|from mlx\.core import|import mlx$)", line):
                 offenders.append(f"{path.name}:{n}")
-    assert offenders == [], "import mlx through backend.mx() so OpenBLAS is loaded first"
+    assert offenders == [], "import mlx through runtime.mx() so OpenBLAS is loaded first"
 
 
-@pytest.mark.skipif(not any(Path(p).exists() for p in backend._OPENBLAS_CANDIDATES), reason="no system OpenBLAS")
+@pytest.mark.skipif(not any(Path(p).exists() for p in runtime._OPENBLAS_CANDIDATES), reason="no system OpenBLAS")
 def test_converting_a_gguf_first_still_gets_openblas(tmp_path):
     """The default model's conversion is often the first thing to touch mlx."""
     bad = tmp_path / "bad.gguf"
@@ -33,12 +33,13 @@ def test_converting_a_gguf_first_still_gets_openblas(tmp_path):
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from semantic_cli import gguf, backend\n"
+        "from semantic_cli.model import convert\n"
+        "from semantic_cli.backend import runtime\n"
         "from semantic_cli.errors import ModelError\n"
-        f"try:\n    gguf.convert_gguf(Path({str(bad)!r}), Path({str(tmp_path / 'out')!r}))\n"
+        f"try:\n    convert.convert_gguf(Path({str(bad)!r}), Path({str(tmp_path / 'out')!r}))\n"
         "except ModelError:\n    pass\n"
         "assert 'mlx.core' in sys.modules\n"
-        "print(backend.info().blas)\n"
+        "print(runtime.info().blas)\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -46,7 +47,7 @@ def test_converting_a_gguf_first_still_gets_openblas(tmp_path):
 
 
 def test_cpu_runs_models_in_float32(tiny):
-    from semantic_cli.models import ModelRef, load
+    from semantic_cli.model.loader import ModelRef, load
 
     lm = load(ModelRef(str(tiny["qwen3"]), str(tiny["qwen3"])))
-    assert backend.info().backend != "cpu" or lm.dtype == "float32"
+    assert runtime.info().backend != "cpu" or lm.dtype == "float32"

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from semantic_cli import backend
-from semantic_cli.bench_resume import first_tokens
+from semantic_cli.backend import runtime
+from semantic_cli.bench.resume import first_tokens
 
 
 def test_mlx_lm_is_given_exactly_the_tokens_the_restore_brings_back(tmp_path):
-    mx = backend.mx()
+    mx = runtime.mx()
     from mlx_lm.models.cache import KVCache, RotatingKVCache, load_prompt_cache, save_prompt_cache
 
     live = KVCache()

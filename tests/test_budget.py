@@ -8,7 +8,7 @@ import time
 
 from conftest import run_cli
 from helpers import Session
-from semantic_cli.kvindex import KVIndex
+from semantic_cli.kv.index import KVIndex
 from semantic_cli.locks import AgentLock
 from semantic_cli.store import Store
 

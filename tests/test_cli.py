@@ -109,7 +109,7 @@ def test_second_process_on_the_same_agent_is_refused(tiny, home):
 def test_help_and_cache_ls_do_not_import_mlx(home):
     code = (
         "import sys\n"
-        "from semantic_cli.cli import main\n"
+        "from semantic_cli.cli.app import main\n"
         "for argv in (['--help'], ['cache', 'ls'], ['agents', 'ls'], ['config', 'show']):\n"
         "    try:\n"
         "        main(argv)\n"

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from semantic_cli import backend, cpu_split
+from semantic_cli.backend import runtime, cpu_split
 from semantic_cli.engine import TurnDone, TurnRequest, get_engine
-from semantic_cli.models import ModelRef
+from semantic_cli.model.loader import ModelRef
 
 needs_split = pytest.mark.skipif(not cpu_split.available(), reason="needs the CPU backend with OpenBLAS and 2+ cores")
 
@@ -19,7 +19,7 @@ def _replies(engine, prompts: list[list[int]], max_tokens: int = 12) -> dict[str
 
 @needs_split
 def test_split_matmul_equals_the_plain_one():
-    mx = backend.mx()
+    mx = runtime.mx()
     import mlx.nn as nn
 
     mx.random.seed(3)
@@ -39,7 +39,7 @@ def test_split_matmul_equals_the_plain_one():
 
 @needs_split
 def test_batched_mode_holds_openblas_to_one_thread_and_gives_it_back():
-    blas = backend.openblas()
+    blas = runtime.openblas()
     before = blas.openblas_get_num_threads()
     cpu_split.set_batched(True)
     try:
@@ -69,4 +69,4 @@ def test_closing_a_batch_early_turns_the_mode_off(tiny):
     assert cpu_split._state["active"]
     events.close()  # what Ctrl-C in a room does
     assert not cpu_split._state["active"]
-    assert backend.openblas().openblas_get_num_threads() == cpu_split._state["threads"]
+    assert runtime.openblas().openblas_get_num_threads() == cpu_split._state["threads"]

@@ -152,7 +152,7 @@ def test_commands_without_a_model_do_not_import_mlx(home, args):
     """`semantic --help`, `semantic cache ls` (and friends) never import mlx or mlx_lm."""
     code = (
         "import sys\n"
-        "from semantic_cli.cli import main\n"
+        "from semantic_cli.cli.app import main\n"
         f"try:\n    main({args!r})\n"
         "except SystemExit as exc:\n    rc = exc.code\n"
         "else:\n    rc = 0\n"

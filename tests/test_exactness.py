@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from semantic_cli import bench_exactness
+from semantic_cli.bench import exactness as bench_exactness
 from semantic_cli.engine import get_engine
-from semantic_cli.models import ModelRef
+from semantic_cli.model.loader import ModelRef
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3_text"])

@@ -23,7 +23,8 @@ import conftest_gguf
 
 conftest_gguf.load_openblas()  # before mlx is imported (no-op if it already was)
 
-from semantic_cli import default_model, gguf  # noqa: E402
+from semantic_cli.model import convert  # noqa: E402
+from semantic_cli.model import default as default_model  # noqa: E402
 from semantic_cli.errors import ModelError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +63,7 @@ def converted(gguf_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     calls: list[tuple[int, int]] = []
     out = tmp_path_factory.mktemp("models") / "smol"
     start = time.perf_counter()
-    gguf.convert_gguf(gguf_path, out, lambda done, total: calls.append((done, total)))
+    convert.convert_gguf(gguf_path, out, lambda done, total: calls.append((done, total)))
     return {"dir": out, "progress": calls, "seconds": time.perf_counter() - start}
 
 
@@ -157,7 +158,7 @@ class ReferenceTokenizer:
 
 def test_conversion_writes_a_private_complete_model(converted: dict) -> None:
     out: Path = converted["dir"]
-    assert gguf.is_converted(out)
+    assert convert.is_converted(out)
     assert stat.S_IMODE(out.stat().st_mode) == 0o700
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(
@@ -165,7 +166,7 @@ def test_conversion_writes_a_private_complete_model(converted: dict) -> None:
             "config.json",
             "generation_config.json",
             "model.safetensors",
-            gguf.MARKER_FILE,
+            convert.MARKER_FILE,
             "special_tokens_map.json",
             "tokenizer.json",
             "tokenizer_config.json",
@@ -315,7 +316,7 @@ def test_converted_model_answers_paris(converted: dict) -> None:
 _KILL_CHILD = """
 import sys, time
 from pathlib import Path
-from semantic_cli.gguf import convert_gguf
+from semantic_cli.model.convert import convert_gguf
 
 def progress(done, total):
     if done == 100:
@@ -342,16 +343,16 @@ def test_killed_conversion_leaves_no_model_and_is_swept(gguf_path: Path, tmp_pat
         child.kill()
         child.wait(timeout=30)
         child.stdout.close()
-    assert not out.exists() and not gguf.is_converted(out)
+    assert not out.exists() and not convert.is_converted(out)
     orphans = [p for p in out.parent.iterdir() if ".partial-" in p.name]
     assert len(orphans) == 1  # what the kill left behind, never at `out`
 
-    gguf.convert_gguf(gguf_path, out)  # the next conversion sweeps the orphan
-    assert gguf.is_converted(out)
+    convert.convert_gguf(gguf_path, out)  # the next conversion sweeps the orphan
+    assert convert.is_converted(out)
     assert [p.name for p in out.parent.iterdir()] == ["smol"]
 
-    gguf.convert_gguf(gguf_path, out)  # replacing a finished model leaves nothing behind
-    assert gguf.is_converted(out)
+    convert.convert_gguf(gguf_path, out)  # replacing a finished model leaves nothing behind
+    assert convert.is_converted(out)
     assert [p.name for p in out.parent.iterdir()] == ["smol"]
 
 
@@ -362,7 +363,7 @@ def test_interrupted_conversion_cleans_up(gguf_path: Path, tmp_path: Path) -> No
 
     out = tmp_path / "smol"
     with pytest.raises(KeyboardInterrupt):
-        gguf.convert_gguf(gguf_path, out, interrupt)
+        convert.convert_gguf(gguf_path, out, interrupt)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -375,7 +376,7 @@ def test_non_llama_gguf_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "gpt2.gguf"
     mx.save_gguf(str(path), {"token_embd.weight": mx.zeros((4, 4))}, {"general.architecture": "gpt2"})
     with pytest.raises(ModelError, match="architecture 'gpt2' is not supported.*mlx-lm model"):
-        gguf.convert_gguf(path, tmp_path / "out")
+        convert.convert_gguf(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -390,7 +391,7 @@ def test_corrupt_gguf_is_a_model_error(damage: str, gguf_path: Path, tmp_path: P
     elif damage == "empty":
         path.write_bytes(b"")
     with pytest.raises(ModelError) as caught:
-        gguf.convert_gguf(path, tmp_path / "out")
+        convert.convert_gguf(path, tmp_path / "out")
     assert "bad.gguf" in caught.value.message
     assert not (tmp_path / "out").exists()
 
@@ -423,7 +424,7 @@ def test_default_model_from_cached_wheel(semantic_home: Path, gguf_path: Path) -
     stages: list[tuple[str, int, int]] = []
     model_dir = default_model.ensure_default_model(lambda *event: stages.append(event))
     assert model_dir == paths.models_dir() / "SmolLM2-135M-Instruct"
-    assert default_model.default_model_ready() and gguf.is_converted(model_dir)
+    assert default_model.default_model_ready() and convert.is_converted(model_dir)
     assert [e[0] for e in stages if e[1] == e[2]] == ["extract", "convert"]  # no download: cached
     assert sorted(p.name for p in paths.downloads_dir().iterdir()) == [default_model.WHEEL_FILENAME]
     stages.clear()
@@ -457,11 +458,11 @@ def test_bad_semantic_gguf_is_a_model_error(semantic_home: Path, monkeypatch: py
 
 def test_module_entry_point_prepares_from_semantic_gguf(gguf_path: Path, tmp_path: Path) -> None:
     env = {**os.environ, "SEMANTIC_HOME": str(tmp_path / "home"), "SEMANTIC_GGUF": str(gguf_path)}
-    command = [sys.executable, "-m", "semantic_cli.default_model"]
+    command = [sys.executable, "-m", "semantic_cli.model.default"]
     first = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     assert "convert: done" in first.stderr and "ready at" in first.stderr
     model_dir = tmp_path / "home" / "data" / "models" / "SmolLM2-135M-Instruct"
-    assert gguf.is_converted(model_dir)
+    assert convert.is_converted(model_dir)
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "convert" not in again.stderr

@@ -1,6 +1,6 @@
 """KVStore against real files, without a model: dtypes survive the round trip,
 restored buffers hold exactly what was saved, and uninitialised allocation works,
-natively (semantic_cli/_native.cpp) and from Python."""
+natively (semantic_cli/backend/_native.cpp) and from Python."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from semantic_cli import backend, blockfile
-from semantic_cli.blockfile import file_checksum
-from semantic_cli.kvindex import KVIndex, block_path
-from semantic_cli.kvlayers import CacheSpec
-from semantic_cli.kvstore import KVStore
+from semantic_cli.backend import runtime, buffers
+from semantic_cli.kv import blockfile
+from semantic_cli.kv.blockfile import file_checksum
+from semantic_cli.kv.index import KVIndex, block_path
+from semantic_cli.kv.layers import CacheSpec
+from semantic_cli.kv.store import KVStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import build_native  # noqa: E402  (where the build looks for xxhash.h)
@@ -28,9 +29,9 @@ def restore_code(request, monkeypatch) -> str:
     """Runs a test with the compiled restore loops and with Python's."""
     if request.param == "python":
         monkeypatch.setenv("SEMANTIC_NATIVE", "0")
-    elif backend.restore_code() != "native":
+    elif buffers.restore_code() != "native":
         pytest.skip("the native restore loops are not built here (scripts/build_native.py --force says why)")
-    assert backend.restore_code() == request.param
+    assert buffers.restore_code() == request.param
     return request.param
 
 
@@ -46,7 +47,7 @@ def _kv_cache(mx, tokens: int, dtype):
 def test_kv_and_snapshot_layers_come_back_in_their_own_dtype(home, restore_code, dtype_name):
     """numpy has no bfloat16: its bits are stored as uint16 and must come back as bfloat16
     (GPU backends run models, and so caches, in bfloat16)."""
-    mx = backend.mx()
+    mx = runtime.mx()
     from mlx_lm.models.cache import RotatingKVCache
 
     dtype = getattr(mx, dtype_name)
@@ -75,7 +76,7 @@ def test_kv_and_snapshot_layers_come_back_in_their_own_dtype(home, restore_code,
 
 
 def test_restored_buffers_hold_the_saved_tokens_and_room_to_grow(home, restore_code):
-    mx = backend.mx()
+    mx = runtime.mx()
     cache = [_kv_cache(mx, 300, mx.float32) for _ in range(2)]
     ids = list(range(300))
     store = KVStore(128, 1 << 40, 0)
@@ -88,9 +89,9 @@ def test_restored_buffers_hold_the_saved_tokens_and_room_to_grow(home, restore_c
 
 
 def test_empty_arrays_are_separate_writable_buffers_of_the_asked_shapes(restore_code):
-    mx = backend.mx()
+    mx = runtime.mx()
     specs = [((2, 3, 5), dtype) for dtype in ("float32", "float16", "int32", "bfloat16", "uint16")] + [((4, 6), "float32")] * 2
-    arrays = backend.empty_arrays(specs)
+    arrays = buffers.empty_arrays(specs)
     assert [(a.shape, a.dtype) for a in arrays] == [(shape, getattr(mx, dtype)) for shape, dtype in specs]
     a, b = arrays[-2:]
     np.asarray(a)[...] = np.arange(24, dtype=np.float32).reshape(4, 6)  # the numpy view is MLX's own buffer
@@ -105,23 +106,23 @@ def test_setup_builds_the_native_restore_loops_wherever_it_can():
     pytest.importorskip("nanobind")
     if shutil.which("c++") is None:
         pytest.skip("no C++ compiler here")
-    assert backend.native() is not None
+    assert buffers.native() is not None
     if build_native.xxhash_include_dir() is not None:
-        assert backend.restore_code() == "native"
+        assert buffers.restore_code() == "native"
 
 
 def test_native_loops_built_for_another_mlx_are_not_used(monkeypatch):
-    native = backend.native()
+    native = buffers.native()
     if native is None:
         pytest.skip("the native restore loops are not built here")
     monkeypatch.setattr(native, "mlx_version", "0.0.1")  # as after `pip install -U mlx` without `make native`
-    assert backend.native() is None and backend.restore_code() == "python"
-    assert backend.empty_arrays([((2, 3), "float32")])[0].shape == (2, 3)
+    assert buffers.native() is None and buffers.restore_code() == "python"
+    assert buffers.empty_arrays([((2, 3), "float32")])[0].shape == (2, 3)
 
 
 @pytest.mark.parametrize("how", ["truncate", "bitflip"])
 def test_a_damaged_block_ends_the_restore_just_before_it(home, restore_code, how):
-    mx = backend.mx()
+    mx = runtime.mx()
     cache = [_kv_cache(mx, 300, mx.float32) for _ in range(2)]
     ids = list(range(300))
     store = KVStore(128, 1 << 40, 0)
@@ -151,7 +152,7 @@ def _reading(path: Path, read):
 
 
 def test_native_reads_match_pythons_bytes_checksum_and_end_of_file(tmp_path):
-    native = backend.native()
+    native = buffers.native()
     if native is None or not hasattr(native, "read_hashed"):
         pytest.skip("the native restore loops are not built here")
     payload = np.random.default_rng(3).integers(0, 256, 3_000_000, dtype=np.uint8).tobytes()

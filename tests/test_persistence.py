@@ -9,8 +9,8 @@ import pytest
 
 from helpers import Session
 from semantic_cli import paths
-from semantic_cli.blockfile import file_checksum
-from semantic_cli.kvindex import KVIndex, block_path, tails_dir
+from semantic_cli.kv.blockfile import file_checksum
+from semantic_cli.kv.index import KVIndex, block_path, tails_dir
 
 LONG = " ".join(f"line {i}: the quick brown fox jumps over the lazy dog." for i in range(30))
 
@@ -48,14 +48,14 @@ def test_restored_buffers_room_to_grow_is_never_read(tiny, tmp_path, monkeypatch
     """Restored buffers are allocated uninitialised past the saved tokens (no page faults for
     room a reply may never use). Filled with NaNs there, the resumed reply is still exact."""
 
-    from semantic_cli import backend
+    from semantic_cli.backend import buffers
 
     monkeypatch.setenv("SEMANTIC_BLOCK_TOKENS", "32")
     turns = [LONG, "tell me more about the fox", "and the dog?"]
     monkeypatch.setenv("SEMANTIC_HOME", str(tmp_path / "hot"))
     _, hot_ids = _conversation(tiny["llama"], turns, restart_before_last=False)
 
-    real_empty_arrays = backend.empty_arrays
+    real_empty_arrays = buffers.empty_arrays
     poisoned = []
 
     def empty_full_of_nans(specs: list[tuple[tuple[int, ...], str]]):  # all-ones bits: NaN in every float type
@@ -65,7 +65,7 @@ def test_restored_buffers_room_to_grow_is_never_read(tiny, tmp_path, monkeypatch
         poisoned.extend(specs)
         return arrays
 
-    monkeypatch.setattr(backend, "empty_arrays", empty_full_of_nans)
+    monkeypatch.setattr(buffers, "empty_arrays", empty_full_of_nans)
     monkeypatch.setenv("SEMANTIC_HOME", str(tmp_path / "warm"))
     warm, warm_ids = _conversation(tiny["llama"], turns, restart_before_last=True)
     assert warm[-1].tier == "warm" and poisoned

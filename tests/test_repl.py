@@ -23,10 +23,10 @@ from conftest import SEMANTIC, run_cli
 from prompt_toolkit.document import Document
 from rich.console import Console
 
-from semantic_cli import slash
+from semantic_cli.cli import slash
 from semantic_cli.errors import UsageError
-from semantic_cli.repl import Reply, TurnView, block_open, unblock
-from semantic_cli.slash import printable
+from semantic_cli.cli.repl import Reply, TurnView, block_open, unblock
+from semantic_cli.cli.slash import printable
 
 ANSI = re.compile(r"\x1b\[[0-9;?<>=]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[()][A-Za-z0-9]|\x1b[@-Z\\-_]")
 FOOTER = r"ttft [\d.]+s · prompt \d+ tok/s · gen [\d.]+ tok/s · prefilled (\d+) of (\d+) tokens"

@@ -13,15 +13,15 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from . import backend
-from .bench import Results, summary
-from .kvlayers import CacheSpec
+from ..backend import runtime
+from .results import Results, summary
+from ..kv.layers import CacheSpec
 
 GEOMETRY = {"layers": 30, "kv_heads": 3, "head_dim": 64, "dtype": "float32"}
 
 
 def synthetic_cache(tokens: int, layers: int, kv_heads: int, head_dim: int) -> list[Any]:
-    mx = backend.mx()
+    mx = runtime.mx()
     from mlx_lm.models.cache import KVCache
 
     mx.random.seed(6)
@@ -39,7 +39,7 @@ def synthetic_cache(tokens: int, layers: int, kv_heads: int, head_dim: int) -> l
 def run(tokens: int = 8192, runs: int = 50, block_tokens: int = 256, on_progress: Any = None) -> Results:
     import numpy as np
 
-    from .kvstore import KVStore
+    from ..kv.store import KVStore
 
     g = GEOMETRY
     res = Results("exp-006", {"name": "synthetic SmolLM2-135M geometry", **g}, {"tokens": tokens, "runs": runs, "block_tokens": block_tokens})
@@ -53,7 +53,7 @@ def run(tokens: int = 8192, runs: int = 50, block_tokens: int = 256, on_progress
     stats = store.persist("exp-006", model_fp, spec, ids, cache, protect=set())
     persist_s = time.perf_counter() - t
     del cache
-    backend.freeze_startup_objects()  # the state a chat process is in once its model is loaded
+    runtime.freeze_startup_objects()  # the state a chat process is in once its model is loaded
     prompt = ids + [1]
     restore_s: list[float] = []
     for i in range(runs):

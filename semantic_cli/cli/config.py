@@ -7,7 +7,8 @@ import sys
 
 import typer
 
-from . import config, paths, render
+from .. import config, paths
+from . import render
 
 app = typer.Typer(help="Show and change settings (a TOML file in the config dir).", no_args_is_help=True)
 
@@ -45,12 +46,12 @@ def path() -> None:
 
 def doctor(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Backend, device, BLAS, dtype, model and directories."""
-    from . import backend
-    from .default_model import default_model_dir, default_model_ready
-    from .models import DEFAULT, requested_spec
+    from ..backend import runtime, buffers
+    from ..model.default import default_model_dir, default_model_ready
+    from ..model.loader import DEFAULT, requested_spec
 
-    info = backend.info()
-    restore = backend.restore_code()
+    info = runtime.info()
+    restore = buffers.restore_code()
     spec = requested_spec(None)
     report = {
         "version": __import__("semantic_cli").__version__,

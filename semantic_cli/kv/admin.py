@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from . import blockfile, paths
+from . import blockfile
+from .. import paths
 from .blockfile import BlockFileError
-from .kvindex import KVIndex, block_name, block_path, remove_file, tails_dir
-from .locks import holder
-from .store import Store
+from .index import KVIndex, block_name, block_path, remove_file, tails_dir
+from ..locks import holder
+from ..store import Store
 
 
 @dataclass(frozen=True)

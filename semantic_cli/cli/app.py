@@ -13,8 +13,8 @@ import sys
 import click
 import typer
 
-from . import __version__
-from .errors import EXIT_INTERRUPTED, EXIT_USAGE, SemanticError
+from .. import __version__
+from ..errors import EXIT_INTERRUPTED, EXIT_USAGE, SemanticError
 
 app = typer.Typer(
     name="semantic",
@@ -40,14 +40,14 @@ def _root(
 
 
 def _register() -> None:
-    from . import cli_agents, cli_bench, cli_cache, cli_chat, cli_config
+    from . import agents, bench, cache, chat, config
 
-    app.command("chat")(cli_chat.chat)
-    app.command("doctor")(cli_config.doctor)
-    app.add_typer(cli_agents.app, name="agents")
-    app.add_typer(cli_cache.app, name="cache")
-    app.add_typer(cli_config.app, name="config")
-    app.add_typer(cli_bench.app, name="bench")
+    app.command("chat")(chat.chat)
+    app.command("doctor")(config.doctor)
+    app.add_typer(agents.app, name="agents")
+    app.add_typer(cache.app, name="cache")
+    app.add_typer(config.app, name="config")
+    app.add_typer(bench.app, name="bench")
 
 
 _register()

@@ -22,8 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import backend
-from .errors import ModelError
+from ..backend import runtime
+from ..errors import ModelError
 
 # Bumped whenever the output layout changes, so stale conversions are redone.
 CONVERTER_VERSION = 1
@@ -85,7 +85,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, on_progress: Progress | None = 
     try:
         weights = _convert_weights(tensors, names, hp, on_progress)
         del tensors
-        mx = backend.mx()
+        mx = runtime.mx()
 
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
         del weights
@@ -121,7 +121,7 @@ def is_converted(model_dir: Path) -> bool:
 def _read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if not path.is_file():
         raise ModelError(f"GGUF file not found: {path}")
-    mx = backend.mx()
+    mx = runtime.mx()
 
     try:
         tensors, meta = mx.load(str(path), format="gguf", return_metadata=True)
@@ -218,7 +218,7 @@ def _plan_tensor_names(tensors: dict[str, Any], hp: dict[str, Any], path: Path) 
 def _convert_weights(
     tensors: dict[str, Any], names: dict[str, str], hp: dict[str, Any], on_progress: Progress | None
 ) -> dict[str, Any]:
-    mx = backend.mx()
+    mx = runtime.mx()
 
     out: dict[str, Any] = {}
     total = len(names)
@@ -237,7 +237,7 @@ def _convert_weights(
 
 def _dequantize(tensors: dict[str, Any], base: str) -> Any:
     """float32 values of one GGUF tensor, exactly as llama.cpp computes them."""
-    mx = backend.mx()
+    mx = runtime.mx()
 
     weight = tensors[base]
     prefix = base[: -len(".weight")]

@@ -25,9 +25,10 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
-from . import paths, render, slash
-from .errors import SemanticError
-from .rooms import address
+from .. import paths
+from . import render, slash
+from ..errors import SemanticError
+from ..rooms import address
 from .slash import printable
 
 PREFILL_BAR_MIN = 256  # shorter prefills are over before a bar could be read
@@ -228,8 +229,8 @@ class Repl:
     def turn(self, targets: list[tuple[Any, str]], titles: dict[str, str] | None = None) -> list[Any]:
         """Run the turns, streaming them live; returns their TurnRecorded events.
         Ctrl-C: the core keeps the partial replies; KeyboardInterrupt is re-raised."""
-        from .chat import Notice, TurnRecorded
-        from .engine import PromptProgress, TokenEvent
+        from ..chat import Notice, TurnRecorded
+        from ..engine import PromptProgress, TokenEvent
 
         with render.progress(self.err) as progress:  # model download/conversion, loading
             pendings = [self.session.prepare(a, body, self.settings, progress) for a, body in targets]

@@ -17,11 +17,13 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import backend, blockfile, paths
+from ..backend import runtime
+from . import blockfile
+from .. import paths
 from .blockfile import BlockFileError
-from .kvindex import BlockRow, KVIndex, TailRow, block_name, block_path, tails_dir
-from .kvlayers import CacheSpec, cache_nbytes, snapshot_state
-from .kvrestore import CacheFile, read_cache
+from .index import BlockRow, KVIndex, TailRow, block_name, block_path, tails_dir
+from .layers import CacheSpec, cache_nbytes, snapshot_state
+from .restore import CacheFile, read_cache
 
 
 def chain_hashes(model_fp: str, tokens: list[int], block_tokens: int) -> list[str]:
@@ -169,7 +171,7 @@ class KVStore:
     # ---- persist ------------------------------------------------------
     def persist(self, agent: str, model: str, spec: CacheSpec, tokens: list[int], cache: list[Any], protect: set[str]) -> PersistStats:
         """Write the new full blocks and the tail of `cache` (which covers `tokens`)."""
-        mx = backend.mx()
+        mx = runtime.mx()
         import numpy as np
 
         if not spec.persistable:
@@ -178,7 +180,7 @@ class KVStore:
         hashes = chain_hashes(model, tokens, B)
         existing = self.index.blocks(hashes)
         arrays_np: dict[int, tuple[Any, Any]] = {}
-        kv_dtype = backend.dtype_name(cache[spec.kv_layers[0]].keys.dtype) if spec.kv_layers else None
+        kv_dtype = runtime.dtype_name(cache[spec.kv_layers[0]].keys.dtype) if spec.kv_layers else None
         for layer in spec.kv_layers:
             c = cache[layer]
             if c.offset != len(tokens):
@@ -215,7 +217,7 @@ class KVStore:
         snap_arrays: list[tuple[str, str, tuple[int, ...], list[memoryview]]] = []
         for layer in spec.snapshot_layers:
             cls, arrays, scalars = snapshot_state(cache[layer])
-            snap_headers[str(layer)] = {"class": cls, "scalars": scalars, "dtypes": {key: backend.dtype_name(a.dtype) for key, a in arrays}}
+            snap_headers[str(layer)] = {"class": cls, "scalars": scalars, "dtypes": {key: runtime.dtype_name(a.dtype) for key, a in arrays}}
             for key, a in arrays:
                 mx.eval(a)
                 npa = np.ascontiguousarray(_as_numpy(np, mx, a))

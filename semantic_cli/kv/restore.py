@@ -8,8 +8,8 @@ reported, never trusted: the caller drops it and re-prefills from there.
 Where the time goes (SmolLM2, 2-core dev VM, new process): ~80% of the CPU is
 the kernel (page faults on fresh memory, the copy out of the page cache), as in
 mlx-lm's own load; the rest is mostly the checksum mlx-lm does not have.
-Where semantic_cli/_native.cpp is built, the 60 buffers are allocated in ~0.3 ms
-(~7 ms from Python: see backend.empty_arrays), and each file's reads and xxh3 run
+Where semantic_cli/backend/_native.cpp is built, the 60 buffers are allocated in ~0.3 ms
+(~7 ms from Python: see buffers.empty_arrays), and each file's reads and xxh3 run
 without the GIL (blockfile.read_into): ~7% less wall time at 8K tokens.
 """
 
@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import backend, blockfile
+from ..backend import runtime, buffers
+from . import blockfile
 from .blockfile import BlockFileError
-from .kvlayers import CacheSpec, from_snapshot, restored_kv_cache
+from .layers import CacheSpec, from_snapshot, restored_kv_cache
 
 _READERS = min(4, os.cpu_count() or 1)
 STEP = 256  # KVCache's growth step: restored buffers get spare capacity in these units
@@ -53,7 +54,7 @@ class _Read:
 
 def read_cache(spec: CacheSpec, files: list[CacheFile], prompt: list[int], capacity: int) -> tuple[list[Any] | None, int, Damage | None]:
     """The cache the files rebuild (or None), the tokens it covers, and the first damaged file."""
-    mx = backend.mx()
+    mx = runtime.mx()
     import numpy as np
 
     # The buffers' geometry and dtype, from the first file (every read checks its own against them).
@@ -72,10 +73,10 @@ def read_cache(spec: CacheSpec, files: list[CacheFile], prompt: list[int], capac
     # Uninitialised: every byte up to `total` is read into. The spare capacity is left
     # as it is (no page faults now for room a reply may never use): caches never read
     # past their offset, and a test fills it with NaNs to prove it.
-    allocated = backend.empty_arrays([((1, geometry[name][0], cap, geometry[name][1]), geometry[name][2]) for name in names])
-    buffers = dict(zip(names, allocated))
+    allocated = buffers.empty_arrays([((1, geometry[name][0], cap, geometry[name][1]), geometry[name][2]) for name in names])
+    kv_arrays = dict(zip(names, allocated))
     token_bytes = {name: geometry[name][1] * np.dtype(geometry[name][2]).itemsize for name in names}
-    rows = {name: _head_rows(buffers[name], geometry[name][0], cap * token_bytes[name]) for name in names}  # per head, its bytes
+    rows = {name: _head_rows(kv_arrays[name], geometry[name][0], cap * token_bytes[name]) for name in names}  # per head, its bytes
 
     def read_one(file: CacheFile) -> _Read:
         snapshots: dict[str, Any] = {}
@@ -140,7 +141,7 @@ def read_cache(spec: CacheSpec, files: list[CacheFile], prompt: list[int], capac
     cache: list[Any] = []
     for layer, kind in enumerate(spec.kinds):
         if kind == "kv":
-            keys, values = (as_dtype(mx, buffers[f"{kv}{layer}"], kv_dtype) for kv in "kv")
+            keys, values = (as_dtype(mx, kv_arrays[f"{kv}{layer}"], kv_dtype) for kv in "kv")
             cache.append(restored_kv_cache(keys, values, matched))
         else:
             cache.append(from_snapshot(*snapshots[layer]))

@@ -19,8 +19,8 @@ MODEL = typer.Option(None, "--model", help="Model to benchmark (default: the con
 
 
 def _engine(model: str | None) -> Any:
-    from .engine import get_engine
-    from .models import resolve
+    from ..engine import get_engine
+    from ..model.loader import resolve
 
     err = render.stderr()
     with render.progress(err, enabled=err.is_terminal) as progress:
@@ -45,7 +45,7 @@ def _finish(res: Any, rows: list[tuple[str, ...]], out: Path | None, json_out: b
 @app.command("exp-005")
 def exp005(model: Optional[str] = MODEL, out: Optional[Path] = OUT, json_out: bool = JSON) -> None:
     """Exactness: engine (BatchGenerator) vs mlx_lm.generate, greedy, on 1, 2 and 8 blocks."""
-    from . import bench_exactness as b
+    from ..bench import exactness as b
 
     res = b.run(_engine(model))
     _finish(res, b.table(res), out, json_out)
@@ -61,10 +61,11 @@ def exp006(
     json_out: bool = JSON,
 ) -> None:
     """Block gather: rebuild an 8K-token cache of the default model's geometry from blocks (p50/p95/p99)."""
-    from . import backend, bench_gather as b
-    from .bench_resume import scratch_home
+    from ..backend import runtime
+    from ..bench import gather as b
+    from ..bench.resume import scratch_home
 
-    backend.mx()
+    runtime.mx()
     with scratch_home(), render.progress(render.stderr(), enabled=render.stderr().is_terminal) as progress:
         res = b.run(tokens=tokens, runs=runs, on_progress=progress)
     r = res.results
@@ -90,7 +91,7 @@ def resume(
     json_out: bool = JSON,
 ) -> None:
     """Time to first token with 1K-8K tokens of history: cold vs warm vs hot; write cost; dedup."""
-    from . import bench_resume as b
+    from ..bench import resume as b
 
     engine = _engine(model)
     with render.progress(render.stderr(), enabled=render.stderr().is_terminal) as progress:
@@ -114,7 +115,7 @@ def batch(
     json_out: bool = JSON,
 ) -> None:
     """Aggregate tokens/s and TTFT for N agents at once vs the same N turns one after another."""
-    from . import bench_batch as b
+    from ..bench import batch as b
 
     engine = _engine(model)
     with render.progress(render.stderr(), enabled=render.stderr().is_terminal) as progress:

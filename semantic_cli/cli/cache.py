@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 
 from . import render
-from .errors import CacheDamageError, UsageError
+from ..errors import CacheDamageError, UsageError
 
 app = typer.Typer(help="Inspect and manage the persistent KV cache.", no_args_is_help=True)
 
@@ -37,8 +37,8 @@ def human_age(ts: float | None) -> str:
 
 
 def _open() -> tuple:
-    from .kvindex import KVIndex
-    from .store import Store
+    from ..kv.index import KVIndex
+    from ..store import Store
 
     return KVIndex(), Store()
 
@@ -46,7 +46,7 @@ def _open() -> tuple:
 @app.command("ls")
 def ls(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """One row per agent: tokens in transcript and cache, blocks, bytes, tier, last use."""
-    from .cacheadmin import scan
+    from ..kv.admin import scan
 
     index, store = _open()
     found = scan(index, store)
@@ -94,9 +94,9 @@ def evict(
     json_out: bool = typer.Option(False, "--json", help="Print the plan (and result) as JSON."),
 ) -> None:
     """Drop cached KV blocks: scan, show the plan and the bytes it frees, then do it."""
-    from .cacheadmin import execute_eviction, plan_eviction, scan
-    from .config import parse_bytes, parse_duration
-    from .store import validate_name
+    from ..kv.admin import execute_eviction, plan_eviction, scan
+    from ..config import parse_bytes, parse_duration
+    from ..store import validate_name
 
     agents = agents or []
     for name in agents:
@@ -107,7 +107,7 @@ def evict(
     found = scan(index, store)
     unknown = [a for a in agents if a not in {r.agent for r in found.agents}]
     if unknown:
-        from .errors import NotFoundError
+        from ..errors import NotFoundError
 
         raise NotFoundError(f"no agent named {unknown[0]!r}; see `semantic cache ls`")
     plan = plan_eviction(
@@ -145,7 +145,7 @@ def verify(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Re-check every block's checksum and name, and the index against the files."""
-    from .cacheadmin import verify as run_verify
+    from ..kv.admin import verify as run_verify
 
     index, _ = _open()
     report = run_verify(index, repair)

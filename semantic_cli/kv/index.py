@@ -15,8 +15,8 @@ from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import paths
-from .db import Transaction, connect
+from .. import paths
+from ..db import Transaction, connect
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS blocks (

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from . import backend
+from ..backend import buffers
 
 MAGIC = b"SMKV1\n"
 ALIGN = 64
@@ -152,7 +152,7 @@ def read_into(path: Path, checksum: str, plan: Callable[[dict], list[memoryview]
         views = plan(header)
         if sum(len(v) for v in views) != declared:
             raise BlockFileError("arrays do not add up to the file")
-        compiled = backend.native()
+        compiled = buffers.native()
         if compiled is not None and hasattr(compiled, "read_hashed"):
             status, digest = compiled.read_hashed(fd, len(prefix), views, prefix, GROUP_BYTES)  # the same loop, without the GIL
             if status == -1:

@@ -5,7 +5,7 @@ has never touched, where first-touch page faults cost as much as the reads. So
 the restore and mlx-lm's `load_prompt_cache` are each timed here, in their own
 process, after the imports (which a chat process has done by then).
 
-    python -m semantic_cli.bench_probe '{"op": "restore", ...}'   ->   {"seconds": 0.21}
+    python -m semantic_cli.bench.probe '{"op": "restore", ...}'   ->   {"seconds": 0.21}
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from typing import Any
 
 
 def probe(job: dict[str, Any]) -> float:
-    from . import backend
-    from .kvlayers import CacheSpec
-    from .kvstore import KVStore
+    from ..backend import runtime
+    from ..kv.layers import CacheSpec
+    from ..kv.store import KVStore
 
-    mx = backend.mx()
+    mx = runtime.mx()
     from mlx_lm.models.cache import load_prompt_cache
 
-    backend.freeze_startup_objects()
+    runtime.freeze_startup_objects()
     if job["op"] == "restore":
         store = KVStore(job["block_tokens"], disk_budget=1 << 62, hot_budget=0)
         prompt = job["prompt"]
@@ -44,7 +44,7 @@ def run_probe(job: dict[str, Any]) -> float:
     """Run `probe(job)` in a fresh interpreter (same SEMANTIC_HOME); its seconds."""
     import subprocess
 
-    out = subprocess.run([sys.executable, "-m", "semantic_cli.bench_probe", json.dumps(job)], capture_output=True, text=True, check=False)
+    out = subprocess.run([sys.executable, "-m", "semantic_cli.bench.probe", json.dumps(job)], capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"bench probe failed: {out.stderr.strip().splitlines()[-1:]}")
     return float(json.loads(out.stdout)["seconds"])

@@ -6,8 +6,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .bench import Results, model_info
-from .engine import Engine, TokenEvent, TurnDone, TurnRequest
+from .results import Results, model_info
+from ..engine import Engine, TokenEvent, TurnDone, TurnRequest
 
 QUESTIONS = [
     "Name three uses of a hash table.",
@@ -44,7 +44,7 @@ def _run(engine: Engine, requests: list[TurnRequest]) -> dict[str, Any]:
 
 
 def run(engine: Engine, agents: tuple[int, ...] = (1, 2, 4, 8), max_tokens: int = 64, on_progress: Any = None) -> Results:
-    from . import cpu_split
+    from ..backend import cpu_split
 
     # split_matmuls: whether batches of 2+ ran their matmuls on two CPU streams (see cpu_split).
     config = {"agents": list(agents), "max_tokens": max_tokens, "split_matmuls": cpu_split.available()}

@@ -19,7 +19,7 @@ from prompt_toolkit.document import Document
 from rich.table import Table
 
 from . import render
-from .errors import SemanticError, UsageError
+from ..errors import SemanticError, UsageError
 
 # Model output may hold raw control characters (an ESC would let a reply drive the
 # terminal and break the live redraw): show them as visible symbols instead.
@@ -51,7 +51,7 @@ def _help(repl: Any, arg: str) -> None:
 def _agent(repl: Any, arg: str) -> None:
     if not arg:
         raise UsageError("which agent? /agent NAME (/agents lists them)")
-    from .store import validate_name
+    from ..store import validate_name
 
     name = validate_name(arg.split()[0])
     if name not in repl.agents:

@@ -17,12 +17,13 @@ from typing import Any, Iterator, Optional
 
 import typer
 
-from . import paths, render
-from .cli_cache import human_age, human_bytes
-from .errors import BadInputError, UsageError
-from .kvindex import KVIndex
-from .locks import AgentLock
-from .store import Agent, Message, Store, validate_name
+from .. import paths
+from . import render
+from .cache import human_age, human_bytes
+from ..errors import BadInputError, UsageError
+from ..kv.index import KVIndex
+from ..locks import AgentLock
+from ..store import Agent, Message, Store, validate_name
 
 app = typer.Typer(help="Manage agents: named personas with their own conversation and cache.", no_args_is_help=True)
 
@@ -78,7 +79,7 @@ def _read_system(system: str | None, system_file: Path | None) -> str | None:
 def _check_model(spec: str) -> str:
     """Validate a model spec without loading it; local paths are stored absolute so
     the agent works from any directory."""
-    from .models import DEFAULT, resolve
+    from ..model.loader import DEFAULT, resolve
 
     if spec == DEFAULT:
         return spec  # resolving it would download and convert the default model
@@ -185,7 +186,7 @@ def new(
     top_p: Optional[float] = TOP_P,
 ) -> None:
     """Create an agent with a persona, a model and sampling settings."""
-    from .models import requested_spec
+    from ..model.loader import requested_spec
 
     validate_name(name)
     persona = _read_system(system, system_file) or ""

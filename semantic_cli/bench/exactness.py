@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import time
 
-from . import backend
-from .bench import Results, filler_tokens, model_info
-from .engine import PREFILL_STEP, Engine, TurnDone, TurnRequest
+from ..backend import runtime
+from .results import Results, filler_tokens, model_info
+from ..engine import PREFILL_STEP, Engine, TurnDone, TurnRequest
 
 
 def reference_ids(engine: Engine, prompt: list[int], max_tokens: int) -> list[int]:
-    mx = backend.mx()
+    mx = runtime.mx()
     from mlx_lm.generate import generate_step
 
     eos = engine.lm.tokenizer.eos_token_ids

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import config, paths
-from .errors import ModelError, NotFoundError
+from .. import config, paths
+from ..errors import ModelError, NotFoundError
 
 DEFAULT = "default"
 _HF_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -39,7 +39,7 @@ def resolve(spec: str | None, on_progress: Progress | None = None) -> ModelRef:
     """Turn a model spec into something loadable, preparing it if needed."""
     spec = spec or requested_spec(None)
     if spec == DEFAULT:
-        from .default_model import ensure_default_model
+        from .default import ensure_default_model
 
         return ModelRef(DEFAULT, str(ensure_default_model(on_progress)))
     path = Path(spec).expanduser()
@@ -57,7 +57,7 @@ def resolve(spec: str | None, on_progress: Progress | None = None) -> ModelRef:
 
 
 def _converted_gguf(gguf: Path, on_progress: Progress | None) -> Path:
-    from .gguf import convert_gguf, is_converted
+    from .convert import convert_gguf, is_converted
 
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
@@ -81,9 +81,9 @@ class LoadedModel:
 
 
 def load(ref: ModelRef) -> LoadedModel:
-    from . import backend
+    from ..backend import runtime
 
-    backend.mx()  # backend set-up before mlx_lm imports mlx
+    runtime.mx()  # backend set-up before mlx_lm imports mlx
     # transformers (mlx-lm's tokenizer loader) logs advisories on stderr; stderr is ours.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -96,11 +96,11 @@ def load(ref: ModelRef) -> LoadedModel:
         raise
     except Exception as exc:  # mlx-lm raises many kinds for a bad model
         raise ModelError(f"could not load model {ref.spec!r}: {exc}") from exc
-    dtype = backend.apply_dtype_policy(model)
+    dtype = runtime.apply_dtype_policy(model)
     tok_fp = _tokenizer_fingerprint(model_dir)
     fp = hashlib.sha256(f"{_weights_fingerprint(model_dir)}|{tok_fp}|{dtype}".encode()).hexdigest()[:32]
     name = Path(ref.path).name if ref.spec == DEFAULT or Path(ref.path).exists() else ref.spec
-    backend.freeze_startup_objects()
+    runtime.freeze_startup_objects()
     return LoadedModel(ref, model, tokenizer, dtype, fp, tok_fp, _context_length(model_dir), name)
 
 

@@ -18,12 +18,12 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from . import backend
-from .bench import Results, filler_tokens, model_info, summary
-from .bench_probe import run_probe
-from .chat import Chat, GenSettings, TurnRecorded
-from .engine import Engine, TokenEvent, TurnDone
-from .store import Store
+from ..backend import runtime
+from .results import Results, filler_tokens, model_info, summary
+from .probe import run_probe
+from ..chat import Chat, GenSettings, TurnRecorded
+from ..engine import Engine, TokenEvent, TurnDone
+from ..store import Store
 
 QUESTION = "In one word: is this about caching?"
 INPROCESS_PAIRS = 7  # restore/load pairs timed in this process (cheap: no model calls)
@@ -62,7 +62,7 @@ def timed_turn(chat: Chat, name: str, text: str, model: str, max_tokens: int = 1
 
 
 def run(engine: Engine, sizes: tuple[int, ...] = (1024, 2048, 4096, 8192), repeats: int = 3, on_progress: Any = None) -> Results:
-    mx = backend.mx()
+    mx = runtime.mx()
     from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
     lm = engine.lm

@@ -16,9 +16,9 @@ SCHEMA_VERSION = 1
 
 
 def machine() -> dict[str, Any]:
-    from . import backend
+    from ..backend import runtime, buffers
 
-    info = backend.info()
+    info = runtime.info()
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -41,7 +41,7 @@ def machine() -> dict[str, Any]:
         "device": info.device,
         "blas": info.blas,
         "python": platform.python_version(),
-        "restore_code": backend.restore_code(),
+        "restore_code": buffers.restore_code(),
     }
 
 
@@ -101,7 +101,7 @@ class Results:
         }
 
     def write(self, path: Path | None) -> Path:
-        from . import paths
+        from .. import paths
 
         if path is None:
             out_dir = paths.data_dir() / "bench"
