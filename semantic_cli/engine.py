@@ -8,8 +8,9 @@ KV cache. The engine yields small event records and never prints.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from .model import loader
 from .model.loader import LoadedModel, ModelRef
@@ -104,7 +105,7 @@ class Engine:
         Closing the iterator early (Ctrl-C in the caller) removes the unfinished
         sequences so the generator stays usable.
         """
-        from .backend import runtime, cpu_split
+        from .backend import cpu_split, runtime
 
         mx = runtime.mx()
         from mlx_lm.sample_utils import make_sampler

@@ -21,7 +21,7 @@ class AgentLock:
         self.path: Path = paths.locks_dir() / f"{name}.lock"
         self._fd: int | None = None
 
-    def acquire(self, wait: bool = False, timeout: float | None = None) -> "AgentLock":
+    def acquire(self, wait: bool = False, timeout: float | None = None) -> AgentLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -33,7 +33,7 @@ class AgentLock:
                     owner = _read_pid(fd)
                     os.close(fd)
                     who = f" (pid {owner})" if owner else ""
-                    raise BusyError(f"agent {self.name!r} is busy{who}; wait for it to finish or pass --wait")
+                    raise BusyError(f"agent {self.name!r} is busy{who}; wait for it to finish or pass --wait") from None
                 time.sleep(0.1)
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
@@ -45,7 +45,7 @@ class AgentLock:
             os.close(self._fd)  # closing drops the flock
             self._fd = None
 
-    def __enter__(self) -> "AgentLock":
+    def __enter__(self) -> AgentLock:
         return self.acquire()
 
     def __exit__(self, *_: object) -> None:

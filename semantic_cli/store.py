@@ -58,9 +58,7 @@ CREATE TABLE IF NOT EXISTS rooms (
 
 def validate_name(name: str, what: str = "agent") -> str:
     if not NAME_RE.fullmatch(name or ""):
-        raise UsageError(
-            f"invalid {what} name {name!r}: use 1-64 characters of a-z, 0-9, '_' and '-', starting with a letter or digit"
-        )
+        raise UsageError(f"invalid {what} name {name!r}: use 1-64 characters of a-z, 0-9, '_' and '-', starting with a letter or digit")
     return name
 
 
@@ -119,7 +117,9 @@ class Store:
     def get_agent(self, name: str) -> Agent:
         agent = self.find_agent(validate_name(name))
         if agent is None:
-            raise NotFoundError(f"no agent named {name!r}; create it with `semantic agents new {name}` or list them with `semantic agents ls`")
+            raise NotFoundError(
+                f"no agent named {name!r}; create it with `semantic agents new {name}` or list them with `semantic agents ls`"
+            )
         return agent
 
     def list_agents(self) -> list[Agent]:
@@ -134,7 +134,7 @@ class Store:
                 (name, model, system, json.dumps(settings or {}), now, now),
             )
         except sqlite3.IntegrityError:
-            raise UsageError(f"agent {name!r} already exists; pick another name or `semantic agents rm {name}`")
+            raise UsageError(f"agent {name!r} already exists; pick another name or `semantic agents rm {name}`") from None
         return self.get_agent(name)
 
     def update_agent(self, agent: Agent, **changes: object) -> Agent:
@@ -181,7 +181,8 @@ class Store:
                 (new, source),
             )
             self.db.execute(
-                "INSERT INTO token_chunks(agent, tokenizer, tokens) SELECT ?, tokenizer, tokens FROM token_chunks WHERE agent=? ORDER BY id",
+                "INSERT INTO token_chunks(agent, tokenizer, tokens) "
+                "SELECT ?, tokenizer, tokens FROM token_chunks WHERE agent=? ORDER BY id",
                 (new, source),
             )
         return self.get_agent(new)
@@ -195,10 +196,7 @@ class Store:
     # ---- transcript ---------------------------------------------------
     def messages(self, name: str) -> list[Message]:
         rows = self.db.execute("SELECT * FROM messages WHERE agent=? ORDER BY id", (name,))
-        return [
-            Message(r["id"], r["agent"], r["role"], r["content"], r["status"], r["created_at"], json.loads(r["meta"]))
-            for r in rows
-        ]
+        return [Message(r["id"], r["agent"], r["role"], r["content"], r["status"], r["created_at"], json.loads(r["meta"])) for r in rows]
 
     def token_log(self, name: str, tokenizer: str) -> list[int] | None:
         """The ids the model has seen, or None when there is no log for this tokenizer."""
@@ -229,9 +227,7 @@ class Store:
                     (name, role, content, status, now, json.dumps(meta)),
                 )
             if new_tokens:
-                self.db.execute(
-                    "INSERT INTO token_chunks(agent, tokenizer, tokens) VALUES (?,?,?)", (name, tokenizer, _pack(new_tokens))
-                )
+                self.db.execute("INSERT INTO token_chunks(agent, tokenizer, tokens) VALUES (?,?,?)", (name, tokenizer, _pack(new_tokens)))
             self.db.execute("UPDATE agents SET last_active=? WHERE name=?", (now, name))
 
     def token_counts(self) -> dict[str, int]:

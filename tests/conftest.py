@@ -67,6 +67,4 @@ def run_cli(*args: str, input: bytes | str | None = None, timeout: float = 300, 
     """Run the installed `semantic` entry point with the current environment (+ env)."""
     full_env = dict(os.environ, **(env or {}))
     data = input.encode() if isinstance(input, str) else input
-    return subprocess.run(
-        [SEMANTIC, *args], input=data if data is not None else b"", capture_output=True, timeout=timeout, env=full_env
-    )
+    return subprocess.run([SEMANTIC, *args], input=data if data is not None else b"", capture_output=True, timeout=timeout, env=full_env)

@@ -21,7 +21,9 @@ class Session:
         [rec] = self.room({agent: text}, model=model, max_tokens=max_tokens, system=system)
         return rec
 
-    def room(self, messages: dict[str, str], model: Path | str | None = None, max_tokens: int = 12, system: str | None = None) -> list[TurnRecorded]:
+    def room(
+        self, messages: dict[str, str], model: Path | str | None = None, max_tokens: int = 12, system: str | None = None
+    ) -> list[TurnRecorded]:
         settings = GenSettings(max_tokens=max_tokens)
         pendings = []
         for name, text in messages.items():
@@ -40,7 +42,7 @@ class Session:
         self.chat.close()
         self.store.close()
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         return self
 
     def __exit__(self, *_: Any) -> None:

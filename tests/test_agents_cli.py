@@ -10,9 +10,9 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
-
 from conftest import SEMANTIC, run_cli
 from helpers import Session
+
 from semantic_cli import paths
 from semantic_cli.kv.index import KVIndex, tails_dir
 from semantic_cli.locks import AgentLock

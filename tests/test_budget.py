@@ -8,6 +8,7 @@ import time
 
 from conftest import run_cli
 from helpers import Session
+
 from semantic_cli.kv.index import KVIndex
 from semantic_cli.locks import AgentLock
 from semantic_cli.store import Store
@@ -46,7 +47,10 @@ def test_disk_budget_moves_least_recently_used_agents_to_cold(tiny, home, monkey
 def test_evict_older_than_and_max_bytes(tiny, home):
     env = {"SEMANTIC_BLOCK_TOKENS": "16"}
     for name in ("e1", "e2", "e3"):
-        assert run_cli("chat", "-a", name, "--model", str(tiny["llama"]), "--max-tokens", "4", "-m", f"{name}: {TEXT}", env=env).returncode == 0
+        assert (
+            run_cli("chat", "-a", name, "--model", str(tiny["llama"]), "--max-tokens", "4", "-m", f"{name}: {TEXT}", env=env).returncode
+            == 0
+        )
     none_old = json.loads(run_cli("cache", "evict", "--older-than", "1h", "--dry-run", "--json").stdout)
     assert none_old["agents"] == []
     time.sleep(1.1)

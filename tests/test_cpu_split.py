@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from semantic_cli.backend import runtime, cpu_split
+from semantic_cli.backend import cpu_split, runtime
 from semantic_cli.engine import TurnDone, TurnRequest, get_engine
 from semantic_cli.model.loader import ModelRef
 
@@ -32,7 +32,7 @@ def test_split_matmul_equals_the_plain_one():
         split = (layer(x), embed.as_linear(x))
     finally:
         cpu_split.set_batched(False)
-    for a, b in zip(plain, split):
+    for a, b in zip(plain, split, strict=False):
         assert a.shape == b.shape
         assert mx.allclose(a, b, atol=1e-5, rtol=1e-5).item()
 

@@ -73,7 +73,15 @@ def test_man_page_renders_every_command_and_option(tree):
         assert section in text
     for code, _, _ in gen_docs.exit_codes():
         assert re.search(rf"^\s+{code}\b", text, re.M), f"exit status {code} missing"
-    for var in ("SEMANTIC_HOME", "SEMANTIC_MODEL", "SEMANTIC_BLOCK_TOKENS", "SEMANTIC_CACHE_BUDGET", "SEMANTIC_HOT_BUDGET", "SEMANTIC_DEBUG", "NO_COLOR"):
+    for var in (
+        "SEMANTIC_HOME",
+        "SEMANTIC_MODEL",
+        "SEMANTIC_BLOCK_TOKENS",
+        "SEMANTIC_CACHE_BUDGET",
+        "SEMANTIC_HOT_BUDGET",
+        "SEMANTIC_DEBUG",
+        "NO_COLOR",
+    ):
         assert var in text
 
 

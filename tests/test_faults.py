@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import SEMANTIC, run_cli
 
 
@@ -32,8 +31,23 @@ def test_sigkill_loop_loses_nothing_and_never_serves_bad_blocks(tiny, home):
 
     def start(agent: str, i: int) -> subprocess.Popen:
         return subprocess.Popen(
-            [SEMANTIC, "chat", "-a", agent, "--model", model, "--max-tokens", "48", "--json", "-m", f"message {i}: " + "tell me about blocks " * (i % 5 + 1)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+            [
+                SEMANTIC,
+                "chat",
+                "-a",
+                agent,
+                "--model",
+                model,
+                "--max-tokens",
+                "48",
+                "--json",
+                "-m",
+                f"message {i}: " + "tell me about blocks " * (i % 5 + 1),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
         )
 
     # How long an undisturbed turn takes, so kills land during the turn and its writes.
@@ -80,7 +94,10 @@ def tiny_cache_disk(home: Path):
     """The cache dir on a 16 MB tmpfs, so it can be filled up for real."""
     cache = home / "cache"
     cache.mkdir(parents=True)
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(cache)], capture_output=True).returncode:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(cache)], capture_output=True).returncode
+    ):
         pytest.skip("needs root to mount a small tmpfs for a real full disk")
     yield cache
     subprocess.run(["umount", "-l", str(cache)], check=False)
@@ -115,7 +132,9 @@ def test_ctrl_c_during_a_reply_keeps_the_partial_turn_marked(tiny, home):
     model = str(tiny["llama"])
     proc = subprocess.Popen(
         [SEMANTIC, "chat", "-a", "c", "--model", model, "--max-tokens", "4000", "-m", "go on forever"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     # Wait until the reply is streaming, then interrupt.
     first = os.read(proc.stdout.fileno(), 1)  # unbuffered: communicate() reads the fd itself

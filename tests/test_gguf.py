@@ -17,15 +17,14 @@ import time
 import zipfile
 from pathlib import Path
 
-import pytest
-
 import conftest_gguf
+import pytest
 
 conftest_gguf.load_openblas()  # before mlx is imported (no-op if it already was)
 
+from semantic_cli.errors import ModelError  # noqa: E402
 from semantic_cli.model import convert  # noqa: E402
 from semantic_cli.model import default as default_model  # noqa: E402
-from semantic_cli.errors import ModelError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 N_TENSORS = 2 + 9 * 30  # embedding + final norm + 9 per layer; tied embeddings: no lm_head
@@ -110,7 +109,7 @@ class ReferenceTokenizer:
         self.ids = {t: i for i, t in enumerate(tokens)}
         self.ranks = {tuple(m.split(" ")): r for r, m in enumerate(metadata["tokenizer.ggml.merges"])}
         types = metadata["tokenizer.ggml.token_type"].tolist()
-        control = sorted((t for t, k in zip(tokens, types) if k == 3), key=len, reverse=True)
+        control = sorted((t for t, k in zip(tokens, types, strict=False) if k == 3), key=len, reverse=True)
         self.special = regex.compile("(" + "|".join(regex.escape(t) for t in control) + ")")
         self.splits = [regex.compile(r) for r in LLAMA_CPP_SMOLLM_REGEXES]
         self.byte_chars = _bytes_to_unicode()
@@ -134,7 +133,7 @@ class ReferenceTokenizer:
     def _bpe(self, word: str) -> list[str]:
         parts = list(word)
         while len(parts) > 1:
-            pairs = [(self.ranks.get(pair, 1 << 30), i) for i, pair in enumerate(zip(parts, parts[1:]))]
+            pairs = [(self.ranks.get(pair, 1 << 30), i) for i, pair in enumerate(zip(parts, parts[1:], strict=False))]
             rank, i = min(pairs)
             if rank == 1 << 30:
                 break
@@ -287,9 +286,7 @@ def test_transformers_loads_the_same_tokenizer_and_template(converted: dict, tok
         assert ids == encode(tokenizer, text), text
         assert auto.decode(ids) == text  # byte-level BPE round-trips exactly
     assert auto.eos_token_id == 2 and auto.bos_token_id == 1
-    prompt = auto.apply_chat_template(
-        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False
-    )
+    prompt = auto.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
     assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     assert auto.encode(prompt, add_special_tokens=False)[0] == 1
 

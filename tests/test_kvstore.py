@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from semantic_cli.backend import runtime, buffers
+from semantic_cli.backend import buffers, runtime
 from semantic_cli.kv import blockfile
 from semantic_cli.kv.blockfile import file_checksum
 from semantic_cli.kv.index import KVIndex, block_path
@@ -64,15 +64,19 @@ def test_kv_and_snapshot_layers_come_back_in_their_own_dtype(home, restore_code,
 
     restored = store.restore("a", "fp", spec, ids + [1], capacity=tokens + 1)
     assert restored.tier == "warm" and restored.matched == tokens and restored.warnings == []
-    for before, after in zip(cache, restored.cache):
-        arrays = [(a, b) for a, b in zip(before.state, after.state) if isinstance(a, mx.array)]
+    for before, after in zip(cache, restored.cache, strict=False):
+        arrays = [(a, b) for a, b in zip(before.state, after.state, strict=False) if isinstance(a, mx.array)]
         assert len(arrays) == 2
         for a, b in arrays:
             assert b.dtype == dtype
             if not isinstance(before, RotatingKVCache):  # past its offset a KVCache's buffer is unused room
                 a, b = a[..., :tokens, :], b[..., :tokens, :]
             assert mx.array_equal(a, b).item()
-    assert (restored.cache[1].offset, restored.cache[1]._idx, restored.cache[1].max_size) == (rotating.offset, rotating._idx, rotating.max_size)
+    assert (restored.cache[1].offset, restored.cache[1]._idx, restored.cache[1].max_size) == (
+        rotating.offset,
+        rotating._idx,
+        rotating.max_size,
+    )
 
 
 def test_restored_buffers_hold_the_saved_tokens_and_room_to_grow(home, restore_code):
@@ -82,7 +86,7 @@ def test_restored_buffers_hold_the_saved_tokens_and_room_to_grow(home, restore_c
     store = KVStore(128, 1 << 40, 0)
     store.persist("a", "fp", CacheSpec(("kv", "kv")), ids, cache, protect=set())
     restored = store.restore("a", "fp", CacheSpec(("kv", "kv")), ids + [1], capacity=400)
-    for before, after in zip(cache, restored.cache):
+    for before, after in zip(cache, restored.cache, strict=False):
         assert after.keys.shape[2] >= 400  # room to grow without a copy
         assert mx.array_equal(after.keys[..., :300, :], before.keys[..., :300, :]).item()
         assert after.offset == 300 and mx.array_equal(after.values[..., :300, :], before.values[..., :300, :]).item()
@@ -137,7 +141,7 @@ def test_a_damaged_block_ends_the_restore_just_before_it(home, restore_code, how
     restored = store.restore("a", "fp", CacheSpec(("kv", "kv")), ids + [1], capacity=301)
     assert restored.tier == "warm" and restored.matched == 128
     assert any("damaged" in w for w in restored.warnings)
-    for before, after in zip(cache, restored.cache):
+    for before, after in zip(cache, restored.cache, strict=False):
         assert mx.array_equal(after.keys[..., :128, :], before.keys[..., :128, :]).item()
         assert mx.array_equal(after.values[..., :128, :], before.values[..., :128, :]).item()
 
@@ -180,12 +184,12 @@ def test_native_reads_match_pythons_bytes_checksum_and_end_of_file(tmp_path):
     fresh = mmap.mmap(-1, size)
     for whole, filler in ((recycled, 0xA5), (fresh, 0)):
         rows = memoryview(whole)
-        views = [rows[s : s + n] for s, n in zip(starts, sizes)]
-        assert read_native(views) == (0, python_digest)
-        del views
+        row_views = [rows[s : s + n] for s, n in zip(starts, sizes, strict=False)]
+        assert read_native(row_views) == (0, python_digest)
+        del row_views
         rows.release()
-        assert b"".join(whole[s : s + n] for s, n in zip(starts, sizes)) == payload
-        gaps = [whole[:16]] + [whole[s + n : s + n + 4096] for s, n in zip(starts, sizes)]
+        assert b"".join(whole[s : s + n] for s, n in zip(starts, sizes, strict=False)) == payload
+        gaps = [whole[:16]] + [whole[s + n : s + n + 4096] for s, n in zip(starts, sizes, strict=False)]
         assert all(set(gap) == {filler} for gap in gaps)
     fresh.close()
     path.write_bytes(b"prefix" + payload[:-1])  # a file that ends one byte early

@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-
 from helpers import Session
+
 from semantic_cli import paths
 from semantic_cli.kv.blockfile import file_checksum
 from semantic_cli.kv.index import KVIndex, block_path, tails_dir

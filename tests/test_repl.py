@@ -13,9 +13,10 @@ import re
 import shutil
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import pexpect
 import pytest
@@ -24,9 +25,9 @@ from prompt_toolkit.document import Document
 from rich.console import Console
 
 from semantic_cli.cli import slash
-from semantic_cli.errors import UsageError
 from semantic_cli.cli.repl import Reply, TurnView, block_open, unblock
 from semantic_cli.cli.slash import printable
+from semantic_cli.errors import UsageError
 
 ANSI = re.compile(r"\x1b\[[0-9;?<>=]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[()][A-Za-z0-9]|\x1b[@-Z\\-_]")
 FOOTER = r"ttft [\d.]+s · prompt \d+ tok/s · gen [\d.]+ tok/s · prefilled (\d+) of (\d+) tokens"

@@ -6,6 +6,7 @@ import json
 
 from conftest import run_cli
 from helpers import Session
+
 from semantic_cli.errors import EXIT_BUSY, EXIT_USAGE
 from semantic_cli.locks import AgentLock
 
@@ -15,7 +16,11 @@ def test_all_without_a_terminal_prints_each_reply_labelled(tiny, home):
     assert r.returncode == 0, r.stderr
     out = r.stdout.decode()
     assert out.index("[planner]\n") < out.index("[critic]\n")
-    lines = run_cli("chat", "-a", "planner", "-a", "critic", "--max-tokens", "5", "--all", "--json", input="and then?").stdout.decode().splitlines()
+    lines = (
+        run_cli("chat", "-a", "planner", "-a", "critic", "--max-tokens", "5", "--all", "--json", input="and then?")
+        .stdout.decode()
+        .splitlines()
+    )
     objs = [json.loads(line) for line in lines]
     assert [o["agent"] for o in objs] == ["planner", "critic"]
     assert all(o["generated_tokens"] == 5 and o["cached_tokens"] > 0 for o in objs)  # each resumed its own cache
@@ -87,5 +92,5 @@ def test_concurrent_replies_are_complete_persisted_and_resumable(tiny, home, mon
         assert len(rec.done.all_tokens) == rec.done.stats.prompt_tokens + 20
     with Session() as s:
         again = s.room({n: "follow-up" for n in names})
-    for rec, before in zip(sorted(again, key=lambda r: r.key), sorted(recs, key=lambda r: r.key)):
+    for rec, before in zip(sorted(again, key=lambda r: r.key), sorted(recs, key=lambda r: r.key), strict=False):
         assert rec.tier == "warm" and rec.done.stats.cached_tokens == len(before.done.all_tokens)

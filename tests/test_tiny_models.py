@@ -22,7 +22,6 @@ import pytest  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache  # noqa: E402
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper  # noqa: E402
-
 from tiny_models import (  # noqa: E402
     CHAT_TEMPLATE,
     KINDS,
@@ -53,18 +52,17 @@ def _sha(path: Path) -> str:
 
 
 def _chat_prompt(tok: TokenizerWrapper, text: str) -> str:
-    return tok.apply_chat_template([{"role": "user", "content": text}],
-                                   add_generation_prompt=True, tokenize=False)
+    return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
 
 
 # --- tokenizer -------------------------------------------------------------
+
 
 def test_tokenizer_special_tokens_and_template(tiny_root: Path) -> None:
     _, tok, _ = _load(tiny_root, "llama")
     assert isinstance(tok, TokenizerWrapper)
     assert tok.detokenizer.__class__ is BPEStreamingDetokenizer
-    assert [tok.convert_tokens_to_ids(t) for t in
-            ("<|endoftext|>", "<|im_start|>", "<|im_end|>")] == [0, 1, 2]
+    assert [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")] == [0, 1, 2]
     assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == 2
     assert tok.bos_token == "<|im_start|>" and tok.pad_token == "<|im_end|>"
     assert tok.eos_token_ids == {2}
@@ -72,10 +70,8 @@ def test_tokenizer_special_tokens_and_template(tiny_root: Path) -> None:
     assert tok.chat_template == CHAT_TEMPLATE
 
     text = _chat_prompt(tok, "Hi")
-    assert text == (f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n"
-                    "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello."}]
+    assert text == (f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
     text = tok.apply_chat_template(msgs, tokenize=False)
     assert DEFAULT_SYSTEM not in text and text.startswith("<|im_start|>system\nBe brief.")
     ids = list(tok.apply_chat_template(msgs))
@@ -86,13 +82,16 @@ def test_tokenizer_special_tokens_and_template(tiny_root: Path) -> None:
     assert len(tok.encode("12345", add_special_tokens=False)) == 5
 
 
-@pytest.mark.parametrize("text", [
-    "The quick brown fox jumps over the lazy dog.",
-    "def f(x):\n    return {'a': [1, 2.5, -3e10]}  # tabs\tand  spaces\n\n",
-    "Unseen words: zyzzyva, quixotic, xylophones!",
-    "Café naïve Zürich — “quotes” … Ελληνικά Привет 你好世界 こんにちは 🙂🚀👩‍💻",
-    " leading and trailing spaces ",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The quick brown fox jumps over the lazy dog.",
+        "def f(x):\n    return {'a': [1, 2.5, -3e10]}  # tabs\tand  spaces\n\n",
+        "Unseen words: zyzzyva, quixotic, xylophones!",
+        "Café naïve Zürich — “quotes” … Ελληνικά Привет 你好世界 こんにちは 🙂🚀👩‍💻",
+        " leading and trailing spaces ",
+    ],
+)
 def test_tokenizer_round_trip(tiny_root: Path, text: str) -> None:
     _, tok, _ = _load(tiny_root, "llama")
     ids = tok.encode(text, add_special_tokens=False)
@@ -125,8 +124,7 @@ print(json.dumps(out))
 
 
 def test_builds_are_deterministic_across_processes_and_fast(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-c", _HASH_SCRIPT, str(TESTS_DIR)],
-                          capture_output=True, text=True, check=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", _HASH_SCRIPT, str(TESTS_DIR)], capture_output=True, text=True, check=True, timeout=120)
     other = json.loads(proc.stdout.strip().splitlines()[-1])
     for kind in KINDS:
         t0 = time.perf_counter()
@@ -166,6 +164,7 @@ def test_ensure_reuses_and_repairs(tmp_path: Path) -> None:
 
 # --- each kind -----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_loads_with_expected_config(tiny_root: Path, kind: str) -> None:
     model, tok, config = _load(tiny_root, kind)
@@ -189,8 +188,7 @@ def test_greedy_generation_is_deterministic_and_varied(tiny_root: Path, kind: st
     assert len(ids) == 20  # never stops early on EOS
     assert len(set(ids)) >= 10, ids  # not stuck on one token
     assert not {0, 1, 2} & set(ids)
-    other = [r.token for r in mlx_lm.stream_generate(
-        model, tok, _chat_prompt(tok, "Write a poem."), max_tokens=20)]
+    other = [r.token for r in mlx_lm.stream_generate(model, tok, _chat_prompt(tok, "Write a poem."), max_tokens=20)]
     assert other != ids  # the output depends on the prompt
 
 
@@ -198,23 +196,24 @@ def test_gemma3_cache_mixes_sliding_and_global_layers(tiny_root: Path) -> None:
     model, _, config = _load(tiny_root, "gemma3_text")
     cache = make_prompt_cache(model)
     assert [type(c) for c in cache] == [RotatingKVCache, KVCache, RotatingKVCache, KVCache]
-    assert all(c.max_size == config["sliding_window"] == 32
-               for c in cache if isinstance(c, RotatingKVCache))
+    assert all(c.max_size == config["sliding_window"] == 32 for c in cache if isinstance(c, RotatingKVCache))
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_prompt_longer_than_sliding_window(tiny_root: Path, kind: str) -> None:
     model, tok, _ = _load(tiny_root, kind)
-    text = ("Once upon a time, in a small village by the sea, there lived an old "
-            "fisherman who told stories every evening to the children. ") * 3
+    text = (
+        "Once upon a time, in a small village by the sea, there lived an old fisherman who told stories every evening to the children. "
+    ) * 3
     prompt = tok.encode(_chat_prompt(tok, text), add_special_tokens=False)
     assert len(prompt) > 3 * 32
 
     def run(prefill_step_size: int) -> tuple[list[int], list[Any]]:
         cache = make_prompt_cache(model)
-        ids = [r.token for r in mlx_lm.stream_generate(
-            model, tok, prompt, max_tokens=20, prompt_cache=cache,
-            prefill_step_size=prefill_step_size)]
+        ids = [
+            r.token
+            for r in mlx_lm.stream_generate(model, tok, prompt, max_tokens=20, prompt_cache=cache, prefill_step_size=prefill_step_size)
+        ]
         return ids, cache
 
     ids, cache = run(2048)

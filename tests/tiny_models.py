@@ -144,8 +144,12 @@ def build_tokenizer(out_dir: Path) -> None:
     (out_dir / "tokenizer.json").write_text(tok.to_str(pretty=True), encoding="utf-8")
     added = {
         str(i): {
-            "content": s, "lstrip": False, "normalized": False,
-            "rstrip": False, "single_word": False, "special": True,
+            "content": s,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
         }
         for i, s in enumerate(SPECIAL_TOKENS)
     }
@@ -176,8 +180,7 @@ def build_tokenizer(out_dir: Path) -> None:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
-                    encoding="utf-8")
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def model_config(kind: str, vocab_size: int) -> dict[str, Any]:
@@ -198,31 +201,57 @@ def model_config(kind: str, vocab_size: int) -> dict[str, Any]:
         "torch_dtype": "float32",
     }
     if kind == "llama":
-        return {**common, "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 4,
-                "head_dim": 16, "rope_theta": 10000.0, "attention_bias": False,
-                "mlp_bias": False, "hidden_act": "silu"}
+        return {
+            **common,
+            "architectures": ["LlamaForCausalLM"],
+            "num_hidden_layers": 4,
+            "head_dim": 16,
+            "rope_theta": 10000.0,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "hidden_act": "silu",
+        }
     if kind == "qwen3":
         # head_dim 32 != hidden/heads (16), as in real Qwen3: catches code that
         # derives head_dim from hidden_size.
-        return {**common, "architectures": ["Qwen3ForCausalLM"], "num_hidden_layers": 3,
-                "head_dim": 32, "rope_theta": 1000000.0, "hidden_act": "silu"}
+        return {
+            **common,
+            "architectures": ["Qwen3ForCausalLM"],
+            "num_hidden_layers": 3,
+            "head_dim": 32,
+            "rope_theta": 1000000.0,
+            "hidden_act": "silu",
+        }
     if kind == "qwen2":
         # qwen2 derives head_dim = hidden/heads = 16; untied lm_head and qkv biases.
-        return {**common, "architectures": ["Qwen2ForCausalLM"], "num_hidden_layers": 2,
-                "rope_theta": 1000000.0, "tie_word_embeddings": False,
-                "hidden_act": "silu"}
+        return {
+            **common,
+            "architectures": ["Qwen2ForCausalLM"],
+            "num_hidden_layers": 2,
+            "rope_theta": 1000000.0,
+            "tie_word_embeddings": False,
+            "hidden_act": "silu",
+        }
     if kind == "gemma3_text":
         # mlx-lm reads only sliding_window_pattern (layer i is global when
         # (i + 1) % pattern == 0); layer_types is written for HF compatibility.
         n, pattern = 4, 2
-        types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
-                 for i in range(n)]
-        return {**common, "architectures": ["Gemma3ForCausalLM"], "num_hidden_layers": n,
-                "num_key_value_heads": 1, "head_dim": 16, "query_pre_attn_scalar": 16,
-                "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
-                "sliding_window": 32, "sliding_window_pattern": pattern,
-                "layer_types": types, "hidden_activation": "gelu_pytorch_tanh",
-                "bos_token_id": 1}
+        types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n)]
+        return {
+            **common,
+            "architectures": ["Gemma3ForCausalLM"],
+            "num_hidden_layers": n,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "query_pre_attn_scalar": 16,
+            "rope_theta": 1000000.0,
+            "rope_local_base_freq": 10000.0,
+            "sliding_window": 32,
+            "sliding_window_pattern": pattern,
+            "layer_types": types,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "bos_token_id": 1,
+        }
     raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {KINDS}")
 
 
@@ -237,16 +266,13 @@ QK_NORM_SCALE = 3.0  # qwen3/gemma3 normalise q and k, so sharpen via the norm
 GEMMA_POST_NORM_SCALE = 6.0  # gemma3 normalises each residual branch
 
 
-def _param(name: str, shape: tuple[int, ...], kind: str, rng: np.random.RandomState,
-           hidden: int) -> np.ndarray:
+def _param(name: str, shape: tuple[int, ...], kind: str, rng: np.random.RandomState, hidden: int) -> np.ndarray:
     gemma = kind == "gemma3_text"
     # gemma3's RMSNorm multiplies by (1 + w), the others by w.
-    norm = (lambda scale: np.full(shape, scale - 1.0)) if gemma else (
-        lambda scale: np.full(shape, scale))
+    norm = (lambda scale: np.full(shape, scale - 1.0)) if gemma else (lambda scale: np.full(shape, scale))
     if name.endswith(("q_norm.weight", "k_norm.weight")):
         return norm(QK_NORM_SCALE)
-    if gemma and name.endswith(("post_attention_layernorm.weight",
-                                "post_feedforward_layernorm.weight")):
+    if gemma and name.endswith(("post_attention_layernorm.weight", "post_feedforward_layernorm.weight")):
         return norm(GEMMA_POST_NORM_SCALE)
     if gemma and name == "model.norm.weight":
         return norm(np.sqrt(hidden))  # undoes the small embedding std below
@@ -267,8 +293,7 @@ def _param(name: str, shape: tuple[int, ...], kind: str, rng: np.random.RandomSt
     return rng.normal(0.0, gain / np.sqrt(shape[-1]), shape)
 
 
-def _random_weights(shapes: dict[str, tuple[int, ...]], kind: str, seed: int,
-                    hidden: int) -> dict[str, np.ndarray]:
+def _random_weights(shapes: dict[str, tuple[int, ...]], kind: str, seed: int, hidden: int) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for name in sorted(shapes):
         # A per-name stream: adding a parameter never shifts the others.
@@ -303,8 +328,7 @@ def build_tiny_model(kind: str, out_dir: Path, seed: int = 0) -> Path:
         arrays = {k: mx.array(weights[k]) for k in sorted(weights)}
         mx.save_safetensors(str(tmp / "model.safetensors"), arrays, metadata={"format": "mlx"})
         save_config(dict(config), tmp / "config.json")
-        _write_json(tmp / "generation_config.json",
-                    {"bos_token_id": 1, "eos_token_id": EOS_ID, "pad_token_id": EOS_ID})
+        _write_json(tmp / "generation_config.json", {"bos_token_id": 1, "eos_token_id": EOS_ID, "pad_token_id": EOS_ID})
         # Written last: its presence marks a complete build.
         _write_json(tmp / MARKER, {"kind": kind, "seed": seed, "version": BUILD_VERSION})
         _replace_dir(tmp, out_dir)
@@ -334,8 +358,7 @@ def is_complete(path: Path, kind: str, seed: int = 0) -> bool:
         return False
     return marker == {"kind": kind, "seed": seed, "version": BUILD_VERSION} and all(
         (Path(path) / f).is_file()
-        for f in ("config.json", "model.safetensors", "tokenizer.json",
-                  "tokenizer_config.json", "special_tokens_map.json")
+        for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
     )
 
 

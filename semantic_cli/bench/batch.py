@@ -6,8 +6,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .results import Results, model_info
 from ..engine import Engine, TokenEvent, TurnDone, TurnRequest
+from .results import Results, model_info
 
 QUESTIONS = [
     "Name three uses of a hash table.",
@@ -90,8 +90,13 @@ def table(res: Results) -> list[tuple[str, ...]]:
     head = ("agents", "batched tok/s", "sequential tok/s", "ratio", "ttft batched (mean)", "ttft sequential (mean)", "identical")
     return [head] + [
         (
-            str(r["agents"]), f"{r['batched_tps']:.1f}", f"{r['sequential_tps']:.1f}", f"{r['throughput_ratio']:.2f}x",
-            f"{r['batched_ttft_mean_s']:.2f}s", f"{r['sequential_ttft_mean_s']:.2f}s", f"{r['replies_identical_to_sequential']}/{r['agents']}",
+            str(r["agents"]),
+            f"{r['batched_tps']:.1f}",
+            f"{r['sequential_tps']:.1f}",
+            f"{r['throughput_ratio']:.2f}x",
+            f"{r['batched_ttft_mean_s']:.2f}s",
+            f"{r['sequential_ttft_mean_s']:.2f}s",
+            f"{r['replies_identical_to_sequential']}/{r['agents']}",
         )
         for r in res.results["rows"]
     ]

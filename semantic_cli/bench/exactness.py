@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 
 from ..backend import runtime
-from .results import Results, filler_tokens, model_info
 from ..engine import PREFILL_STEP, Engine, TurnDone, TurnRequest
+from .results import Results, filler_tokens, model_info
 
 
 def reference_ids(engine: Engine, prompt: list[int], max_tokens: int) -> list[int]:
@@ -50,7 +50,7 @@ def run(engine: Engine, block_sizes: tuple[int, ...] = (1, 2, 8), block_tokens: 
         t1 = time.perf_counter()
         got = engine_ids(engine, list(prompt), max_tokens)
         t2 = time.perf_counter()
-        diverge = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), None)
+        diverge = next((i for i, (a, b) in enumerate(zip(ref, got, strict=False)) if a != b), None)
         if diverge is None and len(ref) != len(got):
             diverge = min(len(ref), len(got))
         rows.append(
@@ -72,8 +72,13 @@ def run(engine: Engine, block_sizes: tuple[int, ...] = (1, 2, 8), block_tokens: 
 def table(res: Results) -> list[tuple[str, ...]]:
     head = ("blocks", "prompt tokens", "generated", "identical", "mlx_lm s", "engine s")
     return [head] + [
-        (str(r["blocks"]), str(r["prompt_tokens"]), str(r["generated"]), "yes" if r["identical"] else f"NO (at {r['first_difference']})", f"{r['mlx_lm_s']:.2f}", f"{r['engine_s']:.2f}")
+        (
+            str(r["blocks"]),
+            str(r["prompt_tokens"]),
+            str(r["generated"]),
+            "yes" if r["identical"] else f"NO (at {r['first_difference']})",
+            f"{r['mlx_lm_s']:.2f}",
+            f"{r['engine_s']:.2f}",
+        )
         for r in res.results["rows"]
     ]
-
-

@@ -14,8 +14,8 @@ import time
 from typing import Any
 
 from ..backend import runtime
-from .results import Results, summary
 from ..kv.layers import CacheSpec
+from .results import Results, summary
 
 GEOMETRY = {"layers": 30, "kv_heads": 3, "head_dim": 64, "dtype": "float32"}
 
@@ -42,7 +42,9 @@ def run(tokens: int = 8192, runs: int = 50, block_tokens: int = 256, on_progress
     from ..kv.store import KVStore
 
     g = GEOMETRY
-    res = Results("exp-006", {"name": "synthetic SmolLM2-135M geometry", **g}, {"tokens": tokens, "runs": runs, "block_tokens": block_tokens})
+    res = Results(
+        "exp-006", {"name": "synthetic SmolLM2-135M geometry", **g}, {"tokens": tokens, "runs": runs, "block_tokens": block_tokens}
+    )
     spec = CacheSpec(("kv",) * g["layers"])
     model_fp = "exp-006-synthetic"
     ids = [(i * 7919) % 49152 for i in range(tokens)]

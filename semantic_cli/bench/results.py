@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -16,7 +17,7 @@ SCHEMA_VERSION = 1
 
 
 def machine() -> dict[str, Any]:
-    from ..backend import runtime, buffers
+    from ..backend import buffers, runtime
 
     info = runtime.info()
     cpu = platform.processor() or platform.machine()
@@ -28,10 +29,8 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     mem = None
-    try:
+    with contextlib.suppress(ValueError, OSError):
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        pass
     return {
         "platform": platform.platform(),
         "cpu": cpu,
@@ -50,7 +49,9 @@ def git_commit() -> str | None:
     try:
         here = Path(__file__).parent
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=here).stdout.strip()
-        changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5, cwd=here)
+        changes = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5, cwd=here
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return (head + ("+dirty" if changes.stdout.strip() else "")) or None
@@ -116,13 +117,18 @@ def model_info(lm: Any) -> dict[str, Any]:
     return {"name": lm.name, "spec": lm.ref.spec, "path": lm.ref.path, "dtype": lm.dtype, "fingerprint": lm.fingerprint}
 
 
+_FILLER_WORDS = (
+    "the system stores every block of the cache on disk so a later turn reads it back instead of recomputing "
+    "attention over the whole conversation which saves minutes on a slow machine"
+)
+
+
 def filler_tokens(tokenizer: Any, n: int, seed: int = 0) -> str:
     """Plain English-ish text of about n tokens, deterministic."""
     import random
 
     rng = random.Random(seed)
-    words = ("the system stores every block of the cache on disk so a later turn reads it back instead of "
-             "recomputing attention over the whole conversation which saves minutes on a slow machine").split()
+    words = _FILLER_WORDS.split()
     text: list[str] = []
     while True:
         text += [rng.choice(words) for _ in range(64)]

@@ -15,15 +15,16 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from ..backend import runtime
-from .results import Results, filler_tokens, model_info, summary
-from .probe import run_probe
 from ..chat import Chat, GenSettings, TurnRecorded
 from ..engine import Engine, TokenEvent, TurnDone
 from ..store import Store
+from .probe import run_probe
+from .results import Results, filler_tokens, model_info, summary
 
 QUESTION = "In one word: is this about caching?"
 INPROCESS_PAIRS = 7  # restore/load pairs timed in this process (cheap: no model calls)
@@ -82,7 +83,9 @@ def run(engine: Engine, sizes: tuple[int, ...] = (1024, 2048, 4096, 8192), repea
             store.record_turn(
                 name,
                 [("user", filler_tokens(lm.tokenizer, history, seed=n), "complete", {}), ("assistant", "Noted.", "complete", {})],
-                lm.tokenizer_fingerprint, [], replace_log=True,
+                lm.tokenizer_fingerprint,
+                [],
+                replace_log=True,
             )
             chat = Chat(store)
             cold, rec = timed_turn(chat, name, QUESTION, spec)
@@ -127,8 +130,12 @@ def run(engine: Engine, sizes: tuple[int, ...] = (1024, 2048, 4096, 8192), repea
                 del loaded
             # The same two loads, each in a fresh process: what a new invocation pays.
             restore_job = {
-                "op": "restore", "agent": name, "model_fp": lm.fingerprint, "kinds": list(chat.spec(engine).kinds),
-                "prompt": prompt_probe, "block_tokens": chat.kv.block_tokens,
+                "op": "restore",
+                "agent": name,
+                "model_fp": lm.fingerprint,
+                "kinds": list(chat.spec(engine).kinds),
+                "prompt": prompt_probe,
+                "block_tokens": chat.kv.block_tokens,
             }
             fresh_restore_s, fresh_load_s = [], []
             for _ in range(FRESH_PAIRS):
@@ -154,12 +161,19 @@ def run(engine: Engine, sizes: tuple[int, ...] = (1024, 2048, 4096, 8192), repea
                     "fresh_process_mlx_lm_load_s": fl50,
                     "fresh_process_restore_over_load": fr50 / fl50,
                     # Each pair ran back to back: the median of their ratios cancels the VM's drift.
-                    "fresh_process_paired_ratio_p50": summary([r / l for r, l in zip(fresh_restore_s, fresh_load_s)])["p50"],
+                    "fresh_process_paired_ratio_p50": summary([r / load for r, load in zip(fresh_restore_s, fresh_load_s, strict=True)])[
+                        "p50"
+                    ],
                 }
             )
             res.samples[str(n)] = {
-                "cold": [cold], "warm": warm_s, "hot": hot_s, "restore": restore_s, "mlx_lm_load": load_s,
-                "fresh_process_restore": fresh_restore_s, "fresh_process_mlx_lm_load": fresh_load_s,
+                "cold": [cold],
+                "warm": warm_s,
+                "hot": hot_s,
+                "restore": restore_s,
+                "mlx_lm_load": load_s,
+                "fresh_process_restore": fresh_restore_s,
+                "fresh_process_mlx_lm_load": fresh_load_s,
             }
             step += 1
             if on_progress:
@@ -200,7 +214,16 @@ def write_cost(engine: Engine, store: Store, turns: int = 10) -> dict[str, Any]:
         added = len(rec.done.all_tokens) - prev
         prev = len(rec.done.all_tokens)
         bound = added * per_token + chat.kv.block_tokens * per_token
-        rows.append({"turn": i + 1, "tokens_added": added, "total_tokens": prev, "bytes_written": rec.persisted.bytes_written, "bound": bound, "within_bound": rec.persisted.bytes_written <= bound * 1.01})
+        rows.append(
+            {
+                "turn": i + 1,
+                "tokens_added": added,
+                "total_tokens": prev,
+                "bytes_written": rec.persisted.bytes_written,
+                "bound": bound,
+                "within_bound": rec.persisted.bytes_written <= bound * 1.01,
+            }
+        )
     chat.close()
     return {"kv_bytes_per_token": per_token, "turns": rows, "all_within_bound": all(r["within_bound"] for r in rows)}
 
@@ -221,17 +244,42 @@ def dedup(engine: Engine, store: Store, agents: int = 10, system_tokens: int = 1
     blocks = index.blocks(sorted({h for c in mine.values() for h in c}))
     stored = sum(b.nbytes for b in blocks.values())
     naive = sum(blocks[h].nbytes for c in mine.values() for h in c)
-    return {"agents": agents, "system_tokens": system_tokens, "shared_blocks": len(shared), "block_bytes_stored": stored, "block_bytes_without_sharing": naive, "saving": naive / stored if stored else None}
+    return {
+        "agents": agents,
+        "system_tokens": system_tokens,
+        "shared_blocks": len(shared),
+        "block_bytes_stored": stored,
+        "block_bytes_without_sharing": naive,
+        "saving": naive / stored if stored else None,
+    }
 
 
 def table(res: Results) -> list[tuple[str, ...]]:
-    head = ("history", "cold ttft", "warm ttft", "hot ttft", "warm x", "hot x", "restore", "mlx-lm load", "restore/load", "new process: restore/load")
+    head = (
+        "history",
+        "cold ttft",
+        "warm ttft",
+        "hot ttft",
+        "warm x",
+        "hot x",
+        "restore",
+        "mlx-lm load",
+        "restore/load",
+        "new process: restore/load",
+    )
     return [head] + [
         (
-            str(r["history_tokens"]), f"{r['cold_ttft_s']:.2f}s", f"{r['warm_ttft_s']:.3f}s", f"{r['hot_ttft_s']:.3f}s",
-            f"{r['warm_speedup']:.0f}x", f"{r['hot_speedup']:.0f}x", f"{r['warm_restore_s'] * 1000:.0f}ms", f"{r['mlx_lm_load_s'] * 1000:.0f}ms",
+            str(r["history_tokens"]),
+            f"{r['cold_ttft_s']:.2f}s",
+            f"{r['warm_ttft_s']:.3f}s",
+            f"{r['hot_ttft_s']:.3f}s",
+            f"{r['warm_speedup']:.0f}x",
+            f"{r['hot_speedup']:.0f}x",
+            f"{r['warm_restore_s'] * 1000:.0f}ms",
+            f"{r['mlx_lm_load_s'] * 1000:.0f}ms",
             f"{r['restore_over_mlx_lm_load']:.2f}",
-            f"{r['fresh_process_restore_s'] * 1000:.0f}/{r['fresh_process_mlx_lm_load_s'] * 1000:.0f}ms = {r['fresh_process_restore_over_load']:.2f}",
+            f"{r['fresh_process_restore_s'] * 1000:.0f}/{r['fresh_process_mlx_lm_load_s'] * 1000:.0f}ms"
+            f" = {r['fresh_process_restore_over_load']:.2f}",
         )
         for r in res.results["rows"]
     ]

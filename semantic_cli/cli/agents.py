@@ -11,19 +11,20 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import typer
 
 from .. import paths
-from . import render
-from .cache import human_age, human_bytes
 from ..errors import BadInputError, UsageError
 from ..kv.index import KVIndex
 from ..locks import AgentLock
 from ..store import Agent, Message, Store, validate_name
+from . import render
+from .cache import human_age, human_bytes
 
 app = typer.Typer(help="Manage agents: named personas with their own conversation and cache.", no_args_is_help=True)
 
@@ -69,11 +70,11 @@ def _read_system(system: str | None, system_file: Path | None) -> str | None:
     try:
         data = sys.stdin.buffer.read() if str(system_file) == "-" else system_file.read_bytes()
     except OSError as exc:
-        raise UsageError(f"cannot read --system-file {system_file}: {exc.strerror or exc}")
+        raise UsageError(f"cannot read --system-file {system_file}: {exc.strerror or exc}") from exc
     try:
         return data.decode("utf-8").strip()
     except UnicodeDecodeError as exc:
-        raise BadInputError(f"--system-file {system_file} is not valid UTF-8 (bad byte at offset {exc.start})")
+        raise BadInputError(f"--system-file {system_file} is not valid UTF-8 (bad byte at offset {exc.start})") from exc
 
 
 def _check_model(spec: str) -> str:
@@ -168,7 +169,7 @@ def ls(json_out: bool = typer.Option(False, "--json", help="Print a JSON list.")
     for col, justify in (("NAME", "left"), ("MODEL", "left"), ("PERSONA", "left"), ("TURNS", "right"),
                          ("TOKENS", "right"), ("CACHED", "right"), ("LAST ACTIVE", "right")):  # fmt: skip
         table.add_column(col, justify=justify, overflow="ellipsis", no_wrap=col != "PERSONA")  # type: ignore[arg-type]
-    for a, row in zip(agents, rows):
+    for a, row in zip(agents, rows, strict=True):
         model = Path(a.model).name if os.sep in a.model and Path(a.model).exists() else a.model
         table.add_row(a.name, model, _excerpt(a.system) or "-", str(row["turns"]), str(row["transcript_tokens"]),
                       str(row["cached_tokens"]), human_age(a.last_active))  # fmt: skip
@@ -178,12 +179,12 @@ def ls(json_out: bool = typer.Option(False, "--json", help="Print a JSON list.")
 @app.command("new")
 def new(
     name: str = NAME,
-    system: Optional[str] = SYSTEM,
-    system_file: Optional[Path] = SYSTEM_FILE,
-    model: Optional[str] = MODEL,
-    temp: Optional[float] = TEMP,
-    max_tokens: Optional[int] = MAX_TOKENS,
-    top_p: Optional[float] = TOP_P,
+    system: str | None = SYSTEM,
+    system_file: Path | None = SYSTEM_FILE,
+    model: str | None = MODEL,
+    temp: float | None = TEMP,
+    max_tokens: int | None = MAX_TOKENS,
+    top_p: float | None = TOP_P,
 ) -> None:
     """Create an agent with a persona, a model and sampling settings."""
     from ..model.loader import requested_spec
@@ -263,12 +264,12 @@ def _show_rich(agent: Agent, messages: list[Message]) -> None:
 @app.command("edit")
 def edit(
     name: str = NAME,
-    system: Optional[str] = SYSTEM,
-    system_file: Optional[Path] = SYSTEM_FILE,
-    model: Optional[str] = MODEL,
-    temp: Optional[float] = TEMP,
-    max_tokens: Optional[int] = MAX_TOKENS,
-    top_p: Optional[float] = TOP_P,
+    system: str | None = SYSTEM,
+    system_file: Path | None = SYSTEM_FILE,
+    model: str | None = MODEL,
+    temp: float | None = TEMP,
+    max_tokens: int | None = MAX_TOKENS,
+    top_p: float | None = TOP_P,
 ) -> None:
     """Change an agent's persona, model or settings (persona/model changes drop its cache)."""
     validate_name(name)
@@ -349,7 +350,6 @@ def rename(old: str = typer.Argument(..., help="Current name."), new: str = type
     _status(f"renamed agent {old!r} to {new!r}")
 
 
-
 @app.command("fork")
 def fork(name: str = NAME, new: str = typer.Argument(..., help="Name of the copy.")) -> None:
     """Copy an agent's conversation; the copy shares every cached block (instant, free on disk)."""
@@ -365,4 +365,3 @@ def fork(name: str = NAME, new: str = typer.Argument(..., help="Name of the copy
             turns = _turns(store).get(new, 0)
             blocks = len(kv.chain(new))
     _status(f"forked {name!r} as {new!r}: {turns} turns, sharing {blocks} cached blocks")
-

@@ -80,22 +80,22 @@ def main(argv: list[str] | None = None) -> None:
         _fail(exc.message, exc.exit_code)
     except (click.exceptions.Abort, typer.Abort):
         sys.stderr.write("\n")
-        raise SystemExit(EXIT_INTERRUPTED)
+        raise SystemExit(EXIT_INTERRUPTED) from None
     except KeyboardInterrupt:
         if debug:
             raise
         sys.stderr.write("\ninterrupted\n")
-        raise SystemExit(EXIT_INTERRUPTED)
+        raise SystemExit(EXIT_INTERRUPTED) from None
     except click.exceptions.NoSuchOption as exc:
         exc.show()
-        raise SystemExit(EXIT_USAGE)
+        raise SystemExit(EXIT_USAGE) from exc
     except _CLICK_ERRORS as exc:  # type: ignore[misc]
         exc.show()
-        raise SystemExit(exc.exit_code)
+        raise SystemExit(exc.exit_code) from exc
     except BrokenPipeError:
         # The reader went away (`| head`): not an error worth a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     except Exception as exc:  # the last resort: one line, unless debugging
         if debug:
             raise

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -43,7 +44,7 @@ def _finish(res: Any, rows: list[tuple[str, ...]], out: Path | None, json_out: b
 
 
 @app.command("exp-005")
-def exp005(model: Optional[str] = MODEL, out: Optional[Path] = OUT, json_out: bool = JSON) -> None:
+def exp005(model: str | None = MODEL, out: Path | None = OUT, json_out: bool = JSON) -> None:
     """Exactness: engine (BatchGenerator) vs mlx_lm.generate, greedy, on 1, 2 and 8 blocks."""
     from ..bench import exactness as b
 
@@ -57,7 +58,7 @@ def exp005(model: Optional[str] = MODEL, out: Optional[Path] = OUT, json_out: bo
 def exp006(
     runs: int = typer.Option(50, "--runs", min=5, help="Timed reconstructions."),
     tokens: int = typer.Option(8192, "--tokens", min=256, help="Cache length in tokens."),
-    out: Optional[Path] = OUT,
+    out: Path | None = OUT,
     json_out: bool = JSON,
 ) -> None:
     """Block gather: rebuild an 8K-token cache of the default model's geometry from blocks (p50/p95/p99)."""
@@ -71,11 +72,17 @@ def exp006(
     r = res.results
     ms = lambda s: f"{s * 1000:.1f} ms"  # noqa: E731
     rows = [("", "p50", "p95", "p99")]
-    for label, key in (("restore from blocks", "restore_s"), ("plain copy (fresh buffer)", "copy_fresh_s"), ("plain copy (reused buffer)", "copy_reused_s")):
+    for label, key in (
+        ("restore from blocks", "restore_s"),
+        ("plain copy (fresh buffer)", "copy_fresh_s"),
+        ("plain copy (reused buffer)", "copy_reused_s"),
+    ):
         rows.append((label, ms(r[key]["p50"]), ms(r[key]["p95"]), ms(r[key]["p99"])))
 
     def extra(console: Any) -> None:
-        console.print(f"{r['bytes'] / 1e6:.0f} MB in {r['blocks']} blocks · p95 / copy = {r['p95_over_copy']:.2f} (target <= 2)", markup=False)
+        console.print(
+            f"{r['bytes'] / 1e6:.0f} MB in {r['blocks']} blocks · p95 / copy = {r['p95_over_copy']:.2f} (target <= 2)", markup=False
+        )
         for line in b.histogram(res.samples["restore_s"]):
             console.print(line, markup=False)
 
@@ -84,10 +91,10 @@ def exp006(
 
 @app.command("resume")
 def resume(
-    model: Optional[str] = MODEL,
+    model: str | None = MODEL,
     sizes: str = typer.Option("1024,2048,4096,8192", "--sizes", help="History lengths in tokens."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Warm and hot measurements per size."),
-    out: Optional[Path] = OUT,
+    out: Path | None = OUT,
     json_out: bool = JSON,
 ) -> None:
     """Time to first token with 1K-8K tokens of history: cold vs warm vs hot; write cost; dedup."""
@@ -100,18 +107,26 @@ def resume(
     def extra(console: Any) -> None:
         wc, dd = res.results["write_cost"], res.results["dedup"]
         worst = max(t["bytes_written"] / t["bound"] for t in wc["turns"])
-        console.print(f"write cost: {len(wc['turns'])} turns, bytes written <= bound on every turn: {wc['all_within_bound']} (worst {worst:.2f} of bound)", markup=False)
-        console.print(f"dedup: {dd['agents']} agents, {dd['system_tokens']}-token shared system prompt: {dd['shared_blocks']} shared blocks, {dd['block_bytes_stored'] / 1e6:.1f} MB stored vs {dd['block_bytes_without_sharing'] / 1e6:.1f} MB unshared", markup=False)
+        console.print(
+            f"write cost: {len(wc['turns'])} turns, bytes written <= bound on every turn: {wc['all_within_bound']}"
+            f" (worst {worst:.2f} of bound)",
+            markup=False,
+        )
+        console.print(
+            f"dedup: {dd['agents']} agents, {dd['system_tokens']}-token shared system prompt: {dd['shared_blocks']} shared blocks,"
+            f" {dd['block_bytes_stored'] / 1e6:.1f} MB stored vs {dd['block_bytes_without_sharing'] / 1e6:.1f} MB unshared",
+            markup=False,
+        )
 
     _finish(res, b.table(res), out, json_out, extra)
 
 
 @app.command("batch")
 def batch(
-    model: Optional[str] = MODEL,
+    model: str | None = MODEL,
     agents: str = typer.Option("1,2,4,8", "--agents", help="Agent counts to try."),
     max_tokens: int = typer.Option(64, "--max-tokens", min=1, help="Tokens per reply."),
-    out: Optional[Path] = OUT,
+    out: Path | None = OUT,
     json_out: bool = JSON,
 ) -> None:
     """Aggregate tokens/s and TTFT for N agents at once vs the same N turns one after another."""

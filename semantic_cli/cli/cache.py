@@ -7,13 +7,12 @@ import os
 import sys
 import time
 from dataclasses import asdict
-from typing import Optional
 
 import typer
 from rich.table import Table
 
-from . import render
 from ..errors import CacheDamageError, UsageError
+from . import render
 
 app = typer.Typer(help="Inspect and manage the persistent KV cache.", no_args_is_help=True)
 
@@ -71,8 +70,15 @@ def ls(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> No
         table.add_column(col, justify="right" if col not in ("agent", "model", "tier") else "left")
     for a in found.agents:
         table.add_row(
-            a.agent, os.path.basename(a.model.rstrip("/")) or a.model, str(a.transcript_tokens), str(a.cached_tokens), f"{a.blocks_own}/{a.blocks_shared}",
-            human_bytes(a.bytes_own), human_bytes(a.bytes_shared), a.tier, human_age(a.last_used),
+            a.agent,
+            os.path.basename(a.model.rstrip("/")) or a.model,
+            str(a.transcript_tokens),
+            str(a.cached_tokens),
+            f"{a.blocks_own}/{a.blocks_shared}",
+            human_bytes(a.bytes_own),
+            human_bytes(a.bytes_shared),
+            a.tier,
+            human_age(a.last_used),
         )
     out = render.stdout()
     out.print(table)
@@ -87,15 +93,15 @@ def ls(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> No
 def evict(
     agents: list[str] = typer.Argument(None, help="Agents whose cache to drop (their transcripts stay)."),
     everything: bool = typer.Option(False, "--all", help="Every agent's cache."),
-    older_than: Optional[str] = typer.Option(None, "--older-than", help="Agents unused for this long, e.g. 7d, 12h."),
-    max_bytes: Optional[str] = typer.Option(None, "--max-bytes", help="Evict least recently used agents until the cache fits, e.g. 2GB."),
+    older_than: str | None = typer.Option(None, "--older-than", help="Agents unused for this long, e.g. 7d, 12h."),
+    max_bytes: str | None = typer.Option(None, "--max-bytes", help="Evict least recently used agents until the cache fits, e.g. 2GB."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan; change nothing."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan (and result) as JSON."),
 ) -> None:
     """Drop cached KV blocks: scan, show the plan and the bytes it frees, then do it."""
-    from ..kv.admin import execute_eviction, plan_eviction, scan
     from ..config import parse_bytes, parse_duration
+    from ..kv.admin import execute_eviction, plan_eviction, scan
     from ..store import validate_name
 
     agents = agents or []
@@ -111,12 +117,21 @@ def evict(
 
         raise NotFoundError(f"no agent named {unknown[0]!r}; see `semantic cache ls`")
     plan = plan_eviction(
-        index, found, agents, everything,
+        index,
+        found,
+        agents,
+        everything,
         parse_duration(older_than) if older_than else None,
         parse_bytes(max_bytes) if max_bytes else None,
     )
     err = render.stderr()
-    summary = {"agents": plan.agents, "blocks": len(plan.blocks), "bytes_freed": plan.bytes_freed, "skipped_busy": plan.skipped_busy, "dry_run": dry_run}
+    summary = {
+        "agents": plan.agents,
+        "blocks": len(plan.blocks),
+        "bytes_freed": plan.bytes_freed,
+        "skipped_busy": plan.skipped_busy,
+        "dry_run": dry_run,
+    }
     if not json_out:
         who = ", ".join(plan.agents) or "no agents"
         err.print(f"plan: evict {who}; free {len(plan.blocks)} blocks, {human_bytes(plan.bytes_freed)}", markup=False)
@@ -155,6 +170,9 @@ def verify(
         out = render.stdout()
         for p in report.problems:
             out.print(f"{p.what} {p.name}: {p.reason}" + (" (dropped)" if repair else ""), markup=False)
-        out.print(f"checked {report.checked} files: {len(report.problems)} problem(s)" + (", repaired" if repair and report.problems else ""), markup=False)
+        out.print(
+            f"checked {report.checked} files: {len(report.problems)} problem(s)" + (", repaired" if repair and report.problems else ""),
+            markup=False,
+        )
     if report.problems and not repair:
         raise CacheDamageError(f"{len(report.problems)} problem(s) in the KV cache; run `semantic cache verify --repair` to drop them")

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
-from . import render
 from ..errors import BadInputError, UsageError
+from . import render
 
 
 def decode_message(data: bytes) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise BadInputError(f"input is not valid UTF-8 (bad byte at offset {exc.start}); convert it first, e.g. with iconv")
+        raise BadInputError(f"input is not valid UTF-8 (bad byte at offset {exc.start}); convert it first, e.g. with iconv") from exc
     if not text.strip():
         raise BadInputError("empty message: nothing to send (pipe some text in or pass -m TEXT)")
     # `echo` and editors end input with a newline that is not part of the message.
@@ -41,17 +41,17 @@ def room_agents(agents: list[str], room: str | None, store: Any) -> list[str]:
 
 def chat(
     agent: list[str] = typer.Option([], "--agent", "-a", help="Agent to talk to; repeat for a room. Created on first use."),
-    room: Optional[str] = typer.Option(None, "--room", help="Open a saved room (a named group of agents)."),
-    save_room: Optional[str] = typer.Option(None, "--save-room", help="Save these agents as a room with this name."),
-    message: Optional[str] = typer.Option(None, "--message", "-m", help="Send this message and print the reply (no REPL)."),
+    room: str | None = typer.Option(None, "--room", help="Open a saved room (a named group of agents)."),
+    save_room: str | None = typer.Option(None, "--save-room", help="Save these agents as a room with this name."),
+    message: str | None = typer.Option(None, "--message", "-m", help="Send this message and print the reply (no REPL)."),
     to_all: bool = typer.Option(False, "--all", help="In a room without a terminal: every agent answers the message."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object per reply instead of text."),
-    system: Optional[str] = typer.Option(None, "--system", help="Persona (system prompt) for a new agent."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, help="Maximum tokens per reply."),
-    temp: Optional[float] = typer.Option(None, "--temp", min=0.0, help="Sampling temperature (default 0: greedy)."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
-    model: Optional[str] = typer.Option(None, "--model", help="Model: mlx-lm directory, .gguf file or Hugging Face repo id."),
+    system: str | None = typer.Option(None, "--system", help="Persona (system prompt) for a new agent."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", min=1, help="Maximum tokens per reply."),
+    temp: float | None = typer.Option(None, "--temp", min=0.0, help="Sampling temperature (default 0: greedy)."),
+    top_p: float | None = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold."),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed for sampling."),
+    model: str | None = typer.Option(None, "--model", help="Model: mlx-lm directory, .gguf file or Hugging Face repo id."),
     wait: bool = typer.Option(False, "--wait", help="Wait for an agent another process is using instead of failing."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Status and figures on stderr in one-shot mode."),
     no_markdown: bool = typer.Option(False, "--no-markdown", help="Show replies as plain text in the REPL."),
@@ -146,7 +146,9 @@ def one_shot(session: Any, targets: list[tuple[Any, str]], settings: Any, json_o
                 while printed < len(order) and order[printed] in finished:
                     _emit(finished[order[printed]], out, single, json_out)
                     if verbose:
-                        err.print(render.footer(finished[order[printed]].done.stats, finished[order[printed]].tier), style="dim", markup=False)
+                        err.print(
+                            render.footer(finished[order[printed]].done.stats, finished[order[printed]].tier), style="dim", markup=False
+                        )
                     printed += 1
 
 

@@ -46,7 +46,7 @@ def path() -> None:
 
 def doctor(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Backend, device, BLAS, dtype, model and directories."""
-    from ..backend import runtime, buffers
+    from ..backend import buffers, runtime
     from ..model.default import default_model_dir, default_model_ready
     from ..model.loader import DEFAULT, requested_spec
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
@@ -26,12 +27,26 @@ def _color_system(stream: Any) -> str | None:
 
 def stdout() -> Console:
     system = _color_system(sys.stdout)
-    return Console(file=sys.stdout, color_system=system, force_terminal=_color_mode == "always" or None, highlight=False, soft_wrap=True, no_color=system is None)
+    return Console(
+        file=sys.stdout,
+        color_system=system,
+        force_terminal=_color_mode == "always" or None,
+        highlight=False,
+        soft_wrap=True,
+        no_color=system is None,
+    )
 
 
 def stderr() -> Console:
     system = _color_system(sys.stderr)
-    return Console(file=sys.stderr, color_system=system, force_terminal=_color_mode == "always" or None, highlight=False, soft_wrap=True, no_color=system is None)
+    return Console(
+        file=sys.stderr,
+        color_system=system,
+        force_terminal=_color_mode == "always" or None,
+        highlight=False,
+        soft_wrap=True,
+        no_color=system is None,
+    )
 
 
 def footer(stats: Any, tier: str) -> str:

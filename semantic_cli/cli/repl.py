@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.live import Live
@@ -26,9 +27,9 @@ from rich.table import Table
 from rich.text import Text
 
 from .. import paths
-from . import render, slash
 from ..errors import SemanticError
 from ..rooms import address
+from . import render, slash
 from .slash import printable
 
 PREFILL_BAR_MIN = 256  # shorter prefills are over before a bar could be read
@@ -97,7 +98,9 @@ class TurnView:
 
     def _status(self, r: Reply) -> RenderableType | None:
         if r.state == "interrupted":
-            return Text(f"interrupted after {r.tokens} tokens (kept, marked interrupted)", style="yellow", no_wrap=True, overflow="ellipsis")
+            return Text(
+                f"interrupted after {r.tokens} tokens (kept, marked interrupted)", style="yellow", no_wrap=True, overflow="ellipsis"
+            )
         if r.state == "failed":
             return Text("no reply (see the error below)", style="red", no_wrap=True, overflow="ellipsis")
         if r.footer:

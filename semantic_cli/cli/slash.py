@@ -7,19 +7,21 @@ in the man page.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from prompt_toolkit.completion import Completer as _PTCompleter
 from prompt_toolkit.completion import Completion, PathCompleter
 from prompt_toolkit.document import Document
 from rich.table import Table
 
-from . import render
 from ..errors import SemanticError, UsageError
+from . import render
 
 # Model output may hold raw control characters (an ESC would let a reply drive the
 # terminal and break the live redraw): show them as visible symbols instead.
@@ -162,7 +164,12 @@ def _model(repl: Any, arg: str) -> None:
     agent = repl.agent()
     with render.progress(repl.err) as progress:
         lm = repl.session.engine_for(agent, progress).lm
-    for line in (f"{agent.name}: {lm.name}", f"  from: {agent.model}", f"  path: {lm.ref.path}", f"  dtype {lm.dtype} · context {lm.context_length:,} tokens"):
+    for line in (
+        f"{agent.name}: {lm.name}",
+        f"  from: {agent.model}",
+        f"  path: {lm.ref.path}",
+        f"  dtype {lm.dtype} · context {lm.context_length:,} tokens",
+    ):
         repl.console.print(line, markup=False, highlight=False)
 
 
@@ -235,7 +242,9 @@ def transcript_json(agent: Any, messages: Iterable[Any]) -> dict[str, Any]:
         "agent": agent.name,
         "model": agent.model,
         "system": agent.system,
-        "messages": [{"role": m.role, "content": m.content, "status": m.status, "created_at": m.created_at, "meta": m.meta} for m in messages],
+        "messages": [
+            {"role": m.role, "content": m.content, "status": m.status, "created_at": m.created_at, "meta": m.meta} for m in messages
+        ],
     }
 
 
@@ -282,10 +291,8 @@ class Completer(_PTCompleter):
 
     def _agent_names(self) -> list[str]:
         names = list(self.repl.agents)
-        try:
+        with contextlib.suppress(Exception):  # completion must never break typing
             names += [a.name for a in self.repl.session.store.list_agents() if a.name not in names]
-        except Exception:  # completion must never break typing
-            pass
         return names
 
 

@@ -7,18 +7,19 @@ there), and execution re-checks before deleting. Transcripts are never touched.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
-from . import blockfile
 from .. import paths
-from .blockfile import BlockFileError
-from .index import KVIndex, block_name, block_path, remove_file, tails_dir
 from ..locks import holder
 from ..store import Store
+from . import blockfile
+from .blockfile import BlockFileError
+from .index import KVIndex, block_name, block_path, remove_file, tails_dir
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,8 @@ def _disk_files() -> dict[str, int]:
         for dirpath, _, files in os.walk(root):
             for f in files:
                 p = os.path.join(dirpath, f)
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     out[p] = os.stat(p).st_size
-                except FileNotFoundError:
-                    pass
     return out
 
 

@@ -13,12 +13,14 @@ preallocated destination buffers (`preadv`), one copy, hashed on the way.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from ..backend import buffers
 
@@ -68,10 +70,8 @@ def write(path: Path, header: dict, arrays: Iterable[tuple[str, str, tuple[int, 
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
     _fsync_dir(path.parent)
     return len(prefix) + offset, digest.hexdigest()
@@ -115,7 +115,7 @@ def _read_header_at(fd: int) -> tuple[dict, bytes]:
     try:
         header = json.loads(head)
     except ValueError as exc:
-        raise BlockFileError(f"corrupt header ({exc})")
+        raise BlockFileError(f"corrupt header ({exc})") from exc
     if not isinstance(header, dict):
         raise BlockFileError("corrupt header (not an object)")
     return header, data[:prefix_len]  # short if the file ends in the padding: read_into's size check says so
@@ -138,14 +138,14 @@ def read_into(path: Path, checksum: str, plan: Callable[[dict], list[memoryview]
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
-        raise BlockFileError(f"cannot open ({exc.strerror})")
+        raise BlockFileError(f"cannot open ({exc.strerror})") from exc
     try:
         size = os.fstat(fd).st_size
         header, prefix = _read_header_at(fd)
         try:
             declared = sum(int(a["nbytes"]) for a in header.get("arrays", []))
         except (KeyError, TypeError, ValueError) as exc:
-            raise BlockFileError(f"corrupt header ({exc!r})")
+            raise BlockFileError(f"corrupt header ({exc!r})") from exc
         expected = len(prefix) + declared
         if size != expected:
             raise BlockFileError("truncated data" if size < expected else "trailing bytes")

@@ -7,6 +7,7 @@ the files go together, and agents fall back to their transcripts.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sqlite3
@@ -205,10 +206,8 @@ class KVIndex:
             tail = self.tail(agent)
             freed = 0
             if tail is not None:
-                try:  # a tail hard-linked by a fork stays on disk for the fork
+                with contextlib.suppress(FileNotFoundError):  # a tail hard-linked by a fork stays on disk for the fork
                     freed = tail.nbytes if os.stat(tails_dir() / tail.file).st_nlink == 1 else 0
-                except FileNotFoundError:
-                    pass
             self.drop_agent(agent)
             still_used = self.refcounts()
             for row in self.blocks(sorted(own)).values():
@@ -272,7 +271,5 @@ def _tail(r: sqlite3.Row) -> TailRow:
 
 
 def remove_file(path: Path) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass

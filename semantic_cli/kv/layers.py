@@ -7,8 +7,10 @@ state) are snapshotted whole at the end of the agent's log.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
+
 from ..backend import runtime
 
 # Cache classes a snapshot may name: the ones `mlx_lm.models.cache` defines
@@ -101,8 +103,6 @@ def from_snapshot(class_name: str, arrays: dict[str, Any], scalars: dict[str, An
 def cache_nbytes(cache: list[Any]) -> int:
     total = 0
     for c in cache:
-        try:
+        with contextlib.suppress(NotImplementedError, AttributeError):
             total += c.nbytes
-        except (NotImplementedError, AttributeError):
-            pass
     return total

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..backend import runtime, buffers
+from ..backend import buffers, runtime
 from . import blockfile
 from .blockfile import BlockFileError
 from .layers import CacheSpec, from_snapshot, restored_kv_cache
@@ -74,7 +74,7 @@ def read_cache(spec: CacheSpec, files: list[CacheFile], prompt: list[int], capac
     # as it is (no page faults now for room a reply may never use): caches never read
     # past their offset, and a test fills it with NaNs to prove it.
     allocated = buffers.empty_arrays([((1, geometry[name][0], cap, geometry[name][1]), geometry[name][2]) for name in names])
-    kv_arrays = dict(zip(names, allocated))
+    kv_arrays = dict(zip(names, allocated, strict=True))
     token_bytes = {name: geometry[name][1] * np.dtype(geometry[name][2]).itemsize for name in names}
     rows = {name: _head_rows(kv_arrays[name], geometry[name][0], cap * token_bytes[name]) for name in names}  # per head, its bytes
 
@@ -121,7 +121,7 @@ def read_cache(spec: CacheSpec, files: list[CacheFile], prompt: list[int], capac
     snapshots: dict[int, tuple[str, dict[str, Any], dict[str, Any]]] = {}
     matched = 0
     damage = None
-    for file, read in zip(files, results):
+    for file, read in zip(files, results, strict=True):
         if read.header is None:
             damage = Damage(file, read.error or "unreadable")
             break

