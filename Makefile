@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup native model system-deps clean bench docs
+.PHONY: run test check setup native model system-deps clean bench docs
 
 run: setup model
 	$(BIN)/semantic chat --agent demo
@@ -12,13 +12,19 @@ run: setup model
 test: setup model
 	$(BIN)/python -m pytest -q
 
+# Lint, format and types over the package, the tests and the scripts (configured in pyproject.toml).
+check: setup
+	$(BIN)/ruff check semantic_cli tests scripts
+	$(BIN)/ruff format --check semantic_cli tests scripts
+	$(BIN)/mypy
+
 setup: $(STAMP) native
 
 $(STAMP): pyproject.toml
 	@$(MAKE) --no-print-directory system-deps
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,native]'
+	$(BIN)/python -m pip install -q -e '.[test,native,dev]'
 	touch $(STAMP)
 
 # The optional compiled restore loops (semantic_cli/backend/_native.cpp): rebuilt when

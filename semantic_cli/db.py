@@ -1,20 +1,86 @@
 """SQLite connections for the transcript store and the KV index: WAL, private files,
-and explicit transactions (autocommit otherwise)."""
+explicit transactions (autocommit otherwise), and versioned schemas.
+
+Each database carries its schema version in `PRAGMA user_version` and its owner
+passes the ordered list of migrations that build it: migration i takes the
+schema from version i to i + 1. Version 1 is the schema every release before
+versioning wrote (with `CREATE ... IF NOT EXISTS`, so an unversioned database
+upgrades in place without losing a row). A database newer than this code is
+refused before anything writes to it, its WAL included: the file and its -wal
+are left byte for byte as they were (StoreVersionError, exit code 9).
+"""
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 
 from . import paths
+from .errors import StoreVersionError
+
+Migration = Sequence[str]  # the SQL statements of one schema step, run in one transaction
 
 
-def connect(path: Path, synchronous: str) -> sqlite3.Connection:
-    db = sqlite3.connect(paths.private_file(path), timeout=30, isolation_level=None)
-    db.row_factory = sqlite3.Row
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute(f"PRAGMA synchronous={synchronous}")
+def statements(script: str) -> tuple[str, ...]:
+    """A migration from an SQL script: its statements (none may contain ';' in a literal)."""
+    return tuple(s.strip() for s in script.split(";") if s.strip())
+
+
+def connect(path: Path, synchronous: str, migrations: Sequence[Migration], what: str) -> sqlite3.Connection:
+    """Open (creating if needed) and migrate the database at `path` to `len(migrations)`."""
+    paths.private_file(path)
+    if _wal_file(path).exists():
+        # Closing the last read-write connection checkpoints the WAL into the database file,
+        # so a WAL that a newer release left behind is read through a read-only connection.
+        probe = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            _refuse_newer(probe, path, len(migrations), what)
+        finally:
+            probe.close()
+    db = sqlite3.connect(path, timeout=30, isolation_level=None)
+    try:
+        db.row_factory = sqlite3.Row
+        # A read; with no WAL there, closing this connection after a refusal changes nothing.
+        _refuse_newer(db, path, len(migrations), what)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={synchronous}")
+        migrate(db, path, migrations, what)
+    except BaseException:
+        db.close()
+        raise
     return db
+
+
+def _wal_file(path: Path) -> Path:
+    return path.with_name(path.name + "-wal")
+
+
+def schema_version(db: sqlite3.Connection) -> int:
+    return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _refuse_newer(db: sqlite3.Connection, path: Path, latest: int, what: str) -> None:
+    found = schema_version(db)
+    if found > latest:
+        raise StoreVersionError(
+            f"{what} {path} has schema version {found}, newer than this semantic understands ({latest}); "
+            "upgrade semantic (it was written by a newer release), and leave the file as it is"
+        )
+
+
+def migrate(db: sqlite3.Connection, path: Path, migrations: Sequence[Migration], what: str) -> None:
+    """Run the missing migrations, each with its version bump, in one transaction."""
+    latest = len(migrations)
+    if schema_version(db) == latest:
+        return
+    with Transaction(db):
+        found = schema_version(db)  # again, under the write lock: another process may have migrated
+        _refuse_newer(db, path, latest, what)
+        for step in migrations[found:]:
+            for statement in step:
+                db.execute(statement)
+        db.execute(f"PRAGMA user_version={latest}")
 
 
 class Transaction:

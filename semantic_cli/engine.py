@@ -8,7 +8,7 @@ KV cache. The engine yields small event records and never prints.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,11 +27,12 @@ class TurnRequest:
     max_tokens: int
     temp: float = 0.0
     top_p: float = 1.0
+    started: float | None = None  # perf_counter() when the turn began (before its restore); default: when inserted
 
 
 @dataclass(frozen=True)
 class TurnStats:
-    ttft_s: float
+    ttft_s: float  # from the turn's start (its restore included) to the first token
     prompt_tokens: int
     cached_tokens: int
     prefilled_tokens: int
@@ -99,7 +100,7 @@ class Engine:
             )
         return self._generator
 
-    def generate(self, requests: Sequence[TurnRequest], seed: int | None = None) -> Iterator[Event]:
+    def generate(self, requests: Sequence[TurnRequest], seed: int | None = None) -> Generator[Event, None, None]:
         """Run the requests concurrently; yields events as they happen.
 
         Closing the iterator early (Ctrl-C in the caller) removes the unfinished
@@ -169,7 +170,8 @@ class Engine:
     def _done(self, st: _Live, reason: str, cache: Any, all_tokens: list[int], now: float) -> TurnDone:
         req = st.request
         first = st.first_token_at or now
-        ttft = first - st.start
+        ttft = first - (req.started if req.started is not None else st.start)
+        prefill_s = first - st.start  # from the insert: the prefill alone
         prefilled = len(req.prompt) - req.cached
         decode_time = now - first
         stats = TurnStats(
@@ -178,7 +180,7 @@ class Engine:
             cached_tokens=req.cached,
             prefilled_tokens=prefilled,
             generated_tokens=len(st.generated),
-            prompt_tps=prefilled / ttft if ttft > 0 else 0.0,
+            prompt_tps=prefilled / prefill_s if prefill_s > 0 else 0.0,
             generation_tps=(len(st.generated) - 1) / decode_time if decode_time > 0 else 0.0,
         )
         return TurnDone(req.key, reason, "".join(st.text), list(st.generated), cache, all_tokens, stats)

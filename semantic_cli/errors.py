@@ -16,6 +16,7 @@ EXIT_TOO_LONG = 5  # the prompt does not fit the model's context
 EXIT_BAD_INPUT = 6  # empty or undecodable input
 EXIT_MODEL = 7  # a model could not be loaded or converted
 EXIT_CACHE = 8  # cache damage that verify found and did not repair
+EXIT_VERSION = 9  # a database written by a newer release of semantic
 EXIT_INTERRUPTED = 130
 
 
@@ -55,3 +56,9 @@ class ModelError(SemanticError):
 
 class CacheDamageError(SemanticError):
     exit_code = EXIT_CACHE
+
+
+class StoreVersionError(SemanticError):
+    """A database or file format newer than this code: refused, never modified."""
+
+    exit_code = EXIT_VERSION

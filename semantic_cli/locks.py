@@ -1,4 +1,5 @@
-"""One process per agent: an advisory lock file holding the owner's pid.
+"""One process per agent: an advisory lock file holding the owner's pid; and
+`pid_alive`, which tells whether the process that left a pid-tagged file is gone.
 
 The kernel drops an flock when its process dies (SIGKILL included), so a
 crashed run never leaves an agent locked.
@@ -75,3 +76,18 @@ def holder(name: str) -> int | None:
         return _read_pid(fd)
     finally:
         os.close(fd)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one owned by another user counts).
+
+    Temp files and directories named after their writer's pid are swept once
+    this is False: the writer was killed before it could clean up.
+    """
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True

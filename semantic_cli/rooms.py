@@ -5,8 +5,10 @@ from __future__ import annotations
 import re
 
 from .errors import UsageError
+from .store import NAME_RE
 
-_MENTION = re.compile(r"@([a-z0-9][a-z0-9_-]{0,63})\b")
+# `@` and an agent name (the store's rule), ending at a word boundary.
+_MENTION = re.compile(rf"@({NAME_RE.pattern})\b")
 
 
 def address(text: str, room: list[str], current: str | None) -> tuple[list[str], str]:

@@ -3,7 +3,8 @@
 SQLite in the data dir, WAL mode. This is the truth; KV blocks are derived
 from it and may vanish at any time. A turn (user message, reply, the tokens
 the model saw) is committed in one transaction, so a killed process leaves
-either the whole turn or none of it.
+either the whole turn or none of it. The schema is versioned: `MIGRATIONS`
+below, applied by db.connect. All SQL on this database lives here.
 """
 
 from __future__ import annotations
@@ -15,14 +16,20 @@ import time
 from array import array
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from . import paths
-from .db import Transaction, connect
+from .db import Transaction, connect, statements
 from .errors import NotFoundError, UsageError
 
+# The one rule for agent and room names (rooms.py derives `@name` mentions from it).
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
-SCHEMA = """
+# Schema migrations, oldest first (see db.py). Version 1 is the schema of every
+# release before versioning: IF NOT EXISTS lets such a database upgrade in place.
+MIGRATIONS: list[tuple[str, ...]] = [
+    statements(
+        """
 CREATE TABLE IF NOT EXISTS agents (
     name TEXT PRIMARY KEY,
     model TEXT NOT NULL,
@@ -54,6 +61,8 @@ CREATE TABLE IF NOT EXISTS rooms (
     agents TEXT NOT NULL
 );
 """
+    ),
+]
 
 
 def validate_name(name: str, what: str = "agent") -> str:
@@ -96,9 +105,9 @@ def _unpack(blob: bytes) -> list[int]:
 class Store:
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or paths.db_file()
-        self.db = connect(self.path, synchronous="FULL")  # the truth: durable on every commit
+        # The truth: durable on every commit.
+        self.db = connect(self.path, "FULL", MIGRATIONS, "the transcript database")
         self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.executescript(SCHEMA)
 
     def close(self) -> None:
         self.db.close()
@@ -137,7 +146,7 @@ class Store:
             raise UsageError(f"agent {name!r} already exists; pick another name or `semantic agents rm {name}`") from None
         return self.get_agent(name)
 
-    def update_agent(self, agent: Agent, **changes: object) -> Agent:
+    def update_agent(self, agent: Agent, **changes: Any) -> Agent:
         """Change model, system or settings. A persona or model change drops the token log:
         the next turn re-renders the transcript (and so cannot reuse stale KV)."""
         new = replace(agent, **changes)
@@ -149,9 +158,6 @@ class Store:
             if new.system != agent.system or new.model != agent.model:
                 self.db.execute("DELETE FROM token_chunks WHERE agent=?", (agent.name,))
         return new
-
-    def touch(self, name: str) -> None:
-        self.db.execute("UPDATE agents SET last_active=? WHERE name=?", (time.time(), name))
 
     def delete_agent(self, name: str) -> None:
         self.get_agent(name)
@@ -229,6 +235,11 @@ class Store:
             if new_tokens:
                 self.db.execute("INSERT INTO token_chunks(agent, tokenizer, tokens) VALUES (?,?,?)", (name, tokenizer, _pack(new_tokens)))
             self.db.execute("UPDATE agents SET last_active=? WHERE name=?", (now, name))
+
+    def turn_counts(self) -> dict[str, int]:
+        """Per agent with any: how many user messages (turns) its transcript holds."""
+        rows = self.db.execute("SELECT agent, COUNT(*) AS n FROM messages WHERE role='user' GROUP BY agent")
+        return {r["agent"]: int(r["n"]) for r in rows}
 
     def token_counts(self) -> dict[str, int]:
         rows = self.db.execute("SELECT agent, SUM(LENGTH(tokens)) / 4 AS n FROM token_chunks GROUP BY agent")

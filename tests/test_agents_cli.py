@@ -14,7 +14,8 @@ from conftest import SEMANTIC, run_cli
 from helpers import Session
 
 from semantic_cli import paths
-from semantic_cli.kv.index import KVIndex, tails_dir
+from semantic_cli.kv.blockfile import tails_dir
+from semantic_cli.kv.index import KVIndex
 from semantic_cli.locks import AgentLock
 from semantic_cli.store import Store
 

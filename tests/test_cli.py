@@ -25,6 +25,7 @@ JSON_FIELDS = {
     "generated_tokens",
     "prompt_tps",
     "generation_tps",
+    "cache_tier",
 }
 
 
@@ -50,7 +51,8 @@ def test_pipe_prints_only_the_reply(tiny, home):
 def test_json_output_and_continuation_across_invocations(tiny, home):
     args = ("chat", "--agent", "a", "--model", str(tiny["llama"]), "--max-tokens", "6", "--json")
     first = json.loads(run_cli(*args, "-m", "first message").stdout)
-    assert set(first) >= JSON_FIELDS
+    assert set(first) == JSON_FIELDS  # the documented, stable fields
+    assert first["cache_tier"] == "cold"
     assert first["agent"] == "a" and first["generated_tokens"] == 6 and first["finish_reason"] == "length"
     assert first["cached_tokens"] == 0 and first["prefilled_tokens"] == first["prompt_tokens"]
     second = json.loads(run_cli(*args, "-m", "second message").stdout)
@@ -58,6 +60,7 @@ def test_json_output_and_continuation_across_invocations(tiny, home):
     assert second["prompt_tokens"] > first["prompt_tokens"] + first["generated_tokens"]
     assert second["cached_tokens"] == first["prompt_tokens"] + first["generated_tokens"]
     assert second["prefilled_tokens"] == second["prompt_tokens"] - second["cached_tokens"]
+    assert second["cache_tier"] == "warm" and second["ttft_s"] > 0
     assert len(_db_rows(home, "SELECT id FROM messages WHERE agent='a'")) == 4
 
 

@@ -15,8 +15,8 @@ import pytest
 
 from semantic_cli.backend import buffers, runtime
 from semantic_cli.kv import blockfile
-from semantic_cli.kv.blockfile import file_checksum
-from semantic_cli.kv.index import KVIndex, block_path
+from semantic_cli.kv.blockfile import block_path, file_checksum
+from semantic_cli.kv.index import KVIndex
 from semantic_cli.kv.layers import CacheSpec
 from semantic_cli.kv.store import KVStore
 
@@ -196,3 +196,17 @@ def test_native_reads_match_pythons_bytes_checksum_and_end_of_file(tmp_path):
     assert read_native([memoryview(bytearray(n)) for n in sizes])[0] == -1
     with pytest.raises(blockfile.BlockFileError, match="truncated"):
         _reading(path, lambda fd: blockfile._read_hashed(fd, [memoryview(bytearray(n)) for n in sizes], b"prefix"))
+
+
+def test_arrays_without_a_plain_byte_view_are_written_in_c_order(tmp_path):
+    """A transposed view (a plain prefill's values) and an empty slice (a tail with no
+    partial tokens beside its whole-layer snapshots) are written as their C-order bytes."""
+    transposed = np.arange(12, dtype=np.float32).reshape(3, 4).T
+    empty = np.arange(8, dtype=np.float32).reshape(2, 4)[2:2]
+    path = tmp_path / "odd.kv"
+    arrays = [("t", "float32", transposed.shape, [transposed]), ("e", "float32", empty.shape, [empty])]
+    _, checksum = blockfile.write(path, {"kind": "test"}, arrays)
+    back = np.empty(transposed.shape, np.float32)
+    header = blockfile.read_into(path, checksum, lambda header: [back.data.cast("B"), memoryview(bytearray())])
+    assert np.array_equal(back, transposed)
+    assert [(a["name"], a["shape"], a["nbytes"]) for a in header["arrays"]] == [("t", [4, 3], 48), ("e", [0, 4], 0)]

@@ -318,9 +318,9 @@ def test_save_and_reset(term, home, tmp_path):
     t.expect(r"error: say the format by the extension")
     t.prompt()
     md = (tmp_path / "t.md").read_text()
-    assert md.startswith("# a\n") and "> be brief" in md and "## you\n\nhello\n" in md and "## a\n" in md
+    assert md.startswith("# a\n") and "> be brief" in md and "## You\n\nhello\n" in md and "## a\n" in md
     data = json.loads((tmp_path / "t.json").read_text())
-    assert data["system"] == "be brief" and [m["role"] for m in data["messages"]] == ["user", "assistant"]
+    assert data["agent"]["system"] == "be brief" and [m["role"] for m in data["messages"]] == ["user", "assistant"]
     t.send("/reset")
     t.expect(r"empty a's conversation \(2 messages; the persona stays\)\? \[y/N\]")
     t.send("y")

@@ -72,8 +72,9 @@ def _install() -> None:
             return as_linear(self, x)
         return _split_matmul(x, self["weight"])
 
-    nn.Linear.__call__ = split_linear
-    nn.Embedding.as_linear = split_as_linear
+    # Patched on the classes (not per instance): mlx-lm builds its layers before we run.
+    setattr(nn.Linear, "__call__", split_linear)  # noqa: B010 (mypy forbids assigning to a method)
+    setattr(nn.Embedding, "as_linear", split_as_linear)  # noqa: B010
 
 
 def _split_matmul(x: Any, weight: Any) -> Any:

@@ -97,7 +97,8 @@ def apply_dtype_policy(model: Any) -> str:
     core = mx()
     from mlx.utils import tree_flatten
 
-    floats = [v.dtype for _, v in tree_flatten(model.parameters()) if core.issubdtype(v.dtype, core.floating)]
+    leaves: Any = tree_flatten(model.parameters())  # [(name, array)]
+    floats = [v.dtype for _, v in leaves if core.issubdtype(v.dtype, core.floating)]
     current = dtype_name(floats[0]) if floats else "float32"
     target = compute_dtype_name(current)
     if target != current:

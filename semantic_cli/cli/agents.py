@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -18,13 +17,13 @@ from typing import Any
 
 import typer
 
-from .. import paths
+from .. import export, paths
 from ..errors import BadInputError, UsageError
 from ..kv.index import KVIndex
 from ..locks import AgentLock
 from ..store import Agent, Message, Store, validate_name
 from . import render
-from .cache import human_age, human_bytes
+from .render import human_age, human_bytes
 
 app = typer.Typer(help="Manage agents: named personas with their own conversation and cache.", no_args_is_help=True)
 
@@ -106,18 +105,9 @@ def _confirm(question: str, yes: bool) -> None:
         raise typer.Exit(1)
 
 
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
 def _excerpt(text: str, width: int = 40) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= width else flat[: width - 1] + "…"
-
-
-def _turns(store: Store) -> dict[str, int]:
-    rows = store.db.execute("SELECT agent, COUNT(*) AS n FROM messages WHERE role='user' GROUP BY agent")
-    return {r["agent"]: int(r["n"]) for r in rows}
 
 
 def _must_be_free(store: Store, name: str) -> None:
@@ -130,27 +120,16 @@ def _history(name: str) -> Path:
     return paths.history_dir() / f"{name}.history"
 
 
-def _agent_json(agent: Agent) -> dict[str, Any]:
-    return {
-        "name": agent.name,
-        "model": agent.model,
-        "system": agent.system,
-        "settings": agent.settings,
-        "created_at": _iso(agent.created_at),
-        "last_active": _iso(agent.last_active),
-    }
-
-
 # ---- commands ---------------------------------------------------------
 @app.command("ls")
 def ls(json_out: bool = typer.Option(False, "--json", help="Print a JSON list.")) -> None:
     """Every agent: model, persona, turns, transcript and cached tokens, last activity."""
     with _opened() as (store, kv):
         agents = store.list_agents()
-        turns, tokens, cached = _turns(store), store.token_counts(), kv.cached_tokens()
+        turns, tokens, cached = store.turn_counts(), store.token_counts(), kv.cached_tokens()
     rows = [
         {
-            **_agent_json(a),
+            **export.agent_dict(a),
             "turns": turns.get(a.name, 0),
             "transcript_tokens": tokens.get(a.name, 0),
             "cached_tokens": cached.get(a.name, 0),
@@ -213,29 +192,11 @@ def show(
         agent = store.get_agent(name)
         messages = store.messages(name)
     if json_out:
-        doc = {"agent": _agent_json(agent), "messages": [_message_json(m) for m in messages]}
-        print(json.dumps(doc, indent=2, ensure_ascii=False))
+        sys.stdout.write(export.to_json(agent, messages))
     elif markdown:
-        sys.stdout.write(to_markdown(agent, messages))
+        sys.stdout.write(export.to_markdown(agent, messages))
     else:
         _show_rich(agent, messages)
-
-
-def _message_json(m: Message) -> dict[str, Any]:
-    return {"id": m.id, "role": m.role, "content": m.content, "status": m.status, "created_at": _iso(m.created_at), "meta": m.meta}
-
-
-def to_markdown(agent: Agent, messages: list[Message]) -> str:
-    parts = [f"# {agent.name}\n", f"- model: `{agent.model}`"]
-    parts += [f"- {k}: {v}" for k, v in sorted(agent.settings.items())]
-    if agent.system:
-        parts.append("\n## Persona\n\n" + "\n".join(f"> {line}" if line else ">" for line in agent.system.splitlines()))
-    for m in messages:
-        who = "You" if m.role == "user" else agent.name if m.role == "assistant" else m.role
-        parts.append(f"\n## {who}\n\n{m.content.strip()}")
-        if m.status == "interrupted":
-            parts.append("\n*(interrupted)*")
-    return "\n".join(parts) + "\n"
 
 
 def _show_rich(agent: Agent, messages: list[Message]) -> None:
@@ -362,6 +323,6 @@ def fork(name: str = NAME, new: str = typer.Argument(..., help="Name of the copy
             kv.release_agent(new)  # an orphaned cache under the new name would collide
             store.fork_agent(name, new)
             kv.fork_agent(name, new)
-            turns = _turns(store).get(new, 0)
+            turns = store.turn_counts().get(new, 0)
             blocks = len(kv.chain(new))
     _status(f"forked {name!r} as {new!r}: {turns} turns, sharing {blocks} cached blocks")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import click
 import typer
@@ -89,9 +90,10 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.NoSuchOption as exc:
         exc.show()
         raise SystemExit(EXIT_USAGE) from exc
-    except _CLICK_ERRORS as exc:  # type: ignore[misc]
-        exc.show()
-        raise SystemExit(exc.exit_code) from exc
+    except _CLICK_ERRORS as exc:
+        usage_error: Any = exc  # click's or typer's vendored ClickException: both have show() and exit_code
+        usage_error.show()
+        raise SystemExit(usage_error.exit_code) from exc
     except BrokenPipeError:
         # The reader went away (`| head`): not an error worth a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

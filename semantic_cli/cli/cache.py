@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from dataclasses import asdict
 
 import typer
@@ -13,26 +12,9 @@ from rich.table import Table
 
 from ..errors import CacheDamageError, UsageError
 from . import render
+from .render import human_age, human_bytes
 
 app = typer.Typer(help="Inspect and manage the persistent KV cache.", no_args_is_help=True)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def human_age(ts: float | None) -> str:
-    if not ts:
-        return "-"
-    s = max(0.0, time.time() - ts)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if s >= size:
-            return f"{int(s // size)}{unit} ago"
-    return "just now"
 
 
 def _open() -> tuple:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import typer
 
 from ..errors import BadInputError, UsageError
 from . import render
+
+if TYPE_CHECKING:  # types only: `--help` and other commands must not import the core (nor, through it, numpy or mlx)
+    from ..chat import Chat, GenSettings, TurnRecorded
+    from ..store import Agent, Store
 
 
 def decode_message(data: bytes) -> str:
@@ -23,7 +27,7 @@ def decode_message(data: bytes) -> str:
     return text.rstrip()
 
 
-def room_agents(agents: list[str], room: str | None, store: Any) -> list[str]:
+def room_agents(agents: list[str], room: str | None, store: Store) -> list[str]:
     from ..store import validate_name
 
     names = list(agents)
@@ -86,9 +90,10 @@ def chat(
         store.close()
 
 
-def open_room(session: Any, names: list[str], model: str | None, system: str | None, wait: bool) -> list[Any]:
+def open_room(session: Chat, names: list[str], model: str | None, system: str | None, wait: bool) -> list[Agent]:
     """Lock and load the agents. In a room, a busy agent is left out (with a warning)
     rather than failing the others; a room must share one model."""
+    from ..chat import check_room
     from ..errors import BusyError
 
     opened = []
@@ -101,14 +106,11 @@ def open_room(session: Any, names: list[str], model: str | None, system: str | N
             render.stderr().print(f"warning: {exc.message}; the room continues without it", style="yellow", markup=False)
     if not opened:
         raise BusyError("every agent in this room is busy in another process; try again later or pass --wait")
-    models = {a.model for a in opened}
-    if len(models) > 1:
-        detail = ", ".join(f"{a.name}: {a.model}" for a in opened)
-        raise UsageError(f"a room's agents must share one model ({detail}); pass --model to switch them all, or chat with them separately")
+    check_room(opened)
     return opened
 
 
-def _targets(opened: list[Any], text: str, to_all: bool) -> list[tuple[Any, str]]:
+def _targets(opened: list[Agent], text: str, to_all: bool) -> list[tuple[Agent, str]]:
     from ..rooms import address
 
     if len(opened) == 1 and not text.lstrip().startswith("@"):
@@ -119,7 +121,7 @@ def _targets(opened: list[Any], text: str, to_all: bool) -> list[tuple[Any, str]
     return [(a, body) for a in opened if a.name in names]
 
 
-def one_shot(session: Any, targets: list[tuple[Any, str]], settings: Any, json_out: bool, verbose: bool) -> None:
+def one_shot(session: Chat, targets: list[tuple[Agent, str]], settings: GenSettings, json_out: bool, verbose: bool) -> None:
     from ..chat import Notice, TurnRecorded
     from ..engine import PromptProgress, TokenEvent
 
@@ -129,7 +131,7 @@ def one_shot(session: Any, targets: list[tuple[Any, str]], settings: Any, json_o
     with render.progress(err, enabled=verbose) as progress:
         pendings = [session.prepare(a, text, settings, progress) for a, text in targets]
         order = [p.agent.name for p in pendings]
-        finished: dict[str, Any] = {}
+        finished: dict[str, TurnRecorded] = {}
         printed = 0
         for ev in session.run(pendings, seed=settings.seed):
             if isinstance(ev, Notice):
@@ -152,7 +154,7 @@ def one_shot(session: Any, targets: list[tuple[Any, str]], settings: Any, json_o
                     printed += 1
 
 
-def turn_json(rec: Any, model: str) -> dict[str, Any]:
+def turn_json(rec: TurnRecorded, model: str) -> dict[str, Any]:
     s = rec.done.stats
     return {
         "reply": rec.done.text,
@@ -170,7 +172,7 @@ def turn_json(rec: Any, model: str) -> dict[str, Any]:
     }
 
 
-def _emit(rec: Any, out: Any, single: bool, json_out: bool) -> None:
+def _emit(rec: TurnRecorded, out: TextIO, single: bool, json_out: bool) -> None:
     if json_out:
         out.write(json.dumps(turn_json(rec, rec.model)) + "\n")
     elif single:

@@ -1,12 +1,14 @@
-"""Terminal output: consoles that respect NO_COLOR/--color, progress bars, footers."""
+"""Terminal output: consoles that respect NO_COLOR/--color, progress bars, footers,
+and the CLI's one formatter each for byte counts and ages."""
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
@@ -19,7 +21,7 @@ def set_color(mode: str) -> None:
     _color_mode = mode
 
 
-def _color_system(stream: Any) -> str | None:
+def _color_system(stream: Any) -> Literal["auto", "standard"] | None:
     if _color_mode == "never" or (_color_mode == "auto" and (os.environ.get("NO_COLOR") or not stream.isatty())):
         return None
     return "auto" if _color_mode == "auto" else "standard"
@@ -47,6 +49,26 @@ def stderr() -> Console:
         soft_wrap=True,
         no_color=system is None,
     )
+
+
+def human_bytes(n: float) -> str:
+    """Decimal units, as disks are sold: 999 B, 1.5 KB, 377.5 MB, 12.0 GB."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def human_age(ts: float | None) -> str:
+    """How long ago `ts` was: "just now", "5m ago", "3h ago", "2d ago"; "-" for never."""
+    if not ts:
+        return "-"
+    s = max(0.0, time.time() - ts)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{int(s // size)}{unit} ago"
+    return "just now"
 
 
 def footer(stats: Any, tier: str) -> str:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.live import Live
@@ -31,6 +31,10 @@ from ..errors import SemanticError
 from ..rooms import address
 from . import render, slash
 from .slash import printable
+
+if TYPE_CHECKING:  # types only: the core is imported when a turn runs
+    from ..chat import Chat, GenSettings, TurnRecorded
+    from ..store import Agent
 
 PREFILL_BAR_MIN = 256  # shorter prefills are over before a bar could be read
 BLOCK = '"""'  # opens and closes a multi-line message, as in ollama
@@ -146,16 +150,16 @@ def block_open(text: str) -> bool:
 
 
 class Repl:
-    def __init__(self, session: Any, agents: list[Any], settings: Any, markdown: bool = True) -> None:
+    def __init__(self, session: Chat, agents: list[Agent], settings: GenSettings, markdown: bool = True) -> None:
         self.session = session
-        self.agents: dict[str, Any] = {a.name: a for a in agents}
+        self.agents: dict[str, Agent] = {a.name: a for a in agents}
         self.current = agents[0].name
         self.settings = settings
         self.markdown = markdown
         self.console = render.stdout()
         self.console.soft_wrap = False  # rich must wrap itself, or Live miscounts lines to redraw
         self.err = render.stderr()
-        self.last: dict[str, Any] = {}  # agent -> its last TurnRecorded
+        self.last: dict[str, TurnRecorded] = {}  # agent -> its last turn
         self.last_reply: tuple[str, str] | None = None  # (agent, text) of the latest reply, for /round
         self.totals = Totals()
         self._prompts: dict[str, Any] = {}
@@ -164,10 +168,10 @@ class Repl:
     def room(self) -> bool:
         return len(self.agents) > 1
 
-    def agent(self, name: str | None = None) -> Any:
+    def agent(self, name: str | None = None) -> Agent:
         return self.agents[name or self.current]
 
-    def replace_agent(self, agent: Any) -> None:
+    def replace_agent(self, agent: Agent) -> None:
         self.agents[agent.name] = agent
 
     # ---- input ----------------------------------------------------------
@@ -229,7 +233,7 @@ class Repl:
         self.turn([(self.agents[n], body) for n in targets])
 
     # ---- one turn (or a room's concurrent turns) ------------------------
-    def turn(self, targets: list[tuple[Any, str]], titles: dict[str, str] | None = None) -> list[Any]:
+    def turn(self, targets: list[tuple[Agent, str]], titles: dict[str, str] | None = None) -> list[TurnRecorded]:
         """Run the turns, streaming them live; returns their TurnRecorded events.
         Ctrl-C: the core keeps the partial replies; KeyboardInterrupt is re-raised."""
         from ..chat import Notice, TurnRecorded
@@ -239,13 +243,13 @@ class Repl:
             pendings = [self.session.prepare(a, body, self.settings, progress) for a, body in targets]
         replies = {p.agent.name: Reply(p.agent.name, (titles or {}).get(p.agent.name, p.agent.name)) for p in pendings}
         view = TurnView(list(replies.values()), self.markdown, panels=self.room)
-        recorded: list[Any] = []
+        recorded: list[TurnRecorded] = []
         started = time.perf_counter()
         with _quiet_tty(), Live(view, console=self.console, refresh_per_second=10, transient=False) as live:
             events = self.session.run(pendings, seed=self.settings.seed)
             try:
                 for ev in events:
-                    r = replies.get(getattr(ev, "key", ""))
+                    r = replies.get(ev.key)
                     if r is None:
                         continue
                     if isinstance(ev, TokenEvent):
@@ -283,7 +287,7 @@ class Repl:
                 self.totals.seconds += time.perf_counter() - started
         return recorded
 
-    def _count(self, rec: Any) -> None:
+    def _count(self, rec: TurnRecorded) -> None:
         s = rec.done.stats
         t = self.totals
         t.turns += 1

@@ -8,7 +8,6 @@ in the man page.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -94,8 +93,7 @@ def _system(repl: Any, arg: str) -> None:
         agent = store.update_agent(agent, system=arg)  # drops the token log: the old prefix is not reused
     # The old persona's cache is a prefix nothing will ask for again: free it now, so the
     # next turn does not trip over a tail that no longer matches.
-    repl.session.kv.drop_hot(agent.name)
-    repl.session.kv.index.release_agent(agent.name)
+    repl.session.kv.release_agent(agent.name)
     repl.replace_agent(agent)
     repl.info(f"{agent.name}: persona set; the next turn re-reads the conversation under it")
 
@@ -111,8 +109,7 @@ def _reset(repl: Any, arg: str) -> None:
         repl.info("kept")
         return
     store.reset_agent(name)
-    freed = repl.session.kv.index.release_agent(name)
-    repl.session.kv.drop_hot(name)
+    freed = repl.session.kv.release_agent(name)
     repl.last.pop(name, None)
     repl.info(f"{name}: conversation emptied, {_bytes(freed)} of cache freed")
 
@@ -138,22 +135,15 @@ def _stats(repl: Any, arg: str) -> None:
 
 def _cache(repl: Any, arg: str) -> None:
     name = arg.split()[0] if arg else repl.current
-    kv = repl.session.kv
-    chain = kv.index.chain(name)
-    rows = kv.index.blocks(chain)
-    tail = kv.index.tail(name)
-    refs = kv.index.refcounts() if chain else {}
-    hot = kv.hot_agents().get(name)
-    disk_tokens = sum(r.n_tokens for r in rows.values()) + (tail.n_tokens if tail else 0)
-    disk_bytes = sum(r.nbytes for r in rows.values()) + (tail.nbytes if tail else 0)
-    shared = sum(1 for h in chain if refs.get(h, 0) > 1)
-    tier = "hot" if hot else "warm" if chain or tail else "cold"
+    u = repl.session.kv.usage(name)
     transcript = repl.session.store.token_counts().get(name, 0)
-    lines = [f"{name}: tier {tier} · transcript {transcript:,} tokens"]
-    lines.append(f"  in memory: {hot:,} tokens" if hot else "  in memory: -")
-    if chain or tail:
-        tail_part = f" + a {tail.n_tokens:,}-token tail" if tail else ""
-        lines.append(f"  on disk: {disk_tokens:,} tokens in {len(chain)} blocks ({shared} shared){tail_part}, {_bytes(disk_bytes)}")
+    lines = [f"{name}: tier {u.tier} · transcript {transcript:,} tokens"]
+    lines.append(f"  in memory: {u.hot_tokens:,} tokens" if u.hot_tokens else "  in memory: -")
+    if u.on_disk:
+        tail_part = f" + a {u.tail_tokens:,}-token tail" if u.tail_tokens is not None else ""
+        lines.append(
+            f"  on disk: {u.disk_tokens:,} tokens in {u.blocks} blocks ({u.shared_blocks} shared){tail_part}, {_bytes(u.disk_bytes)}"
+        )
     else:
         lines.append("  on disk: - (the next turn re-reads the transcript)")
     for line in lines:
@@ -179,12 +169,11 @@ def _save(repl: Any, arg: str) -> None:
     path = Path(arg).expanduser()
     if path.suffix.lower() not in (".md", ".markdown", ".json"):
         raise UsageError(f"say the format by the extension: {path.stem}.md (Markdown) or {path.stem}.json")
+    from .. import export
+
     agent = repl.agent()
     messages = repl.session.store.messages(agent.name) if repl.session.store.find_agent(agent.name) else []
-    if path.suffix.lower() == ".json":
-        data = json.dumps(transcript_json(agent, messages), indent=2, ensure_ascii=False) + "\n"
-    else:
-        data = transcript_markdown(agent, messages)
+    data = export.to_json(agent, messages) if path.suffix.lower() == ".json" else export.to_markdown(agent, messages)
     try:
         path.write_text(data, encoding="utf-8")
     except OSError as exc:
@@ -234,29 +223,6 @@ def dispatch(repl: Any, line: str) -> bool:
     if cmd is None:
         raise UsageError(f"unknown command /{word}; /help lists them (start with // to send a message that begins with /)")
     return cmd.run(repl, arg.strip()) is not False
-
-
-# ---- exports ----------------------------------------------------------------
-def transcript_json(agent: Any, messages: Iterable[Any]) -> dict[str, Any]:
-    return {
-        "agent": agent.name,
-        "model": agent.model,
-        "system": agent.system,
-        "messages": [
-            {"role": m.role, "content": m.content, "status": m.status, "created_at": m.created_at, "meta": m.meta} for m in messages
-        ],
-    }
-
-
-def transcript_markdown(agent: Any, messages: Iterable[Any]) -> str:
-    out = [f"# {agent.name}", "", f"- model: `{agent.model}`"]
-    if agent.system:
-        out += ["- persona:", "", *[f"  > {line}" for line in agent.system.splitlines()]]
-    for m in messages:
-        who = "you" if m.role == "user" else agent.name if m.role == "assistant" else m.role
-        mark = " (interrupted)" if m.status == "interrupted" else ""
-        out += ["", f"## {who}{mark}", "", m.content.rstrip()]
-    return "\n".join(out) + "\n"
 
 
 # ---- completion -------------------------------------------------------------
@@ -310,9 +276,4 @@ def _excerpt(text: str, width: int = 48) -> str:
     return one if len(one) <= width else one[: width - 1] + "…"
 
 
-def _bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000  # type: ignore[assignment]
-    return f"{n} B"
+_bytes = render.human_bytes  # the CLI's one byte formatter

@@ -3,23 +3,21 @@
 Like huggingface_hub's cache tools: a scan describes what is there, a plan
 says exactly what would go and how many bytes it frees (`--dry-run` stops
 there), and execution re-checks before deleting. Transcripts are never touched.
+The index (kv/index.py) does every change; the files are found and checked
+through kv/blockfile.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import paths
 from ..locks import holder
 from ..store import Store
 from . import blockfile
-from .blockfile import BlockFileError
-from .index import KVIndex, block_name, block_path, remove_file, tails_dir
+from .blockfile import BlockFileError, block_path, tail_path
+from .index import KVIndex, block_name
 
 
 @dataclass(frozen=True)
@@ -45,17 +43,6 @@ class CacheScan:
     stale_bytes: int
     orphaned_files: list[str]  # on disk, not in the index (a write killed midway)
     orphaned_bytes: int
-
-
-def _disk_files() -> dict[str, int]:
-    out: dict[str, int] = {}
-    for root in (paths.blocks_dir(), tails_dir()):
-        for dirpath, _, files in os.walk(root):
-            for f in files:
-                p = os.path.join(dirpath, f)
-                with contextlib.suppress(FileNotFoundError):
-                    out[p] = os.stat(p).st_size
-    return out
 
 
 def scan(index: KVIndex, store: Store) -> CacheScan:
@@ -88,7 +75,7 @@ def scan(index: KVIndex, store: Store) -> CacheScan:
             )
         )
     stale = [h for h in blocks if h not in refs]
-    orphans = _orphans(blocks, [t.file for t in tails.values()])
+    orphans = blockfile.orphans(blocks, [t.file for t in tails.values()])
     return CacheScan(
         agents=rows,
         total_bytes=index.total_bytes(),
@@ -155,13 +142,7 @@ def execute_eviction(index: KVIndex, plan: EvictionPlan) -> int:
             tail = index.tail(name)
             freed += tail.nbytes if tail else 0
             index.drop_agent(name)
-        refs = index.refcounts()
-        rows = index.blocks(plan.blocks)
-        for h, row in rows.items():
-            if h not in refs:
-                index.db.execute("DELETE FROM blocks WHERE hash=?", (h,))
-                remove_file(block_path(h))
-                freed += row.nbytes
+        freed += index.free_blocks(plan.blocks)
     return freed
 
 
@@ -188,7 +169,7 @@ def verify(index: KVIndex, repair: bool = False) -> VerifyReport:
             problems.append(Problem("block", row.hash, reason))
     tails = index.all_tails()
     for t in tails:
-        reason = _check_file(tails_dir() / t.file, t.checksum)
+        reason = _check_file(tail_path(t.file), t.checksum)
         if reason:
             problems.append(Problem("tail", t.agent, reason))
     known = {h.hash for h in blocks}
@@ -196,7 +177,7 @@ def verify(index: KVIndex, repair: bool = False) -> VerifyReport:
         missing = [h for h in chain if h not in known]
         if missing:
             problems.append(Problem("chain", agent, f"names {len(missing)} block(s) not in the index"))
-    found_files = _orphans([b.hash for b in blocks], [t.file for t in tails])
+    found_files = blockfile.orphans([b.hash for b in blocks], [t.file for t in tails])
     problems += [Problem("orphan", p, "file not in the index (a write was interrupted)") for p in sorted(found_files)]
     if repair:
         with index.transaction():
@@ -207,23 +188,15 @@ def verify(index: KVIndex, repair: bool = False) -> VerifyReport:
                     index.drop_tail(p.name)
                 elif p.what == "chain":
                     chain = index.chain(p.name)
-                    cut = next(i for i, h in enumerate(chain) if h not in known)
-                    index.db.execute("DELETE FROM chains WHERE agent=? AND pos>=?", (p.name, cut))
-                    index.drop_tail(p.name)
+                    index.cut_chain(p.name, next(i for i, h in enumerate(chain) if h not in known))
                 else:
-                    remove_file(Path(p.name))
+                    blockfile.remove_file(Path(p.name))
     return VerifyReport(len(blocks) + len(tails), problems, repair)
 
 
-def _orphans(block_hashes: Iterable[str], tail_files: Iterable[str]) -> dict[str, int]:
-    """Files on disk (path -> size) that the index does not name."""
-    known = {str(block_path(h)) for h in block_hashes} | {str(tails_dir() / f) for f in tail_files}
-    return {p: n for p, n in _disk_files().items() if p not in known}
-
-
-def _check_file(path: os.PathLike, checksum: str) -> str | None:
+def _check_file(path: Path, checksum: str) -> str | None:
     try:
-        actual = blockfile.file_checksum(path)  # type: ignore[arg-type]
+        actual = blockfile.file_checksum(path)
     except FileNotFoundError:
         return "file missing"
     return None if actual == checksum else "checksum mismatch (file damaged)"

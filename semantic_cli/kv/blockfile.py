@@ -1,4 +1,5 @@
-"""The on-disk format of a KV block or agent tail, written atomically and read in place.
+"""A KV block or agent tail file, its whole life: where it lives, its format,
+writing it, reading it, linking, deleting, and finding the files on disk.
 
     b"SMKV1\\n" | u32 header length | header JSON | zero pad to 64 | array bytes...
 
@@ -7,8 +8,19 @@ and lists each array's dtype, shape and offset. A checksum (xxh3-64 of header
 and data) lives in the SQLite index, so a file is trusted only if it matches
 what the index says it should be. No pickling anywhere.
 
-Reading is direct: array bytes go from the file straight into the caller's
-preallocated destination buffers (`preadv`), one copy, hashed on the way.
+Where files live (under the cache dir, private to the user):
+
+    blocks/<hash[:2]>/<hash>.kv     a full block, named by its chain hash
+    tails/<agent>-<checksum>.kv     an agent's tail, named by its content (a fork's
+                                    hard link has its own name, so neither can
+                                    overwrite or unlink the other's)
+    .tmp-*.kv                       a file being written, beside its final name
+
+Writing is atomic (temp file, fsync, rename, fsync of the directory): a kill
+leaves at most a `.tmp-` file, which `orphans` finds. Reading is direct: array
+bytes go from the file straight into the caller's preallocated destination
+buffers (`preadv`), one copy, hashed on the way. Only this module creates,
+renames or unlinks cache files; the index (kv/index.py) decides when.
 """
 
 from __future__ import annotations
@@ -22,10 +34,12 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from .. import faults, paths
 from ..backend import buffers
 
 MAGIC = b"SMKV1\n"
 ALIGN = 64
+TEMP_PREFIX = ".tmp-"  # a file still being written (an orphan, if its writer was killed)
 
 
 class BlockFileError(Exception):
@@ -38,18 +52,73 @@ def _hasher() -> Any:
     return xxhash.xxh3_64()
 
 
-def write(path: Path, header: dict, arrays: Iterable[tuple[str, str, tuple[int, ...], Iterable[memoryview]]]) -> tuple[int, str]:
+Arrays = Iterable[tuple[str, str, tuple[int, ...], Iterable[memoryview]]]  # (name, dtype, shape, chunks)
+
+
+# ---- where files live ---------------------------------------------------------
+def block_path(block_hash: str) -> Path:
+    # Creates nothing (a restore names dozens of blocks); `write_block` creates the directories.
+    return paths.blocks_dir(create=False) / block_hash[:2] / f"{block_hash}.kv"
+
+
+def tails_dir() -> Path:
+    path = paths.cache_dir() / "tails"
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def tail_path(name: str) -> Path:
+    """The path of the tail file the index names `name`."""
+    return tails_dir() / name
+
+
+def tail_name(agent: str, checksum: str) -> str:
+    return f"{agent}-{checksum}.kv"
+
+
+# ---- writing ------------------------------------------------------------------
+def write_block(block_hash: str, header: dict, arrays: Arrays) -> tuple[int, str]:
+    """Write a full block under its name; returns (bytes written, checksum)."""
+    paths.blocks_dir()  # private (0700) before any block file is written under it
+    path = block_path(block_hash)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp, size, checksum = _write_temp(path.parent, header, arrays)
+    faults.point("after-block-temp-write")
+    _commit(tmp, path)
+    faults.point("after-block-rename")
+    return size, checksum
+
+
+def write_tail(agent: str, header: dict, arrays: Arrays) -> tuple[str, int, str]:
+    """Write an agent's tail under a name its checksum completes; returns (file name, bytes, checksum).
+    A tail of the same agent and content is replaced by an identical file."""
+    tmp, size, checksum = _write_temp(tails_dir(), header, arrays)
+    name = tail_name(agent, checksum)
+    _commit(tmp, tail_path(name))
+    faults.point("after-tail-rename")
+    return name, size, checksum
+
+
+def write(path: Path, header: dict, arrays: Arrays) -> tuple[int, str]:
     """Write atomically (temp file, fsync, rename). Each array is given as
     (name, dtype, shape, chunks) where the chunks' bytes concatenate to it.
     Returns (bytes written, checksum)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp, size, checksum = _write_temp(path.parent, header, arrays)
+    _commit(tmp, path)
+    return size, checksum
+
+
+def _write_temp(directory: Path, header: dict, arrays: Arrays) -> tuple[str, int, str]:
+    """The file written and fsynced under a temp name in `directory`: (temp path, bytes, checksum)."""
     specs = []
     chunks_all: list[list[memoryview]] = []
     offset = 0
     for name, dtype, shape, chunks in arrays:
-        chunks = [memoryview(c).cast("B") for c in chunks]
-        nbytes = sum(len(c) for c in chunks)
+        views = [_byte_view(c) for c in chunks]
+        nbytes = sum(len(c) for c in views)
         specs.append({"name": name, "dtype": dtype, "shape": list(shape), "offset": offset, "nbytes": nbytes})
-        chunks_all.append(chunks)
+        chunks_all.append(views)
         offset += nbytes
     header = dict(header, arrays=specs)
     head = json.dumps(header, separators=(",", ":")).encode()
@@ -57,24 +126,46 @@ def write(path: Path, header: dict, arrays: Iterable[tuple[str, str, tuple[int, 
     prefix += b"\0" * (-len(prefix) % ALIGN)
     digest = _hasher()
     digest.update(prefix)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".kv")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TEMP_PREFIX, suffix=".kv")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(prefix)
-            for chunks in chunks_all:
-                for c in chunks:
+            for views in chunks_all:
+                for c in views:
                     f.write(c)
                     digest.update(c)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        _discard(tmp)
+        raise
+    return tmp, len(prefix) + offset, digest.hexdigest()
+
+
+def _byte_view(chunk: Any) -> memoryview:
+    """The chunk's bytes in C order: a view where one exists, else a copy (`cast` refuses a
+    transposed view, as a plain prefill's values are, and an empty slice, as a tail with no
+    partial tokens beside its whole-layer snapshots has)."""
+    view = memoryview(chunk)
+    try:
+        return view.cast("B")
+    except TypeError:
+        return memoryview(view.tobytes())
+
+
+def _commit(tmp: str, path: Path) -> None:
+    """Rename a written temp file into place, durably."""
+    try:
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        _discard(tmp)
         raise
     _fsync_dir(path.parent)
-    return len(prefix) + offset, digest.hexdigest()
+
+
+def _discard(tmp: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -216,3 +307,58 @@ def file_checksum(path: Path) -> str:
         while chunk := f.read(1 << 22):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# ---- linking, deleting, finding ------------------------------------------------
+def link_tail(name: str, agent: str, checksum: str) -> str | None:
+    """Give `agent` a hard link to the tail file `name` (instant, no bytes copied):
+    the new file name, or None if the file cannot be linked (gone, or a filesystem
+    without hard links)."""
+    link = tail_name(agent, checksum)
+    try:
+        os.link(tail_path(name), tail_path(link))
+    except FileExistsError:
+        pass
+    except OSError:
+        return None
+    return link
+
+
+def tail_links(name: str) -> int:
+    """How many names the tail file `name` has (a fork's hard links count); 0 if it is gone."""
+    try:
+        return os.stat(tail_path(name)).st_nlink
+    except FileNotFoundError:
+        return 0
+
+
+def remove_block(block_hash: str) -> None:
+    remove_file(block_path(block_hash))
+
+
+def remove_tail(name: str) -> None:
+    remove_file(tail_path(name))
+
+
+def remove_file(path: Path) -> None:
+    """Delete a cache file (an orphan found by `orphans`, or one the index let go); gone already is fine."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def disk_files() -> dict[str, int]:
+    """Every file under the block and tail directories: path -> size."""
+    out: dict[str, int] = {}
+    for root in (paths.blocks_dir(), tails_dir()):
+        for dirpath, _, files in os.walk(root):
+            for f in files:
+                p = os.path.join(dirpath, f)
+                with contextlib.suppress(FileNotFoundError):
+                    out[p] = os.stat(p).st_size
+    return out
+
+
+def orphans(block_hashes: Iterable[str], tail_names: Iterable[str]) -> dict[str, int]:
+    """Files on disk (path -> size) that are none of these blocks and tails (e.g. a write killed midway)."""
+    known = {str(block_path(h)) for h in block_hashes} | {str(tail_path(n)) for n in tail_names}
+    return {p: n for p, n in disk_files().items() if p not in known}

@@ -1,5 +1,9 @@
 """The SQLite index of KV blocks and agent tails (in the cache dir, beside the files).
 
+The only module that runs SQL on `index.db`: every read and write of blocks,
+chains and tails is a named method here. When the index lets a block or tail go
+it deletes the file through kv/blockfile.py, which owns the files themselves.
+
 Refcounts are derived (how many agent chains name a block), never stored, so
 they cannot drift. Deleting the whole cache dir is always safe: the index and
 the files go together, and agents fall back to their transcripts.
@@ -7,19 +11,21 @@ the files go together, and agents fall back to their transcripts.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import sqlite3
 import time
 from array import array
 from dataclasses import dataclass
-from pathlib import Path
 
-from .. import paths
-from ..db import Transaction, connect
+from .. import faults, paths
+from ..db import Transaction, connect, statements
+from . import blockfile
 
-SCHEMA = """
+# Schema migrations, oldest first (see db.py). Version 1 is the schema of every
+# release before versioning: IF NOT EXISTS lets such an index upgrade in place.
+MIGRATIONS: list[tuple[str, ...]] = [
+    statements(
+        """
 CREATE TABLE IF NOT EXISTS blocks (
     hash TEXT PRIMARY KEY,
     model TEXT NOT NULL,
@@ -49,6 +55,8 @@ CREATE TABLE IF NOT EXISTS tails (
     last_used REAL NOT NULL
 );
 """
+    ),
+]
 
 
 @dataclass(frozen=True)
@@ -79,22 +87,10 @@ def block_name(model: str, parent: str, tokens: list[int]) -> str:
     return hashlib.blake2b(model.encode() + parent.encode() + array("I", tokens).tobytes(), digest_size=16).hexdigest()
 
 
-def block_path(block_hash: str) -> Path:
-    # Creates nothing (a restore names dozens of blocks); writers call `paths.blocks_dir()` first.
-    return paths.blocks_dir(create=False) / block_hash[:2] / f"{block_hash}.kv"
-
-
-def tails_dir() -> Path:
-    path = paths.cache_dir() / "tails"
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
-
-
 class KVIndex:
     def __init__(self) -> None:
         # Derived data: a crash may lose the last commit, never corrupt the index.
-        self.db = connect(paths.cache_dir() / "index.db", synchronous="NORMAL")
-        self.db.executescript(SCHEMA)
+        self.db = connect(paths.cache_dir() / "index.db", "NORMAL", MIGRATIONS, "the KV cache index")
 
     def close(self) -> None:
         self.db.close()
@@ -173,6 +169,22 @@ class KVIndex:
             (row.agent, row.model, row.start, row.n_tokens, row.file, row.nbytes, row.checksum, row.last_used),
         )
 
+    def set_agent_cache(self, agent: str, model: str, hashes: list[str], tail: TailRow | None) -> None:
+        """After a turn: the agent's chain and its new tail (or none), used now, in one
+        transaction. The tail file it replaces is deleted after the commit: a crash in
+        between leaves an orphan for `cache verify --repair`, never a missing file."""
+        old = self.tail(agent)
+        faults.point("before-index-commit")
+        with self.transaction():
+            self.set_chain(agent, model, hashes)
+            self.db.execute("DELETE FROM tails WHERE agent=?", (agent,))
+            if tail is not None:
+                self.set_tail(tail)
+            self.touch(agent, hashes)
+        faults.point("after-index-commit")
+        if old is not None and (tail is None or old.file != tail.file):
+            blockfile.remove_tail(old.file)
+
     def touch(self, agent: str, hashes: list[str]) -> None:
         now = time.time()
         # One commit, not one per row: each commit grows the WAL, and its checkpoints stall restores.
@@ -183,16 +195,19 @@ class KVIndex:
     def drop_block(self, block_hash: str) -> None:
         """Forget a block (it was bad or evicted) and every chain link from it on."""
         for r in self.db.execute("SELECT agent, pos FROM chains WHERE hash=?", (block_hash,)).fetchall():
-            self.db.execute("DELETE FROM chains WHERE agent=? AND pos>=?", (r["agent"], r["pos"]))
-            self.drop_tail(r["agent"])
-        self.db.execute("DELETE FROM blocks WHERE hash=?", (block_hash,))
-        remove_file(block_path(block_hash))
+            self.cut_chain(r["agent"], r["pos"])
+        self._delete_block(block_hash)
+
+    def cut_chain(self, agent: str, pos: int) -> None:
+        """Forget an agent's chain from block `pos` on, and its tail (which only continues the whole chain)."""
+        self.db.execute("DELETE FROM chains WHERE agent=? AND pos>=?", (agent, pos))
+        self.drop_tail(agent)
 
     def drop_tail(self, agent: str) -> None:
         tail = self.tail(agent)
         self.db.execute("DELETE FROM tails WHERE agent=?", (agent,))
         if tail:
-            remove_file(tails_dir() / tail.file)
+            blockfile.remove_tail(tail.file)
 
     def drop_agent(self, agent: str) -> None:
         """Move an agent to cold: its chain and tail go; shared blocks stay for others."""
@@ -204,16 +219,21 @@ class KVIndex:
         with self.transaction():
             own = set(self.chain(agent))
             tail = self.tail(agent)
-            freed = 0
-            if tail is not None:
-                with contextlib.suppress(FileNotFoundError):  # a tail hard-linked by a fork stays on disk for the fork
-                    freed = tail.nbytes if os.stat(tails_dir() / tail.file).st_nlink == 1 else 0
+            # A tail hard-linked by a fork stays on disk for the fork.
+            freed = tail.nbytes if tail is not None and blockfile.tail_links(tail.file) == 1 else 0
             self.drop_agent(agent)
+            freed += self.free_blocks(sorted(own))
+        return freed
+
+    def free_blocks(self, hashes: list[str]) -> int:
+        """Delete those of these blocks that no chain names now (one may have gained a
+        user since the caller looked); returns bytes freed."""
+        freed = 0
+        with self.transaction():
             still_used = self.refcounts()
-            for row in self.blocks(sorted(own)).values():
+            for row in self.blocks(hashes).values():
                 if row.hash not in still_used:
-                    self.db.execute("DELETE FROM blocks WHERE hash=?", (row.hash,))
-                    remove_file(block_path(row.hash))
+                    self._delete_block(row.hash)
                     freed += row.nbytes
         return freed
 
@@ -225,16 +245,12 @@ class KVIndex:
             tail = self.tail(old)
             self.db.execute("DELETE FROM tails WHERE agent=?", (old,))
             if tail and self._link_tail(tail, new):
-                remove_file(tails_dir() / tail.file)
+                blockfile.remove_tail(tail.file)
 
     def _link_tail(self, tail: TailRow, agent: str) -> bool:
         """Give `agent` a hard link to `tail`'s file (instant, no bytes copied)."""
-        link = f"{agent}-{tail.checksum}.kv"
-        try:
-            os.link(tails_dir() / tail.file, tails_dir() / link)
-        except FileExistsError:
-            pass
-        except OSError:
+        link = blockfile.link_tail(tail.file, agent, tail.checksum)
+        if link is None:
             return False  # no tail: the agent's next turn re-prefills its last partial block
         self.set_tail(TailRow(agent, tail.model, tail.start, tail.n_tokens, link, tail.nbytes, tail.checksum, tail.last_used))
         return True
@@ -256,9 +272,13 @@ class KVIndex:
             + (f" LIMIT {int(max_blocks)}" if max_blocks else "")
         ).fetchall()
         for r in rows:
-            self.db.execute("DELETE FROM blocks WHERE hash=?", (r["hash"],))
-            remove_file(block_path(r["hash"]))
+            self._delete_block(r["hash"])
         return sum(r["nbytes"] for r in rows)
+
+    def _delete_block(self, block_hash: str) -> None:
+        """The block's row and its file (callers have dealt with the chains that name it)."""
+        self.db.execute("DELETE FROM blocks WHERE hash=?", (block_hash,))
+        blockfile.remove_block(block_hash)
 
     def total_bytes(self) -> int:
         b = self.db.execute("SELECT COALESCE(SUM(nbytes),0) FROM blocks").fetchone()[0]
@@ -268,8 +288,3 @@ class KVIndex:
 
 def _tail(r: sqlite3.Row) -> TailRow:
     return TailRow(r["agent"], r["model"], r["start"], r["n_tokens"], r["file"], r["nbytes"], r["checksum"], r["last_used"])
-
-
-def remove_file(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)

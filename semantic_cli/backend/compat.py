@@ -1,0 +1,56 @@
+"""Every use of mlx-lm below its public API, behind public functions (audited against mlx-lm 0.32).
+
+- `restored_kv_cache`: a `KVCache` built from restored buffers that a batch of
+  one adopts without a copy; its `merge` sets `BatchKVCache._idx` (the write
+  position), which mlx-lm only sets inside its own `BatchKVCache.merge`.
+- `hf_download`: mlx-lm's private `mlx_lm.utils._download`, the snapshot
+  download `mlx_lm.load` itself uses for a Hugging Face repo id.
+
+Lifting the `mlx-lm<0.33` pin means re-reading these against the new release
+(tests/test_architecture.py keeps private names out of the rest of the package).
+Nothing here imports mlx-lm until called.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+_RESTORED: type | None = None
+
+
+def _restored_class() -> type:
+    """A KVCache whose buffers came from disk, with spare capacity, that a batch
+    of one adopts without copying (BatchKVCache.merge would copy it)."""
+    from mlx_lm.models.cache import BatchKVCache, KVCache
+
+    class RestoredKVCache(KVCache):
+        @classmethod
+        def merge(cls, caches: list[Any]) -> Any:
+            if len(caches) != 1:
+                return BatchKVCache.merge(caches)
+            c = caches[0]
+            batch = BatchKVCache([0])
+            batch.keys, batch.values = c.keys, c.values
+            batch.offset = batch.offset + c.offset
+            batch._idx = c.offset  # as BatchKVCache.merge sets it: where the next token is written
+            return batch
+
+    return RestoredKVCache
+
+
+def restored_kv_cache(keys: Any, values: Any, offset: int) -> Any:
+    """A KVCache over `keys`/`values` (which may have room beyond `offset`) covering `offset` tokens."""
+    global _RESTORED
+    if _RESTORED is None:
+        _RESTORED = _restored_class()
+    cache = _RESTORED()
+    cache.keys, cache.values, cache.offset = keys, values, offset
+    return cache
+
+
+def hf_download(repo: str) -> Path:  # pragma: no cover - needs a network
+    """Fetch a Hugging Face repo id's model files as `mlx_lm.load` would; the local directory."""
+    from mlx_lm.utils import _download
+
+    return Path(_download(repo))

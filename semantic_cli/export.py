@@ -1,0 +1,69 @@
+"""Transcript export: an agent and its messages as Markdown or as JSON.
+
+The one exporter behind `semantic agents show --markdown/--json` and the REPL's
+`/save FILE.md|FILE.json`, so both write the same documents. Times are ISO 8601
+in UTC; a reply cut short is marked "*(interrupted)*" in Markdown and by its
+`status` in JSON. Nothing here prints: callers write the text where it goes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from .store import Agent, Message
+
+
+def iso(ts: float) -> str:
+    """A Unix time as ISO 8601 in UTC, to the second: 2024-05-01T12:00:00Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def agent_dict(agent: Agent) -> dict[str, Any]:
+    """An agent's persona, model and settings, as JSON values."""
+    return {
+        "name": agent.name,
+        "model": agent.model,
+        "system": agent.system,
+        "settings": agent.settings,
+        "created_at": iso(agent.created_at),
+        "last_active": iso(agent.last_active),
+    }
+
+
+def message_dict(message: Message) -> dict[str, Any]:
+    return {
+        "id": message.id,
+        "role": message.role,
+        "content": message.content,
+        "status": message.status,
+        "created_at": iso(message.created_at),
+        "meta": message.meta,
+    }
+
+
+def to_dict(agent: Agent, messages: Iterable[Message]) -> dict[str, Any]:
+    """The JSON document: {"agent": {...}, "messages": [...]}, messages in order."""
+    return {"agent": agent_dict(agent), "messages": [message_dict(m) for m in messages]}
+
+
+def to_json(agent: Agent, messages: Iterable[Message]) -> str:
+    """`to_dict` as indented JSON text (non-ASCII kept as is), ending in a newline."""
+    return json.dumps(to_dict(agent, messages), indent=2, ensure_ascii=False) + "\n"
+
+
+def to_markdown(agent: Agent, messages: Iterable[Message]) -> str:
+    """A heading with the agent's name, its model and settings, the persona quoted,
+    then one "## You" / "## NAME" section per message."""
+    parts = [f"# {agent.name}\n", f"- model: `{agent.model}`"]
+    parts += [f"- {k}: {v}" for k, v in sorted(agent.settings.items())]
+    if agent.system:
+        parts.append("\n## Persona\n\n" + "\n".join(f"> {line}" if line else ">" for line in agent.system.splitlines()))
+    for m in messages:
+        who = "You" if m.role == "user" else agent.name if m.role == "assistant" else m.role
+        parts.append(f"\n## {who}\n\n{m.content.strip()}")
+        if m.status == "interrupted":
+            parts.append("\n*(interrupted)*")
+    return "\n".join(parts) + "\n"

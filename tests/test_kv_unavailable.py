@@ -1,0 +1,53 @@
+"""The KV cache failing inside a process: one warning, and the turns and transcript go on."""
+
+from __future__ import annotations
+
+import errno
+import sqlite3
+
+import pytest
+from helpers import Session
+
+from semantic_cli.kv import blockfile
+from semantic_cli.kv import store as kv_store
+from semantic_cli.kv.failures import CacheUnavailable
+from semantic_cli.store import Store
+
+UNAVAILABLE = "KV cache unavailable (disk I/O error): re-prefilling, and not caching this turn"
+NOT_SAVED = "KV cache not saved (Input/output error); the conversation is saved and will re-prefill next time"
+
+
+def test_an_index_that_cannot_be_opened_costs_a_re_prefill_and_one_warning(tiny, home, monkeypatch):
+    def broken_index() -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(kv_store, "KVIndex", broken_index)
+    with Session() as s:
+        first = s.say("a", "hello there", model=tiny["llama"])
+        second = s.say("a", "and again")
+        assert s.chat.kv.down == "disk I/O error"
+        with pytest.raises(CacheUnavailable) as raised:  # down: nothing is written for the rest of the process
+            s.chat.kv.mark_used("a")
+        assert raised.value.already_down
+    assert s.notices == [UNAVAILABLE]  # said once; the skipped saves say nothing more
+    assert first.tier == "cold" and first.persisted is None
+    assert second.tier == "hot" and second.persisted is None  # the hot tier still serves
+    assert [m.role for m in Store().messages("a")] == ["user", "assistant"] * 2
+
+
+def test_a_cache_that_cannot_be_written_warns_and_is_tried_again(tiny, home, monkeypatch):
+    tries: list[str] = []
+
+    def failing_write(agent: str, *args: object) -> tuple[str, int, str]:
+        tries.append(agent)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(blockfile, "write_tail", failing_write)
+    with Session() as s:
+        first = s.say("b", "hello there", model=tiny["llama"])
+        second = s.say("b", "and again")
+        assert s.chat.kv.down is None  # a failed save does not stop the next one
+    assert tries == ["b", "b"]
+    assert s.notices == [NOT_SAVED]  # each warning once per agent per process
+    assert first.persisted is None and second.persisted is None
+    assert [m.role for m in Store().messages("b")] == ["user", "assistant"] * 2
