@@ -23,3 +23,32 @@ def test_mlx_lm_is_given_exactly_the_tokens_the_restore_brings_back(tmp_path):
     assert loaded[0].keys.shape[2] == 290 and loaded[0].offset == 290
     assert mx.array_equal(loaded[0].keys, live.keys[..., :290, :]).item()
     assert mx.array_equal(loaded[0].values, live.values[..., :290, :]).item()
+
+
+def test_bench_resume_times_real_new_processes_in_both_page_cache_states(tiny, home):
+    """Warm is a real resume: a new `semantic chat` process restoring from disk, with the files
+    in the page cache and dropped from it; cold re-prefills; the figures come from their JSON."""
+    import json
+
+    from conftest import run_cli
+
+    out = home / "resume.json"
+    r = run_cli(
+        "bench", "resume", "--model", str(tiny["llama"]), "--sizes", "100", "--repeats", "1",
+        "--cold-repeats", "2", "--pairs", "2", "--out", str(out), env={"SEMANTIC_BLOCK_TOKENS": "16"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    samples = res["samples"]["100"]
+    assert [s["cache_tier"] for s in samples["cold"]] == ["cold", "cold"]
+    assert all(s["cached_tokens"] == 0 and s["prefilled_tokens"] == s["prompt_tokens"] for s in samples["cold"])
+    for state in ("warm", "warm_disk"):
+        [turn] = samples[state]
+        assert turn["cache_tier"] == "warm" and turn["cached_tokens"] >= 96, turn
+        assert turn["wall_s"] > turn["ttft_s"] > 0  # the process's whole life vs its turn
+    row = res["results"]["rows"][0]
+    assert row["page_cache_dropped"] is True and row["cache_bytes_dropped"] > 0
+    assert row["warm_over_hot"] == row["warm_ttft_s"] / row["hot_ttft_s"]
+    assert len(samples["fresh_process_restore"]) == len(samples["fresh_process_mlx_lm_load"]) == 2
+    dedup = res["results"]["dedup"]
+    assert dedup["bytes_stored"] == dedup["block_bytes_stored"] + dedup["tail_bytes"] and dedup["tail_bytes"] > 0

@@ -10,21 +10,23 @@ from semantic_cli.model.loader import ModelRef
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3_text"])
-def test_engine_matches_mlx_lm_generate_on_tiny_models(tiny, kind):
+def test_engine_matches_mlx_lm_generate_on_tiny_models(tiny, home, kind):
     engine = get_engine(ModelRef(str(tiny[kind]), str(tiny[kind])))
     res = bench_exactness.run(engine, block_sizes=(1, 2, 8), max_tokens=64)
     rows = res.results["rows"]
-    assert [r["blocks"] for r in rows] == [1, 2, 8]
+    assert [(r["blocks"], r["mode"]) for r in rows] == [(n, m) for n in (1, 2, 8) for m in ("fresh", "resumed")]
+    assert [r["restored_tokens"] for r in rows] == [0, 256, 0, 512, 0, 2048]  # resumed from real block files
     assert all(r["generated"] == 64 for r in rows)  # tiny models never emit EOS
     assert res.results["all_identical"], rows
 
 
 @pytest.mark.smollm
-def test_engine_matches_mlx_lm_generate_on_smollm2(smollm):
+def test_engine_matches_mlx_lm_generate_on_smollm2(smollm, home):
     engine = get_engine(ModelRef(str(smollm), str(smollm)))
     res = bench_exactness.run(engine, block_sizes=(1,), max_tokens=24)
-    assert res.results["rows"][0]["prompt_tokens"] > 200
-    assert res.results["all_identical"], res.results["rows"]
+    rows = res.results["rows"]
+    assert rows[0]["prompt_tokens"] > 256 and rows[1]["restored_tokens"] == 256
+    assert res.results["all_identical"], rows
 
 
 def test_mismatch_would_be_reported(tiny):
@@ -32,4 +34,4 @@ def test_mismatch_would_be_reported(tiny):
     a = get_engine(ModelRef(str(tiny["llama"]), str(tiny["llama"])))
     b = get_engine(ModelRef(str(tiny["qwen2"]), str(tiny["qwen2"])))
     prompt = [1, 5, 9, 200, 31]
-    assert bench_exactness.engine_ids(a, prompt, 8) != bench_exactness.reference_ids(b, prompt, 8)
+    assert bench_exactness.engine_run(a, prompt, 8).generated != bench_exactness.reference(b, prompt, 8)[0]

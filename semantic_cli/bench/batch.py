@@ -4,6 +4,7 @@ against the same N turns run one after another, in the same run."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from ..engine import Engine, TokenEvent, TurnDone, TurnRequest
@@ -86,7 +87,7 @@ def run(engine: Engine, agents: tuple[int, ...] = (1, 2, 4, 8), max_tokens: int 
     return res
 
 
-def table(res: Results) -> list[tuple[str, ...]]:
+def table(res: Results) -> Sequence[tuple[str, ...]]:
     head = ("agents", "batched tok/s", "sequential tok/s", "ratio", "ttft batched (mean)", "ttft sequential (mean)", "identical")
     return [head] + [
         (

@@ -3,9 +3,16 @@
 Synthetic KV data (SmolLM2-135M: 30 layers, 3 KV heads, head dim 64, float32,
 46 KB per token) is persisted as 256-token blocks through the real KVStore;
 then the full restore path (chain hashes, index look-up, direct reads into
-fresh cache buffers, checksums) is timed N times with an empty hot tier.
-Baseline, in the same run: one plain copy of the same number of bytes into a
-freshly allocated buffer (and, for reference, into a reused one).
+cache buffers, checksums) is timed N times with an empty hot tier.
+
+The baseline is one plain copy of the same number of bytes, and each side is
+measured in the same memory state as its baseline:
+- reused: the restore reads into memory MLX recycles within the process (what a
+  chat process does from its second restore on) against a copy into one reused
+  buffer. This is the headline ratio.
+- fresh: MLX's buffer cache is cleared before each restore (`mx.clear_cache()`),
+  so its buffers are new pages that fault on first touch, against a copy into a
+  newly allocated buffer (numpy maps arrays this large fresh from the kernel).
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from ..backend import runtime
 from ..kv.layers import CacheSpec
 from .results import Results, summary
 
-GEOMETRY = {"layers": 30, "kv_heads": 3, "head_dim": 64, "dtype": "float32"}
+GEOMETRY: dict[str, int] = {"layers": 30, "kv_heads": 3, "head_dim": 64}  # float32, as the CPU backend runs it
 
 
 def synthetic_cache(tokens: int, layers: int, kv_heads: int, head_dim: int) -> list[Any]:
@@ -56,23 +63,33 @@ def run(tokens: int = 8192, runs: int = 50, block_tokens: int = 256, on_progress
     persist_s = time.perf_counter() - t
     del cache
     runtime.freeze_startup_objects()  # the state a chat process is in once its model is loaded
+    mx = runtime.mx()
     prompt = ids + [1]
-    restore_s: list[float] = []
-    for i in range(runs):
-        store.drop_hot("exp-006")
-        t = time.perf_counter()
-        restored = store.restore("exp-006", model_fp, spec, prompt, capacity=tokens)
-        restore_s.append(time.perf_counter() - t)
-        if restored.matched != tokens:
-            raise RuntimeError(f"restore matched {restored.matched} of {tokens} tokens")
-        del restored
-        if on_progress:
-            on_progress("restore", i + 1, runs)
+
+    def timed_restores(fresh_memory: bool, label: str) -> list[float]:
+        out: list[float] = []
+        for i in range(runs):
+            store.drop_hot("exp-006")
+            if fresh_memory:
+                mx.clear_cache()  # hand MLX's cached buffers back: the next restore gets new pages
+            t = time.perf_counter()
+            restored = store.restore("exp-006", model_fp, spec, prompt, capacity=tokens)
+            out.append(time.perf_counter() - t)
+            if restored.matched != tokens:
+                raise RuntimeError(f"restore matched {restored.matched} of {tokens} tokens")
+            del restored
+            if on_progress:
+                on_progress(label, i + 1, runs)
+        return out
+
+    restore_fresh_s = timed_restores(True, "restore (fresh memory)")
+    restore_s = timed_restores(False, "restore (reused memory)")
     src = np.random.default_rng(0).standard_normal(nbytes // 4, dtype=np.float32)
     copy_fresh: list[float] = []
     copy_reused: list[float] = []
     dst = np.empty_like(src)
-    for _ in range(max(5, runs // 5)):
+    np.copyto(dst, src)  # map the reused buffer's pages once, as the restores' recycled memory is
+    for _ in range(runs):
         t = time.perf_counter()
         fresh = src.copy()
         copy_fresh.append(time.perf_counter() - t)
@@ -81,19 +98,24 @@ def run(tokens: int = 8192, runs: int = 50, block_tokens: int = 256, on_progress
         np.copyto(dst, src)
         copy_reused.append(time.perf_counter() - t)
     restore = summary(restore_s)
-    base = summary(copy_fresh)["p50"]
+    restore_fresh = summary(restore_fresh_s)
+    reused_base = summary(copy_reused)["p50"]
+    fresh_base = summary(copy_fresh)["p50"]
     res.results = {
         "bytes": nbytes,
         "blocks": stats.blocks_written,
         "persist_s": round(persist_s, 4),
         "restore_s": restore,
+        "restore_fresh_s": restore_fresh,
         "copy_fresh_s": summary(copy_fresh),
         "copy_reused_s": summary(copy_reused),
-        "p95_over_copy": restore["p95"] / base,
+        # Headline: both in reused memory. Then both in fresh memory.
+        "p95_over_copy": restore["p95"] / reused_base,
+        "p95_fresh_over_fresh_copy": restore_fresh["p95"] / fresh_base,
         "target_p95_over_copy": 2.0,
-        "meets_target": restore["p95"] <= 2.0 * base,
+        "meets_target": restore["p95"] <= 2.0 * reused_base,
     }
-    res.samples = {"restore_s": restore_s, "copy_fresh_s": copy_fresh, "copy_reused_s": copy_reused}
+    res.samples = {"restore_s": restore_s, "restore_fresh_s": restore_fresh_s, "copy_fresh_s": copy_fresh, "copy_reused_s": copy_reused}
     return res
 
 
