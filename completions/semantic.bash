@@ -28,10 +28,10 @@ _semantic() {
         "")
             opts="--version -h --help"; subs="chat doctor agents cache config bench"; valopts="  " ;;
         " chat")
-            opts="-a --agent --room --save-room -m --message --all --json --system --max-tokens --temp --top-p --seed --model --wait -v --verbose --no-markdown --color -h --help"; subs=""; valopts=" -a --agent --room --save-room -m --message --system --max-tokens --temp --top-p --seed --model --color "
+            opts="-a --agent --room --save-room -m --message --all --json --system --max-tokens --temp --top-p --seed --model --wait --wait-timeout -v --verbose --no-markdown --color -h --help"; subs=""; valopts=" -a --agent --room --save-room -m --message --system --max-tokens --temp --top-p --seed --model --wait-timeout --color "
             case "$prev" in
                 -a|--agent) __semantic_values "agent"; return ;;
-                --room|--save-room|-m|--message|--system|--max-tokens|--temp|--top-p|--seed|--color) __semantic_values ""; return ;;
+                --room|--save-room|-m|--message|--system|--max-tokens|--temp|--top-p|--seed|--wait-timeout|--color) __semantic_values ""; return ;;
                 --model) __semantic_values "file"; return ;;
             esac ;;
         " doctor")

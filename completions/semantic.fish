@@ -45,6 +45,7 @@ complete -c semantic -n '__semantic_at "chat"' -l top-p -x -d 'Nucleus sampling 
 complete -c semantic -n '__semantic_at "chat"' -l seed -x -d 'Random seed for sampling.'
 complete -c semantic -n '__semantic_at "chat"' -l model -r -F -d 'Model: mlx-lm directory, .gguf file or Hugging Face repo id.'
 complete -c semantic -n '__semantic_at "chat"' -l wait -d 'Wait for an agent another process is using instead of failing.'
+complete -c semantic -n '__semantic_at "chat"' -l wait-timeout -x -d 'Wait (as --wait) at most SECONDS, then fail as busy (exit 4). [x>=0.0]'
 complete -c semantic -n '__semantic_at "chat"' -s v -l verbose -d 'Status and figures on stderr in one-shot mode.'
 complete -c semantic -n '__semantic_at "chat"' -l no-markdown -d 'Show replies as plain text in the REPL.'
 complete -c semantic -n '__semantic_at "chat"' -l color -x -d 'auto, always or never (NO_COLOR is respected). [default: auto]'

@@ -29,8 +29,9 @@ XXHASH_DIRS = ("/usr/include", "/usr/local/include", "/opt/homebrew/include")
 
 # What the built module must do before it replaces the old one: hand back
 # mlx arrays (so its nanobind shares mlx's type registry) that are writable
-# and separate, for the mlx it was built against; read a file into views in
-# order with python-xxhash's digest, and report a file that ends too soon.
+# and separate, for the mlx it was built against, and refuse a size that
+# overflows; read a file into views in order with python-xxhash's digest, and
+# report a file that ends too soon.
 SMOKE_TEST = """
 import os, tempfile, xxhash
 import mlx.core as mx, _native
@@ -40,6 +41,11 @@ memoryview(a).cast("B")[:] = bytes(24)
 memoryview(b).cast("B")[:] = b"\\x01\\x00" * 4
 assert mx.array_equal(a, mx.zeros((2, 3))).item() and mx.array_equal(b, mx.ones(4, dtype=mx.uint16)).item()
 assert _native.mlx_version == mx.__version__
+try:  # a size product that overflows raises, never allocates a smaller buffer
+    _native.empty_arrays([[1 << 30, 1 << 30, 1 << 30]], [mx.float32])
+    raise AssertionError("empty_arrays has no overflow check")
+except ValueError:
+    pass
 if hasattr(_native, "read_hashed"):
     data = os.urandom(300_000)
     with tempfile.TemporaryFile() as f:

@@ -62,6 +62,8 @@ def schema_version(db: sqlite3.Connection) -> int:
 
 def _refuse_newer(db: sqlite3.Connection, path: Path, latest: int, what: str) -> None:
     found = schema_version(db)
+    if found < 0:  # never written by semantic: no migration list starts there
+        raise StoreVersionError(f"{what} {path} has schema version {found}, which no release of semantic writes; move the file aside")
     if found > latest:
         raise StoreVersionError(
             f"{what} {path} has schema version {found}, newer than this semantic understands ({latest}); "

@@ -104,7 +104,9 @@ class Engine:
         """Run the requests concurrently; yields events as they happen.
 
         Closing the iterator early (Ctrl-C in the caller) removes the unfinished
-        sequences so the generator stays usable.
+        sequences so the generator stays usable. Any other way out (an exception in a
+        step, Ctrl-C inside one) may have left it half-way through a step: it is then
+        dropped, and the next call starts a fresh one (the model stays loaded).
         """
         from .backend import cpu_split, runtime
 
@@ -119,21 +121,21 @@ class Engine:
         for req in requests:
             if req.cached >= len(req.prompt):
                 raise ValueError("a cache must leave at least one prompt token to process")
-            # One sampler object per setting: BatchGenerator samples the whole
-            # batch in one call only when every sequence shares the same object.
-            key = (req.temp, req.top_p)
-            if key not in samplers:
-                samplers[key] = make_sampler(temp=req.temp, top_p=req.top_p if req.top_p < 1.0 else 0.0)
-            sampler = samplers[key]
-            [uid] = gen.insert(
-                [req.prompt[req.cached :]],
-                max_tokens=[req.max_tokens],
-                caches=[req.cache] if req.cache is not None else None,
-                all_tokens=[list(req.prompt[: req.cached])],
-                samplers=[sampler],
-            )
-            live[uid] = _Live(req, uid, time.perf_counter(), self.lm.tokenizer.detokenizer)
         try:
+            for req in requests:
+                # One sampler object per setting: BatchGenerator samples the whole
+                # batch in one call only when every sequence shares the same object.
+                key = (req.temp, req.top_p)
+                if key not in samplers:
+                    samplers[key] = make_sampler(temp=req.temp, top_p=req.top_p if req.top_p < 1.0 else 0.0)
+                [uid] = gen.insert(
+                    [req.prompt[req.cached :]],
+                    max_tokens=[req.max_tokens],
+                    caches=[req.cache] if req.cache is not None else None,
+                    all_tokens=[list(req.prompt[: req.cached])],
+                    samplers=[samplers[key]],
+                )
+                live[uid] = _Live(req, uid, time.perf_counter(), self.lm.tokenizer.detokenizer)
             while live:
                 cpu_split.set_batched(len(live) >= 2)
                 prompt_responses, gen_responses = gen.next()
@@ -162,10 +164,19 @@ class Engine:
                             yield TokenEvent(st.request.key, None, tail)
                         del live[r.uid]
                         yield self._done(st, r.finish_reason, r.prompt_cache, list(r.all_tokens), now)
+        except GeneratorExit:
+            raise
+        except BaseException:
+            self._generator = None  # possibly mid-step: never reused
+            raise
         finally:
-            if live:
-                gen.remove(list(live))
-            cpu_split.set_batched(False)
+            try:
+                if live and self._generator is gen:
+                    gen.remove(list(live))
+            except Exception:
+                self._generator = None  # dropped instead: the next call starts a fresh one
+            finally:
+                cpu_split.set_batched(False)
 
     def _done(self, st: _Live, reason: str, cache: Any, all_tokens: list[int], now: float) -> TurnDone:
         req = st.request

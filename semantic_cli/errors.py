@@ -17,6 +17,7 @@ EXIT_BAD_INPUT = 6  # empty or undecodable input
 EXIT_MODEL = 7  # a model could not be loaded or converted
 EXIT_CACHE = 8  # cache damage that verify found and did not repair
 EXIT_VERSION = 9  # a database written by a newer release of semantic
+EXIT_UNSAFE = 10  # a directory of another user, or a symbolic link where semantic writes: refused
 EXIT_INTERRUPTED = 130
 
 
@@ -62,3 +63,10 @@ class StoreVersionError(SemanticError):
     """A database or file format newer than this code: refused, never modified."""
 
     exit_code = EXIT_VERSION
+
+
+class UnsafePathError(SemanticError):
+    """A directory semantic uses belongs to another user, or a file it would write is a
+    symbolic link: refused, never followed or trusted."""
+
+    exit_code = EXIT_UNSAFE

@@ -3,7 +3,8 @@
 The one exporter behind `semantic agents show --markdown/--json` and the REPL's
 `/save FILE.md|FILE.json`, so both write the same documents. Times are ISO 8601
 in UTC; a reply cut short is marked "*(interrupted)*" in Markdown and by its
-`status` in JSON. Nothing here prints: callers write the text where it goes.
+`status` in JSON. Nothing here prints: `write_file` puts a document in a file
+without ever writing through a symbolic link.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
+from . import paths
 from .store import Agent, Message
 
 
@@ -67,3 +70,12 @@ def to_markdown(agent: Agent, messages: Iterable[Message]) -> str:
         if m.status == "interrupted":
             parts.append("\n*(interrupted)*")
     return "\n".join(parts) + "\n"
+
+
+def write_file(path: Path, text: str) -> None:
+    """Write an export to `path`, private to the user (0600). A symbolic link there is
+    refused (UnsafePathError, one line); otherwise a unique temp file beside it is
+    written, fsync-ed and renamed over it, so no link (even one planted meanwhile) is
+    ever written through, and a reader never sees half a file."""
+    paths.refuse_link(path, "export file")
+    paths.atomic_write(path, text.encode("utf-8"))

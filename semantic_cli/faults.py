@@ -1,7 +1,7 @@
 """Fault injection for tests: `SEMANTIC_FAULT=POINT` makes the process SIGKILL itself there.
 
 The points are the moments of a turn's writes where a crash could leave the
-stores half-updated (tests/test_faults.py kills a real `semantic chat` at each
+stores half-updated (tests/test_fault_points.py kills a real `semantic chat` at each
 and checks what the next turn finds). The variable is read at each point, not
 at import, and an unset or unknown value does nothing.
 """

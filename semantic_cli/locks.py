@@ -1,49 +1,103 @@
-"""One process per agent: an advisory lock file holding the owner's pid; and
+"""One process per agent: an advisory lock on a file holding the owner's pid; and
 `pid_alive`, which tells whether the process that left a pid-tagged file is gone.
 
-The kernel drops an flock when its process dies (SIGKILL included), so a
-crashed run never leaves an agent locked.
+The lock is an open-file-description lock (Linux `F_OFD_SETLK`; `flock` elsewhere):
+the kernel drops it when its process dies (SIGKILL included), so a crashed run never
+leaves an agent locked, and closing another descriptor of the file (as `holder` does)
+never drops it. `holder` tests the lock without taking it (`F_OFD_GETLK`), so asking
+who holds an agent can never make a starting chat fail as busy.
+
+A lock file is opened with O_NOFOLLOW: a symbolic link in its place is refused with
+one line (UnsafePathError, exit code 10), never written through.
+
+Rooms take their agents' locks in one global order (sorted names): two processes
+waiting for the same agents can never each hold one the other waits for.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import struct
+import sys
 import time
 from pathlib import Path
 
 from . import paths
 from .errors import BusyError
 
+_OFD = hasattr(fcntl, "F_OFD_SETLK") and hasattr(fcntl, "F_OFD_GETLK")
+
+
+def _flock_struct(lock_type: int) -> bytes:
+    """A struct flock for the whole file (l_start = l_len = 0, l_pid = 0)."""
+    if sys.platform.startswith("linux"):  # short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid
+        return struct.pack("hhqqi4x", lock_type, os.SEEK_SET, 0, 0, 0)
+    return struct.pack("qqihh", 0, 0, 0, lock_type, os.SEEK_SET)  # BSD and macOS: l_start, l_len, l_pid, l_type, l_whence
+
+
+def _flock_type(answer: bytes) -> int:
+    if sys.platform.startswith("linux"):
+        return int(struct.unpack("hhqqi4x", answer)[0])
+    return int(struct.unpack("qqihh", answer)[3])
+
+
+def lock_path(name: str) -> Path:
+    return paths.locks_dir() / f"{name}.lock"
+
+
+def _try_lock(fd: int) -> bool:
+    """Take the exclusive lock without waiting; False if another open file holds it."""
+    try:
+        if _OFD:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock_struct(fcntl.F_WRLCK))
+        else:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            return False
+        raise
+    return True
+
+
+def _is_locked(fd: int) -> bool:
+    """Whether another open file holds the lock: a test that takes nothing."""
+    command = fcntl.F_OFD_GETLK if _OFD else fcntl.F_GETLK  # BSD and macOS: flock and fcntl locks share one list
+    return _flock_type(fcntl.fcntl(fd, command, _flock_struct(fcntl.F_WRLCK))) != fcntl.F_UNLCK
+
 
 class AgentLock:
     def __init__(self, name: str) -> None:
         self.name = name
-        self.path: Path = paths.locks_dir() / f"{name}.lock"
+        self.path: Path = lock_path(name)
         self._fd: int | None = None
 
     def acquire(self, wait: bool = False, timeout: float | None = None) -> AgentLock:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        """Lock the agent; busy -> BusyError, or with `wait` poll until it is free
+        (for at most `timeout` seconds when one is given, then BusyError)."""
+        fd = paths.open_nofollow(self.path, os.O_RDWR | os.O_CREAT, "lock file")
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not wait or (deadline is not None and time.monotonic() > deadline):
+        try:
+            while not _try_lock(fd):
+                if not wait or (deadline is not None and time.monotonic() >= deadline):
                     owner = _read_pid(fd)
-                    os.close(fd)
                     who = f" (pid {owner})" if owner else ""
-                    raise BusyError(f"agent {self.name!r} is busy{who}; wait for it to finish or pass --wait") from None
-                time.sleep(0.1)
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+                    if wait:
+                        raise BusyError(f"agent {self.name!r} is still busy{who}: the wait timed out; try again later")
+                    raise BusyError(f"agent {self.name!r} is busy{who}; wait for it to finish or pass --wait")
+                time.sleep(0.1 if deadline is None else max(0.0, min(0.1, deadline - time.monotonic())))
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
         self._fd = fd
         return self
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock
+            os.close(self._fd)  # closing the last descriptor of the open file drops its lock
             self._fd = None
 
     def __enter__(self) -> AgentLock:
@@ -55,25 +109,24 @@ class AgentLock:
 
 def _read_pid(fd: int) -> int | None:
     try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        text = os.read(fd, 32).decode().strip()
+        text = os.pread(fd, 32, 0).decode().strip()
         return int(text) if text else None
     except (OSError, ValueError):
         return None
 
 
 def holder(name: str) -> int | None:
-    """The pid holding an agent's lock, or None if it is free."""
-    path = paths.locks_dir() / f"{name}.lock"
-    if not path.exists():
-        return None
-    fd = os.open(path, os.O_RDWR)
+    """The pid holding an agent's lock (0 if it is held and the holder has not written
+    its pid yet), or None if it is free. Reads the file and tests the lock; takes nothing."""
+    path = lock_path(name)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
+        fd = paths.open_nofollow(path, os.O_RDONLY, "lock file")
+    except FileNotFoundError:
         return None
-    except BlockingIOError:
-        return _read_pid(fd)
+    try:
+        if not _is_locked(fd):
+            return None
+        return _read_pid(fd) or 0
     finally:
         os.close(fd)
 

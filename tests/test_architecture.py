@@ -50,6 +50,16 @@ def _is_mlx(module: str | None) -> bool:
     return module is not None and module.split(".")[0] in MLX_ROOTS
 
 
+def _private_reach(node: ast.AST, own: set[str]) -> bool:
+    """`x._name`, or the same reach spelled setattr(x, "_name", ...) / getattr / hasattr / delattr."""
+    if isinstance(node, ast.Attribute):
+        return _private(node.attr) and node.attr not in own
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("setattr", "getattr", "hasattr", "delattr"):
+        name = node.args[1] if len(node.args) >= 2 else None
+        return isinstance(name, ast.Constant) and isinstance(name.value, str) and _private(name.value) and name.value not in own
+    return False
+
+
 def private_mlx_uses(modules: dict[Path, ast.Module]) -> list[str]:
     own = _own_private_names(modules)
     found: list[str] = []
@@ -68,7 +78,7 @@ def private_mlx_uses(modules: dict[Path, ast.Module]) -> list[str]:
                 for a in node.names:
                     if _is_mlx(a.name) and any(_private(part) for part in a.name.split(".")):
                         found.append(f"{where}: imports the private module {a.name}")
-            elif isinstance(node, ast.Attribute) and _private(node.attr) and node.attr not in own:
+            elif _private_reach(node, own):
                 found.append(f"{where}: uses {ast.unparse(node)}, a private name semantic_cli does not define")
     return found
 
@@ -86,6 +96,8 @@ def test_the_check_sees_each_kind_of_private_use():
     probe = PACKAGE / "kv" / "probe_for_test.py"
     cases = {
         "batch._idx = 0": "batch._idx",
+        'setattr(batch, "_idx", 0)  # noqa: B010': "setattr(batch, '_idx', 0)",
+        'n = getattr(cache, "_idx")': "getattr(cache, '_idx')",
         "n = cache._idx": "cache._idx",
         "from mlx_lm.utils import _download": "mlx_lm.utils._download",
         "from mlx_lm._private import thing": "mlx_lm._private",

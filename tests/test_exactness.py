@@ -16,6 +16,7 @@ def test_engine_matches_mlx_lm_generate_on_tiny_models(tiny, home, kind):
     rows = res.results["rows"]
     assert [(r["blocks"], r["mode"]) for r in rows] == [(n, m) for n in (1, 2, 8) for m in ("fresh", "resumed")]
     assert [r["restored_tokens"] for r in rows] == [0, 256, 0, 512, 0, 2048]  # resumed from real block files
+    assert [r["engine_cached_tokens"] for r in rows] == [0, 256, 0, 512, 0, 2048]  # and the engine used them
     assert all(r["generated"] == 64 for r in rows)  # tiny models never emit EOS
     assert res.results["all_identical"], rows
 
@@ -35,3 +36,18 @@ def test_mismatch_would_be_reported(tiny):
     b = get_engine(ModelRef(str(tiny["qwen2"]), str(tiny["qwen2"])))
     prompt = [1, 5, 9, 200, 31]
     assert bench_exactness.engine_run(a, prompt, 8).generated != bench_exactness.reference(b, prompt, 8)[0]
+
+
+def test_a_difference_from_mlx_lm_is_reported(tiny, home, monkeypatch):
+    """run()'s comparison can fail: a reference one token off shows as not identical, where it differs."""
+    engine = get_engine(ModelRef(str(tiny["llama"]), str(tiny["llama"])))
+    real = bench_exactness.reference
+
+    def off_by_one(engine, prompt, max_tokens):
+        ids, text, seconds = real(engine, prompt, max_tokens)
+        return ids[:5] + [ids[5] + 1] + ids[6:], text, seconds
+
+    monkeypatch.setattr(bench_exactness, "reference", off_by_one)
+    res = bench_exactness.run(engine, block_sizes=(1,), max_tokens=16)
+    assert not res.results["all_identical"]
+    assert [(r["identical"], r["first_difference"]) for r in res.results["rows"]] == [(False, 5), (False, 5)]

@@ -14,14 +14,17 @@ import numpy as np
 import pytest
 
 from semantic_cli.backend import buffers, runtime
-from semantic_cli.kv import blockfile
-from semantic_cli.kv.blockfile import block_path, file_checksum
+from semantic_cli.kv import blockfile, fileread
+from semantic_cli.kv.blockfile import block_path
+from semantic_cli.kv.fileread import file_checksum
 from semantic_cli.kv.index import KVIndex
 from semantic_cli.kv.layers import CacheSpec
 from semantic_cli.kv.store import KVStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import build_native  # noqa: E402  (where the build looks for xxhash.h)
+
+KV2 = CacheSpec.uniform(("kv", "kv"), heads=2, head_dim=8)  # the geometry `_kv_cache` makes
 
 
 @pytest.fixture(params=["native", "python"])
@@ -57,7 +60,7 @@ def test_kv_and_snapshot_layers_come_back_in_their_own_dtype(home, restore_code,
     for _ in range(tokens // 30):  # 30 at a time: the window wraps
         rotating.update_and_fetch(mx.random.normal((1, 2, 30, 8)).astype(dtype), mx.random.normal((1, 2, 30, 8)).astype(dtype))
     cache = [_kv_cache(mx, tokens, dtype), rotating, _kv_cache(mx, tokens, dtype)]
-    spec = CacheSpec(("kv", "RotatingKVCache", "kv"))
+    spec = CacheSpec.uniform(("kv", "RotatingKVCache", "kv"), heads=2, head_dim=8, dtype=dtype_name, window=32)
     ids = [(7 * i) % 101 for i in range(tokens)]
     store = KVStore(128, 1 << 40, 0)
     store.persist("a", "fp", spec, ids, cache, protect=set())
@@ -84,8 +87,8 @@ def test_restored_buffers_hold_the_saved_tokens_and_room_to_grow(home, restore_c
     cache = [_kv_cache(mx, 300, mx.float32) for _ in range(2)]
     ids = list(range(300))
     store = KVStore(128, 1 << 40, 0)
-    store.persist("a", "fp", CacheSpec(("kv", "kv")), ids, cache, protect=set())
-    restored = store.restore("a", "fp", CacheSpec(("kv", "kv")), ids + [1], capacity=400)
+    store.persist("a", "fp", KV2, ids, cache, protect=set())
+    restored = store.restore("a", "fp", KV2, ids + [1], capacity=400)
     for before, after in zip(cache, restored.cache, strict=False):
         assert after.keys.shape[2] >= 400  # room to grow without a copy
         assert mx.array_equal(after.keys[..., :300, :], before.keys[..., :300, :]).item()
@@ -130,7 +133,7 @@ def test_a_damaged_block_ends_the_restore_just_before_it(home, restore_code, how
     cache = [_kv_cache(mx, 300, mx.float32) for _ in range(2)]
     ids = list(range(300))
     store = KVStore(128, 1 << 40, 0)
-    store.persist("a", "fp", CacheSpec(("kv", "kv")), ids, cache, protect=set())
+    store.persist("a", "fp", KV2, ids, cache, protect=set())
     victim = block_path(KVIndex().chain("a")[1])
     data = bytearray(victim.read_bytes())
     if how == "truncate":
@@ -138,7 +141,7 @@ def test_a_damaged_block_ends_the_restore_just_before_it(home, restore_code, how
     else:
         data[len(data) - 100] ^= 0x40  # in the last array's bytes
         victim.write_bytes(bytes(data))
-    restored = store.restore("a", "fp", CacheSpec(("kv", "kv")), ids + [1], capacity=301)
+    restored = store.restore("a", "fp", KV2, ids + [1], capacity=301)
     assert restored.tier == "warm" and restored.matched == 128
     assert any("damaged" in w for w in restored.warnings)
     for before, after in zip(cache, restored.cache, strict=False):
@@ -165,15 +168,15 @@ def test_native_reads_match_pythons_bytes_checksum_and_end_of_file(tmp_path):
     sizes = [65536] * 40 + [3_000_000 - 65536 * 40]  # several read groups, one long view
 
     def read_native(views):
-        return _reading(path, lambda fd: native.read_hashed(fd, 6, views, b"prefix", blockfile.GROUP_BYTES))
+        return _reading(path, lambda fd: native.read_hashed(fd, 6, views, b"prefix", fileread.GROUP_BYTES))
 
     views = [memoryview(bytearray(n)) for n in sizes]
     status, native_digest = read_native(views)
     assert status == 0 and b"".join(views) == payload
     views = [memoryview(bytearray(n)) for n in sizes]
-    python_digest = _reading(path, lambda fd: blockfile._read_hashed(fd, views, b"prefix"))
+    python_digest = _reading(path, lambda fd: fileread._read_hashed(fd, views, b"prefix"))
     assert b"".join(views) == payload
-    assert native_digest == python_digest == file_checksum(path)
+    assert native_digest == python_digest == file_checksum(path, path.stat().st_size)
     # Rows of one big buffer, as a restore hands them over: page-unaligned, with
     # gaps that belong to other blocks, in memory already written (recycled) and
     # in fresh anonymous memory (whose pages are mapped before each read). Nothing
@@ -195,7 +198,7 @@ def test_native_reads_match_pythons_bytes_checksum_and_end_of_file(tmp_path):
     path.write_bytes(b"prefix" + payload[:-1])  # a file that ends one byte early
     assert read_native([memoryview(bytearray(n)) for n in sizes])[0] == -1
     with pytest.raises(blockfile.BlockFileError, match="truncated"):
-        _reading(path, lambda fd: blockfile._read_hashed(fd, [memoryview(bytearray(n)) for n in sizes], b"prefix"))
+        _reading(path, lambda fd: fileread._read_hashed(fd, [memoryview(bytearray(n)) for n in sizes], b"prefix"))
 
 
 def test_arrays_without_a_plain_byte_view_are_written_in_c_order(tmp_path):
@@ -207,6 +210,6 @@ def test_arrays_without_a_plain_byte_view_are_written_in_c_order(tmp_path):
     arrays = [("t", "float32", transposed.shape, [transposed]), ("e", "float32", empty.shape, [empty])]
     _, checksum = blockfile.write(path, {"kind": "test"}, arrays)
     back = np.empty(transposed.shape, np.float32)
-    header = blockfile.read_into(path, checksum, lambda header: [back.data.cast("B"), memoryview(bytearray())])
+    header = fileread.read_into(path, checksum, path.stat().st_size, lambda header: [back.data.cast("B"), memoryview(bytearray())])
     assert np.array_equal(back, transposed)
     assert [(a["name"], a["shape"], a["nbytes"]) for a in header["arrays"]] == [("t", [4, 3], 48), ("e", [0, 4], 0)]

@@ -343,3 +343,14 @@ def test_newer_database_is_refused_and_untouched(old_home: Path, which: str, com
     with pytest.raises(StoreVersionError, match="upgrade semantic"):
         opener()
     assert snapshot(path) == before
+
+
+def test_a_negative_schema_version_is_refused_not_sliced(old_home: Path) -> None:
+    """migrations[found:] with found < 0 would skip steps and stamp the latest version."""
+    path = store_path(old_home)
+    with closing(sqlite3.connect(path, isolation_level=None)) as db:
+        db.execute("PRAGMA user_version=-1")
+    before = snapshot(path)
+    r = run_cli("agents", "ls")
+    assert r.returncode == EXIT_VERSION and "schema version -1" in r.stderr.decode(), r.stderr
+    assert snapshot(path) == before

@@ -88,7 +88,7 @@ class Term:
         self.prompt(agent)
         return m
 
-    def exit_code(self, timeout: float = 30) -> int:
+    def exit_code(self, timeout: float = 60) -> int:
         deadline = time.monotonic() + timeout
         while self.pump() and time.monotonic() < deadline:
             pass

@@ -2,6 +2,8 @@
 // overhead is a visible share of the time (SmolLM2, 2-core dev VM).
 //
 // empty_arrays: MLX arrays straight from MLX's allocator, contents undefined.
+//   A size product that overflows raises ValueError, a failed allocation
+//   MemoryError: never a buffer smaller than its shape, or at address 0.
 //   A restore reads every cached byte into fresh buffers, so they need no
 //   initial contents. MLX's Python API cannot allocate without touching:
 //   mx.empty is mx.zeros, and mx.load of a Python stream evaluates its arrays
@@ -22,7 +24,9 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cstdio>
+#include <new>
 #include <utility>
 #include <vector>
 
@@ -50,18 +54,26 @@ static std::vector<mx::array> empty_arrays(
   std::vector<mx::array> arrays;
   arrays.reserve(shapes.size());
   for (size_t i = 0; i < shapes.size(); ++i) {
+    // The size in bytes, refusing a product that overflows (a bogus small buffer)
+    // or that no allocation could hold (MLX's element count is a signed 64-bit).
     size_t nbytes = dtypes[i].size();
     for (int dim : shapes[i]) {
       if (dim < 0) {
         throw nb::value_error("empty_arrays: negative dimension");
       }
-      nbytes *= static_cast<size_t>(dim);
+      if (__builtin_mul_overflow(nbytes, static_cast<size_t>(dim), &nbytes) ||
+          nbytes > static_cast<size_t>(PTRDIFF_MAX)) {
+        throw nb::value_error("empty_arrays: size overflows");
+      }
     }
     // Each array owns its own allocation, so MLX can update it in place.
-    arrays.emplace_back(
-        mx::allocator::malloc(nbytes),
-        mx::Shape(shapes[i].begin(), shapes[i].end()),
-        dtypes[i]);
+    mx::allocator::Data data = mx::allocator::malloc(nbytes);
+    if (data.buffer().ptr() == nullptr) {
+      // MLX's CPU allocator hands back a null buffer for a failed allocation (its
+      // data pointer then a few bytes past address 0), without raising.
+      throw std::bad_alloc();  // nanobind raises MemoryError
+    }
+    arrays.emplace_back(std::move(data), mx::Shape(shapes[i].begin(), shapes[i].end()), dtypes[i]);
   }
   return arrays;
 }

@@ -4,6 +4,8 @@
 `_native` (semantic_cli/backend/_native.cpp, built by `make native`) where it
 matches the mlx in use, else through a header-only safetensors stream that MLX
 loads without touching the data (a private use of MLX's loader: it lives here).
+Either way a negative dimension or a size that overflows is a ValueError and a
+failed allocation a MemoryError, never a buffer smaller than its shape.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+_MAX_BYTES = (1 << 63) - 1  # MLX's sizes are signed 64-bit
+
+
 def empty_arrays(specs: list[tuple[tuple[int, ...], str]]) -> list[Any]:
     """Evaluated MLX arrays of these (shape, dtype)s whose contents are undefined, to be filled in place.
 
@@ -42,9 +47,13 @@ def empty_arrays(specs: list[tuple[tuple[int, ...], str]]) -> list[Any]:
     module where `make setup` built one for this mlx (semantic_cli/backend/_native.cpp),
     else from Python.
     """
+    for shape, dtype in specs:
+        if dtype not in _SAFETENSORS_DTYPES or any(type(d) is not int or d < 0 for d in shape):
+            raise ValueError(f"empty_arrays: cannot allocate {dtype} {tuple(shape)}")
     compiled = native()
     if compiled is not None:
         core = runtime.mx()
+        # The module raises ValueError for a size that overflows, MemoryError for a failed allocation.
         return compiled.empty_arrays([list(shape) for shape, _ in specs], [getattr(core, dtype) for _, dtype in specs])
     return stream_empty_arrays(specs)
 
@@ -79,15 +88,23 @@ def stream_empty_arrays(specs: list[tuple[tuple[int, ...], str]]) -> list[Any]:
     60 calls.
     """
     core = runtime.mx()
+    import numpy as np
+
     meta, offset = {}, 0
     for i, (shape, dtype) in enumerate(specs):
         nbytes = getattr(core, dtype).size * math.prod(shape)
         meta[str(i)] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
+    if offset > _MAX_BYTES:
+        raise ValueError("empty_arrays: size overflows")
     head = json.dumps(meta, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
     loaded = core.load(_HeaderOnlyStream(struct.pack("<Q", len(head)) + head, offset), format="safetensors")
-    return [loaded[str(i)] for i in range(len(specs))]
+    arrays = [loaded[str(i)] for i in range(len(specs))]
+    for a in arrays:  # a failed allocation must not become a view of address 0
+        if a.nbytes and np.frombuffer(memoryview(a).cast("B"), np.uint8, count=1).__array_interface__["data"][0] == 0:
+            raise MemoryError(f"cannot allocate {a.nbytes} bytes")
+    return arrays
 
 
 class _HeaderOnlyStream(io.RawIOBase):

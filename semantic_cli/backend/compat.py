@@ -3,8 +3,10 @@
 - `restored_kv_cache`: a `KVCache` built from restored buffers that a batch of
   one adopts without a copy; its `merge` sets `BatchKVCache._idx` (the write
   position), which mlx-lm only sets inside its own `BatchKVCache.merge`.
-- `hf_download`: mlx-lm's private `mlx_lm.utils._download`, the snapshot
-  download `mlx_lm.load` itself uses for a Hugging Face repo id.
+- `hf_download`: the snapshot download `mlx_lm.load` itself does for a Hugging
+  Face repo id (mlx-lm's private `mlx_lm.utils._download`: `snapshot_download` with
+  mlx-lm's file patterns), but into a cache directory semantic chooses, which
+  `_download` cannot be told.
 
 Lifting the `mlx-lm<0.33` pin means re-reading these against the new release
 (tests/test_architecture.py keeps private names out of the rest of the package).
@@ -49,8 +51,10 @@ def restored_kv_cache(keys: Any, values: Any, offset: int) -> Any:
     return cache
 
 
-def hf_download(repo: str) -> Path:  # pragma: no cover - needs a network
-    """Fetch a Hugging Face repo id's model files as `mlx_lm.load` would; the local directory."""
-    from mlx_lm.utils import _download
+def hf_download(repo: str, cache_dir: Path) -> Path:
+    """Fetch a Hugging Face repo id's model files as `mlx_lm.load` would, into the hub
+    cache at `cache_dir` (found there without a network once fetched); the local directory."""
+    from huggingface_hub import snapshot_download
+    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
 
-    return Path(_download(repo))
+    return Path(snapshot_download(repo, allow_patterns=DEFAULT_ALLOW_PATTERNS, cache_dir=str(cache_dir)))

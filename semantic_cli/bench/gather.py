@@ -52,7 +52,7 @@ def run(tokens: int = 8192, runs: int = 50, block_tokens: int = 256, on_progress
     res = Results(
         "exp-006", {"name": "synthetic SmolLM2-135M geometry", **g}, {"tokens": tokens, "runs": runs, "block_tokens": block_tokens}
     )
-    spec = CacheSpec(("kv",) * g["layers"])
+    spec = CacheSpec.uniform(("kv",) * g["layers"], heads=g["kv_heads"], head_dim=g["head_dim"])
     model_fp = "exp-006-synthetic"
     ids = [(i * 7919) % 49152 for i in range(tokens)]
     cache = synthetic_cache(tokens, g["layers"], g["kv_heads"], g["head_dim"])

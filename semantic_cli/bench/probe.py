@@ -29,7 +29,7 @@ def probe(job: dict[str, Any]) -> float:
         store = KVStore(job["block_tokens"], disk_budget=1 << 62, hot_budget=0)
         prompt = job["prompt"]
         t = time.perf_counter()
-        restored = store.restore(job["agent"], job["model_fp"], CacheSpec(tuple(job["kinds"])), prompt, capacity=len(prompt))
+        restored = store.restore(job["agent"], job["model_fp"], CacheSpec.from_json(job["spec"]), prompt, capacity=len(prompt))
         seconds = time.perf_counter() - t
         if restored.tier != "warm":
             raise RuntimeError(f"expected a warm restore, got {restored.tier}: {restored.warnings}")

@@ -107,7 +107,8 @@ def measure_size(
     warm_disk = []
     if can_drop:
         for _ in range(repeats):
-            drop_page_cache()
+            if not drop_page_cache()[0]:
+                raise RuntimeError("the kernel kept the cache files in the page cache after POSIX_FADV_DONTNEED")
             warm_disk.append(cli_turn(name, spec))
         _expect(warm_disk, "warm")
     read_s, read_bytes = disk_read_seconds() if can_drop else (float("nan"), 0)
@@ -157,7 +158,7 @@ def measure_size(
         "op": "restore",
         "agent": name,
         "model_fp": lm.fingerprint,
-        "kinds": list(chat.spec(engine).kinds),
+        "spec": chat.spec(engine).to_json(),
         "prompt": prompt_probe,
         "block_tokens": chat.kv.block_tokens,
     }

@@ -79,21 +79,57 @@ def evict(name: str) -> None:
         raise RuntimeError(f"semantic cache evict failed: {out.stderr.strip()}")
 
 
+def _cache_files() -> list[str]:
+    return [os.path.join(root, f) for root, _, files in os.walk(paths.cache_dir()) for f in files]
+
+
 def drop_page_cache() -> tuple[bool, int]:
-    """Ask the kernel to drop every KV cache file from the page cache; (possible here, bytes named)."""
+    """Ask the kernel to drop every KV cache file from the page cache, and check that it did
+    (`resident_bytes`): (dropped, bytes named). False where the platform has no
+    posix_fadvise, or the kernel kept the pages (a tmpfs home, say)."""
     if not hasattr(os, "posix_fadvise"):
         return False, 0
     total = 0
-    for root, _, files in os.walk(paths.cache_dir()):
-        for f in files:
-            fd = os.open(os.path.join(root, f), os.O_RDONLY)
+    for path in _cache_files():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages cannot be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            total += os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+    resident = resident_bytes()
+    return resident is not None and resident <= total // 20, total
+
+
+def resident_bytes() -> int | None:
+    """How many bytes of the cache files are in the page cache now (mincore), or None where it cannot be asked."""
+    import ctypes
+    import ctypes.util
+    import mmap
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        mincore = libc.mincore
+    except (OSError, AttributeError):
+        return None
+    page = mmap.PAGESIZE
+    total = 0
+    for path in _cache_files():
+        size = os.path.getsize(path)
+        if size == 0:
+            continue
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as mapped:
+            pages = -(-size // page)
+            vec = (ctypes.c_ubyte * pages)()
+            anchor = ctypes.c_char.from_buffer(mapped)  # the mapping's address; touches no page
             try:
-                os.fsync(fd)  # dirty pages cannot be dropped
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                total += os.fstat(fd).st_size
+                if mincore(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size), vec) != 0:
+                    return None
             finally:
-                os.close(fd)
-    return True, total
+                del anchor
+            total += sum(b & 1 for b in vec) * page
+    return total
 
 
 def disk_read_seconds() -> tuple[float, int]:

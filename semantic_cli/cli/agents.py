@@ -3,6 +3,11 @@
 Nothing here loads a model: these commands work on the transcript store and the
 KV index only, so they start fast and never import mlx. The transcript is
 changed first (it is the truth); the cache, being derived, follows.
+
+Stored text (personas, messages, model specs) reaches a terminal only through
+`render.printable`: the table of `ls` and the rich view of `show` always, the
+`--markdown` and `--json` exports of `show` when stdout is a terminal. A pipe
+gets those exports byte for byte.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from ..kv.index import KVIndex
 from ..locks import AgentLock
 from ..store import Agent, Message, Store, validate_name
 from . import render
-from .render import human_age, human_bytes
+from .render import human_age, human_bytes, printable
 
 app = typer.Typer(help="Manage agents: named personas with their own conversation and cache.", no_args_is_help=True)
 
@@ -150,7 +155,7 @@ def ls(json_out: bool = typer.Option(False, "--json", help="Print a JSON list.")
         table.add_column(col, justify=justify, overflow="ellipsis", no_wrap=col != "PERSONA")  # type: ignore[arg-type]
     for a, row in zip(agents, rows, strict=True):
         model = Path(a.model).name if os.sep in a.model and Path(a.model).exists() else a.model
-        table.add_row(a.name, model, _excerpt(a.system) or "-", str(row["turns"]), str(row["transcript_tokens"]),
+        table.add_row(a.name, printable(model), printable(_excerpt(a.system)) or "-", str(row["turns"]), str(row["transcript_tokens"]),
                       str(row["cached_tokens"]), human_age(a.last_active))  # fmt: skip
     render.stdout().print(table)
 
@@ -192,9 +197,9 @@ def show(
         agent = store.get_agent(name)
         messages = store.messages(name)
     if json_out:
-        sys.stdout.write(export.to_json(agent, messages))
+        sys.stdout.write(printable(export.to_json(agent, messages), sys.stdout))  # still valid JSON: controls < 0x20 are escaped
     elif markdown:
-        sys.stdout.write(export.to_markdown(agent, messages))
+        sys.stdout.write(printable(export.to_markdown(agent, messages), sys.stdout))
     else:
         _show_rich(agent, messages)
 
@@ -204,9 +209,9 @@ def _show_rich(agent: Agent, messages: list[Message]) -> None:
     from rich.text import Text
 
     out = render.stdout()
-    out.print(Text(f"{agent.name} · {agent.model}", style="bold"))
+    out.print(Text(f"{agent.name} · {printable(agent.model)}", style="bold"))
     if agent.system:
-        out.print(Text(f"persona: {agent.system}", style="dim"))
+        out.print(Text(f"persona: {printable(agent.system)}", style="dim"))
     if not messages:
         _status("no messages yet")
     for m in messages:
@@ -216,10 +221,10 @@ def _show_rich(agent: Agent, messages: list[Message]) -> None:
             if m.status == "interrupted":
                 label.append(" (interrupted)", style="yellow")
             out.print(label)
-            out.print(Markdown(m.content))
+            out.print(Markdown(printable(m.content)))
         else:
             out.print(Text("you" if m.role == "user" else m.role, style="bold cyan"))
-            out.print(Text(m.content))
+            out.print(Text(printable(m.content)))
 
 
 @app.command("edit")

@@ -10,6 +10,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
+from ..errors import UsageError
 from . import render
 
 app = typer.Typer(help="Benchmarks: exactness (exp-005), block gather (exp-006), resume, batch.", no_args_is_help=True)
@@ -26,6 +27,17 @@ def _engine(model: str | None) -> Any:
     err = render.stderr()
     with render.progress(err, enabled=err.is_terminal) as progress:
         return get_engine(resolve(model, progress))
+
+
+def _counts(text: str, option: str, minimum: int) -> tuple[int, ...]:
+    """A comma-separated list of whole numbers, each at least `minimum`."""
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(f"{option} takes whole numbers separated by commas, e.g. {option} 1024,2048 (got {text!r})") from None
+    if any(v < minimum for v in values):
+        raise UsageError(f"every {option} value must be at least {minimum} (got {text!r})")
+    return values
 
 
 def _finish(
@@ -110,9 +122,10 @@ def resume(
     """Time to first token with 1K-8K tokens of history: cold vs warm (new processes) vs hot; write cost; dedup."""
     from ..bench import resume as b
 
+    history_sizes = _counts(sizes, "--sizes", minimum=64)
     engine = _engine(model)
     with render.progress(render.stderr(), enabled=render.stderr().is_terminal) as progress:
-        res = b.run(engine, tuple(int(s) for s in sizes.split(",")), repeats, progress, cold_repeats=cold_repeats, pairs=pairs)
+        res = b.run(engine, history_sizes, repeats, progress, cold_repeats=cold_repeats, pairs=pairs)
 
     def extra(console: Any) -> None:
         wc, dd = res.results["write_cost"], res.results["dedup"]
@@ -143,7 +156,8 @@ def batch(
     """Aggregate tokens/s and TTFT for N agents at once vs the same N turns one after another."""
     from ..bench import batch as b
 
+    agent_counts = _counts(agents, "--agents", minimum=1)
     engine = _engine(model)
     with render.progress(render.stderr(), enabled=render.stderr().is_terminal) as progress:
-        res = b.run(engine, tuple(int(a) for a in agents.split(",")), max_tokens, progress)
+        res = b.run(engine, agent_counts, max_tokens, progress)
     _finish(res, b.table(res), out, json_out)

@@ -10,6 +10,7 @@ import typer
 
 from ..errors import BadInputError, UsageError
 from . import render
+from .render import printable
 
 if TYPE_CHECKING:  # types only: `--help` and other commands must not import the core (nor, through it, numpy or mlx)
     from ..chat import Chat, GenSettings, TurnRecorded
@@ -57,6 +58,9 @@ def chat(
     seed: int | None = typer.Option(None, "--seed", help="Random seed for sampling."),
     model: str | None = typer.Option(None, "--model", help="Model: mlx-lm directory, .gguf file or Hugging Face repo id."),
     wait: bool = typer.Option(False, "--wait", help="Wait for an agent another process is using instead of failing."),
+    wait_timeout: float | None = typer.Option(
+        None, "--wait-timeout", min=0.0, metavar="SECONDS", help="Wait (as --wait) at most SECONDS, then fail as busy (exit 4)."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Status and figures on stderr in one-shot mode."),
     no_markdown: bool = typer.Option(False, "--no-markdown", help="Show replies as plain text in the REPL."),
     color: str = typer.Option("auto", "--color", help="auto, always or never (NO_COLOR is respected)."),
@@ -73,7 +77,7 @@ def chat(
     settings = GenSettings(max_tokens, temp, top_p, seed)
     try:
         names = room_agents(agent, room, store)
-        opened = open_room(session, names, model, system, wait)
+        opened = open_room(session, names, model, system, wait or wait_timeout is not None, wait_timeout)
         if save_room:
             store.save_room(save_room, names)
         interactive = message is None and sys.stdin.isatty()
@@ -90,24 +94,38 @@ def chat(
         store.close()
 
 
-def open_room(session: Chat, names: list[str], model: str | None, system: str | None, wait: bool) -> list[Agent]:
-    """Lock and load the agents. In a room, a busy agent is left out (with a warning)
-    rather than failing the others; a room must share one model."""
+def open_room(
+    session: Chat, names: list[str], model: str | None, system: str | None, wait: bool, wait_timeout: float | None = None
+) -> list[Agent]:
+    """Lock and load the agents, in room order. In a room, a busy agent is left out (with a
+    warning) rather than failing the others; a room must share one model.
+
+    The locks are taken in one global order (sorted names), whatever order the agents
+    were named in: two rooms waiting for the same agents can never each hold one that the
+    other waits for. `wait_timeout` bounds the whole wait, not each agent's."""
+    import math
+    import time
+
     from ..chat import check_room
     from ..errors import BusyError
 
-    opened = []
-    for name in names:
+    if wait_timeout is not None and math.isnan(wait_timeout):
+        raise UsageError("--wait-timeout must be a number of seconds")
+    deadline = None if wait_timeout is None else time.monotonic() + wait_timeout
+    opened: dict[str, Agent] = {}
+    for name in sorted(names):
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            opened.append(session.open_agent(name, model, system, wait))
+            opened[name] = session.open_agent(name, model, system, wait, left)
         except BusyError as exc:
             if len(names) == 1:
                 raise
             render.stderr().print(f"warning: {exc.message}; the room continues without it", style="yellow", markup=False)
     if not opened:
         raise BusyError("every agent in this room is busy in another process; try again later or pass --wait")
-    check_room(opened)
-    return opened
+    room = [opened[name] for name in names if name in opened]
+    check_room(room)
+    return room
 
 
 def _targets(opened: list[Agent], text: str, to_all: bool) -> list[tuple[Agent, str]]:
@@ -122,7 +140,11 @@ def _targets(opened: list[Agent], text: str, to_all: bool) -> list[tuple[Agent, 
 
 
 def one_shot(session: Chat, targets: list[tuple[Agent, str]], settings: GenSettings, json_out: bool, verbose: bool) -> None:
-    from ..chat import Notice, TurnRecorded
+    """Print each reply on stdout (streamed for one agent; in room order, each once recorded,
+    for a room). On a terminal the text goes through `render.printable`; a pipe gets it byte
+    for byte. If some replies could not be saved (`TurnNotSaved`), the others are printed
+    before the error."""
+    from ..chat import Notice, TurnNotSaved, TurnRecorded
     from ..engine import PromptProgress, TokenEvent
 
     err = render.stderr()
@@ -133,25 +155,40 @@ def one_shot(session: Chat, targets: list[tuple[Agent, str]], settings: GenSetti
         order = [p.agent.name for p in pendings]
         finished: dict[str, TurnRecorded] = {}
         printed = 0
-        for ev in session.run(pendings, seed=settings.seed):
-            if isinstance(ev, Notice):
-                err.print(f"warning: {ev.key}: {ev.text}", style="yellow", markup=False)
-            elif isinstance(ev, PromptProgress) and verbose and ev.total > 256:
-                progress(f"prefill {ev.key}", ev.done, ev.total)
-            elif isinstance(ev, TokenEvent) and single and not json_out:
-                out.write(ev.text)
-                out.flush()
-            elif isinstance(ev, TurnRecorded):
-                finished[ev.key] = ev
-                for w in ev.warnings:
-                    err.print(f"warning: {ev.key}: {w}", style="yellow", markup=False)
-                while printed < len(order) and order[printed] in finished:
-                    _emit(finished[order[printed]], out, single, json_out)
+
+        def emit_ready(skip: set[str]) -> None:
+            nonlocal printed
+            while printed < len(order) and (order[printed] in finished or order[printed] in skip):
+                rec = finished.get(order[printed])
+                if rec is not None:
+                    _emit(rec, out, single, json_out)
                     if verbose:
-                        err.print(
-                            render.footer(finished[order[printed]].done.stats, finished[order[printed]].tier), style="dim", markup=False
-                        )
-                    printed += 1
+                        err.print(render.footer(rec.done.stats, rec.tier), style="dim", markup=False)
+                elif single and not json_out:
+                    out.write("\n")  # the reply streamed: end its line before the error
+                    out.flush()
+                printed += 1
+
+        events = session.run(pendings, seed=settings.seed)
+        try:
+            for ev in events:
+                if isinstance(ev, Notice):
+                    err.print(f"warning: {ev.key}: {printable(ev.text)}", style="yellow", markup=False)
+                elif isinstance(ev, PromptProgress) and verbose and ev.total > 256:
+                    progress(f"prefill {ev.key}", ev.done, ev.total)
+                elif isinstance(ev, TokenEvent) and single and not json_out:
+                    out.write(printable(ev.text, out))
+                    out.flush()
+                elif isinstance(ev, TurnRecorded):
+                    finished[ev.key] = ev
+                    for w in ev.warnings:
+                        err.print(f"warning: {ev.key}: {printable(w)}", style="yellow", markup=False)
+                    emit_ready(set())
+        except TurnNotSaved as exc:
+            emit_ready(set(exc.errors))  # every other reply is recorded: print it before the error
+            raise
+        finally:
+            events.close()  # on any error, the core records the partial replies now
 
 
 def turn_json(rec: TurnRecorded, model: str) -> dict[str, Any]:
@@ -178,5 +215,5 @@ def _emit(rec: TurnRecorded, out: TextIO, single: bool, json_out: bool) -> None:
     elif single:
         out.write("\n")
     else:
-        out.write(f"[{rec.key}]\n{rec.done.text}\n\n")
+        out.write(f"[{rec.key}]\n{printable(rec.done.text, out)}\n\n")
     out.flush()

@@ -1,5 +1,6 @@
 """Terminal output: consoles that respect NO_COLOR/--color, progress bars, footers,
-and the CLI's one formatter each for byte counts and ages."""
+the CLI's one formatter each for byte counts and ages, and `printable`, the one
+filter between stored or generated text and a terminal."""
 
 from __future__ import annotations
 
@@ -49,6 +50,33 @@ def stderr() -> Console:
         soft_wrap=True,
         no_color=system is None,
     )
+
+
+# Stored and generated text may hold raw control characters: an ESC would let a persona or
+# a model's reply drive the terminal (an OSC 52 clipboard write, a CSI that clears the
+# screen or moves the cursor) and would break a live redraw. `printable` shows every C0
+# control but \n and \t, DEL and every C1 control as a visible symbol instead, so no
+# escape sequence can survive it (its ESC is shown as "␛").
+_CONTROLS = {c: 0x2400 + c for c in range(32) if c not in (9, 10)} | {0x7F: 0x2421} | {c: 0xFFFD for c in range(0x80, 0xA0)}
+
+
+def printable(text: str, stream: Any = None) -> str:
+    """`text` with its control characters made visible: the one filter for stored or
+    generated text on its way to a terminal. With `stream`, only when that stream is a
+    terminal (or --color always says it leads to one): a pipe or a file gets the text
+    byte for byte."""
+    if stream is not None and not is_terminal(stream):
+        return text
+    return text.translate(_CONTROLS)
+
+
+def is_terminal(stream: Any) -> bool:
+    if _color_mode == "always":
+        return True
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, OSError, ValueError):  # closed, or not a real file
+        return False
 
 
 def human_bytes(n: float) -> str:

@@ -5,12 +5,19 @@ into a rich Live region (Markdown unless --no-markdown); a room shows one
 labelled panel per agent, all streaming at once. Ctrl-C during a reply stops
 it: the core records the partial reply as "interrupted" and we return to the
 prompt. Ctrl-C at an empty prompt, Ctrl-D or /quit leave with exit code 0.
+
+The REPL survives any recoverable error: a `SemanticError` is one red line, any
+other exception one line too (a traceback only with SEMANTIC_DEBUG=1), and the
+prompt comes back; the core has recorded what it could. Stored and generated
+text reaches the terminal only through `render.printable`.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,7 +37,7 @@ from .. import paths
 from ..errors import SemanticError
 from ..rooms import address
 from . import render, slash
-from .slash import printable
+from .render import printable
 
 if TYPE_CHECKING:  # types only: the core is imported when a turn runs
     from ..chat import Chat, GenSettings, TurnRecorded
@@ -63,7 +70,7 @@ class Reply:
     tokens: int = 0
     prefill: tuple[int, int] | None = None
     footer: str = ""
-    state: str = "waiting"  # waiting | streaming | done | interrupted | failed
+    state: str = "waiting"  # waiting | streaming | done | interrupted | failed (generated, not saved)
     notes: list[str] = field(default_factory=list)
 
 
@@ -90,7 +97,7 @@ class TurnView:
                 yield body
 
     def _body(self, r: Reply, console: Console, options: ConsoleOptions, max_lines: int) -> RenderableType:
-        parts: list[RenderableType] = [Text(n, style="yellow") for n in r.notes]
+        parts: list[RenderableType] = [Text(printable(n), style="yellow") for n in r.notes]
         if r.text:
             shown = printable(r.text)
             content: RenderableType = Markdown(shown) if self.markdown else Text(shown)
@@ -106,7 +113,7 @@ class TurnView:
                 f"interrupted after {r.tokens} tokens (kept, marked interrupted)", style="yellow", no_wrap=True, overflow="ellipsis"
             )
         if r.state == "failed":
-            return Text("no reply (see the error below)", style="red", no_wrap=True, overflow="ellipsis")
+            return Text("not saved (see the error below)", style="red", no_wrap=True, overflow="ellipsis")
         if r.footer:
             return Text(r.footer, style="dim", no_wrap=True, overflow="ellipsis")
         if r.prefill is not None and r.prefill[1] >= PREFILL_BAR_MIN and r.prefill[0] < r.prefill[1]:
@@ -199,7 +206,11 @@ class Repl:
     # ---- the loop -------------------------------------------------------
     def run(self) -> None:
         model = self.agent().model
-        who = f"room {', '.join(self.agents)} · @name or @all to address" if self.room else f"chatting with {self.current} ({model})"
+        who = (
+            f"room {', '.join(self.agents)} · @name or @all to address"
+            if self.room
+            else f"chatting with {self.current} ({printable(model)})"
+        )
         self.err.print(f"{who} · /help for commands · Ctrl-D to leave", style="dim", markup=False, highlight=False)
         while True:
             try:
@@ -221,12 +232,25 @@ class Repl:
                 self.error(exc.message)
             except KeyboardInterrupt:  # a cut reply says so in its own status line
                 self.err.print("interrupted", style="yellow", markup=False, highlight=False)
+            except Exception as exc:  # a bug or an exhausted resource: this turn failed, the session goes on
+                self.unexpected(exc)
 
     def error(self, message: str) -> None:
-        self.err.print(f"error: {message}", style="red", markup=False, highlight=False)
+        self.err.print(f"error: {printable(message)}", style="red", markup=False, highlight=False)
+
+    def unexpected(self, exc: Exception) -> None:
+        """One line for an exception nobody expected (a traceback first with SEMANTIC_DEBUG=1)."""
+        first = str(exc).strip().splitlines()
+        what = f"unexpected {type(exc).__name__}" + (f": {first[0]}" if first else "")
+        if os.environ.get("SEMANTIC_DEBUG") == "1":
+            self.err.file.write("".join(traceback.format_exception(exc)))
+            self.err.file.flush()
+            self.error(what)
+        else:
+            self.error(f"{what} (rerun with SEMANTIC_DEBUG=1 for a traceback and please report it)")
 
     def info(self, message: str) -> None:
-        self.err.print(message, style="dim", markup=False, highlight=False)
+        self.err.print(printable(message), style="dim", markup=False, highlight=False)
 
     def send(self, text: str) -> None:
         targets, body = address(text, list(self.agents), self.current)
@@ -235,8 +259,10 @@ class Repl:
     # ---- one turn (or a room's concurrent turns) ------------------------
     def turn(self, targets: list[tuple[Agent, str]], titles: dict[str, str] | None = None) -> list[TurnRecorded]:
         """Run the turns, streaming them live; returns their TurnRecorded events.
-        Ctrl-C: the core keeps the partial replies; KeyboardInterrupt is re-raised."""
-        from ..chat import Notice, TurnRecorded
+        Ctrl-C: the core keeps the partial replies; KeyboardInterrupt is re-raised. Any other
+        error is re-raised too, once the core has recorded what it could: replies it could not
+        save (`TurnNotSaved`) show as failed, the others left unfinished as interrupted."""
+        from ..chat import Notice, TurnNotSaved, TurnRecorded
         from ..engine import PromptProgress, TokenEvent
 
         with render.progress(self.err) as progress:  # model download/conversion, loading
@@ -268,18 +294,18 @@ class Repl:
                         r.notes += [f"warning: {w}" for w in ev.warnings]
                         recorded.append(ev)
                         self._count(ev)
-            except KeyboardInterrupt:
+            except BaseException as exc:
                 events.close()  # the core records the partial replies now, not at garbage collection
+                failed = set(exc.errors) if isinstance(exc, TurnNotSaved) else set()
                 for r in replies.values():
-                    if r.state != "done":
+                    if r.state == "done":
+                        continue
+                    if r.name in failed:
+                        r.state = "failed"
+                    else:
                         r.state = "interrupted"
                         self.totals.interrupted += 1
                         self.totals.generated_tokens += r.tokens
-                raise
-            except BaseException:
-                for r in replies.values():
-                    if r.state != "done":
-                        r.state = "failed"
                 raise
             finally:
                 view.final = True

@@ -21,14 +21,7 @@ from rich.table import Table
 
 from ..errors import SemanticError, UsageError
 from . import render
-
-# Model output may hold raw control characters (an ESC would let a reply drive the
-# terminal and break the live redraw): show them as visible symbols instead.
-_CONTROLS = {c: 0x2400 + c for c in range(32) if c not in (9, 10)} | {0x7F: 0x2421} | {c: 0xFFFD for c in range(0x80, 0xA0)}
-
-
-def printable(text: str) -> str:
-    return text.translate(_CONTROLS)
+from .render import printable
 
 
 @dataclass(frozen=True)
@@ -72,7 +65,9 @@ def _agents(repl: Any, arg: str) -> None:
         table.add_column(col)
     for name, agent in repl.agents.items():
         turns = sum(1 for m in store.messages(name) if m.role == "assistant")
-        table.add_row("*" if name == repl.current else "", name, agent.model, str(turns), _excerpt(agent.system) or "-")
+        table.add_row(
+            "*" if name == repl.current else "", name, printable(agent.model), str(turns), printable(_excerpt(agent.system)) or "-"
+        )
     repl.console.print(table)
     others = [a.name for a in store.list_agents() if a.name not in repl.agents]
     if others:
@@ -156,8 +151,8 @@ def _model(repl: Any, arg: str) -> None:
         lm = repl.session.engine_for(agent, progress).lm
     for line in (
         f"{agent.name}: {lm.name}",
-        f"  from: {agent.model}",
-        f"  path: {lm.ref.path}",
+        f"  from: {printable(agent.model)}",
+        f"  path: {printable(str(lm.ref.path))}",
         f"  dtype {lm.dtype} · context {lm.context_length:,} tokens",
     ):
         repl.console.print(line, markup=False, highlight=False)
@@ -175,7 +170,7 @@ def _save(repl: Any, arg: str) -> None:
     messages = repl.session.store.messages(agent.name) if repl.session.store.find_agent(agent.name) else []
     data = export.to_json(agent, messages) if path.suffix.lower() == ".json" else export.to_markdown(agent, messages)
     try:
-        path.write_text(data, encoding="utf-8")
+        export.write_file(path, data)  # never through a symbolic link: one there is refused
     except OSError as exc:
         raise SemanticError(f"cannot write {path}: {exc.strerror}") from None
     repl.info(f"saved {len(messages)} messages of {agent.name} to {path}")

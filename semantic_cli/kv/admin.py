@@ -5,19 +5,34 @@ says exactly what would go and how many bytes it frees (`--dry-run` stops
 there), and execution re-checks before deleting. Transcripts are never touched.
 The index (kv/index.py) does every change; the files are found and checked
 through kv/blockfile.py.
+
+`verify` checks every file the index names (opened as blockfile opens them: a
+regular file of the recorded size, never through a link, never blocking) and
+lists the files the index does not name. `--repair` plans first (one action per
+problem, computed from what was found, so one repair cutting a chain that
+another also names is harmless) and then runs the plan in one index
+transaction; files go only after it commits, so a failed repair changes
+nothing. A file another process may still be writing is left alone and reported
+as in progress: a temp file whose writer (the pid in its name) is alive, an
+untracked tail whose agent is locked, or, where its writer cannot be told, one
+younger than `GRACE_S`.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..locks import holder
-from ..store import Store
-from . import blockfile
-from .blockfile import BlockFileError, block_path, tail_path
-from .index import KVIndex, block_name
+from .. import paths
+from ..locks import holder, pid_alive
+from ..store import NAME_RE, Store
+from . import blockfile, fileread
+from .blockfile import BadName, BlockFileError, DiskFile, block_path, tail_path
+from .index import BlockRow, KVIndex, TailRow, block_name
+
+GRACE_S = 600.0  # an untracked file younger than this, whose writer cannot be told dead, is left alone
 
 
 @dataclass(frozen=True)
@@ -148,7 +163,7 @@ def execute_eviction(index: KVIndex, plan: EvictionPlan) -> int:
 
 @dataclass(frozen=True)
 class Problem:
-    what: str  # "block", "tail", "orphan"
+    what: str  # "block", "tail", "chain", "orphan" ("in progress" in VerifyReport.in_progress)
     name: str
     reason: str
 
@@ -158,59 +173,153 @@ class VerifyReport:
     checked: int
     problems: list[Problem]
     repaired: bool
+    in_progress: list[Problem] = field(default_factory=list)  # files a live writer may still be writing: left alone
+
+
+@dataclass(frozen=True)
+class RepairAction:
+    what: str  # "drop-block", "drop-tail", "cut-chain" or "remove-file"
+    name: str  # a block hash, an agent, or a path
+    pos: int = 0  # "cut-chain": the first position to go
+    file: DiskFile | None = None  # "remove-file": the file as it was found
 
 
 def verify(index: KVIndex, repair: bool = False) -> VerifyReport:
-    problems: list[Problem] = []
     blocks = index.all_blocks()
+    tails = index.all_tails()
+    chains = index.chains()
+    problems: list[Problem] = []
     for row in blocks:
-        reason = _check_block(row.hash, row.model, row.parent, row.checksum)
+        reason = _check_block(row)
         if reason:
             problems.append(Problem("block", row.hash, reason))
-    tails = index.all_tails()
     for t in tails:
-        reason = _check_file(tail_path(t.file), t.checksum)
+        reason = _check_tail(t)
         if reason:
             problems.append(Problem("tail", t.agent, reason))
-    known = {h.hash for h in blocks}
-    for agent, chain in index.chains().items():
+    known = {b.hash for b in blocks}
+    for agent, chain in chains.items():
         missing = [h for h in chain if h not in known]
         if missing:
             problems.append(Problem("chain", agent, f"names {len(missing)} block(s) not in the index"))
-    found_files = blockfile.orphans([b.hash for b in blocks], [t.file for t in tails])
-    problems += [Problem("orphan", p, "file not in the index (a write was interrupted)") for p in sorted(found_files)]
+    orphans, in_progress = _untracked(blockfile.untracked(known, [t.file for t in tails]), time.time())
+    problems += [Problem("orphan", f.path, reason) for f, reason in orphans]
     if repair:
-        with index.transaction():
-            for p in problems:
-                if p.what == "block":
-                    index.drop_block(p.name)
-                elif p.what == "tail":
-                    index.drop_tail(p.name)
-                elif p.what == "chain":
-                    chain = index.chain(p.name)
-                    index.cut_chain(p.name, next(i for i, h in enumerate(chain) if h not in known))
-                else:
-                    blockfile.remove_file(Path(p.name))
-    return VerifyReport(len(blocks) + len(tails), problems, repair)
+        execute_repair(index, plan_repair(problems, chains, known, [f for f, _ in orphans]))
+    return VerifyReport(len(blocks) + len(tails), problems, repair, [Problem("in progress", f.path, why) for f, why in in_progress])
 
 
-def _check_file(path: Path, checksum: str) -> str | None:
+def plan_repair(problems: list[Problem], chains: dict[str, list[str]], known: set[str], orphans: list[DiskFile]) -> list[RepairAction]:
+    """What `--repair` does about each problem, decided before anything changes."""
+    files = {f.path: f for f in orphans}
+    actions = []
+    for p in problems:
+        if p.what == "block":
+            actions.append(RepairAction("drop-block", p.name))
+        elif p.what == "tail":
+            actions.append(RepairAction("drop-tail", p.name))
+        elif p.what == "chain":
+            chain = chains.get(p.name, [])
+            actions.append(RepairAction("cut-chain", p.name, next((i for i, h in enumerate(chain) if h not in known), len(chain))))
+        elif p.name in files:
+            actions.append(RepairAction("remove-file", p.name, file=files[p.name]))
+    return actions
+
+
+def execute_repair(index: KVIndex, actions: list[RepairAction]) -> None:
+    """Carry out a repair plan in one index transaction; files are removed after it commits
+    (a failure rolls everything back and removes nothing). Each action is harmless where an
+    earlier one already did its work (a chain cut shorter, a row gone)."""
+    with index.transaction():
+        named: tuple[set[str], set[str]] | None = None
+        for a in actions:
+            if a.what == "drop-block":
+                index.drop_block(a.name)
+            elif a.what == "drop-tail":
+                index.drop_tail(a.name)
+            elif a.what == "cut-chain":
+                index.cut_chain(a.name, a.pos)
+            elif a.what == "remove-file" and a.file is not None:
+                if named is None:  # under the index's write lock: a file named since the scan stays
+                    named = ({b.hash for b in index.all_blocks()}, {t.file for t in index.all_tails()})
+                if (a.file.kind == "block" and a.file.name in named[0]) or (a.file.kind == "tail" and a.file.name in named[1]):
+                    continue
+                index.after_commit(functools.partial(blockfile.remove_listed, a.file))
+
+
+def _untracked(files: list[DiskFile], now: float) -> tuple[list[tuple[DiskFile, str]], list[tuple[DiskFile, str]]]:
+    """Untracked files split into orphans (to remove) and in-progress ones (left alone), each with why."""
+    orphans, in_progress = [], []
+    writing: bool | None = None  # whether some agent's lock is held (a turn may be writing blocks)
+    for f in files:
+        if f.kind == "foreign":
+            orphans.append((f, "not a cache file (its name matches no cache file's)"))
+            continue
+        alive: bool | None  # the writer: alive, dead, or cannot be told
+        if f.kind == "temp":
+            alive = None if f.pid is None else pid_alive(f.pid)
+        elif f.kind == "tail":
+            alive = _locked(f.agent or "")
+        else:  # a block written before its index row: by whichever agent's turn
+            if writing is None:
+                writing = _any_locked()
+            alive = None if writing else False
+        young = now - f.mtime < GRACE_S
+        if alive or (alive is None and young):
+            why = "its writer is running" if alive else f"written {now - f.mtime:.0f} s ago, perhaps by a running turn"
+            in_progress.append((f, f"{why}: left alone"))
+        else:
+            orphans.append((f, "file not in the index (a write was interrupted)"))
+    return orphans, in_progress
+
+
+def _locked(agent: str) -> bool | None:
+    """Whether a process holds the agent's lock (None if that cannot be told)."""
     try:
-        actual = blockfile.file_checksum(path)
-    except FileNotFoundError:
-        return "file missing"
+        return holder(agent) is not None
+    except Exception:
+        return None
+
+
+def _any_locked() -> bool:
+    """Whether any agent's lock is held (or cannot be told)."""
+    try:
+        names = [p.name[: -len(".lock")] for p in paths.locks_dir().iterdir() if p.name.endswith(".lock")]
+    except Exception:  # an unreadable or unsafe locks directory: assume a writer
+        return True
+    return any(_locked(n) is not False for n in names if NAME_RE.fullmatch(n))
+
+
+def _check_file(path: Path, checksum: str, nbytes: int) -> str | None:
+    try:
+        actual = fileread.file_checksum(path, nbytes)
+    except BlockFileError as exc:
+        return "file missing" if isinstance(exc.__cause__, FileNotFoundError) else str(exc)
     return None if actual == checksum else "checksum mismatch (file damaged)"
 
 
-def _check_block(block_hash: str, model: str, parent: str, checksum: str) -> str | None:
-    path = block_path(block_hash)
-    reason = _check_file(path, checksum)
+def _check_tail(t: TailRow) -> str | None:
+    try:
+        path = tail_path(t.file)
+    except BadName:
+        return "the index names a file that is not a tail's (the row is dropped, no file touched)"
+    return _check_file(path, t.checksum, t.nbytes)
+
+
+def _check_block(row: BlockRow) -> str | None:
+    try:
+        path = block_path(row.hash)
+    except BadName:
+        return "not a block's name (the row is dropped, no file touched)"
+    reason = _check_file(path, row.checksum, row.nbytes)
     if reason:
         return reason
     try:
-        header = blockfile.header_of(path)
+        header = fileread.header_of(path, row.nbytes, fileread.header_limit(row.n_tokens, 1 << 10))
+        tokens = header.get("tokens")
+        ok = header.get("hash") == row.hash and isinstance(tokens, list) and block_name(row.model, row.parent, tokens) == row.hash
     except BlockFileError as exc:
         return str(exc)
-    if header.get("hash") != block_hash or block_name(model, parent, header.get("tokens") or []) != block_hash:
-        return "content does not match its name"
-    return None
+    except (TypeError, ValueError, OverflowError):  # token ids that are not token ids
+        ok = False
+    return None if ok else "content does not match its name"

@@ -1,5 +1,6 @@
 """A KV block or agent tail file, its whole life: where it lives, its format,
-writing it, reading it, linking, deleting, and finding the files on disk.
+writing it, linking, deleting, and finding the files on disk (reading it, which
+trusts nothing, is kv/fileread.py).
 
     b"SMKV1\\n" | u32 header length | header JSON | zero pad to 64 | array bytes...
 
@@ -10,16 +11,19 @@ what the index says it should be. No pickling anywhere.
 
 Where files live (under the cache dir, private to the user):
 
-    blocks/<hash[:2]>/<hash>.kv     a full block, named by its chain hash
+    blocks/<hash[:2]>/<hash>.kv     a full block, named by its chain hash (32 hex digits)
     tails/<agent>-<checksum>.kv     an agent's tail, named by its content (a fork's
                                     hard link has its own name, so neither can
                                     overwrite or unlink the other's)
-    .tmp-*.kv                       a file being written, beside its final name
+    .tmp-<pid>-*.kv                 a file being written by process <pid>, beside its final name
+
+Names, not paths: every name that comes from the index (a block hash, a tail's
+file) or from a directory listing must match one of these patterns before it
+is joined to a directory (`BadName` otherwise): nothing outside the cache can be
+named, opened, linked or unlinked through the index.
 
 Writing is atomic (temp file, fsync, rename, fsync of the directory): a kill
-leaves at most a `.tmp-` file, which `orphans` finds. Reading is direct: array
-bytes go from the file straight into the caller's preallocated destination
-buffers (`preadv`), one copy, hashed on the way. Only this module creates,
+leaves at most a `.tmp-` file, which `listing` finds. Only this module creates,
 renames or unlinks cache files; the index (kv/index.py) decides when.
 """
 
@@ -28,25 +32,37 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import stat
 import struct
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import faults, paths
-from ..backend import buffers
+from ..store import NAME_RE
 
 MAGIC = b"SMKV1\n"
 ALIGN = 64
 TEMP_PREFIX = ".tmp-"  # a file still being written (an orphan, if its writer was killed)
+
+# The only names a cache file can have.
+BLOCK_RE = re.compile(r"[0-9a-f]{32}")  # a block's chain hash (blake2b, 16 bytes)
+TAIL_RE = re.compile(rf"({NAME_RE.pattern})-[0-9a-f]{{16}}\.kv")  # agent name, xxh3-64 checksum
+TEMP_RE = re.compile(r"\.tmp-(?:([0-9]{1,10})-)?[a-z0-9_]{8}\.kv")  # the writer's pid (older releases wrote none), mkstemp's 8
 
 
 class BlockFileError(Exception):
     """A block file is missing, truncated, corrupt or not the one expected."""
 
 
-def _hasher() -> Any:
+class BadName(BlockFileError):
+    """A name from the index that is not a cache file's name: never joined to a directory."""
+
+
+def hasher() -> Any:
     import xxhash
 
     return xxhash.xxh3_64()
@@ -56,19 +72,33 @@ Arrays = Iterable[tuple[str, str, tuple[int, ...], Iterable[memoryview]]]  # (na
 
 
 # ---- where files live ---------------------------------------------------------
+def is_block_name(block_hash: Any) -> bool:
+    return isinstance(block_hash, str) and BLOCK_RE.fullmatch(block_hash) is not None
+
+
+def is_tail_name(name: Any) -> bool:
+    return isinstance(name, str) and TAIL_RE.fullmatch(name) is not None
+
+
 def block_path(block_hash: str) -> Path:
+    """The path of a block named `block_hash` (BadName if that is not a block's name)."""
+    if not is_block_name(block_hash):
+        raise BadName(f"not a block name: {block_hash!r}")
     # Creates nothing (a restore names dozens of blocks); `write_block` creates the directories.
     return paths.blocks_dir(create=False) / block_hash[:2] / f"{block_hash}.kv"
 
 
-def tails_dir() -> Path:
-    path = paths.cache_dir() / "tails"
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+def tails_dir(create: bool = True) -> Path:
+    path = paths.cache_dir(create) / "tails"
+    if create:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
     return path
 
 
 def tail_path(name: str) -> Path:
-    """The path of the tail file the index names `name`."""
+    """The path of the tail file the index names `name` (BadName if that is not a tail's name)."""
+    if not is_tail_name(name):
+        raise BadName(f"not a tail file name: {name!r}")
     return tails_dir() / name
 
 
@@ -124,9 +154,10 @@ def _write_temp(directory: Path, header: dict, arrays: Arrays) -> tuple[str, int
     head = json.dumps(header, separators=(",", ":")).encode()
     prefix = MAGIC + struct.pack("<I", len(head)) + head
     prefix += b"\0" * (-len(prefix) % ALIGN)
-    digest = _hasher()
+    digest = hasher()
     digest.update(prefix)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TEMP_PREFIX, suffix=".kv")
+    # The writer's pid in the name: `cache verify --repair` leaves a live writer's file alone.
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=".kv")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(prefix)
@@ -176,189 +207,140 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def header_of(path: Path) -> dict:
-    """The header of the file at `path` (OSError if it cannot be opened)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return _read_header_at(fd)[0]
-    finally:
-        os.close(fd)
-
-
-def _read_header_at(fd: int) -> tuple[dict, bytes]:
-    """The header of an open file, and the raw bytes before the first array (hashed
-    too): one `pread` for a typical file, two for a long header."""
-    data = os.pread(fd, _HEAD_READ, 0)
-    if data[: len(MAGIC)] != MAGIC:
-        raise BlockFileError("not a semantic KV file (bad magic)")
-    if len(data) < len(MAGIC) + 4:
-        raise BlockFileError("truncated header")
-    (n,) = struct.unpack_from("<I", data, len(MAGIC))
-    if n > 16 << 20:
-        raise BlockFileError("implausible header length")
-    start = len(MAGIC) + 4
-    prefix_len = start + n + (-(start + n) % ALIGN)
-    if len(data) < prefix_len:
-        data = os.pread(fd, prefix_len, 0)
-    head = data[start : start + n]
-    if len(head) != n:
-        raise BlockFileError("truncated header")
-    try:
-        header = json.loads(head)
-    except ValueError as exc:
-        raise BlockFileError(f"corrupt header ({exc})") from exc
-    if not isinstance(header, dict):
-        raise BlockFileError("corrupt header (not an object)")
-    return header, data[:prefix_len]  # short if the file ends in the padding: read_into's size check says so
-
-
-# Arrays are read in groups of about this many bytes: one syscall (one GIL
-# release) per group, small enough that its bytes are still in cache when
-# hashed. Per-array reads cost ~15% more on the 2-core dev VM, whole-block
-# reads (hashed from RAM) ~20% more: GIL hand-offs between reader threads.
-GROUP_BYTES = 768 << 10
-_HEAD_READ = 64 << 10  # one read covers the magic, header and padding of a typical file
-
-
-def read_into(path: Path, checksum: str, plan: Callable[[dict], list[memoryview]]) -> dict:
-    """Read a file straight into the caller's buffers: `plan(header)` checks the
-    header is the one wanted (raising BlockFileError if not) and returns byte
-    views whose lengths, in order, cover the file's arrays. The checksum is
-    checked last; on any mismatch BlockFileError is raised and the caller must
-    discard what was written into its buffers."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise BlockFileError(f"cannot open ({exc.strerror})") from exc
-    try:
-        size = os.fstat(fd).st_size
-        header, prefix = _read_header_at(fd)
-        try:
-            declared = sum(int(a["nbytes"]) for a in header.get("arrays", []))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BlockFileError(f"corrupt header ({exc!r})") from exc
-        expected = len(prefix) + declared
-        if size != expected:
-            raise BlockFileError("truncated data" if size < expected else "trailing bytes")
-        views = plan(header)
-        if sum(len(v) for v in views) != declared:
-            raise BlockFileError("arrays do not add up to the file")
-        compiled = buffers.native()
-        if compiled is not None and hasattr(compiled, "read_hashed"):
-            status, digest = compiled.read_hashed(fd, len(prefix), views, prefix, GROUP_BYTES)  # the same loop, without the GIL
-            if status == -1:
-                raise BlockFileError("truncated data")
-            if status:
-                raise OSError(status, os.strerror(status), str(path))
-        else:
-            digest = _read_hashed(fd, views, prefix)
-    finally:
-        os.close(fd)
-    if digest != checksum:
-        raise BlockFileError("checksum mismatch")
-    return header
-
-
-def _read_hashed(fd: int, views: list[memoryview], prefix: bytes) -> str:
-    """Scatter-read groups of views, hashing each while it is still in cache; the checksum of prefix + views."""
-    digest = _hasher()
-    digest.update(prefix)
-    pos, first, group_bytes = len(prefix), 0, 0
-    for i, v in enumerate(views):
-        group_bytes += len(v)
-        if group_bytes >= GROUP_BYTES or i + 1 - first == _IOV_MAX or i + 1 == len(views):
-            pos = _read_group(fd, views[first : i + 1], pos, digest)
-            first, group_bytes = i + 1, 0
-    return digest.hexdigest()
-
-
-_IOV_MAX = 1024
-
-
-def _read_group(fd: int, views: list[memoryview], pos: int, digest: Any) -> int:
-    want = sum(len(b) for b in views)
-    got = os.preadv(fd, views, pos)
-    if got < want and (got <= 0 or not _finish_short_read(fd, views, pos, got)):  # short reads: the file shrank, signals
-        raise BlockFileError("truncated data")
-    for b in views:
-        digest.update(b)
-    return pos + want
-
-
-def _finish_short_read(fd: int, batch: list[memoryview], pos: int, done: int) -> bool:
-    """Continue a short preadv buffer by buffer; False if the file ends first."""
-    offset = 0
-    for b in batch:
-        end = offset + len(b)
-        if end > done:
-            start = max(0, done - offset)
-            while start < len(b):
-                n = os.preadv(fd, [b[start:]], pos + offset + start)
-                if n <= 0:
-                    return False
-                start += n
-        offset = end
-    return True
-
-
-def file_checksum(path: Path) -> str:
-    digest = _hasher()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # ---- linking, deleting, finding ------------------------------------------------
 def link_tail(name: str, agent: str, checksum: str) -> str | None:
     """Give `agent` a hard link to the tail file `name` (instant, no bytes copied):
-    the new file name, or None if the file cannot be linked (gone, or a filesystem
-    without hard links)."""
+    the new file name, or None if the file cannot be linked (gone, not a tail's name, or
+    a filesystem without hard links)."""
     link = tail_name(agent, checksum)
     try:
-        os.link(tail_path(name), tail_path(link))
+        os.link(tail_path(name), tail_path(link), follow_symlinks=False)
     except FileExistsError:
         pass
-    except OSError:
+    except (OSError, BadName):
         return None
     return link
 
 
 def tail_links(name: str) -> int:
-    """How many names the tail file `name` has (a fork's hard links count); 0 if it is gone."""
+    """How many names the tail file `name` has (a fork's hard links count); 0 if it is gone
+    (or `name` is not a tail's name)."""
     try:
-        return os.stat(tail_path(name)).st_nlink
-    except FileNotFoundError:
+        return os.lstat(tail_path(name)).st_nlink
+    except (FileNotFoundError, BadName):
         return 0
 
 
 def remove_block(block_hash: str) -> None:
-    remove_file(block_path(block_hash))
+    """Delete a block's file; nothing if `block_hash` is not a block's name (the index row was damaged)."""
+    if is_block_name(block_hash):
+        remove_file(block_path(block_hash))
 
 
 def remove_tail(name: str) -> None:
-    remove_file(tail_path(name))
+    """Delete a tail file; nothing if `name` is not a tail's name (the index row was damaged)."""
+    if is_tail_name(name):
+        remove_file(tail_path(name))
 
 
 def remove_file(path: Path) -> None:
-    """Delete a cache file (an orphan found by `orphans`, or one the index let go); gone already is fine."""
+    """Delete a cache file the index let go; gone already is fine."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
 
 
-def disk_files() -> dict[str, int]:
-    """Every file under the block and tail directories: path -> size."""
-    out: dict[str, int] = {}
-    for root in (paths.blocks_dir(), tails_dir()):
-        for dirpath, _, files in os.walk(root):
+@dataclass(frozen=True)
+class DiskFile:
+    """A directory entry under blocks/ or tails/, found by `listing`."""
+
+    path: str
+    kind: str  # "block", "tail", "temp" or "foreign" (a name no cache file has)
+    name: str  # the block's hash, the tail's file name, or the entry's name
+    size: int
+    mtime: float
+    pid: int | None  # a temp file's writer, where its name says
+    agent: str | None  # a tail's agent
+    dir_id: tuple[int, int]  # (st_dev, st_ino) of the directory it was found in
+    file_id: tuple[int, int]
+
+
+def listing() -> list[DiskFile]:
+    """Every file under the block and tail directories, classified by its name. Symlinked
+    directories are not followed; nothing is opened."""
+    out: list[DiskFile] = []
+    for root, is_blocks in ((paths.blocks_dir(create=False), True), (tails_dir(create=False), False)):
+        if not root.is_dir() or root.is_symlink():
+            continue
+        for dirpath, _, files, dir_fd in os.fwalk(root, follow_symlinks=False):
+            dir_st = os.fstat(dir_fd)
+            depth = len(Path(dirpath).relative_to(root).parts)
             for f in files:
-                p = os.path.join(dirpath, f)
-                with contextlib.suppress(FileNotFoundError):
-                    out[p] = os.stat(p).st_size
+                try:
+                    st = os.lstat(f, dir_fd=dir_fd)
+                except FileNotFoundError:
+                    continue
+                kind, pid, agent = _classify(f, Path(dirpath).name, depth, is_blocks)
+                name = f[:-3] if kind == "block" else f
+                out.append(
+                    DiskFile(
+                        os.path.join(dirpath, f),
+                        kind,
+                        name,
+                        st.st_size,
+                        st.st_mtime,
+                        pid,
+                        agent,
+                        (dir_st.st_dev, dir_st.st_ino),
+                        (st.st_dev, st.st_ino),
+                    )
+                )
     return out
+
+
+def _classify(name: str, parent: str, depth: int, is_blocks: bool) -> tuple[str, int | None, str | None]:
+    temp = TEMP_RE.fullmatch(name)
+    if temp is not None and depth == (1 if is_blocks else 0):
+        return "temp", int(temp.group(1)) if temp.group(1) else None, None
+    if is_blocks:
+        if depth == 1 and name.endswith(".kv") and is_block_name(name[:-3]) and name[:2] == parent:
+            return "block", None, None
+    elif depth == 0:
+        tail = TAIL_RE.fullmatch(name)
+        if tail is not None:
+            return "tail", None, tail.group(1)
+    return "foreign", None, None
+
+
+def remove_listed(f: DiskFile) -> None:
+    """Unlink a file `listing` found, by its name in the directory it was found in (opened
+    without following links, and checked to be that directory), if it is still that file."""
+    directory, name = os.path.split(f.path)
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != f.dir_id:
+            return
+        try:
+            entry = os.lstat(name, dir_fd=fd)
+        except FileNotFoundError:
+            return
+        if (entry.st_dev, entry.st_ino) == f.file_id and not stat.S_ISDIR(entry.st_mode):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def untracked(block_hashes: Iterable[str], tail_names: Iterable[str]) -> list[DiskFile]:
+    """Files on disk that are none of these blocks and tails: temp files, files written
+    before the index named them (a write killed midway, or one in progress), and foreign ones."""
+    blocks, tails = set(block_hashes), set(tail_names)
+    return [f for f in listing() if not ((f.kind == "block" and f.name in blocks) or (f.kind == "tail" and f.name in tails))]
 
 
 def orphans(block_hashes: Iterable[str], tail_names: Iterable[str]) -> dict[str, int]:
     """Files on disk (path -> size) that are none of these blocks and tails (e.g. a write killed midway)."""
-    known = {str(block_path(h)) for h in block_hashes} | {str(tail_path(n)) for n in tail_names}
-    return {p: n for p, n in disk_files().items() if p not in known}
+    return {f.path: f.size for f in untracked(block_hashes, tail_names)}

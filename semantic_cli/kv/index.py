@@ -2,7 +2,10 @@
 
 The only module that runs SQL on `index.db`: every read and write of blocks,
 chains and tails is a named method here. When the index lets a block or tail go
-it deletes the file through kv/blockfile.py, which owns the files themselves.
+it deletes the file through kv/blockfile.py, which owns the files themselves:
+inside a transaction, only once it has committed (a rollback leaves every file
+the index still names), and only by a name that matches a cache file's pattern
+(a row naming anything else is dropped, and nothing is deleted for it).
 
 Refcounts are derived (how many agent chains name a block), never stored, so
 they cannot drift. Deleting the whole cache dir is always safe: the index and
@@ -11,10 +14,12 @@ the files go together, and agents fall back to their transcripts.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sqlite3
 import time
 from array import array
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .. import faults, paths
@@ -91,12 +96,35 @@ class KVIndex:
     def __init__(self) -> None:
         # Derived data: a crash may lose the last commit, never corrupt the index.
         self.db = connect(paths.cache_dir() / "index.db", "NORMAL", MIGRATIONS, "the KV cache index")
+        self._after_commit: list[Callable[[], None]] | None = None  # file removals the open transaction waits to commit
 
     def close(self) -> None:
         self.db.close()
 
-    def transaction(self) -> Transaction:
-        return Transaction(self.db)
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT (joining one already open). Files that the changes
+        let go are deleted after the commit, never before: a rollback deletes nothing."""
+        if self._after_commit is not None:
+            yield
+            return
+        removals: list[Callable[[], None]] = []
+        self._after_commit = removals
+        try:
+            with Transaction(self.db):
+                yield
+        finally:
+            self._after_commit = None
+        for remove in removals:  # committed: a file that cannot go now is an orphan for `cache verify --repair`
+            with contextlib.suppress(OSError):
+                remove()
+
+    def after_commit(self, remove: Callable[[], None]) -> None:
+        """Run `remove` (a file deletion) once the open transaction commits, or now outside one."""
+        if self._after_commit is not None:
+            self._after_commit.append(remove)
+        else:
+            remove()
 
     # ---- reads --------------------------------------------------------
     def blocks(self, hashes: list[str]) -> dict[str, BlockRow]:
@@ -183,7 +211,7 @@ class KVIndex:
             self.touch(agent, hashes)
         faults.point("after-index-commit")
         if old is not None and (tail is None or old.file != tail.file):
-            blockfile.remove_tail(old.file)
+            self._remove_tail(old.file)
 
     def touch(self, agent: str, hashes: list[str]) -> None:
         now = time.time()
@@ -207,7 +235,10 @@ class KVIndex:
         tail = self.tail(agent)
         self.db.execute("DELETE FROM tails WHERE agent=?", (agent,))
         if tail:
-            blockfile.remove_tail(tail.file)
+            self._remove_tail(tail.file)
+
+    def _remove_tail(self, name: str) -> None:
+        self.after_commit(lambda: blockfile.remove_tail(name))
 
     def drop_agent(self, agent: str) -> None:
         """Move an agent to cold: its chain and tail go; shared blocks stay for others."""
@@ -245,7 +276,7 @@ class KVIndex:
             tail = self.tail(old)
             self.db.execute("DELETE FROM tails WHERE agent=?", (old,))
             if tail and self._link_tail(tail, new):
-                blockfile.remove_tail(tail.file)
+                self._remove_tail(tail.file)
 
     def _link_tail(self, tail: TailRow, agent: str) -> bool:
         """Give `agent` a hard link to `tail`'s file (instant, no bytes copied)."""
@@ -278,7 +309,7 @@ class KVIndex:
     def _delete_block(self, block_hash: str) -> None:
         """The block's row and its file (callers have dealt with the chains that name it)."""
         self.db.execute("DELETE FROM blocks WHERE hash=?", (block_hash,))
-        blockfile.remove_block(block_hash)
+        self.after_commit(lambda: blockfile.remove_block(block_hash))
 
     def total_bytes(self) -> int:
         b = self.db.execute("SELECT COALESCE(SUM(nbytes),0) FROM blocks").fetchone()[0]

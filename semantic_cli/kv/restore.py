@@ -5,12 +5,23 @@ room to grow; every block's bytes land in place with one copy out of the page
 cache, hashed on the way (blockfile). What a damaged file leaves behind is
 reported, never trusted: the caller drops it and re-prefills from there.
 
+Files are data, never instructions. The buffers' geometry and dtype come from
+the model's cache spec (kv/layers.py), never from a file: a header must agree
+with the spec in every array's name, shape, dtype, offset and size, or the file
+is damaged. Snapshot arrays are taken only in a tail, only for the model's
+snapshot layers, in their spec's dtype and within its size bound. Every
+exception while a file is read or checked (a header too deeply nested, a value of
+the wrong type, memory) marks that file as damaged; none escapes a restore.
+Nothing is allocated from a header's numbers: KV buffers from the spec and the
+prompt, snapshot arrays only after their shape passed the spec's bound. The
+checks are per file and per array, never per byte.
+
 Where the time goes (SmolLM2, 2-core dev VM, new process): ~80% of the CPU is
 the kernel (page faults on fresh memory, the copy out of the page cache), as in
 mlx-lm's own load; the rest is mostly the checksum mlx-lm does not have.
 Where semantic_cli/backend/_native.cpp is built, the 60 buffers are allocated in ~0.3 ms
 (~7 ms from Python: see buffers.empty_arrays), and each file's reads and xxh3 run
-without the GIL (blockfile.read_into): ~7% less wall time at 8K tokens.
+without the GIL (fileread.read_into): ~7% less wall time at 8K tokens.
 """
 
 from __future__ import annotations
@@ -22,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from ..backend import buffers, compat, runtime
-from . import blockfile
+from . import fileread
 from .blockfile import BlockFileError
-from .layers import CacheSpec, from_snapshot
+from .layers import CACHE_DTYPES, ITEMSIZE, CacheSpec, check_snapshot, check_snapshot_array, from_snapshot, snapshot_nbytes
 
 _READERS = min(4, os.cpu_count() or 1)
 STEP = 256  # KVCache's growth step: restored buffers get spare capacity in these units
@@ -34,6 +45,7 @@ STEP = 256  # KVCache's growth step: restored buffers get spare capacity in thes
 class CacheFile:
     path: Path
     checksum: str
+    nbytes: int  # its size, as the index records it
     start: int  # the first token it covers
     n_tokens: int
     block_hash: str | None  # None for the agent's tail
@@ -53,64 +65,104 @@ class _Read:
 
 
 def read_cache(spec: CacheSpec, files: list[CacheFile], prompt: list[int], capacity: int) -> tuple[list[Any] | None, int, Damage | None]:
-    """The cache the files rebuild (or None), the tokens it covers, and the first damaged file."""
+    """The cache the files rebuild (or None), the tokens it covers, and the first damaged file.
+    MemoryError if the buffers the spec asks for cannot be allocated."""
     mx = runtime.mx()
     import numpy as np
 
-    # The buffers' geometry and dtype, from the first file (every read checks its own against them).
-    try:
-        first = blockfile.header_of(files[0].path)
-        geometry = {a["name"]: (a["shape"][0], a["shape"][2], a["dtype"]) for a in first["arrays"]}
-    except OSError as exc:
-        return None, 0, Damage(files[0], f"cannot open ({exc.strerror})")
-    except (BlockFileError, KeyError, TypeError, IndexError, AttributeError) as exc:
-        return None, 0, Damage(files[0], f"corrupt header ({exc})")
-    names = [f"{kv}{layer}" for layer in spec.kv_layers for kv in "kv"]
-    if any(name not in geometry for name in names):
-        return None, 0, Damage(files[0], "unexpected layout")
-    total = files[-1].start + files[-1].n_tokens
+    if not files or not spec.persistable:
+        return None, 0, None
+    total = 0
+    for file in files:  # the index rows the caller read are data too: they must tile the prompt
+        if file.start != total or file.n_tokens < 0 or file.nbytes < 0:
+            return None, 0, Damage(file, "does not continue the cached prefix")
+        total += file.n_tokens
+    if total > len(prompt):
+        return None, 0, Damage(files[-1], "covers more tokens than the conversation")
+    stored = spec.stored()
+    itemsize = ITEMSIZE[stored]
+    # The buffers' geometry and dtype, from the model's spec: (KV heads, head dim) per array.
+    geometry: dict[str, tuple[int, int]] = {}
+    for layer in spec.kv_layers:
+        ls = spec.layers[layer]
+        geometry[f"k{layer}"], geometry[f"v{layer}"] = (ls.heads, ls.k_dim), (ls.heads, ls.v_dim)
+    names = list(geometry)
     cap = -(-max(capacity, total) // STEP) * STEP
     # Uninitialised: every byte up to `total` is read into. The spare capacity is left
     # as it is (no page faults now for room a reply may never use): caches never read
     # past their offset, and a test fills it with NaNs to prove it.
-    allocated = buffers.empty_arrays([((1, geometry[name][0], cap, geometry[name][1]), geometry[name][2]) for name in names])
+    try:
+        allocated = buffers.empty_arrays([((1, geometry[name][0], cap, geometry[name][1]), stored) for name in names])
+    except Exception as exc:
+        raise MemoryError(f"cannot allocate the restored cache ({exc})") from exc
     kv_arrays = dict(zip(names, allocated, strict=True))
-    token_bytes = {name: geometry[name][1] * np.dtype(geometry[name][2]).itemsize for name in names}
+    token_bytes = {name: geometry[name][1] * itemsize for name in names}
     rows = {name: _head_rows(kv_arrays[name], geometry[name][0], cap * token_bytes[name]) for name in names}  # per head, its bytes
+    snapshot_arrays = {f"s{layer}:{a.key}": (layer, a) for layer in spec.snapshot_layers for a in spec.layers[layer].arrays}
+    n_layers = len(spec.layers)
 
     def read_one(file: CacheFile) -> _Read:
         snapshots: dict[str, Any] = {}
         n, start = file.n_tokens, file.start
+        tail = file.block_hash is None
 
         def plan(header: dict) -> list[memoryview]:
-            if file.block_hash is not None and header.get("hash") != file.block_hash:
+            if header.get("kind") != ("tail" if tail else "block"):
+                raise BlockFileError("not the kind of file expected")
+            if not tail and header.get("hash") != file.block_hash:
                 raise BlockFileError("block name does not match its content")
             if header.get("tokens") != prompt[start : start + n] or header.get("start") != start:
                 raise BlockFileError("block tokens do not match")
+            if spec.kv_layers and header.get("kv_dtype") != spec.dtype:
+                raise BlockFileError(f"KV dtype {header.get('kv_dtype')!r}, the model's is {spec.dtype}")
+            entries = header.get("arrays")
+            if not isinstance(entries, list):
+                raise BlockFileError("no array list")
             views: list[memoryview] = []
-            for a in header.get("arrays", []):
-                name, shape = a.get("name"), a.get("shape")
+            seen: set[str] = set()
+            shapes: dict[int, dict[str, tuple[int, ...]]] = {}
+            offset = 0
+            for a in entries:
+                name = a.get("name") if isinstance(a, dict) else None
+                if not isinstance(name, str) or name in seen:
+                    raise BlockFileError("an array without a name, or twice")
+                seen.add(name)
+                if a.get("offset") != offset:
+                    raise BlockFileError(f"array {name} is not where it should be")
                 dest = rows.get(name)
-                if dest is None:  # a whole-layer snapshot, in the tail
-                    dtype = np.dtype(a["dtype"])
-                    if int(np.prod(shape)) * dtype.itemsize != a.get("nbytes"):
+                if dest is not None:
+                    heads, dim = geometry[name]
+                    nbytes = heads * n * dim * itemsize
+                    # Never let a header steer bytes outside this file's slice of the buffers.
+                    if a.get("shape") != [heads, n, dim] or a.get("dtype") != stored or a.get("nbytes") != nbytes:
+                        raise BlockFileError(f"array {name} has an unexpected shape, dtype or size")
+                    lo, hi = start * token_bytes[name], (start + n) * token_bytes[name]
+                    views += [row[lo:hi] for row in dest]
+                else:
+                    found = snapshot_arrays.get(name) if tail else None
+                    if found is None:
+                        raise BlockFileError(f"unexpected array {name[:40]!r}")
+                    layer, spec_array = found
+                    shape = check_snapshot_array(spec_array, a.get("shape"), a.get("dtype"), spec.layers[layer].token_limit(total))
+                    nbytes = snapshot_nbytes(spec_array, shape)
+                    if a.get("nbytes") != nbytes:
                         raise BlockFileError(f"array {name} has an unexpected size")
-                    buf = np.empty(shape, dtype=dtype)
+                    buf = np.empty(shape, dtype=CACHE_DTYPES[spec_array.dtype])  # bounded by the spec
                     snapshots[name] = buf
                     views.append(buf.data.cast("B"))
-                    continue
-                heads, dim, dtype = geometry[name]
-                # Never let a header steer bytes outside this file's slice of the buffers.
-                if shape != [heads, n, dim] or a.get("dtype") != dtype:
-                    raise BlockFileError(f"array {name} has an unexpected shape")
-                lo, hi = start * token_bytes[name], (start + n) * token_bytes[name]
-                views += [row[lo:hi] for row in dest]
+                    shapes.setdefault(layer, {})[spec_array.key] = shape
+                offset += nbytes
+            if seen != set(rows) | (set(snapshot_arrays) if tail else set()):
+                raise BlockFileError("arrays missing")
+            if tail and spec.snapshot_layers:
+                _check_snapshots(spec, header.get("snapshots"), shapes, total)
             return views
 
         try:
-            return _Read(blockfile.read_into(file.path, file.checksum, plan), snapshots)
-        except (BlockFileError, TypeError, ValueError, KeyError, AttributeError) as exc:  # a damaged header may hold anything
-            return _Read(None, snapshots, str(exc))
+            header = fileread.read_into(file.path, file.checksum, file.nbytes, plan, fileread.header_limit(n, n_layers))
+            return _Read(header, snapshots)
+        except Exception as exc:  # a damaged file may hold anything: whatever it raises, it is damaged
+            return _Read(None, {}, _reason(exc))
 
     # Reads and hashing release the GIL: a few threads fault in fresh pages and
     # copy out of the page cache side by side. (The native reads map fresh rows'
@@ -118,34 +170,58 @@ def read_cache(spec: CacheSpec, files: list[CacheFile], prompt: list[int], capac
     # from Python, via ctypes, it measured no faster.)
     with ThreadPoolExecutor(max_workers=_READERS) as pool:
         results = list(pool.map(read_one, files))
-    snapshots: dict[int, tuple[str, dict[str, Any], dict[str, Any]]] = {}
+    snapshots: dict[int, Any] = {}
     matched = 0
     damage = None
     for file, read in zip(files, results, strict=True):
         if read.header is None:
             damage = Damage(file, read.error or "unreadable")
             break
+        if file.block_hash is None and spec.snapshot_layers:
+            try:
+                snapshots = _snapshot_caches(mx, spec, read.header["snapshots"], read.snapshots)
+            except Exception as exc:
+                damage = Damage(file, _reason(exc))
+                break
         matched = file.start + file.n_tokens
-        for layer_s, snap in (read.header.get("snapshots") or {}).items():
-            dtypes = snap.get("dtypes") or {}
-            arrays = {}
-            for name, v in read.snapshots.items():
-                prefix, _, key = name.partition(":")
-                if prefix == f"s{layer_s}":
-                    arrays[key] = as_dtype(mx, mx.array(v), dtypes.get(key))
-            snapshots[int(layer_s)] = (snap["class"], arrays, snap["scalars"])
     if matched == 0 or (spec.snapshot_layers and (matched != total or len(snapshots) != len(spec.snapshot_layers))):
         return None, 0, damage  # whole-layer snapshots only fit at the tail's end
-    # The cache's own dtype, where the file holds other bits (bfloat16 is stored as uint16).
-    kv_dtype = first.get("kv_dtype")
     cache: list[Any] = []
     for layer, kind in enumerate(spec.kinds):
         if kind == "kv":
-            keys, values = (as_dtype(mx, kv_arrays[f"{kv}{layer}"], kv_dtype) for kv in "kv")
+            # The cache's own dtype, where the file holds other bits (bfloat16 is stored as uint16).
+            keys, values = (as_dtype(mx, kv_arrays[f"{kv}{layer}"], spec.dtype) for kv in "kv")
             cache.append(compat.restored_kv_cache(keys, values, matched))
         else:
-            cache.append(from_snapshot(*snapshots[layer]))
+            cache.append(snapshots[layer])
     return cache, matched, damage
+
+
+def _check_snapshots(spec: CacheSpec, snaps: Any, shapes: dict[int, dict[str, tuple[int, ...]]], total: int) -> None:
+    """A tail's snapshot section must describe exactly the model's snapshot layers."""
+    if not isinstance(snaps, dict) or set(snaps) != {str(layer) for layer in spec.snapshot_layers}:
+        raise BlockFileError("snapshots do not match the model's layers")
+    for layer in spec.snapshot_layers:
+        snap, ls = snaps[str(layer)], spec.layers[layer]
+        if not isinstance(snap, dict) or snap.get("dtypes") != {a.key: a.dtype for a in ls.arrays}:
+            raise BlockFileError(f"snapshot of layer {layer} does not match the model's")
+        check_snapshot(ls, snap.get("class"), shapes.get(layer, {}), snap.get("scalars"), total)
+
+
+def _snapshot_caches(mx: Any, spec: CacheSpec, snaps: dict, arrays: dict[str, Any]) -> dict[int, Any]:
+    """The snapshot layers' caches, from a tail whose header `plan` checked."""
+    out = {}
+    for layer in spec.snapshot_layers:
+        ls = spec.layers[layer]
+        restored = {a.key: as_dtype(mx, mx.array(arrays[f"s{layer}:{a.key}"]), a.dtype) for a in ls.arrays}
+        out[layer] = from_snapshot(ls.kind, restored, dict(snaps[str(layer)]["scalars"]))
+    return out
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, (BlockFileError, ValueError)) and not isinstance(exc, UnicodeError):
+        return str(exc)[:200]
+    return f"unreadable ({type(exc).__name__})"
 
 
 def _head_rows(buffer: Any, heads: int, row_bytes: int) -> list[memoryview]:
@@ -153,9 +229,7 @@ def _head_rows(buffer: Any, heads: int, row_bytes: int) -> list[memoryview]:
     return [whole[h * row_bytes : (h + 1) * row_bytes] for h in range(heads)]
 
 
-def as_dtype(mx: Any, a: Any, name: Any) -> Any:
-    """Reinterpret restored bits as the dtype they were saved from (numpy has no bfloat16)."""
-    dtype = getattr(mx, name, None) if isinstance(name, str) else None
-    if isinstance(dtype, mx.Dtype) and dtype != a.dtype and dtype.size == a.dtype.size:
-        return a.view(dtype)
-    return a
+def as_dtype(mx: Any, a: Any, name: str) -> Any:
+    """Reinterpret restored bits as the cache dtype the spec names (numpy has no bfloat16)."""
+    dtype = getattr(mx, name)
+    return a.view(dtype) if dtype != a.dtype else a

@@ -6,7 +6,11 @@ Tiers: hot (caches held in this process, LRU under a byte budget), warm
 hash of (model fingerprint, parent hash, its token ids), so equal prefixes
 are stored once and a different model can never match. After a turn only new
 full blocks and the agent's tail (partial block + whole-layer snapshots) are
-written. Anything unreadable is dropped and re-prefilled: never trusted.
+written. Anything unreadable is dropped and re-prefilled: never trusted. Cache
+files and index rows are data, never instructions: geometry and dtypes come from
+the model's `CacheSpec`, a file that disagrees with it (or raises anything while
+it is read) is dropped with one warning, and a tail row whose file is not a tail's
+name is dropped without its file being touched (kv/restore.py, kv/blockfile.py).
 
 Failures: the public methods turn an OSError or SQLite error into one
 `CacheUnavailable` (with a short reason). A failed restore marks the store
@@ -26,11 +30,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..backend import runtime
-from . import blockfile
-from .blockfile import BlockFileError, block_path, tail_path
+from . import blockfile, fileread
+from .blockfile import block_path, tail_path
 from .failures import CACHE_ERRORS, CacheUnavailable, failure_reason
 from .index import BlockRow, KVIndex, TailRow, block_name
-from .layers import CacheSpec, cache_nbytes, snapshot_state
+from .layers import CacheSpec, cache_mismatch, cache_nbytes, snapshot_state
 from .restore import CacheFile, read_cache
 
 
@@ -195,6 +199,11 @@ class KVStore:
         while n_blocks < len(hashes) and hashes[n_blocks] in rows:
             n_blocks += 1
         tail = self.index.tail(agent)
+        if tail is not None and not blockfile.is_tail_name(tail.file):  # a path, not a name: never opened
+            with self.index.transaction():
+                self.index.drop_tail(agent)
+            warnings.append(_damaged("its file name in the index is not a tail's"))
+            tail = None
         start = n_blocks * self.block_tokens
         tail_ok = (
             tail is not None
@@ -203,7 +212,7 @@ class KVStore:
             and start + tail.n_tokens <= limit
             and (tail.n_tokens > 0 or spec.snapshot_layers)
         )
-        if tail_ok and not self._tail_matches(tail, prompt):  # type: ignore[arg-type]
+        if tail_ok and not self._tail_matches(tail, prompt, len(spec.layers)):  # type: ignore[arg-type]
             tail_ok = False  # the conversation moved on (persona change, reset): stale, not damaged
         if spec.snapshot_layers and not tail_ok:
             return Restored(None, 0, "cold", warnings)  # whole-layer snapshots only fit at the tail's end
@@ -213,6 +222,8 @@ class KVStore:
             cache, matched, read_warnings = self._read(spec, hashes[:n_blocks], rows, tail if tail_ok else None, agent, capacity, prompt)
         except OSError as exc:
             return Restored(None, 0, "cold", warnings + [f"KV cache unreadable ({exc.strerror}): re-prefilling"])
+        except MemoryError as exc:  # the buffers the model's spec asks for (never a file's numbers)
+            return Restored(None, 0, "cold", warnings + [f"KV cache not restored ({exc}): re-prefilling"])
         warnings += read_warnings
         if matched == 0:
             return Restored(None, 0, "cold", warnings)
@@ -226,11 +237,11 @@ class KVStore:
         with self._failures():
             self.index.touch(agent, self.index.chain(agent))
 
-    def _tail_matches(self, tail: TailRow, prompt: list[int]) -> bool:
+    def _tail_matches(self, tail: TailRow, prompt: list[int], n_layers: int) -> bool:
         """Whether the tail covers these tokens (its header says; damage is found on the full read)."""
         try:
-            header = blockfile.header_of(tail_path(tail.file))
-        except (OSError, BlockFileError):
+            header = fileread.header_of(tail_path(tail.file), tail.nbytes, fileread.header_limit(tail.n_tokens, n_layers))
+        except Exception:  # whatever a damaged file raises
             return True  # let the full read find it, drop it and say so
         return header.get("tokens") == prompt[tail.start : tail.start + tail.n_tokens]
 
@@ -245,21 +256,18 @@ class KVStore:
         prompt: list[int],
     ) -> tuple[list[Any] | None, int, list[str]]:
         B = self.block_tokens
-        files = [CacheFile(block_path(h), rows[h].checksum, i * B, B, h) for i, h in enumerate(hashes)]
+        files = [CacheFile(block_path(h), rows[h].checksum, rows[h].nbytes, i * B, B, h) for i, h in enumerate(hashes)]
         if tail is not None:
-            files.append(CacheFile(tail_path(tail.file), tail.checksum, tail.start, tail.n_tokens, None))
+            files.append(CacheFile(tail_path(tail.file), tail.checksum, tail.nbytes, tail.start, tail.n_tokens, None))
         cache, matched, damage = read_cache(spec, files, prompt, capacity)
         if damage is None:
             return cache, matched, []
-        if damage.file.block_hash is not None:
-            self._drop_block(damage.file.block_hash)
-        else:
-            self.index.drop_tail(agent)
-        return cache, matched, [f"a cached KV block was damaged ({damage.reason}) and was dropped: re-prefilling from there"]
-
-    def _drop_block(self, block_hash: str) -> None:
         with self.index.transaction():
-            self.index.drop_block(block_hash)
+            if damage.file.block_hash is not None:
+                self.index.drop_block(damage.file.block_hash)
+            else:
+                self.index.drop_tail(agent)
+        return cache, matched, [_damaged(damage.reason)]
 
     # ---- persist ------------------------------------------------------
     def persist(self, agent: str, model: str, spec: CacheSpec, tokens: list[int], cache: list[Any], protect: set[str]) -> PersistStats:
@@ -275,11 +283,14 @@ class KVStore:
 
         if not spec.persistable:
             return PersistStats(0, 0, 0)
+        mismatch = cache_mismatch(spec, cache, len(tokens))
+        if mismatch is not None:  # its files would only ever be found damaged
+            raise CacheUnavailable(f"the cache does not match the model's cache spec: {mismatch}")
         B = self.block_tokens
         hashes = chain_hashes(model, tokens, B)
         existing = self.index.blocks(hashes)
         arrays_np: dict[int, tuple[Any, Any]] = {}
-        kv_dtype = runtime.dtype_name(cache[spec.kv_layers[0]].keys.dtype) if spec.kv_layers else None
+        kv_dtype = spec.dtype if spec.kv_layers else None
         for layer in spec.kv_layers:
             c = cache[layer]
             if c.offset != len(tokens):
@@ -372,6 +383,10 @@ class KVStore:
                 self.drop_hot(a)
                 evicted.append(a)
         return evicted
+
+
+def _damaged(reason: str) -> str:
+    return f"a cached KV block was damaged ({reason}) and was dropped: re-prefilling from there"
 
 
 def _as_numpy(np: Any, mx: Any, a: Any) -> Any:

