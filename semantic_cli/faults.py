@@ -20,6 +20,11 @@ POINTS = (  # in the order a turn reaches them
     "after-index-commit",  # the index names the new chain and tail; the old tail file is not yet removed
 )
 
+EVICTION_POINTS = (  # an index transaction that lets files go (eviction, rm, repair)
+    "eviction-before-commit",  # the rows are deleted but not committed: a kill rolls them back
+    "eviction-after-commit",  # committed; the files are not yet deleted (they become orphans)
+)
+
 
 def point(name: str) -> None:
     """Die here, as SIGKILL would, when SEMANTIC_FAULT names this point."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from semantic_cli.faults import POINTS
+from semantic_cli.faults import EVICTION_POINTS, POINTS
 
 B = 16  # SEMANTIC_BLOCK_TOKENS: small, so the second turn adds full blocks
 ENV = {"SEMANTIC_BLOCK_TOKENS": str(B)}
@@ -91,3 +91,32 @@ def test_sigkill_at_a_write_point_loses_no_turn_and_resumes_from_what_the_index_
     # The leftovers are removable, and removing them leaves a sound cache.
     assert run_cli("cache", "verify", "--repair").returncode == 0
     assert _leftovers(home) == []
+
+
+@pytest.mark.parametrize("point", EVICTION_POINTS)
+def test_sigkill_during_an_eviction_never_leaves_the_index_naming_missing_files(tiny, home, point):
+    """The budget evicts agent a during b's turn. Files go only after the index commits, so a kill
+    before the commit leaves a's cache whole (a resumes warm) and a kill after it leaves orphans
+    that verify names and repair removes (a re-prefills all but what it shares with b) — never a row without its file."""
+    model = str(tiny["llama"])
+    first = run_cli("chat", "-a", "a", "--model", model, "--max-tokens", "4", "--json", "-m", "tell me about blocks " * 4, env=ENV)
+    assert first.returncode == 0 and first.stderr == b"", first.stderr
+    a_log = _log_length(home, "a")
+    budget = {**ENV, "SEMANTIC_CACHE_BUDGET": "1"}  # any turn must evict every other agent
+    killed = run_cli(
+        "chat", "-a", "b", "--model", model, "--max-tokens", "4", "--json", "-m", "hi", env={**budget, "SEMANTIC_FAULT": point}
+    )
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr)
+    assert _messages(home, "b") == [("user", "complete"), ("assistant", "complete")]
+    report = json.loads(run_cli("cache", "verify", "--json").stdout)
+    assert {p["what"] for p in report["problems"]} <= {"orphan"}, report["problems"]  # no missing file, no bad row
+    again = run_cli("chat", "-a", "a", "--max-tokens", "2", "--json", "-m", "still there?", env=ENV)
+    assert again.returncode == 0 and again.stderr == b"", again.stderr
+    turn = json.loads(again.stdout)
+    if point == "eviction-before-commit":
+        assert report["problems"] == [] and (turn["cache_tier"], turn["cached_tokens"]) == ("warm", a_log)
+    else:
+        # a's own files are gone (orphans until repaired); only blocks it shares with b's chain remain.
+        assert report["problems"] and turn["cached_tokens"] < a_log
+    assert run_cli("cache", "verify", "--repair").returncode == 0
+    assert json.loads(run_cli("cache", "verify", "--json").stdout)["problems"] == []

@@ -51,3 +51,21 @@ def test_a_cache_that_cannot_be_written_warns_and_is_tried_again(tiny, home, mon
     assert s.notices == [NOT_SAVED]  # each warning once per agent per process
     assert first.persisted is None and second.persisted is None
     assert [m.role for m in Store().messages("b")] == ["user", "assistant"] * 2
+
+
+def test_a_damaged_index_db_is_one_clear_line_for_the_cache_commands_and_a_re_prefill_for_chat(tiny, home):
+    """index.db is derived data: when it is not a database, the commands that manage the cache say so in
+    one line (and what to do), and a chat turn still answers from the transcript."""
+    from conftest import run_cli
+
+    model = str(tiny["llama"])
+    assert run_cli("chat", "-a", "a", "--model", model, "--max-tokens", "2", "-m", "hello").returncode == 0
+    (home / "cache" / "index.db").write_bytes(b"this is not a database" * 100)
+    (home / "cache" / "index.db-wal").unlink(missing_ok=True)
+    for args in (("agents", "ls"), ("cache", "ls"), ("cache", "verify")):
+        r = run_cli(*args)
+        err = r.stderr.decode()
+        assert r.returncode == 1 and err.count("\n") == 1 and "Traceback" not in err, (args, err)
+        assert "index.db" in err and "only derived data" in err and "unexpected" not in err, err
+    r = run_cli("chat", "-a", "a", "--max-tokens", "2", "-m", "still there?")
+    assert r.returncode == 0 and "KV cache unavailable" in r.stderr.decode(), r.stderr

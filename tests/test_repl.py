@@ -25,8 +25,9 @@ from prompt_toolkit.document import Document
 from rich.console import Console
 
 from semantic_cli.cli import slash
-from semantic_cli.cli.repl import Reply, TurnView, block_open, unblock
+from semantic_cli.cli.repl import block_open, unblock
 from semantic_cli.cli.slash import printable
+from semantic_cli.cli.turnview import Reply, TurnView
 from semantic_cli.errors import UsageError
 
 ANSI = re.compile(r"\x1b\[[0-9;?<>=]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[()][A-Za-z0-9]|\x1b[@-Z\\-_]")

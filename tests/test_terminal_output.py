@@ -24,7 +24,7 @@ import pexpect
 import pytest
 from conftest import SEMANTIC, run_cli
 from test_repl import FOOTER, Term
-from turns import encode
+from turns import encode, forcing
 
 from semantic_cli import export
 from semantic_cli.chat import Chat, GenSettings
@@ -134,36 +134,9 @@ def test_agents_ls_on_a_terminal_shows_the_persona_escapes_and_never_sends_them(
 
 
 # ---- one-shot chat ---------------------------------------------------------------
-@contextlib.contextmanager
-def saying(engine: Engine, ids: list[int]) -> Iterator[None]:
+def saying(engine: Engine, ids: list[int]) -> contextlib.AbstractContextManager[None]:
     """Make the model's replies the token ids `ids` (every sequence inserted meanwhile)."""
-    gen = engine.generator
-    real_insert = gen.insert
-
-    def processor() -> Any:
-        step = [0]
-
-        def force(_tokens: Any, logits: Any) -> Any:
-            i = step[0]
-            step[0] += 1
-            if i >= len(ids):
-                return logits
-            import mlx.core as mx
-
-            return mx.where(mx.arange(logits.shape[-1]) == ids[i], mx.array(1e4, logits.dtype), logits)
-
-        return force
-
-    def insert(*args: Any, **kwargs: Any) -> Any:
-        n = len(args[0]) if args else len(kwargs["prompts"])
-        kwargs["logits_processors"] = [[processor()] for _ in range(n)]
-        return real_insert(*args, **kwargs)
-
-    gen.insert = insert
-    try:
-        yield
-    finally:
-        del gen.insert
+    return forcing(engine, lambda i: ids[i] if i < len(ids) else None)
 
 
 @contextlib.contextmanager

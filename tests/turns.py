@@ -15,7 +15,7 @@ cache would no longer be a prefix of the next prompt.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from semantic_cli.chat import Chat, TurnRecorded
@@ -84,25 +84,26 @@ def run_turn(chat: Chat, pending: Any, interrupt_after: int | None = None) -> tu
 
 
 @contextlib.contextmanager
-def eos_at(engine: Engine, step: int, eos: int) -> Iterator[None]:
-    """Make the model end its reply with `eos` as its `step`-th generated token.
+def forcing(engine: Engine, pick: Callable[[int], int | None]) -> Iterator[None]:
+    """Make every sequence inserted meanwhile sample `pick(step)` at each generated step
+    (0-based) where it returns an id, and the model's own choice elsewhere.
 
-    Random-weight models practically never sample an end-of-turn token, so a logits
-    processor makes it the argmax at that step. Only the sampling changes: the prompt,
-    the KV cache and the earlier tokens are the model's own, as on a natural EOS."""
+    A logits processor makes that id the argmax: only the sampling changes; the prompt,
+    the KV cache and the other tokens are the model's own."""
     gen = engine.generator
     real_insert = gen.insert
 
     def processor() -> Any:
-        calls = [0]
+        step = [0]
 
         def force(_tokens: Any, logits: Any) -> Any:
-            calls[0] += 1
-            if calls[0] != step:
+            forced = pick(step[0])
+            step[0] += 1
+            if forced is None:
                 return logits
             import mlx.core as mx
 
-            return mx.where(mx.arange(logits.shape[-1]) == eos, mx.array(1e4, logits.dtype), logits)
+            return mx.where(mx.arange(logits.shape[-1]) == forced, mx.array(1e4, logits.dtype), logits)
 
         return force
 
@@ -116,3 +117,9 @@ def eos_at(engine: Engine, step: int, eos: int) -> Iterator[None]:
         yield
     finally:
         del gen.insert
+
+
+def eos_at(engine: Engine, step: int, eos: int) -> contextlib.AbstractContextManager[None]:
+    """Make the model end its reply with `eos` as its `step`-th generated token (1-based):
+    random-weight models practically never sample an end-of-turn token."""
+    return forcing(engine, lambda i: eos if i + 1 == step else None)

@@ -24,7 +24,7 @@ import typer
 
 from .. import export, paths
 from ..errors import BadInputError, UsageError
-from ..kv.index import KVIndex
+from ..kv.index import KVIndex, open_index
 from ..locks import AgentLock
 from ..store import Agent, Message, Store, validate_name
 from . import render
@@ -45,7 +45,12 @@ YES = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")
 # ---- helpers ----------------------------------------------------------
 @contextmanager
 def _opened() -> Iterator[tuple[Store, KVIndex]]:
-    store, kv = Store(), KVIndex()
+    store = Store()
+    try:
+        kv = open_index()
+    except BaseException:
+        store.close()
+        raise
     try:
         yield store, kv
     finally:

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
@@ -14,14 +15,18 @@ from ..errors import CacheDamageError, UsageError
 from . import render
 from .render import human_age, human_bytes
 
-app = typer.Typer(help="Inspect and manage the persistent KV cache.", no_args_is_help=True)
-
-
-def _open() -> tuple:
+if TYPE_CHECKING:
     from ..kv.index import KVIndex
     from ..store import Store
 
-    return KVIndex(), Store()
+app = typer.Typer(help="Inspect and manage the persistent KV cache.", no_args_is_help=True)
+
+
+def _open() -> tuple[KVIndex, Store]:
+    from ..kv.index import open_index
+    from ..store import Store
+
+    return open_index(), Store()
 
 
 @app.command("ls")
@@ -143,15 +148,30 @@ def verify(
 ) -> None:
     """Re-check every block's checksum and name, and the index against the files."""
     from ..kv.admin import verify as run_verify
+    from ..kv.index import open_index
 
-    index, _ = _open()
-    report = run_verify(index, repair)
+    index = open_index()  # the transcript database is not needed here
+    try:
+        report = run_verify(index, repair)
+    finally:
+        index.close()
     if json_out:
-        print(json.dumps({"checked": report.checked, "problems": [asdict(p) for p in report.problems], "repaired": report.repaired}))
+        print(
+            json.dumps(
+                {
+                    "checked": report.checked,
+                    "problems": [asdict(p) for p in report.problems],
+                    "in_progress": [asdict(p) for p in report.in_progress],
+                    "repaired": report.repaired,
+                }
+            )
+        )
     else:
         out = render.stdout()
         for p in report.problems:
             out.print(f"{p.what} {p.name}: {p.reason}" + (" (dropped)" if repair else ""), markup=False)
+        for p in report.in_progress:
+            out.print(f"{p.what} {p.name}: {p.reason} (left alone: being written)", markup=False)
         out.print(
             f"checked {report.checked} files: {len(report.problems)} problem(s)" + (", repaired" if repair and report.problems else ""),
             markup=False,

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from .. import faults, paths
 from ..db import Transaction, connect, statements
 from . import blockfile
+from .failures import CACHE_ERRORS, CacheUnavailable, failure_reason
 
 # Schema migrations, oldest first (see db.py). Version 1 is the schema of every
 # release before versioning: IF NOT EXISTS lets such an index upgrade in place.
@@ -92,6 +93,19 @@ def block_name(model: str, parent: str, tokens: list[int]) -> str:
     return hashlib.blake2b(model.encode() + parent.encode() + array("I", tokens).tobytes(), digest_size=16).hexdigest()
 
 
+def open_index() -> KVIndex:
+    """The index, for commands that manage the cache: one that cannot be opened (damaged,
+    unreadable) is one clear error. It holds only derived data, so the remedy is to move
+    the cache dir aside (`semantic doctor` shows it): every agent then re-prefills."""
+    try:
+        return KVIndex()
+    except CACHE_ERRORS as exc:
+        where = paths.cache_dir(create=False)
+        raise CacheUnavailable(
+            f"{where / 'index.db'}: {failure_reason(exc)}; it holds only derived data: move {where} aside and agents re-prefill"
+        ) from exc
+
+
 class KVIndex:
     def __init__(self) -> None:
         # Derived data: a crash may lose the last commit, never corrupt the index.
@@ -113,8 +127,12 @@ class KVIndex:
         try:
             with Transaction(self.db):
                 yield
+                if removals:
+                    faults.point("eviction-before-commit")
         finally:
             self._after_commit = None
+        if removals:
+            faults.point("eviction-after-commit")
         for remove in removals:  # committed: a file that cannot go now is an orphan for `cache verify --repair`
             with contextlib.suppress(OSError):
                 remove()
