@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import sqlite3
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import xxhash
 
 from semantic_cli import paths
+from semantic_cli.backend import runtime
 from semantic_cli.kv import blockfile
 
 
@@ -57,3 +59,19 @@ def craft(path: Path, edit: Callable[[dict, bytes], tuple[dict | bytes, bytes]])
     path.write_bytes(data)
     set_row(path, data)
     return data
+
+
+def synthetic_cache(kinds: Iterable[str], chunks: int, chunk: int, window: int, seed: int) -> list[Any]:
+    """A random cache for these layer kinds ("kv" or a sliding window of `window`), filled
+    `chunk` tokens at a time, `chunks` times: 2 KV heads, head dim 8."""
+    mx = runtime.mx()
+    from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+    mx.random.seed(seed)
+    out: list[Any] = []
+    for kind in kinds:
+        c = KVCache() if kind == "kv" else RotatingKVCache(max_size=window)
+        for _ in range(chunks):
+            c.update_and_fetch(mx.random.normal((1, 2, chunk, 8)), mx.random.normal((1, 2, chunk, 8)))
+        out.append(c)
+    return out

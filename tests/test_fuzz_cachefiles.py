@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cachefiles import build, checksum, split
+from cachefiles import build, checksum, split, synthetic_cache
 
 from semantic_cli.backend import buffers, runtime
 from semantic_cli.kv import admin, blockfile, fileread
@@ -78,16 +78,7 @@ def restore_code(request, monkeypatch) -> str:
 
 
 def _persisted() -> tuple[list[CacheFile], list[BlockRow], list[bytes]]:
-    mx = runtime.mx()
-    from mlx_lm.models.cache import KVCache, RotatingKVCache
-
-    mx.random.seed(11)
-    cache = []
-    for kind in SPEC.kinds:
-        c = KVCache() if kind == "kv" else RotatingKVCache(max_size=16)
-        for _ in range(TOKENS // 10):
-            c.update_and_fetch(mx.random.normal((1, 2, 10, 8)), mx.random.normal((1, 2, 10, 8)))
-        cache.append(c)
+    cache = synthetic_cache(SPEC.kinds, TOKENS // 10, 10, window=16, seed=11)
     KVStore(B, 1 << 40, 0).persist("f", "fp", SPEC, IDS, cache, protect=set())
     index = KVIndex()
     chain, tail = index.chain("f"), index.tail("f")

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cachefiles import build, checksum, craft, index_db, set_row, split
+from cachefiles import build, checksum, craft, index_db, set_row, split, synthetic_cache
 from conftest import run_cli
 from helpers import Session
 
-from semantic_cli.backend import buffers, runtime
+from semantic_cli.backend import buffers
 from semantic_cli.kv import admin, fileread
 from semantic_cli.kv.blockfile import block_path, tails_dir
 from semantic_cli.kv.index import KVIndex
@@ -49,17 +49,7 @@ def restore_code(request, monkeypatch) -> str:
 
 
 def _cache(spec: CacheSpec) -> list:
-    mx = runtime.mx()
-    from mlx_lm.models.cache import KVCache, RotatingKVCache
-
-    mx.random.seed(3)
-    out = []
-    for kind in spec.kinds:
-        c = KVCache() if kind == "kv" else RotatingKVCache(max_size=32)
-        for _ in range(TOKENS // 30):
-            c.update_and_fetch(mx.random.normal((1, 2, 30, 8)), mx.random.normal((1, 2, 30, 8)))
-        out.append(c)
-    return out
+    return synthetic_cache(spec.kinds, TOKENS // 30, 30, window=32, seed=3)
 
 
 def _persisted(spec: CacheSpec) -> KVStore:

@@ -28,28 +28,24 @@ def _color_system(stream: Any) -> Literal["auto", "standard"] | None:
     return "auto" if _color_mode == "auto" else "standard"
 
 
-def stdout() -> Console:
-    system = _color_system(sys.stdout)
+def _console(stream: Any) -> Console:
+    system = _color_system(stream)
     return Console(
-        file=sys.stdout,
+        file=stream,
         color_system=system,
         force_terminal=_color_mode == "always" or None,
         highlight=False,
         soft_wrap=True,
         no_color=system is None,
     )
+
+
+def stdout() -> Console:
+    return _console(sys.stdout)
 
 
 def stderr() -> Console:
-    system = _color_system(sys.stderr)
-    return Console(
-        file=sys.stderr,
-        color_system=system,
-        force_terminal=_color_mode == "always" or None,
-        highlight=False,
-        soft_wrap=True,
-        no_color=system is None,
-    )
+    return _console(sys.stderr)
 
 
 # Stored and generated text may hold raw control characters: an ESC would let a persona or
