@@ -13,6 +13,7 @@ are left byte for byte as they were (StoreVersionError, exit code 9).
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,13 +44,28 @@ def connect(path: Path, synchronous: str, migrations: Sequence[Migration], what:
         db.row_factory = sqlite3.Row
         # A read; with no WAL there, closing this connection after a refusal changes nothing.
         _refuse_newer(db, path, len(migrations), what)
-        db.execute("PRAGMA journal_mode=WAL")
+        _enter_wal(db)
         db.execute(f"PRAGMA synchronous={synchronous}")
         migrate(db, path, migrations, what)
     except BaseException:
         db.close()
         raise
     return db
+
+
+def _enter_wal(db: sqlite3.Connection, timeout: float = 30.0) -> None:
+    """Switch to WAL. SQLite answers "database is locked" at once, without its busy
+    timeout, while another process creates or converts the same new file: retried."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
 
 
 def _wal_file(path: Path) -> Path:

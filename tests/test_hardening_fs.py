@@ -224,7 +224,9 @@ def _room(model: str, names: list[str], message: str) -> subprocess.Popen:
 def _wait_until(ok: Any, what: str, procs: list[subprocess.Popen], timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not ok():
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), what
+        dead = [p for p in procs if p.poll() is not None]
+        assert not dead, f"{what}: a room exited {dead[0].returncode}: {dead[0].communicate()[1].decode()[-2000:]}"
+        assert time.monotonic() < deadline, what
         time.sleep(0.05)
 
 

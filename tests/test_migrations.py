@@ -354,3 +354,24 @@ def test_a_negative_schema_version_is_refused_not_sliced(old_home: Path) -> None
     r = run_cli("agents", "ls")
     assert r.returncode == EXIT_VERSION and "schema version -1" in r.stderr.decode(), r.stderr
     assert snapshot(path) == before
+
+
+def test_a_database_being_created_by_another_process_is_waited_for(tmp_path):
+    """SQLite answers `PRAGMA journal_mode=WAL` with "database is locked" at once, without
+    its busy timeout, while another connection holds the new file's lock (two `semantic
+    chat` starting together on a fresh home): connect waits for it instead of failing."""
+    import threading
+
+    from semantic_cli.db import connect
+
+    path = tmp_path / "new.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # the other process, half-way through creating it (a RESERVED lock)
+    threading.Timer(0.5, lambda: other.execute("COMMIT")).start()
+    db = connect(path, "FULL", [("CREATE TABLE t (x)",)], "a test database")
+    try:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    finally:
+        db.close()
+        other.close()
