@@ -25,103 +25,29 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Generator, Iterator, Sequence
-from dataclasses import dataclass, field
 
 from . import config, faults, prompting
-from .engine import Engine, PromptProgress, TokenEvent, TurnDone, TurnRequest, TurnStats, get_engine
-from .errors import PromptTooLongError, SemanticError, UsageError
+from .engine import Engine, Event, TokenEvent, TurnDone, TurnRequest, TurnStats, get_engine
+from .errors import PromptTooLongError, UsageError
 from .kv.failures import CacheUnavailable
 from .kv.layers import CacheSpec, cache_spec
-from .kv.store import KVStore, PersistStats, Restored
+from .kv.store import KVStore, Restored
 from .locks import AgentLock
 from .model.loader import ModelRef, Progress, requested_spec, resolve
 from .store import Agent, Store
-
-
-@dataclass(frozen=True)
-class GenSettings:
-    max_tokens: int | None = None
-    temp: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-
-
-@dataclass(frozen=True)
-class Notice:
-    key: str
-    text: str
-
-
-@dataclass(frozen=True)
-class TurnRecorded:
-    key: str
-    model: str
-    done: TurnDone  # finish_reason "interrupted" for a reply cut short by Ctrl-C
-    tier: str  # where the reused prefix came from: hot, warm or cold
-    persisted: PersistStats | None
-    warnings: list[str]  # said after the turn (e.g. the cache could not be saved)
-
-
-TurnEvent = Notice | PromptProgress | TokenEvent | TurnDone | TurnRecorded
-"""What `Chat.run` yields: warnings first, then each turn's progress and tokens, and per
-turn its `TurnDone` followed by its `TurnRecorded` (once it is in the transcript)."""
-
-# Said when the cache fails ({reason}: `failure_reason`); a failure while caching costs a re-prefill, never a message.
-CACHE_UNAVAILABLE = "KV cache unavailable ({reason}): re-prefilling, and not caching this turn"
-CACHE_NOT_SAVED = "KV cache not saved ({reason}); the conversation is saved and will re-prefill next time"
-CACHE_NOT_KEPT = "KV cache not kept in memory ({reason}); the conversation is saved and will re-read it next time"
-
-
-class TurnNotSaved(SemanticError):
-    """Raised by `Chat.run` once every other reply is recorded: the transcript write of
-    these agents' replies failed, so those replies (shown, but not saved) are not in
-    their conversations. `errors` maps each such agent to what went wrong."""
-
-    def __init__(self, errors: dict[str, BaseException], others: bool) -> None:
-        names = ", ".join(errors)
-        reasons = "; ".join(dict.fromkeys(_one_line(e) for e in errors.values()))
-        if len(errors) == 1:
-            lost = f"{names}'s reply could not be saved to the transcript ({reasons}): it is not in the conversation"
-        else:
-            lost = f"the replies of {names} could not be saved to the transcript ({reasons}): they are not in their conversations"
-        super().__init__(lost + ("; the other agents' replies are saved" if others else ""))
-        self.errors = errors
-
-
-def _note(exc: BaseException, text: str) -> None:
-    """Say on an exception that propagates anyway what else went wrong (shown with SEMANTIC_DEBUG=1)."""
-    add = getattr(exc, "add_note", None)  # Python >= 3.11
-    if add is not None:
-        add(text)
-
-
-def _one_line(exc: BaseException) -> str:
-    """`Type: message` on one line (the message's first line), for a warning or an error."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
-@dataclass
-class PendingTurn:
-    """A prepared turn: `Chat.prepare` makes it and `Chat.run` generates and records it.
-    Not frozen: while it runs, the core collects its tokens and text here (what an
-    interrupted turn records) and notes its warnings and whether the agent is stored yet."""
-
-    agent: Agent
-    user_text: str
-    engine: Engine
-    request: TurnRequest
-    new_log: bool
-    log_len: int
-    tier: str
-    is_new: bool
-    warnings: list[str]
-    tokens: list[int] = field(default_factory=list)
-    text: list[str] = field(default_factory=list)
-    started: float = field(default_factory=time.perf_counter)  # the turn's clock: set by prepare before the restore
-    first_token_at: float | None = None
-    done: TurnDone | None = None  # set when generation ends: what is recorded, even if the run stops before
-    recorded: bool = False  # the transcript holds this turn: never record it twice
+from .turn import (
+    CACHE_NOT_KEPT,
+    CACHE_NOT_SAVED,
+    CACHE_UNAVAILABLE,
+    GenSettings,
+    Notice,
+    PendingTurn,
+    TurnEvent,
+    TurnNotSaved,
+    TurnRecorded,
+    note,
+    one_line,
+)
 
 
 def make_kvstore() -> KVStore:
@@ -158,6 +84,15 @@ class Chat:
         if system is not None and agent.system == "" and not self.store.messages(name):
             agent = self.store.update_agent(agent, system=system)
         return agent
+
+    def release(self, name: str) -> None:
+        """Give an agent's lock back (the server, between turns): another process may change
+        it now, so whether the store has it is asked again next time. Its hot copy stays: a
+        restore uses it only when it is a prefix of the next prompt."""
+        lock = self.locks.pop(name, None)
+        if lock is not None:
+            lock.release()
+        self._stored.pop(name, None)
 
     def close(self) -> None:
         for lock in self.locks.values():
@@ -202,24 +137,43 @@ class Chat:
         else:
             prompt, new_log = prompting.full_prompt(tok, msgs + [{"role": "user", "content": user_text}]), True
             log = []
-        context = lm.context_length
-        if len(prompt) >= context:
+        if len(prompt) >= lm.context_length:
             what = "message" if not history else "conversation with this message"
             raise PromptTooLongError(
-                f"the {what} is {len(prompt)} tokens but {lm.name} has a context of {context} tokens; "
+                f"the {what} is {len(prompt)} tokens but {lm.name} has a context of {lm.context_length} tokens; "
                 + ("shorten it" if not history else f"shorten it or start over with `semantic agents reset {agent.name}`")
             )
+        request, tier, warnings = self._request(agent, engine, prompt, settings, started)
+        return PendingTurn(agent, user_text, engine, request, new_log, len(log), tier, is_new, warnings, started=started)
+
+    def prepare_stateless(self, slot: str, engine: Engine, messages: list[dict[str, str]], settings: GenSettings) -> PendingTurn:
+        """A turn that is not any agent's (the API with a model name): the whole conversation
+        comes with it and nothing is recorded. Its cache is found by content (blocks) and kept
+        under `slot` (the tail and the hot copy, for that slot's next request)."""
+        started = time.perf_counter()
+        lm = engine.lm
+        prompt = prompting.full_prompt(lm.tokenizer, messages)
+        if len(prompt) >= lm.context_length:
+            raise PromptTooLongError(f"the messages are {len(prompt)} tokens but {lm.name} has a context of {lm.context_length} tokens")
+        slot_agent = Agent(slot, lm.name, "", {}, time.time(), time.time())
+        request, tier, warnings = self._request(slot_agent, engine, prompt, settings, started)
+        return PendingTurn(slot_agent, "", engine, request, True, 0, tier, False, warnings, started=started, stateless=True)
+
+    def _request(
+        self, agent: Agent, engine: Engine, prompt: list[int], settings: GenSettings, started: float
+    ) -> tuple[TurnRequest, str, list[str]]:
+        """The engine request for a prompt: settings (flag, else the agent's, else config) and
+        the longest cached prefix that can be restored."""
+        lm = engine.lm
         max_tokens = settings.max_tokens or agent.settings.get("max_tokens") or config.get("max_tokens")
-        max_tokens = min(int(max_tokens), context - len(prompt))
+        max_tokens = min(int(max_tokens), lm.context_length - len(prompt))
         temp = settings.temp if settings.temp is not None else agent.settings.get("temp", config.get("temp"))
         top_p = settings.top_p if settings.top_p is not None else agent.settings.get("top_p", config.get("top_p"))
         restored = Restored(None, 0, "cold")
         with self._caching(CACHE_UNAVAILABLE, restored.warnings):
             restored = self.kv.restore(agent.name, lm.fingerprint, self.spec(engine), prompt, capacity=len(prompt) + max_tokens)
         request = TurnRequest(agent.name, prompt, restored.cache, restored.matched, max_tokens, float(temp), float(top_p), started)
-        return PendingTurn(
-            agent, user_text, engine, request, new_log, len(log), restored.tier, is_new, list(restored.warnings), started=started
-        )
+        return request, restored.tier, list(restored.warnings)
 
     def run(self, pendings: list[PendingTurn], seed: int | None = None) -> Generator[TurnEvent, None, None]:
         """Generate all pending turns concurrently (one engine), recording each as it finishes.
@@ -234,44 +188,51 @@ class Chat:
         check_room([p.agent for p in pendings], [p.engine for p in pendings])
         by_key = {p.agent.name: p for p in pendings}
         not_saved: dict[str, BaseException] = {}
-        yield from self._notices(pendings)
+        yield from self.notices(pendings)
         events = pendings[0].engine.generate([p.request for p in pendings], seed=seed)
         try:
             for ev in events:
-                if isinstance(ev, TokenEvent):
-                    p = by_key[ev.key]
-                    if ev.token is not None:
-                        if not p.tokens:
-                            p.first_token_at = time.perf_counter()
-                        p.tokens.append(ev.token)
-                    p.text.append(ev.text)
-                elif isinstance(ev, TurnDone):
-                    p = by_key[ev.key]
-                    p.done = ev
-                    yield ev
-                    try:
-                        self._record(p, ev)
-                    except Exception as exc:  # this reply only: the others are still recorded
-                        not_saved[p.agent.name] = exc
-                        self._not_recorded(p)
-                        continue
-                    yield self._cache_turn(p, ev)
-                    continue
-                yield ev
+                p = by_key[ev.key]
+                try:
+                    yield from self.take(p, ev)
+                except TurnNotSaved as exc:  # this reply only: the others are still recorded
+                    not_saved[p.agent.name] = exc.errors[p.agent.name]
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 events.close()  # the engine drops the unfinished sequences
             left = [p for p in pendings if not p.recorded and p.agent.name not in not_saved]
-            self._record_unfinished(left, exc)
+            self.record_unfinished(left, exc)
             for name, err in not_saved.items():
-                _note(exc, f"{name}'s reply could not be saved to the transcript ({_one_line(err)})")
+                note(exc, f"{name}'s reply could not be saved to the transcript ({one_line(err)})")
             raise
         finally:
             events.close()
         if not_saved:
             raise TurnNotSaved(not_saved, others=len(pendings) > len(not_saved))
 
-    def _record_unfinished(self, pendings: list[PendingTurn], cause: BaseException) -> None:
+    def take(self, p: PendingTurn, ev: Event) -> Iterator[TurnEvent]:
+        """One engine event of `p`'s sequence, for any driver (`run`, the server's loop):
+        tokens are collected on `p`; a `TurnDone` is recorded and cached, then followed by its
+        `TurnRecorded`. A failed transcript write raises `TurnNotSaved` for this agent alone."""
+        if isinstance(ev, TokenEvent):
+            if ev.token is not None:
+                if not p.tokens:
+                    p.first_token_at = time.perf_counter()
+                p.tokens.append(ev.token)
+            p.text.append(ev.text)
+        elif isinstance(ev, TurnDone):
+            p.done = ev
+            yield ev
+            try:
+                self._record(p, ev)
+            except Exception as exc:
+                self._not_recorded(p)
+                raise TurnNotSaved({p.agent.name: exc}, others=False) from exc
+            yield self._cache_turn(p, ev)
+            return
+        yield ev
+
+    def record_unfinished(self, pendings: list[PendingTurn], cause: BaseException) -> None:
         """Record the replies a stopped run leaves behind: a finished one as it finished, the
         others as interrupted. Each on its own: one failure does not cost the rest."""
         for p in pendings:
@@ -279,7 +240,7 @@ class Chat:
                 self._record(p, p.done or self._interrupted(p))
             except Exception as exc:
                 self._not_recorded(p)
-                _note(cause, f"{p.agent.name}'s reply could not be saved to the transcript ({_one_line(exc)})")
+                note(cause, f"{p.agent.name}'s reply could not be saved to the transcript ({one_line(exc)})")
                 continue
             self._mark_used(p)
 
@@ -310,7 +271,7 @@ class Chat:
             if recorded is None:
                 raise
             if say is not None and warnings is not None:
-                warnings.append(say.format(reason=f"unexpected {_one_line(exc)}"))
+                warnings.append(say.format(reason=f"unexpected {one_line(exc)}"))
             with contextlib.suppress(Exception):
                 self.kv.drop_hot(recorded)
 
@@ -320,13 +281,20 @@ class Chat:
 
     def _interrupted(self, p: PendingTurn) -> TurnDone:
         req = p.request
-        # TTFT as for a finished turn (0 when it was stopped before its first token).
-        ttft = p.first_token_at - p.started if p.first_token_at is not None else 0.0
-        stats = TurnStats(ttft, len(req.prompt), req.cached, len(req.prompt) - req.cached, len(p.tokens), 0.0, 0.0)
-        return TurnDone(req.key, "interrupted", "".join(p.text), list(p.tokens), None, req.prompt + p.tokens, stats)
+        return TurnDone(req.key, "interrupted", "".join(p.text), list(p.tokens), None, req.prompt + p.tokens, _partial_stats(p))
+
+    def ended(self, p: PendingTurn, reason: str, text: str) -> TurnDone:
+        """A turn its driver ended early with `text` as the whole reply (the server, at a stop
+        sequence): no cache, and the agent's token log is dropped (its ids would run past the
+        text), so the next turn re-renders the transcript and finds its blocks by content."""
+        p.new_log = True
+        return TurnDone(p.request.key, reason, text, list(p.tokens), None, [], _partial_stats(p))
 
     def _record(self, p: PendingTurn, done: TurnDone) -> None:
         """Commit the turn to the transcript: one transaction, the truth."""
+        if p.stateless:  # nothing to record: the client keeps the conversation
+            p.recorded = True
+            return
         lm = p.engine.lm
         if p.is_new:
             a = p.agent
@@ -359,7 +327,7 @@ class Chat:
                 persisted = self.kv.persist(p.agent.name, lm.fingerprint, self.spec(p.engine), done.all_tokens, done.cache, set(self.locks))
         return TurnRecorded(p.agent.name, lm.name, done, p.tier, persisted, [w for w in p.warnings if self._first(p.agent.name, w)])
 
-    def _notices(self, pendings: list[PendingTurn]) -> Iterator[Notice]:
+    def notices(self, pendings: list[PendingTurn]) -> Iterator[Notice]:
         for p in pendings:
             for w in p.warnings:
                 if self._first(p.agent.name, w):
@@ -371,6 +339,14 @@ class Chat:
             return False
         self._warned.add((agent, warning))
         return True
+
+
+def _partial_stats(p: PendingTurn) -> TurnStats:
+    """A turn stopped before the engine ended it: TTFT as for a finished turn (0 when it was
+    stopped before its first token); no rates."""
+    req = p.request
+    ttft = p.first_token_at - p.started if p.first_token_at is not None else 0.0
+    return TurnStats(ttft, len(req.prompt), req.cached, len(req.prompt) - req.cached, len(p.tokens), 0.0, 0.0)
 
 
 def check_room(agents: Sequence[Agent], engines: Sequence[Engine] = ()) -> None:

@@ -100,6 +100,11 @@ class Engine:
             )
         return self._generator
 
+    def batch(self) -> Batch:
+        """A continuous batch on this engine's generator: sequences join (`add`) and leave
+        (`cancel`) between steps. One at a time per engine (the server's loop, or `generate`)."""
+        return Batch(self)
+
     def generate(self, requests: Sequence[TurnRequest], seed: int | None = None) -> Generator[Event, None, None]:
         """Run the requests concurrently; yields events as they happen.
 
@@ -108,93 +113,154 @@ class Engine:
         step, Ctrl-C inside one) may have left it half-way through a step: it is then
         dropped, and the next call starts a fresh one (the model stays loaded).
         """
-        from .backend import cpu_split, runtime
-
-        mx = runtime.mx()
-        from mlx_lm.sample_utils import make_sampler
-
-        if seed is not None:
-            mx.random.seed(seed)
-        gen = self.generator
-        live: dict[int, _Live] = {}
-        samplers: dict[tuple[float, float], Any] = {}
         for req in requests:
-            if req.cached >= len(req.prompt):
-                raise ValueError("a cache must leave at least one prompt token to process")
+            _check(req)
+        batch = self.batch()
         try:
+            if seed is not None:
+                batch.seed(seed)
             for req in requests:
-                # One sampler object per setting: BatchGenerator samples the whole
-                # batch in one call only when every sequence shares the same object.
-                key = (req.temp, req.top_p)
-                if key not in samplers:
-                    samplers[key] = make_sampler(temp=req.temp, top_p=req.top_p if req.top_p < 1.0 else 0.0)
-                [uid] = gen.insert(
-                    [req.prompt[req.cached :]],
-                    max_tokens=[req.max_tokens],
-                    caches=[req.cache] if req.cache is not None else None,
-                    all_tokens=[list(req.prompt[: req.cached])],
-                    samplers=[samplers[key]],
-                )
-                live[uid] = _Live(req, uid, time.perf_counter(), self.lm.tokenizer.detokenizer)
-            while live:
-                cpu_split.set_batched(len(live) >= 2)
-                prompt_responses, gen_responses = gen.next()
-                for pr in prompt_responses:
-                    if pr.uid in live:
-                        done, total = pr.progress
-                        yield PromptProgress(live[pr.uid].request.key, done, total)
-                for r in gen_responses:
-                    st = live.get(r.uid)
-                    if st is None:
-                        continue
-                    now = time.perf_counter()
-                    if st.first_token_at is None:
-                        st.first_token_at = now
-                    st.generated.append(r.token)
-                    if r.finish_reason != "stop":  # the stop token itself is not text
-                        st.detok.add_token(r.token)
-                        piece = st.detok.last_segment
-                        st.text.append(piece)
-                        yield TokenEvent(st.request.key, r.token, piece)
-                    if r.finish_reason is not None:
-                        st.detok.finalize()
-                        tail = st.detok.last_segment
-                        if tail:
-                            st.text.append(tail)
-                            yield TokenEvent(st.request.key, None, tail)
-                        del live[r.uid]
-                        yield self._done(st, r.finish_reason, r.prompt_cache, list(r.all_tokens), now)
+                batch.add(req)
+            while batch.live:
+                yield from batch.step()
         except GeneratorExit:
             raise
         except BaseException:
             self._generator = None  # possibly mid-step: never reused
             raise
         finally:
-            try:
-                if live and self._generator is gen:
-                    gen.remove(list(live))
-            except Exception:
-                self._generator = None  # dropped instead: the next call starts a fresh one
-            finally:
-                cpu_split.set_batched(False)
+            batch.close()
 
-    def _done(self, st: _Live, reason: str, cache: Any, all_tokens: list[int], now: float) -> TurnDone:
-        req = st.request
-        first = st.first_token_at or now
-        ttft = first - (req.started if req.started is not None else st.start)
-        prefill_s = first - st.start  # from the insert: the prefill alone
-        prefilled = len(req.prompt) - req.cached
-        decode_time = now - first
-        stats = TurnStats(
-            ttft_s=ttft,
-            prompt_tokens=len(req.prompt),
-            cached_tokens=req.cached,
-            prefilled_tokens=prefilled,
-            generated_tokens=len(st.generated),
-            prompt_tps=prefilled / prefill_s if prefill_s > 0 else 0.0,
-            generation_tps=(len(st.generated) - 1) / decode_time if decode_time > 0 else 0.0,
+
+def _done(st: _Live, reason: str, cache: Any, all_tokens: list[int], now: float) -> TurnDone:
+    req = st.request
+    first = st.first_token_at or now
+    ttft = first - (req.started if req.started is not None else st.start)
+    prefill_s = first - st.start  # from the insert: the prefill alone
+    prefilled = len(req.prompt) - req.cached
+    decode_time = now - first
+    stats = TurnStats(
+        ttft_s=ttft,
+        prompt_tokens=len(req.prompt),
+        cached_tokens=req.cached,
+        prefilled_tokens=prefilled,
+        generated_tokens=len(st.generated),
+        prompt_tps=prefilled / prefill_s if prefill_s > 0 else 0.0,
+        generation_tps=(len(st.generated) - 1) / decode_time if decode_time > 0 else 0.0,
+    )
+    return TurnDone(req.key, reason, "".join(st.text), list(st.generated), cache, all_tokens, stats)
+
+
+def _check(req: TurnRequest) -> None:
+    if req.cached >= len(req.prompt):
+        raise ValueError("a cache must leave at least one prompt token to process")
+
+
+class Batch:
+    """The sequences running on an engine's `BatchGenerator`, keyed by `TurnRequest.key`.
+    `step` runs one generator step and returns its events; a sequence leaves when its
+    `TurnDone` is returned, or at once with `cancel` (its partial reply is the caller's)."""
+
+    def __init__(self, engine: Engine) -> None:
+        from mlx_lm.sample_utils import make_sampler
+
+        self.engine = engine
+        self._make_sampler = make_sampler
+        self._gen = engine.generator
+        self._live: dict[int, _Live] = {}
+        self._samplers: dict[tuple[float, float], Any] = {}
+
+    @property
+    def live(self) -> list[str]:
+        return [st.request.key for st in self._live.values()]
+
+    def seed(self, seed: int) -> None:
+        from .backend import runtime
+
+        runtime.mx().random.seed(seed)
+
+    def add(self, req: TurnRequest) -> None:
+        _check(req)
+        if req.key in self.live:
+            raise ValueError(f"{req.key!r} already has a sequence in this batch")
+        # One sampler object per setting: BatchGenerator samples the whole
+        # batch in one call only when every sequence shares the same object.
+        key = (req.temp, req.top_p)
+        if key not in self._samplers:
+            self._samplers[key] = self._make_sampler(temp=req.temp, top_p=req.top_p if req.top_p < 1.0 else 0.0)
+        [uid] = self._gen.insert(
+            [req.prompt[req.cached :]],
+            max_tokens=[req.max_tokens],
+            caches=[req.cache] if req.cache is not None else None,
+            all_tokens=[list(req.prompt[: req.cached])],
+            samplers=[self._samplers[key]],
         )
-        return TurnDone(req.key, reason, "".join(st.text), list(st.generated), cache, all_tokens, stats)
+        self._live[uid] = _Live(req, uid, time.perf_counter(), self.engine.lm.tokenizer.detokenizer)
+
+    def cancel(self, key: str) -> None:
+        """Stop a sequence now (the others go on); unknown keys are ignored."""
+        uids = [uid for uid, st in self._live.items() if st.request.key == key]
+        for uid in uids:
+            del self._live[uid]
+        if uids:
+            self._remove(uids)
+
+    def step(self) -> list[Event]:
+        from .backend import cpu_split
+
+        events: list[Event] = []
+        if not self._live:
+            return events
+        try:
+            cpu_split.set_batched(len(self._live) >= 2)
+            prompt_responses, gen_responses = self._gen.next()
+        except BaseException:
+            self.engine._generator = None  # possibly mid-step: never reused
+            self._live.clear()
+            raise
+        finally:
+            cpu_split.set_batched(False)
+        for pr in prompt_responses:
+            if pr.uid in self._live:
+                done, total = pr.progress
+                events.append(PromptProgress(self._live[pr.uid].request.key, done, total))
+        for r in gen_responses:
+            st = self._live.get(r.uid)
+            if st is None:
+                continue
+            now = time.perf_counter()
+            if st.first_token_at is None:
+                st.first_token_at = now
+            st.generated.append(r.token)
+            if r.finish_reason != "stop":  # the stop token itself is not text
+                st.detok.add_token(r.token)
+                piece = st.detok.last_segment
+                st.text.append(piece)
+                events.append(TokenEvent(st.request.key, r.token, piece))
+            if r.finish_reason is not None:
+                st.detok.finalize()
+                tail = st.detok.last_segment
+                if tail:
+                    st.text.append(tail)
+                    events.append(TokenEvent(st.request.key, None, tail))
+                del self._live[r.uid]
+                events.append(_done(st, r.finish_reason, r.prompt_cache, list(r.all_tokens), now))
+        return events
+
+    def close(self) -> None:
+        """Remove the sequences still running, so the generator stays usable."""
+        if self._live:
+            uids = list(self._live)
+            self._live.clear()
+            self._remove(uids)
+
+    def _remove(self, uids: list[int]) -> None:
+        if self.engine._generator is not self._gen:
+            return
+        try:
+            self._gen.remove(uids)
+        except Exception:
+            self.engine._generator = None  # dropped instead: the next batch starts a fresh one
 
 
 _engines: dict[str, Engine] = {}

@@ -18,6 +18,7 @@ EXIT_MODEL = 7  # a model could not be loaded or converted
 EXIT_CACHE = 8  # cache damage that verify found and did not repair
 EXIT_VERSION = 9  # a database written by a newer release of semantic
 EXIT_UNSAFE = 10  # a directory of another user, or a symbolic link where semantic writes: refused
+EXIT_SERVER = 11  # the server this command talked to went away mid-turn
 EXIT_INTERRUPTED = 130
 
 
@@ -70,3 +71,20 @@ class UnsafePathError(SemanticError):
     symbolic link: refused, never followed or trusted."""
 
     exit_code = EXIT_UNSAFE
+
+
+class ServerGoneError(SemanticError):
+    """The `semantic serve` this command was using stopped answering mid-turn."""
+
+    exit_code = EXIT_SERVER
+
+
+def error_for(exit_code: int, message: str) -> SemanticError:
+    """The error a message and exit code stand for (one reported by `semantic serve`)."""
+    for cls in (UsageError, NotFoundError, BusyError, PromptTooLongError, BadInputError, ModelError, CacheDamageError):
+        if cls.exit_code == exit_code:
+            return cls(message)
+    for other in (StoreVersionError, UnsafePathError, ServerGoneError):
+        if other.exit_code == exit_code:
+            return other(message)
+    return SemanticError(message)

@@ -68,9 +68,11 @@ def _is_locked(fd: int) -> bool:
 
 
 class AgentLock:
-    def __init__(self, name: str) -> None:
+    """An agent's lock (`path` given: another one-process-only thing, such as the server)."""
+
+    def __init__(self, name: str, path: Path | None = None) -> None:
         self.name = name
-        self.path: Path = lock_path(name)
+        self.path: Path = path if path is not None else lock_path(name)
         self._fd: int | None = None
 
     def acquire(self, wait: bool = False, timeout: float | None = None) -> AgentLock:
@@ -84,8 +86,8 @@ class AgentLock:
                     owner = _read_pid(fd)
                     who = f" (pid {owner})" if owner else ""
                     if wait:
-                        raise BusyError(f"agent {self.name!r} is still busy{who}: the wait timed out; try again later")
-                    raise BusyError(f"agent {self.name!r} is busy{who}; wait for it to finish or pass --wait")
+                        raise BusyError(f"{self.what} is still busy{who}: the wait timed out; try again later")
+                    raise BusyError(f"{self.what} is busy{who}; wait for it to finish or pass --wait")
                 time.sleep(0.1 if deadline is None else max(0.0, min(0.1, deadline - time.monotonic())))
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
@@ -94,6 +96,10 @@ class AgentLock:
             raise
         self._fd = fd
         return self
+
+    @property
+    def what(self) -> str:
+        return f"agent {self.name!r}"
 
     def release(self) -> None:
         if self._fd is not None:
@@ -115,10 +121,10 @@ def _read_pid(fd: int) -> int | None:
         return None
 
 
-def holder(name: str) -> int | None:
-    """The pid holding an agent's lock (0 if it is held and the holder has not written
-    its pid yet), or None if it is free. Reads the file and tests the lock; takes nothing."""
-    path = lock_path(name)
+def holder(name: str, path: Path | None = None) -> int | None:
+    """The pid holding an agent's lock (or the lock at `path`): 0 if it is held and the holder
+    has not written its pid yet, None if it is free. Reads the file and tests the lock; takes nothing."""
+    path = path if path is not None else lock_path(name)
     try:
         fd = paths.open_nofollow(path, os.O_RDONLY, "lock file")
     except FileNotFoundError:

@@ -25,9 +25,9 @@ from pathlib import Path
 from .errors import UnsafePathError
 
 APP = "semantic"
-KINDS = ("data", "cache", "config")
+KINDS = ("data", "cache", "config", "runtime")
 # The directories semantic creates inside each base directory (checked, when they exist, at first use).
-SUBDIRS = {"data": ("locks", "history", "models", "bench"), "cache": ("blocks", "tails", "downloads"), "config": ()}
+SUBDIRS = {"data": ("locks", "history", "models", "bench"), "cache": ("blocks", "tails", "downloads"), "config": (), "runtime": ()}
 
 _verified: set[tuple[str, ...]] = set()  # the roots whose existing directories this process has checked
 
@@ -192,6 +192,26 @@ def hf_dir() -> Path:
 def blocks_dir(create: bool = True) -> Path:
     path = cache_dir(create) / "blocks"
     return _private_dir(path) if create else path
+
+
+def runtime_dir(create: bool = True) -> Path:
+    """The server's socket: the platform's per-user runtime directory (SEMANTIC_HOME/runtime)."""
+    return _base("runtime", create)
+
+
+def server_socket(create: bool = True) -> Path:
+    """Where `semantic serve` listens by default. A Unix socket's path has a length limit
+    (108 bytes on Linux), so a deep home puts it in a private directory under the system's
+    temp dir instead, named after the runtime dir (so each home keeps its own)."""
+    import hashlib
+
+    path = runtime_dir(create) / "server.sock"
+    if len(str(path)) <= 100:
+        return path
+    short = Path(tempfile.gettempdir()) / f"semantic-{os.geteuid()}"
+    if create:
+        _private_dir(short)
+    return short / f"{hashlib.sha256(str(path).encode()).hexdigest()[:16]}.sock"
 
 
 def locks_dir() -> Path:

@@ -41,9 +41,10 @@ def _root(
 
 
 def _register() -> None:
-    from . import agents, bench, cache, chat, config
+    from . import agents, bench, cache, chat, config, serve
 
     app.command("chat")(chat.chat)
+    app.command("serve")(serve.serve)
     app.command("doctor")(config.doctor)
     app.add_typer(agents.app, name="agents")
     app.add_typer(cache.app, name="cache")

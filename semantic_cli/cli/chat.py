@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, TextIO
 
 import typer
@@ -13,7 +14,7 @@ from . import render
 from .render import printable
 
 if TYPE_CHECKING:  # types only: `--help` and other commands must not import the core (nor, through it, numpy or mlx)
-    from ..chat import Chat, GenSettings, TurnRecorded
+    from ..chat import Chat, GenSettings, TurnEvent, TurnRecorded
     from ..store import Agent, Store
 
 
@@ -64,34 +65,95 @@ def chat(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Status and figures on stderr in one-shot mode."),
     no_markdown: bool = typer.Option(False, "--no-markdown", help="Show replies as plain text in the REPL."),
     color: str = typer.Option("auto", "--color", help="auto, always or never (NO_COLOR is respected)."),
+    no_server: bool = typer.Option(False, "--no-server", help="Run in this process even when `semantic serve` is running."),
 ) -> None:
-    """Chat with one agent, or a room of agents answering concurrently."""
-    from ..chat import Chat, GenSettings
+    """Chat with one agent, or a room of agents answering concurrently. One-shot and piped
+    turns go to a running `semantic serve` of this home when there is one (--no-server: never)."""
     from ..store import Store
 
     if color not in ("auto", "always", "never"):
         raise UsageError("--color must be auto, always or never")
     render.set_color(color)
+    waits = wait or wait_timeout is not None
+    interactive = message is None and sys.stdin.isatty()
+    socket_path = None
+    if not interactive and not no_server:
+        from ..server import client
+
+        socket_path = client.find_socket()
     store = Store()
-    session = Chat(store)
-    settings = GenSettings(max_tokens, temp, top_p, seed)
     try:
         names = room_agents(agent, room, store)
-        opened = open_room(session, names, model, system, wait or wait_timeout is not None, wait_timeout)
+        if socket_path is not None:
+            text = _read(message)
+            turn = {"max_tokens": max_tokens, "temp": temp, "top_p": top_p, "seed": seed, "wait": waits, "wait_timeout": wait_timeout}
+            try:
+                remote_one_shot(socket_path, names, text, to_all, model, system, turn, json_out, verbose)
+            except client.Unavailable:
+                message = text  # the server cannot run this turn (another model, stopping): run it here instead
+            else:
+                if save_room:
+                    store.save_room(save_room, names)
+                return
+        _in_process(
+            store,
+            names,
+            message,
+            interactive,
+            save_room,
+            model,
+            system,
+            waits,
+            wait_timeout,
+            to_all,
+            json_out,
+            verbose,
+            no_markdown,
+            (max_tokens, temp, top_p, seed),
+        )
+    finally:
+        store.close()
+
+
+def _read(message: str | None) -> str:
+    return decode_message(message.encode("utf-8", "surrogateescape") if message is not None else sys.stdin.buffer.read())
+
+
+def _in_process(
+    store: Store,
+    names: list[str],
+    message: str | None,
+    interactive: bool,
+    save_room: str | None,
+    model: str | None,
+    system: str | None,
+    wait: bool,
+    wait_timeout: float | None,
+    to_all: bool,
+    json_out: bool,
+    verbose: bool,
+    no_markdown: bool,
+    sampling: tuple[int | None, float | None, float | None, int | None],
+) -> None:
+    from ..chat import Chat, GenSettings
+
+    session = Chat(store)
+    settings = GenSettings(*sampling)
+    try:
+        opened = open_room(session, names, model, system, wait, wait_timeout)
         if save_room:
             store.save_room(save_room, names)
-        interactive = message is None and sys.stdin.isatty()
         if interactive:
             from .repl import Repl
 
             Repl(session, opened, settings, markdown=not no_markdown).run()
             return
-        text = decode_message(message.encode("utf-8", "surrogateescape") if message is not None else sys.stdin.buffer.read())
-        targets = _targets(opened, text, to_all)
+        text = _read(message)
+        by_name = {a.name: a for a in opened}
+        targets = [(by_name[n], t) for n, t in _targets([a.name for a in opened], text, to_all)]
         one_shot(session, targets, settings, json_out, verbose)
     finally:
         session.close()
-        store.close()
 
 
 def open_room(
@@ -128,67 +190,103 @@ def open_room(
     return room
 
 
-def _targets(opened: list[Agent], text: str, to_all: bool) -> list[tuple[Agent, str]]:
+def _targets(names: list[str], text: str, to_all: bool) -> list[tuple[str, str]]:
+    """Who answers the message: the one agent, everyone (--all), or those it @-addresses."""
     from ..rooms import address
 
-    if len(opened) == 1 and not text.lstrip().startswith("@"):
-        return [(opened[0], text)]
+    if len(names) == 1 and not text.lstrip().startswith("@"):
+        return [(names[0], text)]
     if to_all:
-        return [(a, text) for a in opened]
-    names, body = address(text, [a.name for a in opened], current=None)
-    return [(a, body) for a in opened if a.name in names]
+        return [(n, text) for n in names]
+    chosen, body = address(text, names, current=None)
+    return [(n, body) for n in names if n in chosen]
 
 
 def one_shot(session: Chat, targets: list[tuple[Agent, str]], settings: GenSettings, json_out: bool, verbose: bool) -> None:
+    """Run the turns in this process and print them (`show_turns`)."""
+    with render.progress(render.stderr(), enabled=verbose) as progress:
+        pendings = [session.prepare(a, text, settings, progress) for a, text in targets]
+        show_turns(session.run(pendings, seed=settings.seed), [p.agent.name for p in pendings], json_out, verbose, progress)
+
+
+def show_turns(events: Iterator[TurnEvent], order: list[str], json_out: bool, verbose: bool, progress: Any) -> None:
     """Print each reply on stdout (streamed for one agent; in room order, each once recorded,
-    for a room). On a terminal the text goes through `render.printable`; a pipe gets it byte
-    for byte. If some replies could not be saved (`TurnNotSaved`), the others are printed
-    before the error."""
+    for a room), whether the turns ran here or in the server. On a terminal the text goes
+    through `render.printable`; a pipe gets it byte for byte. If some replies could not be
+    saved (`TurnNotSaved`), the others are printed before the error."""
     from ..chat import Notice, TurnNotSaved, TurnRecorded
     from ..engine import PromptProgress, TokenEvent
 
     err = render.stderr()
     out = sys.stdout
-    single = len(targets) == 1
-    with render.progress(err, enabled=verbose) as progress:
-        pendings = [session.prepare(a, text, settings, progress) for a, text in targets]
-        order = [p.agent.name for p in pendings]
-        finished: dict[str, TurnRecorded] = {}
-        printed = 0
+    single = len(order) == 1
+    finished: dict[str, TurnRecorded] = {}
+    printed = 0
 
-        def emit_ready(skip: set[str]) -> None:
-            nonlocal printed
-            while printed < len(order) and (order[printed] in finished or order[printed] in skip):
-                rec = finished.get(order[printed])
-                if rec is not None:
-                    _emit(rec, out, single, json_out)
-                    if verbose:
-                        err.print(render.footer(rec.done.stats, rec.tier), style="dim", markup=False)
-                elif single and not json_out:
-                    out.write("\n")  # the reply streamed: end its line before the error
-                    out.flush()
-                printed += 1
+    def emit_ready(skip: set[str]) -> None:
+        nonlocal printed
+        while printed < len(order) and (order[printed] in finished or order[printed] in skip):
+            rec = finished.get(order[printed])
+            if rec is not None:
+                _emit(rec, out, single, json_out)
+                if verbose:
+                    err.print(render.footer(rec.done.stats, rec.tier), style="dim", markup=False)
+            elif single and not json_out:
+                out.write("\n")  # the reply streamed: end its line before the error
+                out.flush()
+            printed += 1
 
-        events = session.run(pendings, seed=settings.seed)
-        try:
-            for ev in events:
-                if isinstance(ev, Notice):
-                    err.print(f"warning: {ev.key}: {printable(ev.text)}", style="yellow", markup=False)
-                elif isinstance(ev, PromptProgress) and verbose and ev.total > 256:
-                    progress(f"prefill {ev.key}", ev.done, ev.total)
-                elif isinstance(ev, TokenEvent) and single and not json_out:
-                    out.write(printable(ev.text, out))
-                    out.flush()
-                elif isinstance(ev, TurnRecorded):
-                    finished[ev.key] = ev
-                    for w in ev.warnings:
-                        err.print(f"warning: {ev.key}: {printable(w)}", style="yellow", markup=False)
-                    emit_ready(set())
-        except TurnNotSaved as exc:
-            emit_ready(set(exc.errors))  # every other reply is recorded: print it before the error
-            raise
-        finally:
-            events.close()  # on any error, the core records the partial replies now
+    try:
+        for ev in events:
+            if isinstance(ev, Notice):
+                where = f"{ev.key}: " if ev.key else ""
+                err.print(f"warning: {where}{printable(ev.text)}", style="yellow", markup=False)
+            elif isinstance(ev, PromptProgress) and verbose and ev.total > 256:
+                progress(f"prefill {ev.key}", ev.done, ev.total)
+            elif isinstance(ev, TokenEvent) and single and not json_out:
+                out.write(printable(ev.text, out))
+                out.flush()
+            elif isinstance(ev, TurnRecorded):
+                finished[ev.key] = ev
+                for w in ev.warnings:
+                    err.print(f"warning: {ev.key}: {printable(w)}", style="yellow", markup=False)
+                emit_ready(set())
+    except TurnNotSaved as exc:
+        emit_ready(set(exc.errors))  # every other reply is recorded: print it before the error
+        raise
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()  # on any error, the core (or the server) records the partial replies now
+
+
+def remote_one_shot(
+    socket_path: str,
+    names: list[str],
+    text: str,
+    to_all: bool,
+    model: str | None,
+    system: str | None,
+    turn: dict[str, Any],
+    json_out: bool,
+    verbose: bool,
+) -> None:
+    """The same turn through a running `semantic serve`: raises `client.Unavailable` when the
+    server cannot take it (the caller runs it in-process), before anything is printed."""
+    from ..server import client
+
+    targets = _targets(names, text, to_all)
+    payload = {"targets": targets, "model": model, "system": system, **turn}
+    with render.progress(render.stderr(), enabled=verbose) as progress:
+        events = client.turn_events(socket_path, payload)
+        first = next(events, None)  # Unavailable is raised here, before any output
+        show_turns(_chain(first, events), [a for a, _ in targets], json_out, verbose, progress)
+
+
+def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    if first is not None:
+        yield first
+    yield from rest
 
 
 def turn_json(rec: TurnRecorded, model: str) -> dict[str, Any]:

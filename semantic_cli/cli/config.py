@@ -69,6 +69,7 @@ def doctor(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -
         "data_dir": str(paths.data_dir(create=False)),
         "cache_dir": str(paths.cache_dir(create=False)),
         "config_file": str(paths.config_file()),
+        "server": _server(),
     }
     if json_out:
         print(json.dumps(report, indent=2))
@@ -77,6 +78,16 @@ def doctor(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -
     width = max(map(len, report))
     for key, value in report.items():
         out.print(f"[bold]{key:{width}}[/bold] {value}")
+
+
+def _server() -> str:
+    from ..server import runtime
+
+    info = runtime.find()
+    if info is None:
+        return "not running (`semantic serve` starts one; chat then uses it)"
+    where = ", ".join(x for x in (f"unix:{info.socket}" if info.socket else "", f"{info.url}/v1" if info.url else "") if x)
+    return f"running (pid {info.pid}, model {info.model}) at {where}"
 
 
 def _version(dist: str) -> str:

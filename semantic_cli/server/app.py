@@ -1,0 +1,334 @@
+"""The HTTP side of `semantic serve`: a Starlette app on uvicorn's asyncio loop.
+
+A request is checked here (key, body size, fields), becomes a `worker.Job`, and waits on
+an asyncio queue that the engine thread fills through `loop.call_soon_threadsafe`. The
+engine never runs on the asyncio loop and handlers never touch the model or the stores'
+write paths, so a slow client cannot stall the batch.
+
+Routes: the OpenAI subset (`GET /v1/models`, `POST /v1/chat/completions`), the CLI's
+own turn stream (`POST /semantic/v1/turns`, NDJSON: see wire.py), `GET /semantic/v1/status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..engine import TokenEvent
+from ..errors import BadInputError, BusyError, NotFoundError, PromptTooLongError, SemanticError, UsageError
+from ..store import Store
+from ..turn import GenSettings, TurnNotSaved, TurnRecorded
+from . import openai_api, wire
+from .worker import END, STARTED, ConflictError, Job, Saturated, ShuttingDown, Worker
+
+log = logging.getLogger("semantic.serve")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body: int = 4 << 20  # bytes
+    max_tokens: int = 8192  # per reply
+    max_queue: int = 64  # requests waiting for the engine (503 beyond)
+
+
+@dataclass(frozen=True)
+class Settings:
+    api_key: str | None
+    limits: Limits
+    version: str
+
+
+def status_of(exc: SemanticError) -> tuple[int, str, str | None]:
+    """HTTP status, OpenAI error type and code for one of our errors."""
+    if isinstance(exc, NotFoundError):
+        return 404, "invalid_request_error", "model_not_found"
+    if isinstance(exc, ConflictError):
+        return 409, "invalid_request_error", "conversation_diverged"
+    if isinstance(exc, BusyError):
+        return 409, "invalid_request_error", "agent_busy"
+    if isinstance(exc, (Saturated, ShuttingDown)):
+        return 503, "server_error", "overloaded"
+    if isinstance(exc, PromptTooLongError):
+        return 400, "invalid_request_error", "context_length_exceeded"
+    if isinstance(exc, (BadInputError, UsageError)):
+        return 400, "invalid_request_error", None
+    return 500, "server_error", None
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
+    return JSONResponse(openai_api.error_body(message, kind, code), status_code=status)
+
+
+def _from_exc(exc: SemanticError) -> JSONResponse:
+    status, kind, code = status_of(exc)
+    return _error(status, exc.message, kind, code)
+
+
+class Submission:
+    """A job in flight: the asyncio side of its queue."""
+
+    def __init__(self, worker: Worker, job_args: dict[str, Any]) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[object] = asyncio.Queue()
+        self.job = Job(emit=self._emit, **job_args)
+        self.worker = worker
+        self.early: list[object] = []  # what the job said before it started (a room's busy agents)
+
+    def _emit(self, item: object) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    async def start(self) -> None:
+        """Submit, and wait until the job runs: its errors before that are the response's status."""
+        self.worker.submit(self.job)
+        while True:
+            item = await self.queue.get()
+            if item is STARTED:
+                return
+            if isinstance(item, SemanticError):
+                raise item
+            if item is END:
+                raise SemanticError("the request ended before it started")
+            self.early.append(item)
+
+    async def events(self) -> AsyncIterator[object]:
+        for item in self.early:
+            yield item
+        while True:
+            item = await self.queue.get()
+            if item is END:
+                return
+            yield item
+
+    def cancel(self) -> None:
+        self.job.cancelled.set()
+
+
+def build(worker: Worker, settings: Settings) -> Starlette:
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > settings.limits.max_body:
+            raise _TooLarge()
+        body = b""
+        async for part in request.stream():
+            body += part
+            if len(body) > settings.limits.max_body:
+                raise _TooLarge()
+        return body
+
+    def authorized(request: Request) -> bool:
+        if settings.api_key is None or request.scope.get("client") is None:  # the Unix socket: the user's own
+            return True
+        given = request.headers.get("authorization", "")
+        expected = f"Bearer {settings.api_key}"
+        return hmac.compare_digest(given.encode(), expected.encode())
+
+    def settings_of(max_tokens: int | None, temp: float | None, top_p: float | None, seed: int | None) -> GenSettings:
+        if max_tokens is not None and max_tokens > settings.limits.max_tokens:
+            raise BadInputError(f"max_tokens: at most {settings.limits.max_tokens} on this server")
+        return GenSettings(max_tokens, temp, top_p, seed)
+
+    async def models(request: Request) -> Response:
+        if not authorized(request):
+            return _error(401, "missing or wrong API key: send Authorization: Bearer KEY", "invalid_request_error", "invalid_api_key")
+        agents = await run_in_threadpool(_agents)
+        return JSONResponse(openai_api.model_list(agents, worker.model_name))
+
+    async def status(request: Request) -> Response:
+        if not authorized(request):
+            return _error(401, "missing or wrong API key", "invalid_request_error", "invalid_api_key")
+        return JSONResponse(
+            {"wire": wire.WIRE_VERSION, "version": settings.version, "model": worker.ref.spec, "model_path": worker.ref.path, "pid": _pid()}
+        )
+
+    async def completions(request: Request) -> Response:
+        if not authorized(request):
+            return _error(401, "missing or wrong API key: send Authorization: Bearer KEY", "invalid_request_error", "invalid_api_key")
+        try:
+            body = await read_body(request)
+            req = openai_api.parse(body)
+            text = req.new_message()
+            gen = settings_of(req.limit(), req.temperature, req.top_p, req.seed)
+            messages = [m.as_dict() for m in req.messages]
+            is_agent = await run_in_threadpool(_is_agent, req.model)
+            if is_agent:
+                args: dict[str, Any] = {"settings": gen, "targets": [(req.model, text)], "history": messages[:-1]}
+            elif req.model in (worker.model_name, worker.ref.spec):
+                args = {"settings": gen, "messages": messages, "slot": req.prompt_cache_key or req.user}
+            else:
+                raise NotFoundError(f"no agent or model named {req.model!r}: GET /v1/models lists them")
+            args["stop"] = req.stops()
+            args["wait_until"] = time.monotonic() + 120  # a second request to an agent waits its turn
+            sub = Submission(worker, args)
+            await sub.start()
+        except _TooLarge:
+            return _error(413, f"request body over {settings.limits.max_body} bytes")
+        except SemanticError as exc:
+            return _from_exc(exc)
+        cid = openai_api.completion_id()
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(_sse(sub, cid, req.model, include_usage), media_type="text/event-stream")
+        try:
+            rec = await _collect(sub)
+        finally:
+            sub.cancel()  # a no-op once the turn ended; stops it if this handler was cancelled
+        if isinstance(rec, SemanticError):
+            return _from_exc(rec)
+        return JSONResponse(openai_api.completion(cid, req.model, rec))
+
+    async def turns(request: Request) -> Response:
+        """The CLI's turn: its fields as `semantic chat` takes them; NDJSON events back."""
+        if not authorized(request):
+            return _error(401, "missing or wrong API key", "invalid_request_error", "invalid_api_key")
+        try:
+            body = json.loads(await read_body(request))
+            if body.get("wire") != wire.WIRE_VERSION:
+                raise UsageError(f"this server speaks wire version {wire.WIRE_VERSION}; upgrade the client or the server")
+            gen = settings_of(body.get("max_tokens"), body.get("temp"), body.get("top_p"), body.get("seed"))
+            wait = body.get("wait_timeout")
+            args = {
+                "settings": gen,
+                "targets": [(str(a), str(t)) for a, t in body["targets"]],
+                "model": body.get("model"),
+                "system": body.get("system"),
+                "create": True,
+                "wait_until": (None if wait is None else time.monotonic() + float(wait)) if body.get("wait") else 0.0,
+            }
+            sub = Submission(worker, args)
+            await sub.start()
+        except _TooLarge:
+            return _error(413, f"request body over {settings.limits.max_body} bytes")
+        except (ValueError, KeyError, TypeError) as exc:
+            return _error(400, f"malformed turn request: {exc}")
+        except SemanticError as exc:
+            return JSONResponse(wire.error(exc, _kind(exc)), status_code=status_of(exc)[0])
+        return StreamingResponse(_ndjson(sub), media_type="application/x-ndjson")
+
+    routes = [
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/chat/completions", completions, methods=["POST"]),
+        Route("/semantic/v1/turns", turns, methods=["POST"]),
+        Route("/semantic/v1/status", status, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, middleware=[Middleware(AccessLog)])
+
+
+class AccessLog:
+    """One line per request on stderr (through `logging`): who, what, status, time."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 0
+
+        async def sending(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            client = scope.get("client")
+            who = f"{client[0]}:{client[1]}" if client else "socket"
+            log.info("%s %s %s %d %.0f ms", who, scope["method"], scope["path"], status, (time.perf_counter() - started) * 1000)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+def _agents() -> list[tuple[str, float]]:
+    store = Store()
+    try:
+        return [(a.name, a.created_at) for a in store.list_agents()]
+    finally:
+        store.close()
+
+
+def _is_agent(name: str) -> bool:
+    store = Store()
+    try:
+        return store.find_agent(name) is not None
+    finally:
+        store.close()
+
+
+def _kind(exc: SemanticError) -> str:
+    from .worker import OtherModel
+
+    if isinstance(exc, OtherModel):
+        return "other_model"
+    if isinstance(exc, ShuttingDown):
+        return "shutting_down"
+    if isinstance(exc, TurnNotSaved):
+        return "not_saved"
+    return "error"
+
+
+async def _collect(sub: Submission) -> TurnRecorded | SemanticError:
+    rec: TurnRecorded | SemanticError = SemanticError("the turn ended without a reply")
+    async for item in sub.events():
+        if isinstance(item, (TurnRecorded, SemanticError)):
+            rec = item
+    return rec
+
+
+def _sse_line(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+async def _sse(sub: Submission, cid: str, model: str, include_usage: bool) -> AsyncIterator[str]:
+    try:
+        yield _sse_line(openai_api.chunk(cid, model, {"role": "assistant", "content": ""}))
+        async for item in sub.events():
+            if isinstance(item, TokenEvent) and item.text:
+                yield _sse_line(openai_api.chunk(cid, model, {"content": item.text}))
+            elif isinstance(item, TurnRecorded):
+                yield _sse_line(openai_api.chunk(cid, model, {}, item.done.finish_reason))
+                if include_usage:
+                    yield _sse_line(openai_api.usage_chunk(cid, model, item.done.stats))
+            elif isinstance(item, SemanticError):
+                _, kind, code = status_of(item)
+                yield _sse_line(openai_api.error_body(item.message, kind, code))
+        yield "data: [DONE]\n\n"
+    finally:
+        sub.cancel()  # the client went away mid-stream: its sequence stops now, the others go on
+
+
+async def _ndjson(sub: Submission) -> AsyncIterator[bytes]:
+    try:
+        async for item in sub.events():
+            if isinstance(item, SemanticError):
+                names = list(item.errors) if isinstance(item, TurnNotSaved) else []
+                yield wire.line(wire.error(item, _kind(item), names))
+            else:
+                yield wire.line(wire.encode(item))  # type: ignore[arg-type]
+        yield wire.line({"event": "end"})
+    finally:
+        sub.cancel()

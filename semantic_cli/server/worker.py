@@ -1,0 +1,413 @@
+"""The engine loop: one thread owns the model, the transcript store, the KV store and the
+agents' locks. HTTP handlers (on the asyncio loop) hand it `Job`s through a queue and get
+the turn's events back through the job's `emit`; the loop never waits on a client.
+
+Each pass of the loop: take new jobs, start those whose agents are free (lock, prepare,
+restore, `Batch.add`: a request that arrives while others decode joins the running batch),
+cancel what clients gave up on, run one engine step and hand out its events. A finished
+turn is recorded and cached by `Chat.take`, exactly as `semantic chat` does in-process.
+
+An agent's lock is held only while its turn runs, so the CLI without the server, and the
+server's own other requests, wait for it (turns of one agent are serialized); the hot tier
+keeps the agent's cache in memory between requests under `hot_budget`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..chat import Chat, check_room
+from ..engine import Engine, TokenEvent, TurnDone, get_engine
+from ..errors import BusyError, NotFoundError, SemanticError, UsageError
+from ..model.loader import ModelRef
+from ..store import Agent, Store
+from ..turn import GenSettings, Notice, PendingTurn, TurnNotSaved, one_line
+
+SLOT_PREFIX = "~"  # stateless API slots in the KV index: never an agent name (those start with a-z or 0-9)
+ANON_SLOTS = 8  # requests naming no slot share this many, so they need not wait for each other
+
+
+class ConflictError(SemanticError):
+    """The client's history is not the agent's transcript (HTTP 409)."""
+
+
+class Saturated(SemanticError):
+    """Too many requests waiting (HTTP 503)."""
+
+
+class ShuttingDown(SemanticError):
+    """The server is stopping (HTTP 503)."""
+
+
+class OtherModel(SemanticError):
+    """The agent uses another model than the server's: the CLI runs it in-process."""
+
+
+STARTED = object()  # a job's turns are in the batch: what it emits after this is the response's body
+END = object()  # the last item a job emits
+
+
+@dataclass
+class Job:
+    """One request. Agent turns: `targets` (agent, user text), a room when several. A
+    stateless turn: `messages` (the whole conversation) and `slot`."""
+
+    emit: Callable[[object], None]  # thread-safe; receives TurnEvents, then an error or END
+    settings: GenSettings
+    targets: list[tuple[str, str]] = field(default_factory=list)
+    messages: list[dict[str, str]] | None = None
+    slot: str | None = None
+    history: list[dict[str, str]] | None = None  # the API's messages before the new one (agent mode)
+    model: str | None = None  # the CLI's --model (must be the server's model)
+    system: str | None = None
+    create: bool = False  # unknown agents are created (the CLI); the API answers 404
+    wait_until: float | None = 0.0  # monotonic deadline for busy agents; None: as long as it takes
+    stop: list[str] = field(default_factory=list)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    pendings: dict[str, PendingTurn] = field(default_factory=dict)
+    left: set[str] = field(default_factory=set)
+    failed: dict[str, BaseException] = field(default_factory=dict)
+
+
+class Worker:
+    def __init__(self, ref: ModelRef, max_waiting: int = 64) -> None:
+        self.ref = ref
+        self.max_waiting = max_waiting
+        self.inbox: queue.Queue[Job] = queue.Queue()
+        self.ready = threading.Event()
+        self.stopping = threading.Event()
+        self.failure: BaseException | None = None
+        self.model_name = ""
+        self._thread = threading.Thread(target=self._main, name="semantic-engine", daemon=True)
+        self._waiting: list[Job] = []
+        self._running: dict[str, Job] = {}  # engine key -> its job
+        self._grace_until: float | None = None
+
+    # ---- the handlers' side (any thread) -------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+        self.ready.wait()
+        if self.failure is not None:
+            raise self.failure
+
+    def submit(self, job: Job) -> None:
+        if self.stopping.is_set():
+            raise ShuttingDown("the server is shutting down; retry in a moment")
+        if self.inbox.qsize() + len(self._waiting) >= self.max_waiting:
+            raise Saturated(f"more than {self.max_waiting} requests are waiting; retry later")
+        self.inbox.put(job)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Stop accepting; turns still running after `grace_s` are interrupted (recorded as such)."""
+        self._grace_until = time.monotonic() + grace_s
+        self.stopping.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    # ---- the engine thread ---------------------------------------------------
+    def _main(self) -> None:
+        try:
+            self.chat = Chat(Store())
+            self.engine: Engine = get_engine(self.ref)
+            self.model_name = self.engine.lm.name
+            self.batch = self.engine.batch()
+        except BaseException as exc:
+            self.failure = exc
+            self.ready.set()
+            return
+        self.ready.set()
+        try:
+            self._loop()
+        finally:
+            with contextlib.suppress(Exception):
+                self.batch.close()
+            self.chat.close()
+            self.chat.store.close()
+
+    def _loop(self) -> None:
+        while True:
+            self._take(block=not self._running and not self._waiting)
+            if self.stopping.is_set():
+                for job in self._waiting:
+                    self._fail(job, ShuttingDown("the server is shutting down; retry in a moment"))
+                self._waiting.clear()
+                if not self._running:
+                    return
+                if self._grace_until is not None and time.monotonic() >= self._grace_until:
+                    for key in list(self._running):
+                        self._interrupt(key)
+                    continue
+            self._start_waiting()
+            for key, job in list(self._running.items()):
+                if job.cancelled.is_set():
+                    self._interrupt(key)
+            if self.batch.live:
+                try:
+                    events = self.batch.step()
+                except Exception as exc:  # the engine failed: every running turn ends (recorded as interrupted)
+                    for key in list(self._running):
+                        self._interrupt(key, SemanticError(f"the engine failed: {one_line(exc)}"))
+                    self.batch = self.engine.batch()
+                    continue
+                for ev in events:
+                    self._deliver(ev)
+            elif self._waiting and not self._running:
+                time.sleep(0.05)  # only busy agents are waiting: poll their locks
+
+    def _take(self, block: bool) -> None:
+        try:
+            job = self.inbox.get(timeout=0.1) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        self._waiting.append(job)
+        while True:
+            try:
+                self._waiting.append(self.inbox.get_nowait())
+            except queue.Empty:
+                return
+
+    def _start_waiting(self) -> None:
+        still = []
+        for job in self._waiting:
+            if job.cancelled.is_set():
+                self._end(job)
+                continue
+            try:
+                started = self._start(job)
+            except Exception as exc:
+                self._fail(job, exc)
+                continue
+            if not started:
+                still.append(job)
+        self._waiting = still
+
+    def _start(self, job: Job) -> bool:
+        """Lock the job's agents (or slot) and add its turns to the batch; False to retry later."""
+        if job.messages is not None:
+            return self._start_stateless(job)
+        names = [name for name, _ in job.targets]
+        free = self._lock(job, names)
+        if free is None:
+            return False
+        try:
+            agents = {name: self._open(job, name) for name in free}
+            room = [agents[n] for n in names if n in agents]
+            check_room(room)
+            for agent in room:
+                self._check_model(agent)
+            if job.history is not None:
+                self._check_history(room[0], job.history)
+            texts = dict(job.targets)
+            pendings = [self.chat.prepare(agent, texts[agent.name], job.settings) for agent in room]
+        except BaseException:
+            for name in free:
+                self.chat.release(name)
+            raise
+        self._run(job, pendings)
+        return True
+
+    def _lock(self, job: Job, names: list[str]) -> list[str] | None:
+        """The agents locked for this job (sorted order, as `open_room`); None to wait longer.
+        Past its deadline a room goes on without its busy agents (with a warning), and a
+        single agent is busy."""
+        taken: list[str] = []
+        busy: dict[str, BusyError] = {}
+        for name in sorted(names):
+            try:
+                if name in self.chat.locks:  # one of this server's turns holds it
+                    raise BusyError(f"agent {name!r} is busy (another request to it is running)")
+                self.chat.open_agent(name)
+                taken.append(name)
+            except BusyError as exc:
+                busy[name] = exc
+        if not busy:
+            return taken
+        expired = job.wait_until is not None and time.monotonic() >= job.wait_until
+        if not expired:
+            for name in taken:
+                self.chat.release(name)
+            return None
+        if len(names) == 1 or not taken:
+            for name in taken:
+                self.chat.release(name)
+            first = busy[sorted(busy)[0]]
+            if len(names) == 1:
+                raise first
+            raise BusyError("every agent in this room is busy in another process; try again later or pass --wait")
+        for refused in busy.values():
+            job.emit(Notice("", f"{refused.message}; the room continues without it"))
+        return taken
+
+    def _open(self, job: Job, name: str) -> Agent:
+        known = self.chat.store.find_agent(name)
+        if known is None and not job.create:
+            raise NotFoundError(f"no agent or model named {name!r}: GET /v1/models lists them")
+        return self.chat.open_agent(name, job.model, job.system)
+
+    def _check_model(self, agent: Agent) -> None:
+        if not self._same_model(agent.model):
+            raise OtherModel(f"agent {agent.name!r} uses model {agent.model!r}, and this server runs {self.ref.spec!r}")
+
+    def _same_model(self, spec: str) -> bool:
+        if spec == self.ref.spec:
+            return True
+        from pathlib import Path
+
+        local = Path(spec).expanduser()
+        return local.is_dir() and str(local.resolve()) == self.ref.path
+
+    def _check_history(self, agent: Agent, history: list[dict[str, str]]) -> None:
+        """An OpenAI client resends the conversation: the messages before its new one must be
+        the agent's transcript (its persona, then every message), or only the persona, or
+        nothing (the client sends just the new message). Anything else is a 409: nothing is
+        written, and the client is told where the two part."""
+        stored = [{"role": "system", "content": agent.system}] if agent.system else []
+        stored += [{"role": m.role, "content": m.content} for m in self.chat.store.messages(agent.name)]
+        given = list(history)
+        if given and given[0]["role"] == "system" and not agent.system:
+            raise ConflictError(f"agent {agent.name!r} has no persona: leave out the system message (set one with `semantic agents edit`)")
+        if not given or given == stored or given == stored[:1] and agent.system:
+            return
+        at = next((i for i, (a, b) in enumerate(zip(given, stored, strict=False)) if a != b), min(len(given), len(stored)))
+        raise ConflictError(
+            f"the messages differ from agent {agent.name!r}'s transcript at message {at} "
+            f"({len(given)} sent before the new one, {len(stored)} stored): send the whole transcript and one new user message, "
+            f"or only the new message; to branch, `semantic agents fork {agent.name} NEW` and talk to NEW"
+        )
+
+    def _start_stateless(self, job: Job) -> bool:
+        slot = self._slot(job)
+        if slot is None:
+            return False
+        try:
+            pending = self.chat.prepare_stateless(slot, self.engine, job.messages or [], job.settings)
+        except BaseException:
+            self.chat.release(slot)
+            raise
+        self._run(job, [pending])
+        return True
+
+    def _slot(self, job: Job) -> str | None:
+        """The slot's lock taken (its tail and hot copy are one request's at a time), or None
+        to wait. A request naming no slot takes the first free one of ANON_SLOTS."""
+        if job.slot is not None:
+            names = [SLOT_PREFIX + hashlib.sha256(job.slot.encode()).hexdigest()[:24]]
+        else:
+            names = [f"{SLOT_PREFIX}anon-{i}" for i in range(ANON_SLOTS)]
+        for name in names:
+            if name in self.chat.locks:
+                continue
+            try:
+                self.chat.open_agent(name)
+            except BusyError:
+                continue
+            return name
+        return None
+
+    def _run(self, job: Job, pendings: list[PendingTurn]) -> None:
+        for p in pendings:
+            job.pendings[p.agent.name] = p
+            job.left.add(p.agent.name)
+        job.emit(STARTED)
+        for notice in self.chat.notices(pendings):
+            job.emit(notice)
+        if job.settings.seed is not None:
+            self.batch.seed(job.settings.seed)
+        for p in pendings:
+            self.batch.add(p.request)
+            self._running[p.agent.name] = job
+
+    def _deliver(self, ev: Any) -> None:
+        job = self._running.get(ev.key)
+        if job is None:
+            return
+        p = job.pendings[ev.key]
+        if isinstance(ev, TokenEvent) and job.stop:
+            cut = _stop_at(job.stop, "".join(p.text) + ev.text)
+            if cut is not None:
+                self._stop_string(job, p, ev, cut)
+                return
+        try:
+            for out in self.chat.take(p, ev):
+                if not isinstance(out, TurnDone):
+                    job.emit(out)
+        except TurnNotSaved as exc:
+            job.failed.update(exc.errors)
+        if isinstance(ev, TurnDone):
+            self._finish(job, ev.key)
+
+    def _stop_string(self, job: Job, p: PendingTurn, ev: TokenEvent, cut: int) -> None:
+        """A stop sequence appeared: the reply ends before it (finish_reason "stop"). Its cache
+        is given up (it covers the tokens past the cut); the transcript keeps the cut text."""
+        before = "".join(p.text)
+        if cut > len(before):
+            piece = ev.text[: cut - len(before)]
+            p.text.append(piece)
+            job.emit(TokenEvent(ev.key, None, piece))
+        self.batch.cancel(ev.key)
+        done = self.chat.ended(p, "stop", "".join(p.text)[:cut])
+        try:
+            for out in self.chat.take(p, done):
+                if not isinstance(out, TurnDone):
+                    job.emit(out)
+        except TurnNotSaved as exc:
+            job.failed.update(exc.errors)
+        self._finish(job, ev.key)
+
+    def _interrupt(self, key: str, why: SemanticError | None = None) -> None:
+        """Stop one turn now (its client went away, or the server stops): the partial reply
+        is recorded as interrupted, as Ctrl-C does in the CLI."""
+        job = self._running.get(key)
+        if job is None:
+            return
+        self.batch.cancel(key)
+        p = job.pendings[key]
+        with contextlib.suppress(Exception):
+            self.chat.record_unfinished([p], why or KeyboardInterrupt())
+        if why is not None:
+            job.failed[key] = why
+        self._finish(job, key)
+
+    def _finish(self, job: Job, key: str) -> None:
+        self._running.pop(key, None)
+        job.left.discard(key)
+        self.chat.release(key)
+        if not job.left:
+            if job.failed:
+                errors = {k: e for k, e in job.failed.items() if not isinstance(e, SemanticError) or isinstance(e, TurnNotSaved)}
+                first = next(iter(job.failed.values()))
+                if isinstance(first, SemanticError) and not errors:
+                    self._fail(job, first)
+                    return
+                self._fail(job, TurnNotSaved(job.failed, others=len(job.pendings) > len(job.failed)))
+                return
+            self._end(job)
+
+    def _fail(self, job: Job, exc: BaseException) -> None:
+        if not isinstance(exc, SemanticError):
+            exc = SemanticError(f"unexpected {one_line(exc)}")
+        job.emit(exc)
+        self._end(job)
+
+    def _end(self, job: Job) -> None:
+        job.emit(END)
+
+
+def _stop_at(stops: list[str], text: str) -> int | None:
+    """Where the earliest stop sequence starts in `text`, or None."""
+    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(found) if found else None
+
+
+def validate_stop(stop: list[str]) -> list[str]:
+    if len(stop) > 4 or any(not s or len(s) > 256 for s in stop):
+        raise UsageError("stop: at most 4 non-empty sequences of at most 256 characters")
+    return stop

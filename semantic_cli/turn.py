@@ -1,0 +1,99 @@
+"""The records of a turn that the core and its drivers share: the settings it runs with,
+the prepared `PendingTurn`, and the `TurnEvent`s the UI (or the server's wire) receives."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from .engine import Engine, PromptProgress, TokenEvent, TurnDone, TurnRequest
+from .errors import SemanticError
+from .kv.store import PersistStats
+from .store import Agent
+
+
+@dataclass(frozen=True)
+class GenSettings:
+    max_tokens: int | None = None
+    temp: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Notice:
+    key: str
+    text: str
+
+
+@dataclass(frozen=True)
+class TurnRecorded:
+    key: str
+    model: str
+    done: TurnDone  # finish_reason "interrupted" for a reply cut short by Ctrl-C
+    tier: str  # where the reused prefix came from: hot, warm or cold
+    persisted: PersistStats | None
+    warnings: list[str]  # said after the turn (e.g. the cache could not be saved)
+
+
+TurnEvent = Notice | PromptProgress | TokenEvent | TurnDone | TurnRecorded
+"""What `Chat.run` yields: warnings first, then each turn's progress and tokens, and per
+turn its `TurnDone` followed by its `TurnRecorded` (once it is in the transcript)."""
+
+# Said when the cache fails ({reason}: `failure_reason`); a failure while caching costs a re-prefill, never a message.
+CACHE_UNAVAILABLE = "KV cache unavailable ({reason}): re-prefilling, and not caching this turn"
+CACHE_NOT_SAVED = "KV cache not saved ({reason}); the conversation is saved and will re-prefill next time"
+CACHE_NOT_KEPT = "KV cache not kept in memory ({reason}); the conversation is saved and will re-read it next time"
+
+
+class TurnNotSaved(SemanticError):
+    """Raised by `Chat.run` once every other reply is recorded: the transcript write of
+    these agents' replies failed, so those replies (shown, but not saved) are not in
+    their conversations. `errors` maps each such agent to what went wrong."""
+
+    def __init__(self, errors: dict[str, BaseException], others: bool) -> None:
+        names = ", ".join(errors)
+        reasons = "; ".join(dict.fromkeys(one_line(e) for e in errors.values()))
+        if len(errors) == 1:
+            lost = f"{names}'s reply could not be saved to the transcript ({reasons}): it is not in the conversation"
+        else:
+            lost = f"the replies of {names} could not be saved to the transcript ({reasons}): they are not in their conversations"
+        super().__init__(lost + ("; the other agents' replies are saved" if others else ""))
+        self.errors = errors
+
+
+def note(exc: BaseException, text: str) -> None:
+    """Say on an exception that propagates anyway what else went wrong (shown with SEMANTIC_DEBUG=1)."""
+    add = getattr(exc, "add_note", None)  # Python >= 3.11
+    if add is not None:
+        add(text)
+
+
+def one_line(exc: BaseException) -> str:
+    """`Type: message` on one line (the message's first line), for a warning or an error."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+@dataclass
+class PendingTurn:
+    """A prepared turn: `Chat.prepare` makes it and `Chat.run` generates and records it.
+    Not frozen: while it runs, the core collects its tokens and text here (what an
+    interrupted turn records) and notes its warnings and whether the agent is stored yet."""
+
+    agent: Agent
+    user_text: str
+    engine: Engine
+    request: TurnRequest
+    new_log: bool
+    log_len: int
+    tier: str
+    is_new: bool
+    warnings: list[str]
+    tokens: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)  # the turn's clock: set by prepare before the restore
+    first_token_at: float | None = None
+    done: TurnDone | None = None  # set when generation ends: what is recorded, even if the run stops before
+    recorded: bool = False  # the transcript holds this turn: never record it twice
+    stateless: bool = False  # an API turn on a model, not an agent: nothing is recorded

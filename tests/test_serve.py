@@ -1,0 +1,292 @@
+"""`semantic serve` end to end: a real server process on a free loopback port and on the
+home's Unix socket, talked to by the real `openai` client, curl-like raw HTTP (httpx) and
+the `semantic` CLI, on a tiny random-weight model."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from conftest import run_cli
+from servers import Server, openai_client, socket_client
+
+from semantic_cli.errors import EXIT_BUSY, EXIT_NOT_FOUND, EXIT_SERVER, EXIT_USAGE
+from semantic_cli.locks import AgentLock
+from semantic_cli.store import Store
+
+
+def _messages(store_name: str) -> list[tuple[str, str, str]]:
+    store = Store()
+    try:
+        return [(m.role, m.content, m.status) for m in store.messages(store_name)]
+    finally:
+        store.close()
+
+
+def _chat(*args: str, input: str | None = None) -> tuple[int, str, str]:
+    r = run_cli("chat", *args, input=input, timeout=120)
+    return r.returncode, r.stdout.decode(), r.stderr.decode()
+
+
+def test_openai_client_streaming_and_not_on_the_model_and_the_socket(tiny, home):
+    with Server(home, tiny["llama"]) as server:
+        client = openai_client(server)
+        ids = [m.id for m in client.models.list().data]
+        assert ids == ["llama"]  # no agents yet: only the model
+        msgs = [{"role": "user", "content": "hello there"}]
+        full = client.chat.completions.create(model="llama", messages=msgs, max_tokens=6)
+        assert full.object == "chat.completion" and full.choices[0].finish_reason == "length"
+        assert full.usage.completion_tokens == 6 and full.usage.prompt_tokens > 0
+        text = full.choices[0].message.content
+        assert text
+        stream = client.chat.completions.create(
+            model="llama", messages=msgs, max_tokens=6, stream=True, stream_options={"include_usage": True}
+        )
+        chunks = list(stream)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text  # greedy: the same reply
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+        over_socket = socket_client(server).chat.completions.create(model="llama", messages=msgs, max_tokens=6)
+        assert over_socket.choices[0].message.content == text
+        assert run_cli("agents", "ls", "--json").stdout.strip() in (b"[]", b"")  # stateless: no agent was made
+
+
+def test_agent_mode_appends_only_new_messages_then_the_cli_continues(tiny, home):
+    model = str(tiny["llama"])
+    code, _, err = _chat("-a", "ann", "--model", model, "--system", "be brief", "-m", "first", "--max-tokens", "3", "--no-server")
+    assert code == 0, err
+    with Server(home, model) as server:
+        client = openai_client(server)
+        assert "ann" in [m.id for m in client.models.list().data]
+        history = [{"role": "system", "content": "be brief"}] + [{"role": r, "content": c} for r, c, _ in _messages("ann")]
+        r1 = client.chat.completions.create(model="ann", messages=history + [{"role": "user", "content": "second"}], max_tokens=4)
+        assert r1.usage.prompt_tokens_details.cached_tokens > 0  # the agent's cache, found on disk
+        history += [{"role": "user", "content": "second"}, {"role": "assistant", "content": r1.choices[0].message.content}]
+        r2 = client.chat.completions.create(model="ann", messages=history + [{"role": "user", "content": "third"}], max_tokens=4)
+        only_new = client.chat.completions.create(model="ann", messages=[{"role": "user", "content": "fourth"}], max_tokens=4)
+        stored = _messages("ann")
+        assert [c for r, c, _ in stored if r == "user"] == ["first", "second", "third", "fourth"]
+        assert stored[3][1] == r1.choices[0].message.content and stored[5][1] == r2.choices[0].message.content
+        assert stored[7][1] == only_new.choices[0].message.content
+        # The CLI goes through the server (its log says so) and continues the same conversation.
+        code, out, err = _chat("-a", "ann", "-m", "fifth", "--max-tokens", "3", "--json")
+        assert code == 0, err
+        assert json.loads(out)["cache_tier"] == "hot"  # the server kept ann in memory
+        assert [c for r, c, _ in _messages("ann") if r == "user"][-1] == "fifth"
+        _, log = server.stop()
+    assert log.count("POST /semantic/v1/turns 200") == 1 and log.count("POST /v1/chat/completions 200") == 3
+    code, _, err = _chat("-a", "ann", "-m", "sixth", "--max-tokens", "3")  # no server now: in-process
+    assert code == 0, err
+    assert len(_messages("ann")) == 12
+
+
+def test_a_history_that_diverges_from_the_transcript_is_409_and_writes_nothing(tiny, home):
+    model = str(tiny["llama"])
+    assert _chat("-a", "bo", "--model", model, "-m", "one", "--max-tokens", "3", "--no-server")[0] == 0
+    before = _messages("bo")
+    with Server(home, model) as server:
+        client = openai_client(server)
+        edited = [{"role": "user", "content": "one (edited)"}, {"role": "assistant", "content": before[1][1]}]
+        with pytest.raises(openai.ConflictError) as caught:
+            client.chat.completions.create(model="bo", messages=edited + [{"role": "user", "content": "two"}], max_tokens=3)
+        assert caught.value.code == "conversation_diverged" and "at message 0" in caught.value.message
+        with pytest.raises(openai.ConflictError):  # a persona the agent does not have
+            client.chat.completions.create(
+                model="bo", messages=[{"role": "system", "content": "x"}, {"role": "user", "content": "two"}], max_tokens=3
+            )
+    assert _messages("bo") == before
+
+
+def test_each_error_status_in_openai_shape_and_nothing_written(tiny, home):
+    with Server(home, tiny["llama"], "--max-body", "2048", "--max-tokens", "50") as server:
+        url = server.url + "/chat/completions"
+        ok = {"model": "llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        cases = [
+            (b"{not json", 400, None),
+            (json.dumps({**ok, "temperature": 9}).encode(), 400, None),
+            (json.dumps({**ok, "messages": []}).encode(), 400, None),
+            (json.dumps({**ok, "messages": [{"role": "assistant", "content": "x"}]}).encode(), 400, None),
+            (json.dumps({**ok, "max_tokens": 51}).encode(), 400, None),
+            (json.dumps({**ok, "n": 2}).encode(), 400, None),
+            (json.dumps({**ok, "model": "nosuch"}).encode(), 404, "model_not_found"),
+            (json.dumps({**ok, "model": "../../etc/passwd"}).encode(), 404, "model_not_found"),
+            (json.dumps({**ok, "messages": [{"role": "user", "content": "x" * 4000}]}).encode(), 413, None),
+            (json.dumps({**ok, "messages": [{"role": "user", "content": "word " * 400}] * 5, "max_tokens": 2}).encode()[:2000], 400, None),
+        ]
+        for body, status, code in cases:
+            r = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=60)
+            assert r.status_code == status, (body[:80], r.text)
+            error = r.json()["error"]
+            assert error["message"] and error["type"] and error["code"] == code, r.text
+    assert run_cli("agents", "ls", "--json").stdout.strip() in (b"[]", b"")
+
+
+def test_prompt_too_long_for_the_context_is_400(tiny, home):
+    with Server(home, tiny["llama"], "--max-body", str(1 << 20)) as server:
+        client = openai_client(server)
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model="llama", messages=[{"role": "user", "content": "word " * 5000}], max_tokens=2)
+        assert caught.value.code == "context_length_exceeded"
+
+
+def test_api_key_is_required_on_tcp_and_compared_whole(tiny, home):
+    with Server(home, tiny["llama"], env={"SEMANTIC_API_KEY": "s3cret"}) as server:
+        msgs = [{"role": "user", "content": "hi"}]
+        for key in ("wrong", "s3cre", "s3cret2"):
+            with pytest.raises(openai.AuthenticationError):
+                openai_client(server, api_key=key).chat.completions.create(model="llama", messages=msgs, max_tokens=2)
+        assert httpx.get(server.url + "/models").status_code == 401
+        good = openai_client(server, api_key="s3cret").chat.completions.create(model="llama", messages=msgs, max_tokens=2)
+        assert good.choices[0].message.content is not None
+        assert socket_client(server).models.list().data  # the socket is the user's own: no key
+
+
+def test_refusals_at_start_are_one_line(tiny, home):
+    r = run_cli("serve", "--model", str(tiny["llama"]), "--host", "0.0.0.0", timeout=60)
+    assert r.returncode == EXIT_USAGE and b"without an API key" in r.stderr and len(r.stderr.splitlines()) == 1
+    with Server(home, tiny["llama"]) as server:
+        r = run_cli("serve", "--model", str(tiny["llama"]), "--port", "0", timeout=60)
+        assert r.returncode == EXIT_BUSY and f"(pid {server.proc.pid})".encode() in r.stderr, r.stderr  # type: ignore[union-attr]
+        assert len(r.stderr.splitlines()) == 1
+        doctor = json.loads(run_cli("doctor", "--json").stdout)
+        assert doctor["server"].startswith(f"running (pid {server.proc.pid}") and server.socket in doctor["server"]  # type: ignore[union-attr]
+    assert json.loads(run_cli("doctor", "--json").stdout)["server"].startswith("not running")
+
+
+def test_cli_through_the_server_matches_in_process_output_and_exit_codes(tiny, home):
+    model = str(tiny["llama"])
+    with Server(home, model) as server:
+        via_server = _chat("-a", "s1", "--model", model, "-m", "same words", "--max-tokens", "5", "--json")
+        in_process = _chat("-a", "s2", "--model", model, "-m", "same words", "--max-tokens", "5", "--json", "--no-server")
+        assert via_server[0] == in_process[0] == 0, via_server[2] + in_process[2]
+        a, b = json.loads(via_server[1]), json.loads(in_process[1])
+        assert a.keys() == b.keys() and a["reply"] == b["reply"] and a["agent"] == "s1"
+        piped = _chat("-a", "s3", "--model", model, "--max-tokens", "5", input="same words\n")
+        assert piped[0] == 0 and piped[1] == a["reply"] + "\n"
+        room = _chat("-a", "r1", "-a", "r2", "--model", model, "--all", "--max-tokens", "3", "-m", "hi")
+        assert room[0] == 0 and room[1].index("[r1]\n") < room[1].index("[r2]\n")
+        with AgentLock("s1"):
+            code, _, err = _chat("-a", "s1", "-m", "again")
+            assert code == EXIT_BUSY and "busy" in err and len(err.splitlines()) == 1
+        code, _, err = _chat("-a", "Bad Name", "-m", "x")
+        assert code == EXIT_USAGE
+        code, _, err = _chat("-a", "s9", "--model", "/nonexistent", "-m", "x")  # another model: in-process, same error
+        assert code == EXIT_NOT_FOUND and "unknown model" in err
+        _, log = server.stop()
+    assert log.count("POST /semantic/v1/turns 200") == 3  # s1, s3 and the room; s2 ran in-process
+
+
+def test_a_client_that_disconnects_mid_stream_stops_its_own_turn_only(tiny, home):
+    model = str(tiny["llama"])
+    for name in ("long", "other"):
+        assert _chat("-a", name, "--model", model, "-m", "start", "--max-tokens", "2", "--no-server")[0] == 0
+    with Server(home, model) as server:
+        client = openai_client(server)
+        other: dict = {}
+
+        def run_other() -> None:
+            other["r"] = client.chat.completions.create(model="other", messages=[{"role": "user", "content": "go"}], max_tokens=300)
+
+        stream = client.chat.completions.create(model="long", messages=[{"role": "user", "content": "go"}], max_tokens=3000, stream=True)
+        got = []
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                got.append(chunk.choices[0].delta.content)
+            if len(got) == 5:
+                thread = threading.Thread(target=run_other)
+                thread.start()
+            if len(got) == 20:
+                break
+        stream.close()
+        thread.join(120)
+        assert other["r"].choices[0].finish_reason == "length" and other["r"].usage.completion_tokens == 300
+        deadline = time.monotonic() + 30
+        while len(_messages("long")) < 4:
+            assert time.monotonic() < deadline, "the interrupted turn was never recorded"
+            time.sleep(0.1)
+    role, text, status = _messages("long")[-1]
+    assert role == "assistant" and status == "interrupted"
+    assert text.startswith("".join(got)) and len(text) < 3000  # stopped soon after the client left, not at max_tokens
+
+
+def test_sigterm_ends_running_turns_and_exits_0_within_10_s(tiny, home):
+    model = str(tiny["llama"])
+    assert _chat("-a", "t", "--model", model, "-m", "start", "--max-tokens", "2", "--no-server")[0] == 0
+    server = Server(home, model).start()
+    try:
+        stream = openai_client(server).chat.completions.create(
+            model="t", messages=[{"role": "user", "content": "go"}], max_tokens=4000, stream=True
+        )
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                break
+        started = time.monotonic()
+        code, _ = server.stop(signal.SIGTERM, timeout=15)
+        took = time.monotonic() - started
+    finally:
+        server.__exit__()
+    assert code == 0 and took < 10
+    last = _messages("t")[-1]
+    assert last[0] == "assistant" and last[2] in ("interrupted", "complete")
+    assert not (home / "runtime" / "server.json").exists()
+
+
+def test_server_killed_mid_turn_is_its_own_exit_code_and_no_completed_turn_is_lost(tiny, home):
+    model = str(tiny["llama"])
+    server = Server(home, model).start()
+    try:
+        assert _chat("-a", "k", "--model", model, "-m", "kept", "--max-tokens", "3")[0] == 0
+        import subprocess
+
+        from conftest import SEMANTIC
+
+        proc = subprocess.Popen(
+            [SEMANTIC, "chat", "-a", "k", "-m", "long one", "--max-tokens", "4000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        first = proc.stdout.read(1)  # type: ignore[union-attr]
+        assert first
+        server.stop(signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        server.__exit__()
+    assert proc.returncode == EXIT_SERVER and "stopped answering" in err.decode() and len(err.decode().strip().splitlines()) == 1
+    assert [c for r, c, _ in _messages("k") if r == "user"][0] == "kept"
+    code, _, err2 = _chat("-a", "k", "-m", "after", "--max-tokens", "2")  # the dead server's file is ignored: in-process
+    assert code == 0, err2
+
+
+def test_a_long_history_hits_the_cache_after_a_restart(tiny, home):
+    model = str(tiny["llama"])
+    env = {"SEMANTIC_BLOCK_TOKENS": "16"}
+    history = [{"role": "user", "content": " ".join(f"word{i}" for i in range(200))}]
+    with Server(home, model, env=env) as server:
+        cold = openai_client(server).chat.completions.create(model="llama", messages=history, max_tokens=3)
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    with Server(home, model, env=env) as server:
+        warm = openai_client(server).chat.completions.create(model="llama", messages=history, max_tokens=3, user="someone-else")
+    assert warm.usage.prompt_tokens_details.cached_tokens >= cold.usage.prompt_tokens - 16  # every full block, found by content
+    assert warm.choices[0].message.content == cold.choices[0].message.content
+
+
+def test_saturated_server_answers_503(tiny, home):
+    model = str(tiny["llama"])
+    assert _chat("-a", "q", "--model", model, "-m", "start", "--max-tokens", "2", "--no-server")[0] == 0
+    with Server(home, model, "--max-queue", "1") as server:
+        client = openai_client(server)
+        stream = client.chat.completions.create(model="q", messages=[{"role": "user", "content": "go"}], max_tokens=3000, stream=True)
+        next(iter(stream))
+        waiting = threading.Thread(
+            target=lambda: client.chat.completions.create(model="q", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+        )
+        waiting.start()  # waits for q: the one place in the queue
+        time.sleep(1.0)
+        with pytest.raises(openai.InternalServerError) as caught:
+            client.chat.completions.create(model="q", messages=[{"role": "user", "content": "y"}], max_tokens=2)
+        assert caught.value.status_code == 503
+        stream.close()
+        waiting.join(120)
