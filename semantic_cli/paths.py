@@ -41,9 +41,13 @@ def _roots() -> dict[str, Path]:
     home = _home()
     if home is not None:
         return {kind: home / kind for kind in KINDS}
+    import warnings
+
     import platformdirs
 
-    return {kind: Path(getattr(platformdirs, f"user_{kind}_dir")(APP)) for kind in KINDS}
+    with warnings.catch_warnings():  # no XDG_RUNTIME_DIR: platformdirs warns, then uses /tmp/runtime-UID (checked private like any other)
+        warnings.simplefilter("ignore")
+        return {kind: Path(getattr(platformdirs, f"user_{kind}_dir")(APP)) for kind in KINDS}
 
 
 # ---- directories ---------------------------------------------------------------

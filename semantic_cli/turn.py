@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from .engine import Engine, PromptProgress, TokenEvent, TurnDone, TurnRequest
 from .errors import SemanticError
-from .kv.store import PersistStats
+from .kv.stats import PersistStats
 from .store import Agent
 
 

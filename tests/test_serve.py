@@ -290,3 +290,27 @@ def test_saturated_server_answers_503(tiny, home):
         assert caught.value.status_code == 503
         stream.close()
         waiting.join(120)
+
+
+def test_stop_sequences_cut_the_reply_and_the_transcript_keeps_the_cut_text(tiny, home):
+    model = str(tiny["llama"])
+    assert _chat("-a", "st", "--model", model, "-m", "start", "--max-tokens", "2", "--no-server")[0] == 0
+    with Server(home, model) as server:
+        client = openai_client(server)
+        free = client.chat.completions.create(model="llama", messages=[{"role": "user", "content": "go on"}], max_tokens=40)
+        text = free.choices[0].message.content
+        stop = text[len(text) // 2 : len(text) // 2 + 3]
+        assert stop.strip() and text.index(stop) > 0
+        cut = client.chat.completions.create(model="llama", messages=[{"role": "user", "content": "go on"}], max_tokens=40, stop=[stop])
+        assert cut.choices[0].finish_reason == "stop" and cut.choices[0].message.content == text[: text.index(stop)]
+        streamed = client.chat.completions.create(
+            model="llama", messages=[{"role": "user", "content": "go on"}], max_tokens=40, stop=stop, stream=True
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text[: text.index(stop)]
+        agent = client.chat.completions.create(model="st", messages=[{"role": "user", "content": "go on"}], max_tokens=40, stop=["e"])
+        assert "e" not in agent.choices[0].message.content
+        assert _messages("st")[-1][1] == agent.choices[0].message.content
+        # The next turn re-renders the transcript (the token log ran past the cut) and goes on.
+        again = client.chat.completions.create(model="st", messages=[{"role": "user", "content": "more"}], max_tokens=3)
+        assert again.choices[0].finish_reason == "length"
+        assert httpx.post(server.info["url"] + "/semantic/v1/turns", json={}).status_code == 403  # the CLI's route: socket only

@@ -13,7 +13,7 @@ from rich.table import Table
 from ..errors import UsageError
 from . import render
 
-app = typer.Typer(help="Benchmarks: exactness (exp-005), block gather (exp-006), resume, batch.", no_args_is_help=True)
+app = typer.Typer(help="Benchmarks: exactness (exp-005), block gather (exp-006), resume, batch, serve.", no_args_is_help=True)
 
 OUT = typer.Option(None, "--out", help="Where to write the results JSON (default: the data dir's bench/).")
 JSON = typer.Option(False, "--json", help="Print the results JSON on stdout instead of a table.")
@@ -160,4 +160,24 @@ def batch(
     engine = _engine(model)
     with render.progress(render.stderr(), enabled=render.stderr().is_terminal) as progress:
         res = b.run(engine, agent_counts, max_tokens, progress)
+    _finish(res, b.table(res), out, json_out)
+
+
+@app.command("serve")
+def serve(
+    model: str | None = MODEL,
+    rounds: int = typer.Option(6, "--rounds", min=2, help="Piped turns per mode (with and without the server, alternating)."),
+    max_tokens: int = typer.Option(64, "--max-tokens", min=1, help="Tokens per reply in the concurrency test."),
+    tokens: int = typer.Option(2048, "--tokens", min=256, help="Length of the conversation resent after a restart."),
+    repeats: int = typer.Option(2, "--repeats", min=1, help="Cold and warm restarts."),
+    mlx_lm: bool = typer.Option(True, "--mlx-lm/--no-mlx-lm", help="Time mlx_lm.server on the same request too."),
+    out: Path | None = OUT,
+    json_out: bool = JSON,
+) -> None:
+    """The resident engine: piped chat with vs without a server, 4 concurrent chats, a resend after a restart."""
+    from ..bench import serve as b
+
+    engine = _engine(model)
+    with render.progress(render.stderr(), enabled=render.stderr().is_terminal) as progress:
+        res = b.run(engine, rounds, max_tokens, tokens, repeats, mlx_lm, progress)
     _finish(res, b.table(res), out, json_out)

@@ -36,6 +36,7 @@ from .failures import CACHE_ERRORS, CacheUnavailable, failure_reason
 from .index import BlockRow, KVIndex, TailRow, block_name
 from .layers import CacheSpec, cache_mismatch, cache_nbytes, snapshot_state
 from .restore import CacheFile, read_cache
+from .stats import PersistStats
 
 
 def chain_hashes(model_fp: str, tokens: list[int], block_tokens: int) -> list[str]:
@@ -52,13 +53,6 @@ class Restored:
     matched: int
     tier: str  # "hot" | "warm" | "cold"
     warnings: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class PersistStats:
-    bytes_written: int
-    blocks_written: int
-    blocks_reused: int
 
 
 @dataclass(frozen=True)

@@ -190,9 +190,10 @@ def build(worker: Worker, settings: Settings) -> Starlette:
         return JSONResponse(openai_api.completion(cid, req.model, rec))
 
     async def turns(request: Request) -> Response:
-        """The CLI's turn: its fields as `semantic chat` takes them; NDJSON events back."""
-        if not authorized(request):
-            return _error(401, "missing or wrong API key", "invalid_request_error", "invalid_api_key")
+        """The CLI's turn: its fields as `semantic chat` takes them; NDJSON events back. Only
+        on the Unix socket (the user's own): it creates agents and changes their settings."""
+        if request.scope.get("client") is not None:
+            return _error(403, "this route is the semantic CLI's, on the Unix socket only", "invalid_request_error")
         try:
             body = json.loads(await read_body(request))
             if body.get("wire") != wire.WIRE_VERSION:

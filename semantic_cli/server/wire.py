@@ -13,7 +13,7 @@ from typing import Any
 
 from ..engine import PromptProgress, TokenEvent, TurnDone, TurnStats
 from ..errors import SemanticError
-from ..kv.store import PersistStats
+from ..kv.stats import PersistStats
 from ..turn import Notice, TurnEvent, TurnRecorded
 
 WIRE_VERSION = 1  # bumped when a field changes meaning; the client refuses another
