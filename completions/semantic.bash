@@ -21,18 +21,24 @@ _semantic() {
     for (( i=1; i<COMP_CWORD; i++ )); do
         w="${COMP_WORDS[i]}"
         case "$path $w" in
-            " chat"|" doctor"|" agents"|" agents ls"|" agents new"|" agents show"|" agents edit"|" agents reset"|" agents rm"|" agents rename"|" agents fork"|" cache"|" cache ls"|" cache evict"|" cache verify"|" config"|" config show"|" config get"|" config set"|" config path"|" bench"|" bench exp-005"|" bench exp-006"|" bench resume"|" bench batch") path="$path $w"; end=$((i+1)) ;;
+            " chat"|" serve"|" doctor"|" agents"|" agents ls"|" agents new"|" agents show"|" agents edit"|" agents reset"|" agents rm"|" agents rename"|" agents fork"|" cache"|" cache ls"|" cache evict"|" cache verify"|" config"|" config show"|" config get"|" config set"|" config path"|" bench"|" bench exp-005"|" bench exp-006"|" bench resume"|" bench batch"|" bench serve"|" rooms"|" rooms ls"|" rooms rm") path="$path $w"; end=$((i+1)) ;;
         esac
     done
     case "$path" in
         "")
-            opts="--version -h --help"; subs="chat doctor agents cache config bench"; valopts="  " ;;
+            opts="--version -h --help"; subs="chat serve doctor agents cache config bench rooms"; valopts="  " ;;
         " chat")
-            opts="-a --agent --room --save-room -m --message --all --json --system --max-tokens --temp --top-p --seed --model --wait --wait-timeout -v --verbose --no-markdown --color -h --help"; subs=""; valopts=" -a --agent --room --save-room -m --message --system --max-tokens --temp --top-p --seed --model --wait-timeout --color "
+            opts="-a --agent --room --save-room -m --message --all --json --system --max-tokens --temp --top-p --seed --top-k --min-p --repeat-penalty --repeat-last-n --model --wait --wait-timeout -v --verbose --no-markdown --color --no-server -h --help"; subs=""; valopts=" -a --agent --room --save-room -m --message --system --max-tokens --temp --top-p --seed --top-k --min-p --repeat-penalty --repeat-last-n --model --wait-timeout --color "
             case "$prev" in
                 -a|--agent) __semantic_values "agent"; return ;;
-                --room|--save-room|-m|--message|--system|--max-tokens|--temp|--top-p|--seed|--wait-timeout|--color) __semantic_values ""; return ;;
+                --room|--save-room|-m|--message|--system|--max-tokens|--temp|--top-p|--seed|--top-k|--min-p|--repeat-penalty|--repeat-last-n|--wait-timeout|--color) __semantic_values ""; return ;;
                 --model) __semantic_values "file"; return ;;
+            esac ;;
+        " serve")
+            opts="--model --host --port --no-tcp --socket --no-socket --api-key --max-body --max-tokens --max-queue -h --help"; subs=""; valopts=" --model --host --port --socket --api-key --max-body --max-tokens --max-queue "
+            case "$prev" in
+                --model|--socket) __semantic_values "file"; return ;;
+                --host|--port|--api-key|--max-body|--max-tokens|--max-queue) __semantic_values ""; return ;;
             esac ;;
         " doctor")
             opts="--json -h --help"; subs=""; valopts="  " ;;
@@ -84,7 +90,7 @@ _semantic() {
         " config path")
             opts="-h --help"; subs=""; valopts="  " ;;
         " bench")
-            opts="-h --help"; subs="exp-005 exp-006 resume batch"; valopts="  " ;;
+            opts="-h --help"; subs="exp-005 exp-006 resume batch serve"; valopts="  " ;;
         " bench exp-005")
             opts="--model --out --json -h --help"; subs=""; valopts=" --model --out "
             case "$prev" in
@@ -108,6 +114,18 @@ _semantic() {
                 --model|--out) __semantic_values "file"; return ;;
                 --agents|--max-tokens) __semantic_values ""; return ;;
             esac ;;
+        " bench serve")
+            opts="--model --rounds --max-tokens --tokens --repeats --mlx-lm --no-mlx-lm --out --json -h --help"; subs=""; valopts=" --model --rounds --max-tokens --tokens --repeats --out "
+            case "$prev" in
+                --model|--out) __semantic_values "file"; return ;;
+                --rounds|--max-tokens|--tokens|--repeats) __semantic_values ""; return ;;
+            esac ;;
+        " rooms")
+            opts="-h --help"; subs="ls rm"; valopts="  " ;;
+        " rooms ls")
+            opts="--json -h --help"; subs=""; valopts="  " ;;
+        " rooms rm")
+            opts="-h --help"; subs=""; valopts="  " ;;
     esac
     if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "$opts" -- "$cur")); return; fi
     if [[ -n "$subs" ]]; then COMPREPLY=($(compgen -W "$subs" -- "$cur")); return; fi
@@ -124,8 +142,9 @@ _semantic() {
         " agents rename:0") __semantic_values "agent" ;;
         " agents fork:0") __semantic_values "agent" ;;
         " cache evict":*) __semantic_values "agent" ;;
-        " config get:0") __semantic_values "key:model block_tokens cache_budget hot_budget temp top_p max_tokens" ;;
-        " config set:0") __semantic_values "key:model block_tokens cache_budget hot_budget temp top_p max_tokens" ;;
+        " config get:0") __semantic_values "key:model block_tokens cache_budget hot_budget temp top_p max_tokens top_k min_p repeat_penalty repeat_last_n" ;;
+        " config set:0") __semantic_values "key:model block_tokens cache_budget hot_budget temp top_p max_tokens top_k min_p repeat_penalty repeat_last_n" ;;
+        " rooms rm:0") __semantic_values "agent" ;;
     esac
 }
 

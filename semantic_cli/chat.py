@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
+from typing import Any
 
 from . import config, faults, prompting
 from .engine import Engine, Event, TokenEvent, TurnDone, TurnRequest, TurnStats, get_engine
@@ -64,6 +65,7 @@ class Chat:
         self.kv = kv if kv is not None else make_kvstore()
         self.locks: dict[str, AgentLock] = {}
         self._specs: dict[str, CacheSpec] = {}
+        self._model_defaults: dict[str, dict[str, Any]] = {}  # model fingerprint -> its generation_config sampling
         self._warned: set[tuple[str, str]] = set()
         self._stored: dict[str, bool] = {}  # agent -> whether the transcript store has it (we hold its lock)
 
@@ -165,15 +167,50 @@ class Chat:
         """The engine request for a prompt: settings (flag, else the agent's, else config) and
         the longest cached prefix that can be restored."""
         lm = engine.lm
-        max_tokens = settings.max_tokens or agent.settings.get("max_tokens") or config.get("max_tokens")
-        max_tokens = min(int(max_tokens), lm.context_length - len(prompt))
-        temp = settings.temp if settings.temp is not None else agent.settings.get("temp", config.get("temp"))
-        top_p = settings.top_p if settings.top_p is not None else agent.settings.get("top_p", config.get("top_p"))
+        value = self._sampling(agent, engine, settings)
+        max_tokens = min(int(value("max_tokens")), lm.context_length - len(prompt))
         restored = Restored(None, 0, "cold")
         with self._caching(CACHE_UNAVAILABLE, restored.warnings):
             restored = self.kv.restore(agent.name, lm.fingerprint, self.spec(engine), prompt, capacity=len(prompt) + max_tokens)
-        request = TurnRequest(agent.name, prompt, restored.cache, restored.matched, max_tokens, float(temp), float(top_p), started)
+        request = TurnRequest(
+            agent.name,
+            prompt,
+            restored.cache,
+            restored.matched,
+            max_tokens,
+            float(value("temp")),
+            float(value("top_p")),
+            started,
+            top_k=int(value("top_k")),
+            min_p=float(value("min_p")),
+            repeat_penalty=float(value("repeat_penalty")),
+            repeat_last_n=int(value("repeat_last_n")),
+        )
         return request, restored.tier, list(restored.warnings)
+
+    def _sampling(self, agent: Agent, engine: Engine, settings: GenSettings) -> Callable[[str], Any]:
+        """Each setting from the first that has it: the turn's flag, the agent's settings, the
+        config (environment or file), the model's generation_config.json, the built-in default."""
+        from pathlib import Path
+
+        from .model.generation import sampling_defaults
+
+        fp = engine.lm.fingerprint
+        if fp not in self._model_defaults:
+            self._model_defaults[fp] = sampling_defaults(Path(engine.lm.ref.path))
+        model = self._model_defaults[fp]
+
+        def value(key: str) -> Any:
+            given = getattr(settings, key)
+            if given is not None:
+                return given
+            if agent.settings.get(key) is not None:
+                return agent.settings[key]
+            if key in model and config.source(key) == "default":
+                return model[key]
+            return config.get(key)
+
+        return value
 
     def run(self, pendings: list[PendingTurn], seed: int | None = None) -> Generator[TurnEvent, None, None]:
         """Generate all pending turns concurrently (one engine), recording each as it finishes.

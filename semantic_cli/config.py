@@ -99,6 +99,20 @@ def _top_p(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be a whole number >= 0")
+    return value
+
+
+def _penalty(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError("must be a finite number > 0 (1 = no penalty)")
+    return value
+
+
 def _size(text: str) -> str:
     parse_bytes(text)
     return text
@@ -114,6 +128,10 @@ SETTINGS: dict[str, Setting] = {
         Setting("temp", 0.0, _temp, None, "default sampling temperature (0 = greedy)"),
         Setting("top_p", 1.0, _top_p, None, "default nucleus sampling threshold"),
         Setting("max_tokens", 512, _positive_int, None, "default maximum tokens per reply"),
+        Setting("top_k", 0, _count, None, "default top-k sampling (0 = off)"),
+        Setting("min_p", 0.0, _top_p, None, "default min-p sampling threshold (0 = off)"),
+        Setting("repeat_penalty", 1.15, _penalty, None, "default repetition penalty (1 = off)"),
+        Setting("repeat_last_n", 256, _count, None, "tokens the repetition penalty looks back over"),
     )
 }
 

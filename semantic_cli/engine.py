@@ -28,6 +28,10 @@ class TurnRequest:
     temp: float = 0.0
     top_p: float = 1.0
     started: float | None = None  # perf_counter() when the turn began (before its restore); default: when inserted
+    top_k: int = 0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0  # 1: none
+    repeat_last_n: int = 64
 
 
 @dataclass(frozen=True)
@@ -162,13 +166,14 @@ class Batch:
     `TurnDone` is returned, or at once with `cancel` (its partial reply is the caller's)."""
 
     def __init__(self, engine: Engine) -> None:
-        from mlx_lm.sample_utils import make_sampler
+        from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
         self.engine = engine
         self._make_sampler = make_sampler
+        self._make_processors = make_logits_processors
         self._gen = engine.generator
         self._live: dict[int, _Live] = {}
-        self._samplers: dict[tuple[float, float], Any] = {}
+        self._samplers: dict[tuple[float, float, int, float], Any] = {}
 
     @property
     def live(self) -> list[str]:
@@ -185,15 +190,20 @@ class Batch:
             raise ValueError(f"{req.key!r} already has a sequence in this batch")
         # One sampler object per setting: BatchGenerator samples the whole
         # batch in one call only when every sequence shares the same object.
-        key = (req.temp, req.top_p)
+        key = (req.temp, req.top_p, req.top_k, req.min_p)
         if key not in self._samplers:
-            self._samplers[key] = self._make_sampler(temp=req.temp, top_p=req.top_p if req.top_p < 1.0 else 0.0)
+            top_p = req.top_p if req.top_p < 1.0 else 0.0
+            self._samplers[key] = self._make_sampler(temp=req.temp, top_p=top_p, top_k=req.top_k, min_p=req.min_p)
+        processors = []
+        if req.repeat_penalty != 1.0 and req.repeat_last_n > 0:  # per sequence: each keeps its own token context
+            processors = self._make_processors(repetition_penalty=req.repeat_penalty, repetition_context_size=req.repeat_last_n)
         [uid] = self._gen.insert(
             [req.prompt[req.cached :]],
             max_tokens=[req.max_tokens],
             caches=[req.cache] if req.cache is not None else None,
             all_tokens=[list(req.prompt[: req.cached])],
             samplers=[self._samplers[key]],
+            logits_processors=[processors],
         )
         self._live[uid] = _Live(req, uid, time.perf_counter(), self.engine.lm.tokenizer.detokenizer)
 

@@ -255,3 +255,16 @@ class Store:
         if row is None:
             raise NotFoundError(f"no room named {name!r}; open one with `semantic chat --agent a --agent b --save-room {name}`")
         return json.loads(row["agents"])
+
+    def list_rooms(self) -> list[tuple[str, list[str]]]:
+        """Every saved room, by name: (name, its agents in room order)."""
+        return [(r["name"], json.loads(r["agents"])) for r in self.db.execute("SELECT name, agents FROM rooms ORDER BY name")]
+
+    def delete_room(self, name: str) -> list[str]:
+        """Forget a saved room (its agents stay); the agents it named."""
+        with self._tx():
+            row = self.db.execute("SELECT agents FROM rooms WHERE name=?", (validate_name(name, "room"),)).fetchone()
+            if row is None:
+                raise NotFoundError(f"no room named {name!r}; list the saved rooms with `semantic rooms ls`")
+            self.db.execute("DELETE FROM rooms WHERE name=?", (name,))
+        return json.loads(row["agents"])

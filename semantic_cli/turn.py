@@ -14,10 +14,17 @@ from .store import Agent
 
 @dataclass(frozen=True)
 class GenSettings:
+    """What a turn asks for; None: the agent's setting, else the config's, else the model's
+    generation_config.json, else the built-in default (`Chat` resolves them)."""
+
     max_tokens: int | None = None
     temp: float | None = None
     top_p: float | None = None
     seed: int | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    repeat_last_n: int | None = None
 
 
 @dataclass(frozen=True)

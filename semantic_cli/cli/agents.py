@@ -4,10 +4,12 @@ Nothing here loads a model: these commands work on the transcript store and the
 KV index only, so they start fast and never import mlx. The transcript is
 changed first (it is the truth); the cache, being derived, follows.
 
+Output fits its medium (render.table): on a terminal, `ls` is an aligned table and
+`show` renders Markdown wrapped to the terminal; piped or redirected, `ls` is
+tab-separated values, one complete record per line, and `show` is plain text.
 Stored text (personas, messages, model specs) reaches a terminal only through
-`render.printable`: the table of `ls` and the rich view of `show` always, the
-`--markdown` and `--json` exports of `show` when stdout is a terminal. A pipe
-gets those exports byte for byte.
+`render.printable`; a pipe gets it byte for byte (`ls` escapes only tab, newline,
+carriage return and backslash, so a record stays on its line).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from ..kv.index import KVIndex, open_index
 from ..locks import AgentLock
 from ..store import Agent, Message, Store, validate_name
 from . import render
-from .render import human_age, human_bytes, printable
+from .render import Column, fullness, human_age, human_bytes, plural, printable
 
 app = typer.Typer(help="Manage agents: named personas with their own conversation and cache.", no_args_is_help=True)
 
@@ -39,7 +41,7 @@ MODEL = typer.Option(None, "--model", help="Model: mlx-lm directory, .gguf file 
 TEMP = typer.Option(None, "--temp", min=0.0, help="Sampling temperature (0: greedy).")
 MAX_TOKENS = typer.Option(None, "--max-tokens", min=1, help="Maximum tokens per reply.")
 TOP_P = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold.")
-YES = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")
+YES = typer.Option(False, "--yes", "-y", metavar="", help="Do not ask for confirmation.")
 
 
 # ---- helpers ----------------------------------------------------------
@@ -132,16 +134,29 @@ def _history(name: str) -> Path:
 
 # ---- commands ---------------------------------------------------------
 @app.command("ls")
-def ls(json_out: bool = typer.Option(False, "--json", help="Print a JSON list.")) -> None:
-    """Every agent: model, persona, turns, transcript and cached tokens, last activity."""
+def ls(json_out: bool = typer.Option(False, "--json", metavar="", help="Print a JSON list.")) -> None:
+    """Every agent: model, persona, turns, tokens/context, cached tokens, last activity.
+
+    On a terminal: a table; the persona is shortened, the name never cropped.
+
+    Piped or redirected: tab-separated values, a header line, then one complete line per agent (the whole persona, the model as given).
+
+    In a piped field, a backslash, tab, newline or carriage return is written \\\\, \\t, \\n or \\r.
+
+    TOKENS: transcript tokens / the model's context length ("812/8192"); the tokens alone until the model's files are here.
+    """
+    from ..model.loader import context_length
+
     with _opened() as (store, kv):
         agents = store.list_agents()
         turns, tokens, cached = store.turn_counts(), store.token_counts(), kv.cached_tokens()
+    contexts = {spec: context_length(spec) for spec in {a.model for a in agents}}
     rows = [
         {
             **export.agent_dict(a),
             "turns": turns.get(a.name, 0),
             "transcript_tokens": tokens.get(a.name, 0),
+            "context_length": contexts[a.model],
             "cached_tokens": cached.get(a.name, 0),
         }
         for a in agents
@@ -152,17 +167,19 @@ def ls(json_out: bool = typer.Option(False, "--json", help="Print a JSON list.")
     if not rows:
         _status("no agents yet; create one with `semantic agents new NAME` or `semantic chat --agent NAME`")
         return
-    from rich.table import Table
-
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for col, justify in (("NAME", "left"), ("MODEL", "left"), ("PERSONA", "left"), ("TURNS", "right"),
-                         ("TOKENS", "right"), ("CACHED", "right"), ("LAST ACTIVE", "right")):  # fmt: skip
-        table.add_column(col, justify=justify, overflow="ellipsis", no_wrap=col != "PERSONA")  # type: ignore[arg-type]
+    terminal = render.is_terminal(sys.stdout)
+    columns = [Column("NAME"), Column("MODEL", wrap=True), Column("PERSONA", wrap=True), Column("TURNS", right=True),
+               Column("TOKENS", right=True), Column("CACHED", right=True), Column("LAST ACTIVE", right=True)]  # fmt: skip
+    cells = []
     for a, row in zip(agents, rows, strict=True):
-        model = Path(a.model).name if os.sep in a.model and Path(a.model).exists() else a.model
-        table.add_row(a.name, printable(model), printable(_excerpt(a.system)) or "-", str(row["turns"]), str(row["transcript_tokens"]),
-                      str(row["cached_tokens"]), human_age(a.last_active))  # fmt: skip
-    render.stdout().print(table)
+        if terminal:
+            model = Path(a.model).name if os.sep in a.model and Path(a.model).exists() else a.model
+            model, persona = printable(model), printable(_excerpt(a.system)) or "-"
+        else:
+            model, persona = a.model, a.system  # complete, byte for byte
+        cells.append([a.name, model, persona, str(row["turns"]), fullness(row["transcript_tokens"], row["context_length"]),
+                      str(row["cached_tokens"]), human_age(a.last_active)])  # fmt: skip
+    render.table(columns, cells)
 
 
 @app.command("new")
@@ -192,10 +209,17 @@ def new(
 @app.command("show")
 def show(
     name: str = NAME,
-    json_out: bool = typer.Option(False, "--json", help="The agent and its messages as JSON."),
-    markdown: bool = typer.Option(False, "--markdown", help="Export the transcript as Markdown."),
+    json_out: bool = typer.Option(False, "--json", metavar="", help="The agent and its messages as JSON."),
+    markdown: bool = typer.Option(False, "--markdown", metavar="", help="Export the transcript as Markdown."),
 ) -> None:
-    """The agent's transcript, rendered."""
+    """The agent's transcript, rendered.
+
+    On a terminal, replies are rendered as Markdown and wrapped to its width (never cropped).
+
+    Piped or redirected: plain text, every message exactly as stored, unwrapped.
+
+    --markdown and --json are the documents the REPL's /save writes.
+    """
     if json_out and markdown:
         raise UsageError("pass either --json or --markdown, not both")
     with _opened() as (store, _):
@@ -206,10 +230,18 @@ def show(
     elif markdown:
         sys.stdout.write(printable(export.to_markdown(agent, messages), sys.stdout))
     else:
-        _show_rich(agent, messages)
+        _show(agent, messages)
 
 
-def _show_rich(agent: Agent, messages: list[Message]) -> None:
+def _show(agent: Agent, messages: list[Message]) -> None:
+    """The transcript for reading: on a terminal, replies rendered as Markdown and
+    wrapped (never cropped) to its width; anywhere else, plain text with every message
+    byte for byte, unwrapped."""
+    if not render.is_terminal(sys.stdout):
+        sys.stdout.write(_plain(agent, messages))
+        if not messages:
+            _status("no messages yet")
+        return
     from rich.markdown import Markdown
     from rich.text import Text
 
@@ -226,10 +258,21 @@ def _show_rich(agent: Agent, messages: list[Message]) -> None:
             if m.status == "interrupted":
                 label.append(" (interrupted)", style="yellow")
             out.print(label)
-            out.print(Markdown(printable(m.content)))
+            out.print(Markdown(printable(m.content)), soft_wrap=False)  # wrapped to the terminal: soft wrap would crop lists and code
         else:
             out.print(Text("you" if m.role == "user" else m.role, style="bold cyan"))
             out.print(Text(printable(m.content)))
+
+
+def _plain(agent: Agent, messages: list[Message]) -> str:
+    """The terminal view's words, as plain text: a header line, the persona, then per
+    message a blank line, who spoke (the agent's name, "(interrupted)" for a cut reply)
+    and the text exactly as stored."""
+    parts = [f"{agent.name} · {agent.model}\n"] + ([f"persona: {agent.system}\n"] if agent.system else [])
+    for m in messages:
+        who = {"assistant": agent.name, "user": "you"}.get(m.role, m.role) + (" (interrupted)" if m.status == "interrupted" else "")
+        parts.append(f"\n{who}\n{m.content}\n")
+    return "".join(parts)
 
 
 @app.command("edit")
@@ -335,4 +378,4 @@ def fork(name: str = NAME, new: str = typer.Argument(..., help="Name of the copy
             kv.fork_agent(name, new)
             turns = store.turn_counts().get(new, 0)
             blocks = len(kv.chain(new))
-    _status(f"forked {name!r} as {new!r}: {turns} turns, sharing {blocks} cached blocks")
+    _status(f"forked {name!r} as {new!r}: {plural(turns, 'turn')}, sharing {plural(blocks, 'cached block')}")

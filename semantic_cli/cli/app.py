@@ -35,13 +35,13 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(False, "--version", metavar="", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
     """Chat with named local-LLM agents whose conversations and KV caches persist between runs."""
 
 
 def _register() -> None:
-    from . import agents, bench, cache, chat, config, serve
+    from . import agents, bench, cache, chat, config, rooms, serve
 
     app.command("chat")(chat.chat)
     app.command("serve")(serve.serve)
@@ -50,6 +50,7 @@ def _register() -> None:
     app.add_typer(cache.app, name="cache")
     app.add_typer(config.app, name="config")
     app.add_typer(bench.app, name="bench")
+    app.add_typer(rooms.app, name="rooms")
 
 
 _register()

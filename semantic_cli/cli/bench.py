@@ -16,7 +16,7 @@ from . import render
 app = typer.Typer(help="Benchmarks: exactness (exp-005), block gather (exp-006), resume, batch, serve.", no_args_is_help=True)
 
 OUT = typer.Option(None, "--out", help="Where to write the results JSON (default: the data dir's bench/).")
-JSON = typer.Option(False, "--json", help="Print the results JSON on stdout instead of a table.")
+JSON = typer.Option(False, "--json", metavar="", help="Print the results JSON on stdout instead of a table.")
 MODEL = typer.Option(None, "--model", help="Model to benchmark (default: the configured model).")
 
 
@@ -170,7 +170,7 @@ def serve(
     max_tokens: int = typer.Option(64, "--max-tokens", min=1, help="Tokens per reply in the concurrency test."),
     tokens: int = typer.Option(2048, "--tokens", min=256, help="Length of the conversation resent after a restart."),
     repeats: int = typer.Option(2, "--repeats", min=1, help="Cold and warm restarts."),
-    mlx_lm: bool = typer.Option(True, "--mlx-lm/--no-mlx-lm", help="Time mlx_lm.server on the same request too."),
+    mlx_lm: bool = typer.Option(True, "--mlx-lm/--no-mlx-lm", metavar="", help="Time mlx_lm.server on the same request too."),
     out: Path | None = OUT,
     json_out: bool = JSON,
 ) -> None:

@@ -9,17 +9,17 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 import typer
-from rich.table import Table
 
 from ..errors import CacheDamageError, UsageError
 from . import render
-from .render import human_age, human_bytes
+from .render import Column, fullness, human_age, human_bytes, plural, printable
 
 if TYPE_CHECKING:
     from ..kv.index import KVIndex
     from ..store import Store
 
 app = typer.Typer(help="Inspect and manage the persistent KV cache.", no_args_is_help=True)
+DELETED = "(deleted agent)"  # the model scan names for a cache whose agent is gone
 
 
 def _open() -> tuple[KVIndex, Store]:
@@ -30,17 +30,34 @@ def _open() -> tuple[KVIndex, Store]:
 
 
 @app.command("ls")
-def ls(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """One row per agent: tokens in transcript and cache, blocks, bytes, tier, last use."""
+def ls(json_out: bool = typer.Option(False, "--json", metavar="", help="Print JSON.")) -> None:
+    """One row per agent: tokens/context, cached tokens, blocks, bytes, tier, last use.
+
+    On a terminal: a table, then a line of totals. Piped or redirected: tab-separated values, a header line and one complete
+    line per agent (the model as given), the totals on stderr.
+
+    tokens: transcript tokens / the model's context length ("812/8192"); the tokens alone until the model's files are here.
+    """
+    from ..export import iso
     from ..kv.admin import scan
+    from ..model.loader import context_length
 
     index, store = _open()
-    found = scan(index, store)
+    try:
+        found = scan(index, store)
+    finally:
+        index.close()
+        store.close()
+    contexts = {spec: context_length(spec) for spec in {a.model for a in found.agents if a.model != DELETED}}
     if json_out:
+        rows = [
+            {**asdict(a), "context_length": contexts.get(a.model), "last_used": iso(a.last_used) if a.last_used else None}
+            for a in found.agents
+        ]
         print(
             json.dumps(
                 {
-                    "agents": [asdict(a) for a in found.agents],
+                    "agents": rows,
                     "total_bytes": found.total_bytes,
                     "blocks": found.blocks,
                     "stale_blocks": len(found.stale_blocks),
@@ -52,39 +69,43 @@ def ls(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> No
             )
         )
         return
-    table = Table(box=None, header_style="bold")
-    for col in ("agent", "model", "tokens", "cached", "blocks", "own", "shared", "tier", "used"):
-        table.add_column(col, justify="right" if col not in ("agent", "model", "tier") else "left")
-    for a in found.agents:
-        table.add_row(
-            a.agent,
-            os.path.basename(a.model.rstrip("/")) or a.model,
-            str(a.transcript_tokens),
-            str(a.cached_tokens),
-            f"{a.blocks_own}/{a.blocks_shared}",
-            human_bytes(a.bytes_own),
-            human_bytes(a.bytes_shared),
-            a.tier,
-            human_age(a.last_used),
-        )
-    out = render.stdout()
-    out.print(table)
-    out.print(
-        f"total {human_bytes(found.total_bytes)} in {found.blocks} blocks · stale {human_bytes(found.stale_bytes)} "
-        f"({len(found.stale_blocks)} blocks) · orphaned {human_bytes(found.orphaned_bytes)} ({len(found.orphaned_files)} files)",
-        markup=False,
+    terminal = render.is_terminal(sys.stdout)
+    numbers = [Column(header, right=True) for header in ("tokens", "cached", "blocks", "own", "shared")]
+    columns = [Column("agent"), Column("model", wrap=True), *numbers, Column("tier"), Column("used")]
+    render.table(
+        columns,
+        [
+            [
+                a.agent,
+                printable(os.path.basename(a.model.rstrip("/")) or a.model) if terminal else a.model,
+                fullness(a.transcript_tokens, contexts.get(a.model)),
+                str(a.cached_tokens),
+                f"{a.blocks_own}/{a.blocks_shared}",
+                human_bytes(a.bytes_own),
+                human_bytes(a.bytes_shared),
+                a.tier,
+                human_age(a.last_used),
+            ]
+            for a in found.agents
+        ],
     )
+    totals = (
+        f"total {human_bytes(found.total_bytes)} in {plural(found.blocks, 'block')}"
+        f" · stale {human_bytes(found.stale_bytes)} ({plural(len(found.stale_blocks), 'block')})"
+        f" · orphaned {human_bytes(found.orphaned_bytes)} ({plural(len(found.orphaned_files), 'file')})"
+    )
+    (render.stdout() if terminal else render.stderr()).print(totals, markup=False)
 
 
 @app.command("evict")
 def evict(
     agents: list[str] = typer.Argument(None, help="Agents whose cache to drop (their transcripts stay)."),
-    everything: bool = typer.Option(False, "--all", help="Every agent's cache."),
+    everything: bool = typer.Option(False, "--all", metavar="", help="Every agent's cache."),
     older_than: str | None = typer.Option(None, "--older-than", help="Agents unused for this long, e.g. 7d, 12h."),
     max_bytes: str | None = typer.Option(None, "--max-bytes", help="Evict least recently used agents until the cache fits, e.g. 2GB."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan; change nothing."),
-    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
-    json_out: bool = typer.Option(False, "--json", help="Print the plan (and result) as JSON."),
+    dry_run: bool = typer.Option(False, "--dry-run", metavar="", help="Show the plan; change nothing."),
+    yes: bool = typer.Option(False, "--yes", "-y", metavar="", help="Do not ask for confirmation."),
+    json_out: bool = typer.Option(False, "--json", metavar="", help="Print the plan (and result) as JSON."),
 ) -> None:
     """Drop cached KV blocks: scan, show the plan and the bytes it frees, then do it."""
     from ..config import parse_bytes, parse_duration
@@ -121,7 +142,7 @@ def evict(
     }
     if not json_out:
         who = ", ".join(plan.agents) or "no agents"
-        err.print(f"plan: evict {who}; free {len(plan.blocks)} blocks, {human_bytes(plan.bytes_freed)}", markup=False)
+        err.print(f"plan: evict {who}; free {plural(len(plan.blocks), 'block')}, {human_bytes(plan.bytes_freed)}", markup=False)
         for b in plan.skipped_busy:
             err.print(f"skipped {b}: in use by another process", style="yellow", markup=False)
     if dry_run or (not plan.agents and not plan.blocks):
@@ -143,8 +164,8 @@ def evict(
 
 @app.command("verify")
 def verify(
-    repair: bool = typer.Option(False, "--repair", help="Drop damaged entries and orphaned files."),
-    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+    repair: bool = typer.Option(False, "--repair", metavar="", help="Drop damaged entries and orphaned files."),
+    json_out: bool = typer.Option(False, "--json", metavar="", help="Print JSON."),
 ) -> None:
     """Re-check every block's checksum and name, and the index against the files."""
     from ..kv.admin import verify as run_verify
@@ -172,9 +193,8 @@ def verify(
             out.print(f"{p.what} {p.name}: {p.reason}" + (" (dropped)" if repair else ""), markup=False)
         for p in report.in_progress:
             out.print(f"{p.what} {p.name}: {p.reason} (left alone: being written)", markup=False)
-        out.print(
-            f"checked {report.checked} files: {len(report.problems)} problem(s)" + (", repaired" if repair and report.problems else ""),
-            markup=False,
-        )
+        repaired = ", repaired" if repair and report.problems else ""
+        out.print(f"checked {plural(report.checked, 'file')}: {plural(len(report.problems), 'problem')}{repaired}", markup=False)
     if report.problems and not repair:
-        raise CacheDamageError(f"{len(report.problems)} problem(s) in the KV cache; run `semantic cache verify --repair` to drop them")
+        problems = plural(len(report.problems), "problem")
+        raise CacheDamageError(f"{problems} in the KV cache; run `semantic cache verify --repair` to drop them")

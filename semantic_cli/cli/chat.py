@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, TextIO
 
 import typer
@@ -50,30 +51,40 @@ def chat(
     room: str | None = typer.Option(None, "--room", help="Open a saved room (a named group of agents)."),
     save_room: str | None = typer.Option(None, "--save-room", help="Save these agents as a room with this name."),
     message: str | None = typer.Option(None, "--message", "-m", help="Send this message and print the reply (no REPL)."),
-    to_all: bool = typer.Option(False, "--all", help="In a room without a terminal: every agent answers the message."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object per reply instead of text."),
+    to_all: bool = typer.Option(False, "--all", metavar="", help="In a room without a terminal: every agent answers the message."),
+    json_out: bool = typer.Option(False, "--json", metavar="", help="Print one JSON object per reply instead of text."),
     system: str | None = typer.Option(None, "--system", help="Persona (system prompt) for a new agent."),
     max_tokens: int | None = typer.Option(None, "--max-tokens", min=1, help="Maximum tokens per reply."),
     temp: float | None = typer.Option(None, "--temp", min=0.0, help="Sampling temperature (default 0: greedy)."),
     top_p: float | None = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed for sampling."),
+    top_k: int | None = typer.Option(None, "--top-k", min=0, help="Sample from the k likeliest tokens (0: off)."),
+    min_p: float | None = typer.Option(None, "--min-p", min=0.0, max=1.0, help="Drop tokens below this share of the top one."),
+    repeat_penalty: float | None = typer.Option(
+        None, "--repeat-penalty", min=0.0, help="Penalise repeating recent tokens (1: off; default 1.15)."
+    ),
+    repeat_last_n: int | None = typer.Option(None, "--repeat-last-n", min=0, help="How many recent tokens the penalty sees."),
     model: str | None = typer.Option(None, "--model", help="Model: mlx-lm directory, .gguf file or Hugging Face repo id."),
-    wait: bool = typer.Option(False, "--wait", help="Wait for an agent another process is using instead of failing."),
+    wait: bool = typer.Option(False, "--wait", metavar="", help="Wait for an agent another process is using instead of failing."),
     wait_timeout: float | None = typer.Option(
         None, "--wait-timeout", min=0.0, metavar="SECONDS", help="Wait (as --wait) at most SECONDS, then fail as busy (exit 4)."
     ),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Status and figures on stderr in one-shot mode."),
-    no_markdown: bool = typer.Option(False, "--no-markdown", help="Show replies as plain text in the REPL."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", metavar="", help="Status and figures on stderr in one-shot mode."),
+    no_markdown: bool = typer.Option(False, "--no-markdown", metavar="", help="Show replies as plain text in the REPL."),
     color: str = typer.Option("auto", "--color", help="auto, always or never (NO_COLOR is respected)."),
-    no_server: bool = typer.Option(False, "--no-server", help="Run in this process even when `semantic serve` is running."),
+    no_server: bool = typer.Option(False, "--no-server", metavar="", help="Run in this process even when `semantic serve` is running."),
 ) -> None:
     """Chat with one agent, or a room of agents answering concurrently. One-shot and piped
     turns go to a running `semantic serve` of this home when there is one (--no-server: never)."""
     from ..store import Store
+    from ..turn import GenSettings
 
     if color not in ("auto", "always", "never"):
         raise UsageError("--color must be auto, always or never")
     render.set_color(color)
+    if repeat_penalty is not None and repeat_penalty <= 0:
+        raise UsageError("--repeat-penalty must be above 0 (1 = no penalty)")
+    sampling = GenSettings(max_tokens, temp, top_p, seed, top_k, min_p, repeat_penalty, repeat_last_n)
     waits = wait or wait_timeout is not None
     interactive = message is None and sys.stdin.isatty()
     socket_path = None
@@ -86,7 +97,7 @@ def chat(
         names = room_agents(agent, room, store)
         if socket_path is not None:
             text = _read(message)
-            turn = {"max_tokens": max_tokens, "temp": temp, "top_p": top_p, "seed": seed, "wait": waits, "wait_timeout": wait_timeout}
+            turn = {"settings": asdict(sampling), "wait": waits, "wait_timeout": wait_timeout}
             try:
                 remote_one_shot(socket_path, names, text, to_all, model, system, turn, json_out, verbose)
             except client.Unavailable:
@@ -109,7 +120,7 @@ def chat(
             json_out,
             verbose,
             no_markdown,
-            (max_tokens, temp, top_p, seed),
+            sampling,
         )
     finally:
         store.close()
@@ -133,12 +144,11 @@ def _in_process(
     json_out: bool,
     verbose: bool,
     no_markdown: bool,
-    sampling: tuple[int | None, float | None, float | None, int | None],
+    settings: GenSettings,
 ) -> None:
-    from ..chat import Chat, GenSettings
+    from ..chat import Chat
 
     session = Chat(store)
-    settings = GenSettings(*sampling)
     try:
         opened = open_room(session, names, model, system, wait, wait_timeout)
         if save_room:

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import typer
 
 from .. import config, paths
+from ..errors import NotFoundError, SemanticError
 from . import render
 
 app = typer.Typer(help="Show and change settings (a TOML file in the config dir).", no_args_is_help=True)
 
 
 @app.command("show")
-def show(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+def show(json_out: bool = typer.Option(False, "--json", metavar="", help="Print JSON.")) -> None:
     """Every setting, its effective value and where it comes from."""
     values = config.effective()
     if json_out:
@@ -44,15 +46,19 @@ def path() -> None:
     print(paths.config_file())
 
 
-def doctor(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Backend, device, BLAS, dtype, model and directories."""
+def doctor(json_out: bool = typer.Option(False, "--json", metavar="", help="Print JSON.")) -> None:
+    """Backend, device, BLAS, dtype, model and directories.
+
+    A model that cannot be used (not found, or not a model) is reported, and after the whole report the command fails with its
+    error and exit code (3: not found).
+    """
+    from rich.text import Text
+
     from ..backend import buffers, runtime
-    from ..model.default import default_model_dir, default_model_ready
-    from ..model.loader import DEFAULT, requested_spec
 
     info = runtime.info()
     restore = buffers.restore_code()
-    spec = requested_spec(None)
+    spec, model_path, ready, note, problem = _model_status()
     report = {
         "version": __import__("semantic_cli").__version__,
         "python": sys.version.split()[0],
@@ -64,8 +70,8 @@ def doctor(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -
         "dtype": info.compute_dtype if info.compute_dtype != "model" else "the model's own",
         "restore_code": restore + ("" if restore == "native" else " (`make native` says what the native loops need)"),
         "model": spec,
-        "model_path": str(default_model_dir()) if spec == DEFAULT else spec,
-        "model_ready": default_model_ready() if spec == DEFAULT else None,
+        "model_path": model_path,
+        "model_ready": ready,
         "data_dir": str(paths.data_dir(create=False)),
         "cache_dir": str(paths.cache_dir(create=False)),
         "config_file": str(paths.config_file()),
@@ -73,11 +79,39 @@ def doctor(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -
     }
     if json_out:
         print(json.dumps(report, indent=2))
-        return
-    out = render.stdout()
-    width = max(map(len, report))
-    for key, value in report.items():
-        out.print(f"[bold]{key:{width}}[/bold] {value}")
+    else:
+        out = render.stdout()
+        width = max(map(len, report))
+        shown = {**report, "model_ready": ("yes" if ready else "no") + (f" ({note})" if note else "")}
+        for key, value in shown.items():
+            out.print(Text(f"{key:{width}}", style="bold") + Text(f" {value}"))
+    if problem is not None:
+        raise problem
+
+
+def _model_status() -> tuple[str, str, bool, str, SemanticError | None]:
+    """The model a new agent would use: its spec, where it is, whether it is ready, a note
+    on what its first use does, and the error that makes it unusable (None when usable).
+    Cheap: nothing is converted or downloaded."""
+    from ..model.default import default_model_dir, default_model_ready
+    from ..model.loader import DEFAULT, local_model_dir, requested_spec, resolve
+
+    spec = requested_spec(None)
+    if spec == DEFAULT:
+        ready = default_model_ready()
+        return spec, str(default_model_dir()), ready, "" if ready else "prepared on first use, or by `make model`", None
+    path = Path(spec).expanduser()
+    gguf = path.is_file() and path.suffix == ".gguf"
+    try:
+        if not gguf:
+            resolve(spec)  # cheap for anything but a GGUF: checks a directory, or the form of a repo id
+    except SemanticError as exc:
+        return spec, spec, False, "not found" if isinstance(exc, NotFoundError) else "not a usable model", exc
+    local = local_model_dir(spec)
+    if local is not None:
+        return spec, str(local), True, "", None
+    first_use = "converted on first use" if gguf else "downloaded from the Hugging Face hub on first use; needs a network"
+    return spec, spec, False, first_use, None
 
 
 def _server() -> str:

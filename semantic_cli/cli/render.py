@@ -1,16 +1,22 @@
 """Terminal output: consoles that respect NO_COLOR/--color, progress bars, footers,
-the CLI's one formatter each for byte counts and ages, and `printable`, the one
-filter between stored or generated text and a terminal."""
+the CLI's one formatter each for byte counts, ages, counted nouns and tables, and
+`printable`, the one filter between stored or generated text and a terminal.
+
+Output fits its medium: a table on a terminal is aligned (its first column, the name,
+is never cropped; long free text wraps); anywhere else it is tab-separated values, one
+record per line, every field complete (see `table`)."""
 
 from __future__ import annotations
 
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Literal
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
@@ -93,6 +99,83 @@ def human_age(ts: float | None) -> str:
         if s >= size:
             return f"{int(s // size)}{unit} ago"
     return "just now"
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """A count and its noun: "1 block", "2 blocks", "0 turns"; `many` for irregular plurals."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
+
+
+def fullness(tokens: int, context: int | None) -> str:
+    """How much of a model's context a conversation fills: "812/8192"; the tokens alone
+    ("812") when the context length is not known."""
+    return f"{tokens}/{context}" if context else str(tokens)
+
+
+@dataclass(frozen=True)
+class Column:
+    header: str
+    right: bool = False  # numbers: right-aligned on a terminal
+    wrap: bool = False  # long free text (a persona, a model path): wraps on a narrow terminal
+
+
+_MIN_WRAP = 12  # a wrapping column is never narrowed below this (or its own width)
+_TSV_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def tsv_field(text: str) -> str:
+    """A field of a tab-separated line: backslash, tab, newline and carriage return
+    written as \\\\, \\t, \\n and \\r (as PostgreSQL's text COPY and `mysql --batch` do), so
+    every record stays on one line and the text can be recovered exactly."""
+    return text.translate(_TSV_ESCAPES)
+
+
+def table(columns: Sequence[Column], rows: Sequence[Sequence[str]]) -> None:
+    """Print a table on stdout, fitted to its medium.
+
+    On a terminal: aligned columns under bold headers. The first column (the name) is
+    never cropped or wrapped; when the table is wider than the terminal the `wrap`
+    columns wrap first, and nothing is ever cut (a table wider than the terminal even
+    then is left to the terminal to wrap). Anywhere else (a pipe, a file): tab-separated
+    values, a header line and one line per row, each field complete (`tsv_field`).
+    Cells are printed as given: the caller passes stored text through `printable` for a
+    terminal."""
+    if not is_terminal(sys.stdout):
+        lines = ["\t".join(tsv_field(cell) for cell in row) for row in [[c.header for c in columns], *rows]]
+        sys.stdout.write("".join(line + "\n" for line in lines))
+        return
+    from rich.table import Table
+
+    console = stdout()
+    widths = fit_widths(columns, rows, console.width)
+    grid = Table(box=None, header_style="bold", pad_edge=False)
+    for col, width in zip(columns, widths, strict=True):
+        grid.add_column(col.header, justify="right" if col.right else "left", width=width, no_wrap=not col.wrap, overflow="fold")
+    for row in rows:
+        grid.add_row(*row)
+    console.width = max(console.width, sum(widths) + 2 * (len(widths) - 1))  # wider than the terminal: it wraps, nothing is cut
+    with console.capture() as captured:
+        console.print(grid, soft_wrap=False)
+    # Without the padding after each line's last cell, a line the terminal wraps leaves no blank line behind.
+    sys.stdout.write("".join(line.rstrip(" ") + "\n" for line in captured.get().splitlines()))
+
+
+def fit_widths(columns: Sequence[Column], rows: Sequence[Sequence[str]], width: int) -> list[int]:
+    """Each column's width on a terminal `width` cells wide (two cells between columns):
+    its widest cell, the `wrap` columns narrowed (the widest first) until the table fits
+    or each is down to its floor."""
+    natural = [max([cell_len(c.header), *(cell_len(line) for row in rows for line in row[i].splitlines())]) for i, c in enumerate(columns)]
+    widths = list(natural)
+    excess = sum(widths) + 2 * (len(widths) - 1) - width
+    floors = [min(n, _MIN_WRAP) if c.wrap else n for c, n in zip(columns, natural, strict=True)]
+    while excess > 0:
+        narrowable = [i for i, w in enumerate(widths) if w > floors[i]]
+        if not narrowable:
+            break
+        widest = max(narrowable, key=lambda i: widths[i])
+        widths[widest] -= 1
+        excess -= 1
+    return widths
 
 
 def footer(stats: Any, tier: str) -> str:

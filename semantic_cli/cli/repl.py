@@ -267,10 +267,10 @@ class Repl:
                             inbox[other].append(f"[{name}]: {said or '(no reply)'}")
                     done += 1
         except KeyboardInterrupt:
-            why = f"round stopped after {done} complete turns; they are kept (the cut reply is marked interrupted)"
+            why = f"round stopped after {render.plural(done, 'complete turn')}; they are kept (the cut reply is marked interrupted)"
             self.err.print(why, style="yellow", markup=False, highlight=False)
             return
-        self.info(f"round over: {done} turns")
+        self.info(f"round over: {render.plural(done, 'turn')}")
 
 
 @contextmanager

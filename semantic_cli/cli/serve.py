@@ -19,9 +19,9 @@ def serve(
     model: str | None = typer.Option(None, "--model", help="Model to serve (default: as `semantic chat` resolves it)."),
     host: str = typer.Option("127.0.0.1", "--host", help="TCP address to listen on (loopback unless --api-key)."),
     port: int = typer.Option(8377, "--port", min=0, max=65535, help="TCP port (0: any free port, written to server.json)."),
-    no_tcp: bool = typer.Option(False, "--no-tcp", help="Listen on the Unix socket only."),
+    no_tcp: bool = typer.Option(False, "--no-tcp", metavar="", help="Listen on the Unix socket only."),
     socket_path: Path | None = typer.Option(None, "--socket", help="Unix socket path (default: in the runtime dir)."),
-    no_socket: bool = typer.Option(False, "--no-socket", help="Listen on TCP only (the CLI then runs in-process)."),
+    no_socket: bool = typer.Option(False, "--no-socket", metavar="", help="Listen on TCP only (the CLI then runs in-process)."),
     api_key: str | None = typer.Option(
         None, "--api-key", envvar="SEMANTIC_API_KEY", help="Require `Authorization: Bearer KEY` on TCP (needed off loopback)."
     ),

@@ -121,7 +121,8 @@ def _stats(repl: Any, arg: str) -> None:
     hit = f", {100 * t.cached_tokens / t.prompt_tokens:.0f}% from cache" if t.prompt_tokens else ""
     cut = f" ({t.interrupted} interrupted)" if t.interrupted else ""
     repl.console.print(
-        f"session: {t.turns} turns{cut} · {t.generated_tokens:,} tokens generated · {t.prompt_tokens:,} prompt tokens{hit}, "
+        f"session: {render.plural(t.turns, 'turn')}{cut} · {t.generated_tokens:,} tokens generated · "
+        f"{t.prompt_tokens:,} prompt tokens{hit}, "
         f"{t.prefilled_tokens:,} prefilled · {t.seconds:.1f}s generating",
         markup=False,
         highlight=False,
@@ -137,7 +138,8 @@ def _cache(repl: Any, arg: str) -> None:
     if u.on_disk:
         tail_part = f" + a {u.tail_tokens:,}-token tail" if u.tail_tokens is not None else ""
         lines.append(
-            f"  on disk: {u.disk_tokens:,} tokens in {u.blocks} blocks ({u.shared_blocks} shared){tail_part}, {_bytes(u.disk_bytes)}"
+            f"  on disk: {u.disk_tokens:,} tokens in {render.plural(u.blocks, 'block')} ({u.shared_blocks} shared){tail_part}, "
+            f"{_bytes(u.disk_bytes)}"
         )
     else:
         lines.append("  on disk: - (the next turn re-reads the transcript)")
@@ -185,6 +187,41 @@ def _round(repl: Any, arg: str) -> None:
     repl.round(int(m.group(1)), m.group(2).strip())
 
 
+SET_KEYS = ("temp", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "max_tokens", "seed")
+
+
+def _set(repl: Any, arg: str) -> None:
+    """Sampling for the rest of this REPL (every agent in it), as Ollama's /set parameter:
+    checked as the flags and `config set` check it; not saved (`agents edit` saves)."""
+    import dataclasses
+
+    from .. import config
+
+    parts = arg.split()
+    if not parts:
+        current = {k: v for k, v in dataclasses.asdict(repl.settings).items() if v is not None}
+        shown = ", ".join(f"{k} {v}" for k, v in current.items()) or "none"
+        repl.info(f"set for this session: {shown}; /set KEY VALUE ({', '.join(SET_KEYS)}), /set KEY to unset")
+        return
+    key = parts[0].replace("-", "_")
+    if key not in SET_KEYS:
+        raise UsageError(f"/set takes one of {', '.join(SET_KEYS)} (got {parts[0]!r})")
+    if len(parts) == 1:
+        value = None
+    elif key == "seed":
+        try:
+            value = int(parts[1])
+        except ValueError:
+            raise UsageError(f"/set seed takes a whole number (got {parts[1]!r})") from None
+    else:
+        try:
+            value = config.SETTINGS[key].parse(parts[1])
+        except ValueError as exc:
+            raise UsageError(f"/set {key}: {parts[1]!r} {exc}") from None
+    repl.settings = dataclasses.replace(repl.settings, **{key: value})
+    repl.info(f"{key} = {value}" if value is not None else f"{key}: back to the agent's, the config's or the model's value")
+
+
 def _quit(repl: Any, arg: str) -> bool:
     return False
 
@@ -199,6 +236,7 @@ COMMANDS: list[Command] = [
     Command("cache", "[NAME]", "this agent's cache: tier, tokens, blocks, bytes", _cache),
     Command("model", "", "the model this agent uses", _model),
     Command("save", "FILE", "export the transcript: FILE.md (Markdown) or FILE.json", _save),
+    Command("set", "[KEY [VALUE]]", "sampling for this session: temp, top_p, top_k, min_p, repeat_penalty, ...", _set),
     Command("round", "N [TOPIC]", "in a room: agents answer each other for N rounds (Ctrl-C stops)", _round),
     Command("quit", "", "leave (so do Ctrl-D and Ctrl-C at an empty prompt)", _quit, ("exit", "bye")),
 ]

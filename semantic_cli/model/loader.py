@@ -58,16 +58,75 @@ def resolve(spec: str | None, on_progress: Progress | None = None) -> ModelRef:
     return ModelRef(spec, spec)
 
 
+def _gguf_model_dir(gguf: Path) -> Path:
+    """Where a GGUF file's conversion is kept: named by its path, size and mtime."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return paths.models_dir() / f"{gguf.stem}-{key}"
+
+
 def _converted_gguf(gguf: Path, on_progress: Progress | None) -> Path:
     from .convert import convert_gguf, is_converted
 
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    out = paths.models_dir() / f"{gguf.stem}-{key}"
+    out = _gguf_model_dir(gguf)
     if not is_converted(out):
         report = (lambda done, total: on_progress("convert", done, total)) if on_progress else None
         convert_gguf(gguf, out, report)
     return out
+
+
+def local_model_dir(spec: str) -> Path | None:
+    """The directory holding the files of the model `spec` names, when they are on this
+    machine already; None otherwise. Cheap: nothing is prepared, converted or downloaded,
+    mlx is not imported, only a few files are looked at."""
+    from .convert import is_converted
+
+    try:
+        if spec == DEFAULT:
+            from .default import default_model_dir
+
+            found: Path | None = default_model_dir() if is_converted(default_model_dir()) else None
+        else:
+            path = Path(spec).expanduser()
+            if path.is_file() and path.suffix == ".gguf":
+                found = _gguf_model_dir(path)
+                found = found if is_converted(found) else None  # a conversion killed midway is not a model
+            elif path.is_dir():
+                found = path
+            elif not path.exists() and _HF_REPO.fullmatch(spec) and not spec.startswith((".", "/", "~")):
+                found = _hf_snapshot(spec)
+            else:
+                found = None
+        return found if found is not None and (found / "config.json").is_file() else None
+    except OSError:
+        return None
+
+
+def context_length(spec: str) -> int | None:
+    """The context length (in tokens) of the model `spec` names, read from its
+    config.json as `load` reads it; None when its files are not here yet (a model not
+    converted or downloaded yet) or cannot be read. As cheap as `local_model_dir`."""
+    found = local_model_dir(spec)
+    if found is None:
+        return None
+    try:
+        return _context_length(found)
+    except (OSError, ValueError, TypeError, AttributeError):  # a config.json that is not what it should be
+        return None
+
+
+def _hf_snapshot(repo: str) -> Path | None:
+    """A downloaded snapshot of `repo` in the hub cache under the data dir (the one
+    `refs/main` names, else any), without asking the hub."""
+    root = paths.hf_dir() / ("models--" + repo.replace("/", "--"))
+    try:
+        main = (root / "refs" / "main").read_text().strip()
+        if main and (root / "snapshots" / main).is_dir():
+            return root / "snapshots" / main
+    except OSError:
+        pass
+    snapshots = sorted((root / "snapshots").glob("*/config.json"))
+    return snapshots[0].parent if snapshots else None
 
 
 @dataclass

@@ -135,10 +135,10 @@ def build(worker: Worker, settings: Settings) -> Starlette:
         expected = f"Bearer {settings.api_key}"
         return hmac.compare_digest(given.encode(), expected.encode())
 
-    def settings_of(max_tokens: int | None, temp: float | None, top_p: float | None, seed: int | None) -> GenSettings:
-        if max_tokens is not None and max_tokens > settings.limits.max_tokens:
+    def checked(gen: GenSettings) -> GenSettings:
+        if gen.max_tokens is not None and gen.max_tokens > settings.limits.max_tokens:
             raise BadInputError(f"max_tokens: at most {settings.limits.max_tokens} on this server")
-        return GenSettings(max_tokens, temp, top_p, seed)
+        return gen
 
     async def models(request: Request) -> Response:
         if not authorized(request):
@@ -160,7 +160,7 @@ def build(worker: Worker, settings: Settings) -> Starlette:
             body = await read_body(request)
             req = openai_api.parse(body)
             text = req.new_message()
-            gen = settings_of(req.limit(), req.temperature, req.top_p, req.seed)
+            gen = checked(req.settings())
             messages = [m.as_dict() for m in req.messages]
             is_agent = await run_in_threadpool(_is_agent, req.model)
             if is_agent:
@@ -198,7 +198,7 @@ def build(worker: Worker, settings: Settings) -> Starlette:
             body = json.loads(await read_body(request))
             if body.get("wire") != wire.WIRE_VERSION:
                 raise UsageError(f"this server speaks wire version {wire.WIRE_VERSION}; upgrade the client or the server")
-            gen = settings_of(body.get("max_tokens"), body.get("temp"), body.get("top_p"), body.get("seed"))
+            gen = checked(wire.settings(body.get("settings") or {}))
             wait = body.get("wait_timeout")
             args = {
                 "settings": gen,

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..engine import TurnStats
 from ..errors import BadInputError
-from ..turn import TurnRecorded
+from ..turn import GenSettings, TurnRecorded
 
 MAX_MESSAGES = 2048
 MAX_STOP = 4
@@ -64,6 +64,10 @@ class ChatRequest(BaseModel):
     user: str | None = Field(None, max_length=256)
     prompt_cache_key: str | None = Field(None, max_length=256)
     n: int = Field(1, ge=1, le=1)
+    # Beyond OpenAI's fields, as vLLM and llama-server accept them:
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
 
     @field_validator("stop")
     @classmethod
@@ -76,8 +80,16 @@ class ChatRequest(BaseModel):
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
-    def limit(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
+    def settings(self) -> GenSettings:
+        return GenSettings(
+            max_tokens=self.max_completion_tokens or self.max_tokens,
+            temp=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repeat_penalty=self.repetition_penalty,
+        )
 
     def new_message(self) -> str:
         last = self.messages[-1]

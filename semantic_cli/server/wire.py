@@ -14,7 +14,7 @@ from typing import Any
 from ..engine import PromptProgress, TokenEvent, TurnDone, TurnStats
 from ..errors import SemanticError
 from ..kv.stats import PersistStats
-from ..turn import Notice, TurnEvent, TurnRecorded
+from ..turn import GenSettings, Notice, TurnEvent, TurnRecorded
 
 WIRE_VERSION = 1  # bumped when a field changes meaning; the client refuses another
 
@@ -64,3 +64,21 @@ def decode(obj: dict[str, Any]) -> TurnEvent | None:
         persisted = PersistStats(**obj["persisted"]) if obj.get("persisted") else None
         return TurnRecorded(obj["key"], obj["model"], done, obj["tier"], persisted, list(obj["warnings"]))
     return None
+
+
+def settings(obj: dict[str, Any]) -> GenSettings:
+    """The CLI's settings, checked as its flags check them (a bad one: ValueError)."""
+    from .. import config
+
+    values: dict[str, Any] = {}
+    for key in GenSettings.__dataclass_fields__:
+        value = obj.get(key)
+        if value is None:
+            continue
+        if key == "seed":
+            values[key] = int(value)
+        elif key in config.SETTINGS:
+            values[key] = config.SETTINGS[key].parse(str(value))
+        else:
+            raise ValueError(f"unknown setting {key!r}")
+    return GenSettings(**values)
