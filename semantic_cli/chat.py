@@ -87,6 +87,14 @@ class Chat:
             agent = self.store.update_agent(agent, system=system)
         return agent
 
+    def peek_agent(self, name: str, model_flag: str | None = None, system: str | None = None) -> Agent:
+        """The agent as stored (or as it would be created), taking no lock and writing
+        nothing: for a REPL whose turns a server runs (it locks each turn's agents)."""
+        agent = self.store.find_agent(name)
+        if agent is None:
+            return Agent(name, requested_spec(model_flag), system or "", {}, time.time(), time.time())
+        return agent
+
     def release(self, name: str) -> None:
         """Give an agent's lock back (the server, between turns): another process may change
         it now, so whether the store has it is asked again next time. Its hot copy stays: a

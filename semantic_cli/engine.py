@@ -222,14 +222,15 @@ class Batch:
         if not self._live:
             return events
         try:
+            # Left on between steps (switching waits for the step in flight, which would undo
+            # BatchGenerator's overlap of one step with the next); off again in `close`.
             cpu_split.set_batched(len(self._live) >= 2)
             prompt_responses, gen_responses = self._gen.next()
         except BaseException:
             self.engine._generator = None  # possibly mid-step: never reused
             self._live.clear()
-            raise
-        finally:
             cpu_split.set_batched(False)
+            raise
         for pr in prompt_responses:
             if pr.uid in self._live:
                 done, total = pr.progress
@@ -258,11 +259,16 @@ class Batch:
         return events
 
     def close(self) -> None:
-        """Remove the sequences still running, so the generator stays usable."""
-        if self._live:
-            uids = list(self._live)
-            self._live.clear()
-            self._remove(uids)
+        """Remove the sequences still running, so the generator stays usable; split matmuls off."""
+        from .backend import cpu_split
+
+        try:
+            if self._live:
+                uids = list(self._live)
+                self._live.clear()
+                self._remove(uids)
+        finally:
+            cpu_split.set_batched(False)
 
     def _remove(self, uids: list[int]) -> None:
         if self.engine._generator is not self._gen:

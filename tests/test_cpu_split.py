@@ -66,7 +66,7 @@ def test_closing_a_batch_early_turns_the_mode_off(tiny):
     engine = get_engine(ModelRef(str(tiny["qwen2"]), str(tiny["qwen2"])))
     events = engine.generate([TurnRequest("a", [5, 9, 13], None, 0, 50), TurnRequest("b", [7, 1], None, 0, 50)])
     next(e for e in events if not isinstance(e, TurnDone))
-    assert cpu_split._state["active"]
+    assert cpu_split._state["active"]  # on between the steps of a batch of two
     events.close()  # what Ctrl-C in a room does
     assert not cpu_split._state["active"]
     assert runtime.openblas().openblas_get_num_threads() == cpu_split._state["threads"]

@@ -283,7 +283,7 @@ def test_old_databases_upgrade_through_the_cli(old_home: Path) -> None:
     planner, critic, idle = agents["planner"], agents["critic"], agents["idle"]
     assert (planner["blocks_own"], planner["blocks_shared"], planner["cached_tokens"], planner["tier"]) == (1, 1, 604, "warm")
     assert planner["bytes_own"] == 11_796_480 + 4_239_360 and planner["bytes_shared"] == 11_796_480
-    assert planner["last_used"] == T0 + 301 and planner["transcript_tokens"] == 604
+    assert planner["last_used"] == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(T0 + 301)) and planner["transcript_tokens"] == 604
     assert (critic["blocks_own"], critic["blocks_shared"], critic["cached_tokens"], critic["bytes_own"]) == (0, 1, 259, 138_240)
     assert (idle["tier"], idle["cached_tokens"], idle["model"]) == ("cold", 0, "default")
     assert version_of(store_path(old_home)) == 1 and version_of(index_path(old_home)) == 1

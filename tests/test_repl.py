@@ -154,7 +154,7 @@ def test_reply_streams_with_a_dim_footer_and_slash_commands_work(term, home):
     t.send("/stats")
     t.expect(r"last turn \(a\): ttft [\d.]+s ")
     t.expect(r"40 tokens generated, finish: length")
-    t.expect(r"session: 1 turns · 40 tokens generated")
+    t.expect(r"session: 1 turn · 40 tokens generated")
     t.prompt()
     t.send("/cache")
     t.expect(r"a: tier hot · transcript \d+ tokens")
@@ -227,7 +227,7 @@ def test_ctrl_c_stops_a_round_and_keeps_the_finished_turns(term, home):
     t.expect("thinking")
     t.until(lambda s: len(re.sub(r"\s|[\u2800-\u28ff] thinking|─|╮|╰|╯|│", "", s)) > 80, "b streaming")
     t.child.sendintr()
-    t.expect(r"round stopped after 1 complete turns; they are kept")
+    t.expect(r"round stopped after 1 complete turn; they are kept")
     t.prompt("a")
     assert [r["status"] for r in rows(home, "a")] == ["complete", "complete"]
     assert [r["status"] for r in rows(home, "b")] == ["complete", "interrupted"]
@@ -360,7 +360,7 @@ def _complete(repl: Any, text: str) -> list[str]:
 def test_completion_of_commands_agents_and_mentions():
     room = _fake_repl(["a", "b"])
     assert _complete(room, "/sy") == ["/system"]
-    assert _complete(room, "/s") == ["/system", "/stats", "/save"]
+    assert _complete(room, "/s") == ["/system", "/stats", "/save", "/set"]
     assert _complete(room, "/agent ") == ["a", "b", "zed"]
     assert _complete(room, "/agent z") == ["zed"]
     assert _complete(room, "@") == ["@a ", "@b ", "@all "]

@@ -74,3 +74,17 @@ def test_set_in_the_repl_changes_sampling_for_the_session(tiny, home):
         t.close()
     r = run_cli("agents", "show", "a", "--json")
     assert json.loads(r.stdout)["messages"][-1]["content"] == expected
+
+
+def test_an_agents_own_settings_rank_between_the_flags_and_the_config(tiny, home):
+    model = str(tiny["llama"])
+    plain = _reply("ref1", model, "--repeat-penalty", "1")
+    default = _reply("ref2", model)
+    assert run_cli("agents", "new", "own", "--model", model, "--repeat-penalty", "1", "--top-k", "0").returncode == 0
+    assert _reply("own", model) == plain
+    assert run_cli("agents", "edit", "own2", "--repeat-penalty", "1").returncode == 3  # unknown agent: nothing made
+    assert run_cli("agents", "new", "own2", "--model", model, "--repeat-penalty", "1").returncode == 0
+    assert run_cli("agents", "edit", "own2", "--repeat-penalty", "1.15", "--repeat-last-n", "256").returncode == 0
+    assert _reply("own2", model) == default
+    r = run_cli("agents", "edit", "own2", "--repeat-penalty", "0")
+    assert r.returncode == EXIT_USAGE and b"--repeat-penalty" in r.stderr

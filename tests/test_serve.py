@@ -314,3 +314,32 @@ def test_stop_sequences_cut_the_reply_and_the_transcript_keeps_the_cut_text(tiny
         again = client.chat.completions.create(model="st", messages=[{"role": "user", "content": "more"}], max_tokens=3)
         assert again.choices[0].finish_reason == "length"
         assert httpx.post(server.info["url"] + "/semantic/v1/turns", json={}).status_code == 403  # the CLI's route: socket only
+
+
+def test_the_repl_sends_its_turns_to_the_server_and_holds_no_agent_between_them(tiny, home):
+    from test_repl import Term
+
+    model = str(tiny["llama"])
+    with Server(home, model) as server:
+        t = Term("-a", "rp", "--model", model, "--max-tokens", "4", "--no-markdown", "--system", "be terse")
+        try:
+            t.prompt("rp")
+            t.say("first", agent="rp")
+            assert _messages("rp")[0] == ("user", "first", "complete")  # created by the server, with its persona
+            code, _, err = _chat("-a", "rp", "-m", "from elsewhere", "--max-tokens", "2")  # the idle REPL blocks nobody
+            assert code == 0, err
+            t.send("/system be brief")
+            t.expect("persona set")
+            t.say("second", agent="rp")
+            t.send("/quit")
+            assert t.exit_code() == 0
+        finally:
+            t.close()
+        _, log = server.stop()
+    assert log.count("POST /semantic/v1/turns 200") == 3
+    assert [c for r, c, _ in _messages("rp") if r == "user"] == ["first", "from elsewhere", "second"]
+    store = Store()
+    try:
+        assert store.get_agent("rp").system == "be brief"
+    finally:
+        store.close()

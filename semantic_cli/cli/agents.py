@@ -28,8 +28,8 @@ from .. import export, paths
 from ..errors import BadInputError, UsageError
 from ..kv.index import KVIndex, open_index
 from ..locks import AgentLock
-from ..store import Agent, Message, Store, validate_name
-from . import render
+from ..store import Store, validate_name
+from . import render, transcript
 from .render import Column, fullness, human_age, human_bytes, plural, printable
 
 app = typer.Typer(help="Manage agents: named personas with their own conversation and cache.", no_args_is_help=True)
@@ -41,6 +41,10 @@ MODEL = typer.Option(None, "--model", help="Model: mlx-lm directory, .gguf file 
 TEMP = typer.Option(None, "--temp", min=0.0, help="Sampling temperature (0: greedy).")
 MAX_TOKENS = typer.Option(None, "--max-tokens", min=1, help="Maximum tokens per reply.")
 TOP_P = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold.")
+TOP_K = typer.Option(None, "--top-k", min=0, help="Sample from the k likeliest tokens (0: off).")
+MIN_P = typer.Option(None, "--min-p", min=0.0, max=1.0, help="Drop tokens below this share of the top one.")
+REPEAT_PENALTY = typer.Option(None, "--repeat-penalty", help="Penalise repeating recent tokens (> 0; 1: off).")
+REPEAT_LAST_N = typer.Option(None, "--repeat-last-n", min=0, help="How many recent tokens the penalty sees.")
 YES = typer.Option(False, "--yes", "-y", metavar="", help="Do not ask for confirmation.")
 
 
@@ -102,9 +106,18 @@ def _check_model(spec: str) -> str:
     return str(path.resolve()) if path.exists() else spec
 
 
-def _settings(temp: float | None, max_tokens: int | None, top_p: float | None) -> dict[str, Any]:
-    given = {"temp": temp, "max_tokens": max_tokens, "top_p": top_p}
-    return {k: v for k, v in given.items() if v is not None}
+def _settings(**given: Any) -> dict[str, Any]:
+    """The sampling settings given, each checked as `config set` checks it."""
+    from .. import config
+
+    out = {}
+    for key, value in given.items():
+        if value is not None:
+            try:
+                out[key] = config.SETTINGS[key].parse(str(value))
+            except ValueError as exc:
+                raise UsageError(f"--{key.replace('_', '-')}: {value} {exc}") from None
+    return out
 
 
 def _confirm(question: str, yes: bool) -> None:
@@ -191,6 +204,10 @@ def new(
     temp: float | None = TEMP,
     max_tokens: int | None = MAX_TOKENS,
     top_p: float | None = TOP_P,
+    top_k: int | None = TOP_K,
+    min_p: float | None = MIN_P,
+    repeat_penalty: float | None = REPEAT_PENALTY,
+    repeat_last_n: int | None = REPEAT_LAST_N,
 ) -> None:
     """Create an agent with a persona, a model and sampling settings."""
     from ..model.loader import requested_spec
@@ -202,7 +219,20 @@ def new(
         if store.find_agent(name):
             raise UsageError(f"agent {name!r} already exists; change it with `semantic agents edit {name}`")
         kv.release_agent(name)  # an orphaned cache under this name must not be mistaken for the new agent's
-        store.create_agent(name, spec, persona, _settings(temp, max_tokens, top_p))
+        store.create_agent(
+            name,
+            spec,
+            persona,
+            _settings(
+                temp=temp,
+                max_tokens=max_tokens,
+                top_p=top_p,
+                top_k=top_k,
+                min_p=min_p,
+                repeat_penalty=repeat_penalty,
+                repeat_last_n=repeat_last_n,
+            ),
+        )
     _status(f"created agent {name!r} (model {spec})")
 
 
@@ -230,49 +260,8 @@ def show(
     elif markdown:
         sys.stdout.write(printable(export.to_markdown(agent, messages), sys.stdout))
     else:
-        _show(agent, messages)
-
-
-def _show(agent: Agent, messages: list[Message]) -> None:
-    """The transcript for reading: on a terminal, replies rendered as Markdown and
-    wrapped (never cropped) to its width; anywhere else, plain text with every message
-    byte for byte, unwrapped."""
-    if not render.is_terminal(sys.stdout):
-        sys.stdout.write(_plain(agent, messages))
-        if not messages:
+        if not transcript.show(agent, messages):
             _status("no messages yet")
-        return
-    from rich.markdown import Markdown
-    from rich.text import Text
-
-    out = render.stdout()
-    out.print(Text(f"{agent.name} · {printable(agent.model)}", style="bold"))
-    if agent.system:
-        out.print(Text(f"persona: {printable(agent.system)}", style="dim"))
-    if not messages:
-        _status("no messages yet")
-    for m in messages:
-        out.print()
-        if m.role == "assistant":
-            label = Text(agent.name, style="bold green")
-            if m.status == "interrupted":
-                label.append(" (interrupted)", style="yellow")
-            out.print(label)
-            out.print(Markdown(printable(m.content)), soft_wrap=False)  # wrapped to the terminal: soft wrap would crop lists and code
-        else:
-            out.print(Text("you" if m.role == "user" else m.role, style="bold cyan"))
-            out.print(Text(printable(m.content)))
-
-
-def _plain(agent: Agent, messages: list[Message]) -> str:
-    """The terminal view's words, as plain text: a header line, the persona, then per
-    message a blank line, who spoke (the agent's name, "(interrupted)" for a cut reply)
-    and the text exactly as stored."""
-    parts = [f"{agent.name} · {agent.model}\n"] + ([f"persona: {agent.system}\n"] if agent.system else [])
-    for m in messages:
-        who = {"assistant": agent.name, "user": "you"}.get(m.role, m.role) + (" (interrupted)" if m.status == "interrupted" else "")
-        parts.append(f"\n{who}\n{m.content}\n")
-    return "".join(parts)
 
 
 @app.command("edit")
@@ -284,13 +273,25 @@ def edit(
     temp: float | None = TEMP,
     max_tokens: int | None = MAX_TOKENS,
     top_p: float | None = TOP_P,
+    top_k: int | None = TOP_K,
+    min_p: float | None = MIN_P,
+    repeat_penalty: float | None = REPEAT_PENALTY,
+    repeat_last_n: int | None = REPEAT_LAST_N,
 ) -> None:
     """Change an agent's persona, model or settings (persona/model changes drop its cache)."""
     validate_name(name)
     persona = _read_system(system, system_file)
-    settings = _settings(temp, max_tokens, top_p)
+    settings = _settings(
+        temp=temp,
+        max_tokens=max_tokens,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repeat_penalty=repeat_penalty,
+        repeat_last_n=repeat_last_n,
+    )
     if persona is None and model is None and not settings:
-        raise UsageError("nothing to change: pass --system, --system-file, --model, --temp, --max-tokens or --top-p")
+        raise UsageError("nothing to change: pass --system, --system-file, --model or a sampling setting (--temp, --top-p, ...)")
     spec = _check_model(model) if model is not None else None
     with _opened() as (store, kv):
         agent = store.get_agent(name)

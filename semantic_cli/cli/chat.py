@@ -88,14 +88,14 @@ def chat(
     waits = wait or wait_timeout is not None
     interactive = message is None and sys.stdin.isatty()
     socket_path = None
-    if not interactive and not no_server:
+    if not no_server:
         from ..server import client
 
         socket_path = client.find_socket()
     store = Store()
     try:
         names = room_agents(agent, room, store)
-        if socket_path is not None:
+        if socket_path is not None and not interactive:
             text = _read(message)
             turn = {"settings": asdict(sampling), "wait": waits, "wait_timeout": wait_timeout}
             try:
@@ -121,6 +121,7 @@ def chat(
             verbose,
             no_markdown,
             sampling,
+            socket_path if interactive else None,
         )
     finally:
         store.close()
@@ -145,18 +146,25 @@ def _in_process(
     verbose: bool,
     no_markdown: bool,
     settings: GenSettings,
+    remote: str | None = None,
 ) -> None:
-    from ..chat import Chat
+    """The turns in this process; or a REPL whose turns the server at `remote` runs (it then
+    holds no agent: the server locks each turn's agents, so other commands are never busy)."""
+    from ..chat import Chat, check_room
 
     session = Chat(store)
     try:
-        opened = open_room(session, names, model, system, wait, wait_timeout)
+        if remote is not None:
+            opened = [session.peek_agent(n, model, system) for n in names]
+            check_room(opened)
+        else:
+            opened = open_room(session, names, model, system, wait, wait_timeout)
         if save_room:
             store.save_room(save_room, names)
         if interactive:
             from .repl import Repl
 
-            Repl(session, opened, settings, markdown=not no_markdown).run()
+            Repl(session, opened, settings, markdown=not no_markdown, remote=remote, flags=(model, system)).run()
             return
         text = _read(message)
         by_name = {a.name: a for a in opened}
@@ -288,15 +296,8 @@ def remote_one_shot(
     targets = _targets(names, text, to_all)
     payload = {"targets": targets, "model": model, "system": system, **turn}
     with render.progress(render.stderr(), enabled=verbose) as progress:
-        events = client.turn_events(socket_path, payload)
-        first = next(events, None)  # Unavailable is raised here, before any output
-        show_turns(_chain(first, events), [a for a, _ in targets], json_out, verbose, progress)
-
-
-def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
-    if first is not None:
-        yield first
-    yield from rest
+        events = client.start_turn(socket_path, payload)  # Unavailable is raised here, before any output
+        show_turns(events, [a for a, _ in targets], json_out, verbose, progress)
 
 
 def turn_json(rec: TurnRecorded, model: str) -> dict[str, Any]:

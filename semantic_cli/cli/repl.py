@@ -14,11 +14,12 @@ text reaches the terminal only through `render.printable`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -70,8 +71,18 @@ def block_open(text: str) -> bool:
 
 
 class Repl:
-    def __init__(self, session: Chat, agents: list[Agent], settings: GenSettings, markdown: bool = True) -> None:
+    def __init__(
+        self,
+        session: Chat,
+        agents: list[Agent],
+        settings: GenSettings,
+        markdown: bool = True,
+        remote: str | None = None,
+        flags: tuple[str | None, str | None] = (None, None),
+    ) -> None:
         self.session = session
+        self.remote = remote  # the server's socket: its engine runs the turns, and this REPL holds no agent
+        self.flags = flags  # --model and --system, for the server to apply as `open_agent` would
         self.agents: dict[str, Agent] = {a.name: a for a in agents}
         self.current = agents[0].name
         self.settings = settings
@@ -93,6 +104,34 @@ class Repl:
 
     def replace_agent(self, agent: Agent) -> None:
         self.agents[agent.name] = agent
+
+    def open_agent(self, name: str, model: str | None) -> Agent:
+        """An agent joining the room: locked for this REPL's life, or (with a server) only read."""
+        if self.remote is not None:
+            return self.session.peek_agent(name, model)
+        return self.session.open_agent(name, model)
+
+    @contextlib.contextmanager
+    def holding(self, name: str) -> Iterator[None]:
+        """The agent's lock while a slash command changes it: the REPL's own (held for its
+        life without a server), or taken for the change (a server's turn may hold it: wait)."""
+        if name in self.session.locks:
+            yield
+            return
+        from ..locks import AgentLock
+
+        lock = AgentLock(name).acquire(wait=True, timeout=30)
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _go_local(self, why: str) -> None:
+        """The server cannot take turns any more: lock the room's agents and run them here."""
+        self.info(f"the server is not available ({why}): running turns in this process from now on")
+        for name in list(self.agents):
+            self.agents[name] = self.session.open_agent(name, self.flags[0] if not self.session.store.find_agent(name) else None)
+        self.remote = None
 
     # ---- input ----------------------------------------------------------
     def _prompt(self) -> Any:
@@ -178,14 +217,19 @@ class Repl:
         from ..chat import Notice, TurnNotSaved, TurnRecorded
         from ..engine import PromptProgress, TokenEvent
 
-        with render.progress(self.err) as progress:  # model download/conversion, loading
-            pendings = [self.session.prepare(a, body, self.settings, progress) for a, body in targets]
-        replies = {p.agent.name: Reply(p.agent.name, (titles or {}).get(p.agent.name, p.agent.name)) for p in pendings}
+        events: Generator[Any, None, None] | None = None
+        if self.remote is not None:
+            events = self._remote_events(targets)
+        if events is None:
+            with render.progress(self.err) as progress:  # model download/conversion, loading
+                pendings = [self.session.prepare(a, body, self.settings, progress) for a, body in targets]
+            events = self.session.run(pendings, seed=self.settings.seed)
+        names = [a.name for a, _ in targets]
+        replies = {n: Reply(n, (titles or {}).get(n, n)) for n in names}
         view = TurnView(list(replies.values()), self.markdown, panels=self.room)
         recorded: list[TurnRecorded] = []
         started = time.perf_counter()
         with _quiet_tty(), Live(view, console=self.console, refresh_per_second=10, transient=False) as live:
-            events = self.session.run(pendings, seed=self.settings.seed)
             try:
                 for ev in events:
                     r = replies.get(ev.key)
@@ -224,7 +268,31 @@ class Repl:
                 view.final = True
                 live.refresh()
                 self.totals.seconds += time.perf_counter() - started
+                if self.remote is not None:  # the server may have created or changed them
+                    for n in names:
+                        self.agents[n] = self.session.store.find_agent(n) or self.agents[n]
         return recorded
+
+    def _remote_events(self, targets: list[tuple[Agent, str]]) -> Generator[Any, None, None] | None:
+        """The turns as the server runs them; None (after saying so) when it cannot, and the
+        REPL then runs this turn and the next ones itself."""
+        from dataclasses import asdict
+
+        from ..server import client
+
+        payload = {
+            "targets": [(a.name, body) for a, body in targets],
+            "model": self.flags[0],
+            "system": self.flags[1],
+            "settings": asdict(self.settings),
+            "wait": True,
+            "wait_timeout": 30,
+        }
+        try:
+            return client.start_turn(self.remote or "", payload)
+        except client.Unavailable as exc:
+            self._go_local(str(exc))
+            return None
 
     def _count(self, rec: TurnRecorded) -> None:
         s = rec.done.stats

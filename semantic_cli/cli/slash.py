@@ -51,7 +51,7 @@ def _agent(repl: Any, arg: str) -> None:
     if name not in repl.agents:
         # Another agent joins the room; a new one uses the room's model so it can answer with the others.
         known = repl.session.store.find_agent(name) is not None
-        agent = repl.session.open_agent(name, None if known else repl.agent().model)
+        agent = repl.open_agent(name, None if known else repl.agent().model)
         repl.replace_agent(agent)
         repl.info(f"{name} joins the room ({', '.join(repl.agents)})" + ("" if known else "; created on its first turn"))
     repl.current = name
@@ -80,15 +80,18 @@ def _system(repl: Any, arg: str) -> None:
         repl.console.print(printable(agent.system) or "(no persona: the model's default system prompt)", markup=False, highlight=False)
         return
     store = repl.session.store
-    if store.find_agent(agent.name) is None:
-        from dataclasses import replace
+    with repl.holding(agent.name):
+        if store.find_agent(agent.name) is None:
+            from dataclasses import replace
 
-        agent = replace(agent, system=arg)  # created with this persona on its first turn
-    else:
-        agent = store.update_agent(agent, system=arg)  # drops the token log: the old prefix is not reused
-    # The old persona's cache is a prefix nothing will ask for again: free it now, so the
-    # next turn does not trip over a tail that no longer matches.
-    repl.session.kv.release_agent(agent.name)
+            agent = replace(agent, system=arg)  # created with this persona on its first turn
+            if repl.remote is not None:
+                repl.flags = (repl.flags[0], arg)  # the server creates it, with this persona
+        else:
+            agent = store.update_agent(agent, system=arg)  # drops the token log: the old prefix is not reused
+        # The old persona's cache is a prefix nothing will ask for again: free it now, so the
+        # next turn does not trip over a tail that no longer matches.
+        repl.session.kv.release_agent(agent.name)
     repl.replace_agent(agent)
     repl.info(f"{agent.name}: persona set; the next turn re-reads the conversation under it")
 
@@ -103,8 +106,9 @@ def _reset(repl: Any, arg: str) -> None:
     if not _confirm(f"empty {name}'s conversation ({n} messages; the persona stays)? [y/N] "):
         repl.info("kept")
         return
-    store.reset_agent(name)
-    freed = repl.session.kv.release_agent(name)
+    with repl.holding(name):
+        store.reset_agent(name)
+        freed = repl.session.kv.release_agent(name)
     repl.last.pop(name, None)
     repl.info(f"{name}: conversation emptied, {_bytes(freed)} of cache freed")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 from ..errors import SemanticError, ServerGoneError, error_for
@@ -28,7 +28,21 @@ def find_socket() -> str | None:
     return info.socket if info is not None else None
 
 
-def turn_events(socket_path: str, payload: dict[str, Any]) -> Iterator[TurnEvent]:
+def start_turn(socket_path: str, payload: dict[str, Any]) -> Generator[TurnEvent, None, None]:
+    """`turn_events` with the request sent and its first event read: `Unavailable` (run it
+    in-process instead) is raised here, before the caller has shown anything."""
+    events = turn_events(socket_path, payload)
+    first = next(events, None)
+    return _prepend(first, events)
+
+
+def _prepend(first: TurnEvent | None, rest: Iterator[TurnEvent]) -> Generator[TurnEvent, None, None]:
+    if first is not None:
+        yield first
+    yield from rest  # closing this closes `rest`: the connection, and the server records the partial reply
+
+
+def turn_events(socket_path: str, payload: dict[str, Any]) -> Generator[TurnEvent, None, None]:
     """POST the turn and yield its events; closing the iterator (Ctrl-C) closes the
     connection, and the server records the partial replies as interrupted."""
     body = json.dumps({"wire": wire.WIRE_VERSION, **payload}).encode()

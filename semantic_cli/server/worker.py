@@ -159,6 +159,8 @@ class Worker:
                     continue
                 for ev in events:
                     self._deliver(ev)
+                if not self.batch.live:
+                    self.batch.close()  # idle: split matmuls off until two sequences run again
             elif self._waiting and not self._running:
                 time.sleep(0.05)  # only busy agents are waiting: poll their locks
 
