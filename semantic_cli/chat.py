@@ -277,6 +277,18 @@ class Chat:
             return
         yield ev
 
+    def interrupt(self, p: PendingTurn) -> TurnRecorded:
+        """Stop one turn from outside the engine (its client left, the server stops): its
+        partial reply is recorded as interrupted (`TurnNotSaved` if it cannot be)."""
+        done = p.done or self._interrupted(p)
+        try:
+            self._record(p, done)
+        except Exception as exc:
+            self._not_recorded(p)
+            raise TurnNotSaved({p.agent.name: exc}, others=False) from exc
+        self._mark_used(p)
+        return TurnRecorded(p.agent.name, p.engine.lm.name, done, p.tier, None, [w for w in p.warnings if self._first(p.agent.name, w)])
+
     def record_unfinished(self, pendings: list[PendingTurn], cause: BaseException) -> None:
         """Record the replies a stopped run leaves behind: a finished one as it finished, the
         others as interrupted. Each on its own: one failure does not cost the rest."""

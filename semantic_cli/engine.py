@@ -174,6 +174,8 @@ class Batch:
         self._gen = engine.generator
         self._live: dict[int, _Live] = {}
         self._samplers: dict[tuple[float, float, int, float], Any] = {}
+        args = getattr(engine.lm.model, "args", None)  # the model's logits width: its vocabulary
+        self._vocab = int(getattr(args, "vocab_size", 0) or len(engine.lm.tokenizer.vocab))
 
     @property
     def live(self) -> list[str]:
@@ -190,10 +192,11 @@ class Batch:
             raise ValueError(f"{req.key!r} already has a sequence in this batch")
         # One sampler object per setting: BatchGenerator samples the whole
         # batch in one call only when every sequence shares the same object.
-        key = (req.temp, req.top_p, req.top_k, req.min_p)
+        top_k = req.top_k if 0 < req.top_k < self._vocab else 0  # k at or above the vocabulary cuts nothing (and mlx would fail)
+        key = (req.temp, req.top_p, top_k, req.min_p)
         if key not in self._samplers:
             top_p = req.top_p if req.top_p < 1.0 else 0.0
-            self._samplers[key] = self._make_sampler(temp=req.temp, top_p=top_p, top_k=req.top_k, min_p=req.min_p)
+            self._samplers[key] = self._make_sampler(temp=req.temp, top_p=top_p, top_k=top_k, min_p=req.min_p)
         processors = []
         if req.repeat_penalty != 1.0 and req.repeat_last_n > 0:  # per sequence: each keeps its own token context
             processors = self._make_processors(repetition_penalty=req.repeat_penalty, repetition_context_size=req.repeat_last_n)

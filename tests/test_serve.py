@@ -53,7 +53,8 @@ def test_openai_client_streaming_and_not_on_the_model_and_the_socket(tiny, home)
         assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
         over_socket = socket_client(server).chat.completions.create(model="llama", messages=msgs, max_tokens=6)
         assert over_socket.choices[0].message.content == text
-        assert run_cli("agents", "ls", "--json").stdout.strip() in (b"[]", b"")  # stateless: no agent was made
+        listed = run_cli("agents", "ls", "--json")
+        assert listed.returncode == 0 and json.loads(listed.stdout) == []  # stateless: no agent was made
 
 
 def test_agent_mode_appends_only_new_messages_then_the_cli_continues(tiny, home):
@@ -103,27 +104,61 @@ def test_a_history_that_diverges_from_the_transcript_is_409_and_writes_nothing(t
 
 
 def test_each_error_status_in_openai_shape_and_nothing_written(tiny, home):
-    with Server(home, tiny["llama"], "--max-body", "2048", "--max-tokens", "50") as server:
+    model = str(tiny["llama"])
+    assert _chat("-a", "ag", "--model", model, "-m", "one", "--max-tokens", "2", "--no-server")[0] == 0
+    before = _messages("ag")
+    with Server(home, model, "--max-body", "2048", "--max-tokens", "50") as server:
         url = server.url + "/chat/completions"
-        ok = {"model": "llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-        cases = [
-            (b"{not json", 400, None),
-            (json.dumps({**ok, "temperature": 9}).encode(), 400, None),
-            (json.dumps({**ok, "messages": []}).encode(), 400, None),
-            (json.dumps({**ok, "messages": [{"role": "assistant", "content": "x"}]}).encode(), 400, None),
-            (json.dumps({**ok, "max_tokens": 51}).encode(), 400, None),
-            (json.dumps({**ok, "n": 2}).encode(), 400, None),
-            (json.dumps({**ok, "model": "nosuch"}).encode(), 404, "model_not_found"),
-            (json.dumps({**ok, "model": "../../etc/passwd"}).encode(), 404, "model_not_found"),
-            (json.dumps({**ok, "messages": [{"role": "user", "content": "x" * 4000}]}).encode(), 413, None),
-            (json.dumps({**ok, "messages": [{"role": "user", "content": "word " * 400}] * 5, "max_tokens": 2}).encode()[:2000], 400, None),
-        ]
-        for body, status, code in cases:
-            r = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=60)
-            assert r.status_code == status, (body[:80], r.text)
-            error = r.json()["error"]
-            assert error["message"] and error["type"] and error["code"] == code, r.text
-    assert run_cli("agents", "ls", "--json").stdout.strip() in (b"[]", b"")
+        for target in ("llama", "ag"):
+            ok = {"model": target, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+            cases = [
+                (b"{not json", 400, None),
+                (json.dumps({**ok, "temperature": 9}).encode(), 400, None),
+                (json.dumps({**ok, "seed": -1}).encode(), 400, None),
+                (json.dumps({**ok, "messages": []}).encode(), 400, None),
+                (json.dumps({**ok, "messages": [{"role": "assistant", "content": "x"}]}).encode(), 400, None),
+                (json.dumps({**ok, "messages": [{"role": "user", "content": 5}]}).encode(), 400, None),
+                (json.dumps({**ok, "max_tokens": 51}).encode(), 400, None),
+                (json.dumps({**ok, "n": 2}).encode(), 400, None),
+                (json.dumps({**ok, "model": "nosuch"}).encode(), 404, "model_not_found"),
+                (json.dumps({**ok, "model": "../../etc/passwd"}).encode(), 404, "model_not_found"),
+                (json.dumps({**ok, "messages": [{"role": "user", "content": "x" * 4000}]}).encode(), 413, None),
+            ]
+            for body, status, code in cases:
+                r = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=60)
+                assert r.status_code == status, (target, body[:80], r.text)
+                error = r.json()["error"]
+                assert error["message"] and error["type"] and error["code"] == code, r.text
+                assert r.headers.get("x-should-retry") == "false"  # the openai client would retry a 409 otherwise
+        # What a web page could send: a "simple" cross-site POST, or a rebound DNS name.
+        ok = {"model": "ag", "messages": [{"role": "user", "content": "INJECTED"}], "max_tokens": 2}
+        simple = httpx.post(url, content=json.dumps(ok), headers={"content-type": "text/plain;charset=UTF-8"})
+        assert simple.status_code == 415
+        foreign = httpx.post(url, json=ok, headers={"origin": "https://evil.example"})
+        assert foreign.status_code == 403
+        assert httpx.get(server.url + "/models", headers={"host": "rebind.evil.example"}).status_code == 403
+        assert httpx.get(server.url + "/models", headers={"origin": "http://localhost:3000"}).status_code == 200
+    assert _messages("ag") == before
+    listed = run_cli("agents", "ls", "--json")
+    assert listed.returncode == 0 and [a["name"] for a in json.loads(listed.stdout)] == ["ag"]
+
+
+def test_bad_sampling_values_never_break_the_engine_or_keep_an_agent(tiny, home):
+    model = str(tiny["llama"])
+    assert _chat("-a", "sv", "--model", model, "-m", "one", "--max-tokens", "2", "--no-server")[0] == 0
+    with Server(home, model) as server:
+        client = openai_client(server)
+        msgs = [{"role": "user", "content": "hi"}]
+        wide = client.chat.completions.create(model="llama", messages=msgs, max_tokens=3, temperature=1, extra_body={"top_k": 5000})
+        assert wide.choices[0].finish_reason == "length"  # a k above the vocabulary cuts nothing
+        again = client.chat.completions.create(model="llama", messages=msgs, max_tokens=3, temperature=0.7)
+        assert again.choices[0].finish_reason == "length"
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model="sv", messages=msgs, max_tokens=3, seed=-1)
+        code, _, err = _chat("-a", "sv", "-m", "two", "--max-tokens", "2", "--seed", "-1")
+        assert code == EXIT_USAGE and "--seed" in err
+        assert _chat("-a", "sv", "-m", "three", "--max-tokens", "2")[0] == 0  # not left locked
+        assert [c for r, c, _ in _messages("sv") if r == "user"] == ["one", "three"]
 
 
 def test_prompt_too_long_for_the_context_is_400(tiny, home):
@@ -222,17 +257,21 @@ def test_sigterm_ends_running_turns_and_exits_0_within_10_s(tiny, home):
         stream = openai_client(server).chat.completions.create(
             model="t", messages=[{"role": "user", "content": "go"}], max_tokens=4000, stream=True
         )
-        for chunk in stream:
+        chunks = iter(stream)
+        for chunk in chunks:
             if chunk.choices and chunk.choices[0].delta.content:
                 break
         started = time.monotonic()
-        code, _ = server.stop(signal.SIGTERM, timeout=15)
+        server.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        code = server.proc.wait(15)  # type: ignore[union-attr]
         took = time.monotonic() - started
     finally:
         server.__exit__()
     assert code == 0 and took < 10
+    assert reasons == ["interrupted"]  # 4000 tokens take longer than the 5 s grace: the client is told
     last = _messages("t")[-1]
-    assert last[0] == "assistant" and last[2] in ("interrupted", "complete")
+    assert last[0] == "assistant" and last[2] == "interrupted"
     assert not (home / "runtime" / "server.json").exists()
 
 
@@ -294,26 +333,73 @@ def test_saturated_server_answers_503(tiny, home):
 
 def test_stop_sequences_cut_the_reply_and_the_transcript_keeps_the_cut_text(tiny, home):
     model = str(tiny["llama"])
-    assert _chat("-a", "st", "--model", model, "-m", "start", "--max-tokens", "2", "--no-server")[0] == 0
     with Server(home, model) as server:
         client = openai_client(server)
-        free = client.chat.completions.create(model="llama", messages=[{"role": "user", "content": "go on"}], max_tokens=40)
-        text = free.choices[0].message.content
-        stop = text[len(text) // 2 : len(text) // 2 + 3]
-        assert stop.strip() and text.index(stop) > 0
-        cut = client.chat.completions.create(model="llama", messages=[{"role": "user", "content": "go on"}], max_tokens=40, stop=[stop])
-        assert cut.choices[0].finish_reason == "stop" and cut.choices[0].message.content == text[: text.index(stop)]
-        streamed = client.chat.completions.create(
-            model="llama", messages=[{"role": "user", "content": "go on"}], max_tokens=40, stop=stop, stream=True
+        go = [{"role": "user", "content": "go on"}]
+        pieces = [
+            c.choices[0].delta.content
+            for c in client.chat.completions.create(model="llama", messages=go, max_tokens=40, stream=True)
+            if c.choices and c.choices[0].delta.content
+        ]
+        text = "".join(pieces)
+        # A stop sequence across a token boundary: the last character of one piece and the first of the next.
+        k = next(
+            i
+            for i in range(3, len(pieces) - 1)
+            if pieces[i] and pieces[i + 1] and pieces[i][-1] + pieces[i + 1][0] not in text[: len("".join(pieces[:i])) + len(pieces[i]) - 1]
         )
-        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text[: text.index(stop)]
-        agent = client.chat.completions.create(model="st", messages=[{"role": "user", "content": "go on"}], max_tokens=40, stop=["e"])
-        assert "e" not in agent.choices[0].message.content
-        assert _messages("st")[-1][1] == agent.choices[0].message.content
-        # The next turn re-renders the transcript (the token log ran past the cut) and goes on.
-        again = client.chat.completions.create(model="st", messages=[{"role": "user", "content": "more"}], max_tokens=3)
-        assert again.choices[0].finish_reason == "length"
+        stop = pieces[k][-1] + pieces[k + 1][0]
+        want = text[: text.index(stop)]
+        cut = client.chat.completions.create(model="llama", messages=go, max_tokens=40, stop=[stop])
+        assert cut.choices[0].finish_reason == "stop" and cut.choices[0].message.content == want
+        streamed = list(client.chat.completions.create(model="llama", messages=go, max_tokens=40, stop=stop, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == want  # nothing of the stop leaks
+        assert [c.choices[0].finish_reason for c in streamed if c.choices and c.choices[0].finish_reason] == ["stop"]
+        # In agent mode the transcript keeps exactly what the client received, so its next resend matches.
+        assert run_cli("agents", "new", "fresh", "--model", model).returncode == 0  # no history: the same prompt as above
+        agent = client.chat.completions.create(model="fresh", messages=go, max_tokens=40, stop=[stop])
+        assert agent.choices[0].finish_reason == "stop" and agent.choices[0].message.content == want
+        assert _messages("fresh")[-1][1] == want
+        history = go + [{"role": "assistant", "content": want}]
+        again = client.chat.completions.create(model="fresh", messages=history + [{"role": "user", "content": "more"}], max_tokens=3)
+        assert again.choices[0].finish_reason == "length"  # the next turn re-renders the transcript and goes on
         assert httpx.post(server.info["url"] + "/semantic/v1/turns", json={}).status_code == 403  # the CLI's route: socket only
+
+
+def test_a_named_slot_keeps_its_cache_between_requests_and_leaves_no_files(tiny, home):
+    model = str(tiny["llama"])
+    with Server(home, model) as server:
+        client = openai_client(server)
+        msgs = [{"role": "user", "content": "first question"}]
+        first = client.chat.completions.create(model="llama", messages=msgs, max_tokens=4, extra_body={"prompt_cache_key": "bob"})
+        msgs += [{"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": "second"}]
+        second = client.chat.completions.create(model="llama", messages=msgs, max_tokens=4, extra_body={"prompt_cache_key": "bob"})
+        assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
+        other = client.chat.completions.create(model="llama", messages=msgs, max_tokens=4, extra_body={"prompt_cache_key": "eve"})
+        assert other.usage.prompt_tokens_details.cached_tokens == 0  # another slot: nothing of bob's in memory, no full block
+    assert not list((home / "cache").rglob(".tmp-*"))
+    assert "(API slot)" in run_cli("cache", "ls").stdout.decode()
+
+
+def test_a_client_that_gives_up_on_a_plain_request_stops_its_turn(tiny, home):
+    model = str(tiny["llama"])
+    assert _chat("-a", "gu", "--model", model, "-m", "start", "--max-tokens", "2", "--no-server")[0] == 0
+    with Server(home, model) as server:
+        impatient = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=1.5)
+        with pytest.raises(openai.APITimeoutError):
+            impatient.chat.completions.create(model="gu", messages=[{"role": "user", "content": "go"}], max_tokens=4000)
+        deadline = time.monotonic() + 30
+        while len(_messages("gu")) < 4:
+            assert time.monotonic() < deadline, "the abandoned turn was never recorded"
+            time.sleep(0.1)
+        assert _messages("gu")[-1][2] == "interrupted"
+        other = _chat("-a", "gu2", "--model", "/nonexistent", "-m", "x")  # the CLI: another model runs in-process
+        assert other[0] == EXIT_NOT_FOUND
+        assert _chat("-a", "big", "--model", model, "-m", "x", "--max-tokens", "9000")[0] == 0  # the CLI has no API limits
+        assert _chat("-a", "dflt", "-m", "x", "--max-tokens", "1", "--no-server")[0] == 0
+        with pytest.raises(openai.BadRequestError) as caught:  # an agent on another model than the server's
+            openai_client(server).chat.completions.create(model="dflt", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+        assert caught.value.code == "model_not_served"
 
 
 def test_the_repl_sends_its_turns_to_the_server_and_holds_no_agent_between_them(tiny, home):

@@ -57,7 +57,7 @@ def chat(
     max_tokens: int | None = typer.Option(None, "--max-tokens", min=1, help="Maximum tokens per reply."),
     temp: float | None = typer.Option(None, "--temp", min=0.0, help="Sampling temperature (default 0: greedy)."),
     top_p: float | None = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold."),
-    seed: int | None = typer.Option(None, "--seed", help="Random seed for sampling."),
+    seed: int | None = typer.Option(None, "--seed", min=0, max=2**63 - 1, help="Random seed for sampling."),
     top_k: int | None = typer.Option(None, "--top-k", min=0, help="Sample from the k likeliest tokens (0: off)."),
     min_p: float | None = typer.Option(None, "--min-p", min=0.0, max=1.0, help="Drop tokens below this share of the top one."),
     repeat_penalty: float | None = typer.Option(

@@ -78,7 +78,7 @@ def scan(index: KVIndex, store: Store) -> CacheScan:
         rows.append(
             AgentCache(
                 agent=name,
-                model=agents[name].model if name in agents else "(deleted agent)",
+                model=agents[name].model if name in agents else "(API slot)" if name.startswith("~") else "(deleted agent)",
                 transcript_tokens=transcript.get(name, 0),
                 cached_tokens=cached,
                 blocks_own=len(own),

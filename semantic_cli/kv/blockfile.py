@@ -50,7 +50,7 @@ TEMP_PREFIX = ".tmp-"  # a file still being written (an orphan, if its writer wa
 
 # The only names a cache file can have.
 BLOCK_RE = re.compile(r"[0-9a-f]{32}")  # a block's chain hash (blake2b, 16 bytes)
-TAIL_RE = re.compile(rf"({NAME_RE.pattern})-[0-9a-f]{{16}}\.kv")  # agent name, xxh3-64 checksum
+TAIL_RE = re.compile(rf"(~?{NAME_RE.pattern})-[0-9a-f]{{16}}\.kv")  # agent name (~name: an API slot), xxh3-64 checksum
 TEMP_RE = re.compile(r"\.tmp-(?:([0-9]{1,10})-)?[a-z0-9_]{8}\.kv")  # the writer's pid (older releases wrote none), mkstemp's 8
 
 

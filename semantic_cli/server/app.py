@@ -12,6 +12,7 @@ own turn stream (`POST /semantic/v1/turns`, NDJSON: see wire.py), `GET /semantic
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -32,7 +33,7 @@ from ..errors import BadInputError, BusyError, NotFoundError, PromptTooLongError
 from ..store import Store
 from ..turn import GenSettings, TurnNotSaved, TurnRecorded
 from . import openai_api, wire
-from .worker import END, STARTED, ConflictError, Job, Saturated, ShuttingDown, Worker
+from .worker import END, STARTED, ConflictError, Job, OtherModel, Saturated, ShuttingDown, Worker
 
 log = logging.getLogger("semantic.serve")
 
@@ -65,11 +66,27 @@ def status_of(exc: SemanticError) -> tuple[int, str, str | None]:
         return 400, "invalid_request_error", "context_length_exceeded"
     if isinstance(exc, (BadInputError, UsageError)):
         return 400, "invalid_request_error", None
+    if isinstance(exc, OtherModel):
+        return 400, "invalid_request_error", "model_not_served"
     return 500, "server_error", None
 
 
+LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+def _host_of(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    try:
+        return (urlsplit(url).hostname or "").lower()
+    except ValueError:
+        return ""
+
+
 def _error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
-    return JSONResponse(openai_api.error_body(message, kind, code), status_code=status)
+    # Clients retry 409 and 5xx by default; a diverged history or a refused request fails the same way again.
+    headers = {"x-should-retry": "false"} if status < 500 and status != 429 else None
+    return JSONResponse(openai_api.error_body(message, kind, code), status_code=status, headers=headers)
 
 
 def _from_exc(exc: SemanticError) -> JSONResponse:
@@ -88,11 +105,25 @@ class Submission:
         self.early: list[object] = []  # what the job said before it started (a room's busy agents)
 
     def _emit(self, item: object) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        with contextlib.suppress(RuntimeError):  # the loop has closed (a second signal): the engine still records the turn
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
-    async def start(self) -> None:
-        """Submit, and wait until the job runs: its errors before that are the response's status."""
+    async def start(self, request: Request) -> None:
+        """Submit, and wait until the job runs: its errors before that are the response's
+        status. A client that leaves while its job waits (a busy agent) cancels it."""
         self.worker.submit(self.job)
+        watch = asyncio.ensure_future(self.cancel_on_disconnect(request))
+        try:
+            await self._started()
+        finally:
+            watch.cancel()
+
+    async def cancel_on_disconnect(self, request: Request) -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.2)
+        self.cancel()
+
+    async def _started(self) -> None:
         while True:
             item = await self.queue.get()
             if item is STARTED:
@@ -128,12 +159,28 @@ def build(worker: Worker, settings: Settings) -> Starlette:
                 raise _TooLarge()
         return body
 
-    def authorized(request: Request) -> bool:
-        if settings.api_key is None or request.scope.get("client") is None:  # the Unix socket: the user's own
-            return True
-        given = request.headers.get("authorization", "")
-        expected = f"Bearer {settings.api_key}"
-        return hmac.compare_digest(given.encode(), expected.encode())
+    def refused(request: Request) -> Response | None:
+        """Why this request may not go on (None: it may): the key on TCP; and, with no key,
+        what a web page could send. A browser page can POST to 127.0.0.1 without asking
+        (a "simple" request: no JSON content type), and after DNS rebinding read the answer
+        under a name of its own: such requests are refused by their Origin and Host."""
+        if request.scope.get("client") is None:  # the Unix socket: the user's own
+            return None
+        if settings.api_key is not None:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            # Header values arrive as latin-1 text: compared as the bytes the client sent.
+            ok = scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("latin-1"), settings.api_key.encode("utf-8"))
+            if not ok:
+                return _error(401, "missing or wrong API key: send Authorization: Bearer KEY", "invalid_request_error", "invalid_api_key")
+            return None
+        origin = request.headers.get("origin")
+        if origin is not None and _host_of(origin) not in LOOPBACK_NAMES:
+            return _error(403, f"requests from web pages ({origin}) are refused; start the server with --api-key to allow them")
+        if _host_of("//" + request.headers.get("host", "")) not in LOOPBACK_NAMES:
+            return _error(403, "this server answers loopback names only (127.0.0.1, localhost); use --api-key to serve others")
+        if request.method == "POST" and not request.headers.get("content-type", "").lower().startswith("application/json"):
+            return _error(415, "send the body as application/json")
+        return None
 
     def checked(gen: GenSettings) -> GenSettings:
         if gen.max_tokens is not None and gen.max_tokens > settings.limits.max_tokens:
@@ -141,21 +188,31 @@ def build(worker: Worker, settings: Settings) -> Starlette:
         return gen
 
     async def models(request: Request) -> Response:
-        if not authorized(request):
-            return _error(401, "missing or wrong API key: send Authorization: Bearer KEY", "invalid_request_error", "invalid_api_key")
+        if (no := refused(request)) is not None:
+            return no
         agents = await run_in_threadpool(_agents)
         return JSONResponse(openai_api.model_list(agents, worker.model_name))
 
+    async def model(request: Request) -> Response:
+        if (no := refused(request)) is not None:
+            return no
+        name = request.path_params["name"]
+        agents = await run_in_threadpool(_agents)
+        found = [m for m in openai_api.model_list(agents, worker.model_name)["data"] if m["id"] == name]
+        if not found:
+            return _error(404, f"no agent or model named {name!r}: GET /v1/models lists them", code="model_not_found")
+        return JSONResponse(found[0])
+
     async def status(request: Request) -> Response:
-        if not authorized(request):
-            return _error(401, "missing or wrong API key", "invalid_request_error", "invalid_api_key")
+        if (no := refused(request)) is not None:
+            return no
         return JSONResponse(
             {"wire": wire.WIRE_VERSION, "version": settings.version, "model": worker.ref.spec, "model_path": worker.ref.path, "pid": _pid()}
         )
 
     async def completions(request: Request) -> Response:
-        if not authorized(request):
-            return _error(401, "missing or wrong API key: send Authorization: Bearer KEY", "invalid_request_error", "invalid_api_key")
+        if (no := refused(request)) is not None:
+            return no
         try:
             body = await read_body(request)
             req = openai_api.parse(body)
@@ -172,7 +229,7 @@ def build(worker: Worker, settings: Settings) -> Starlette:
             args["stop"] = req.stops()
             args["wait_until"] = time.monotonic() + 120  # a second request to an agent waits its turn
             sub = Submission(worker, args)
-            await sub.start()
+            await sub.start(request)
         except _TooLarge:
             return _error(413, f"request body over {settings.limits.max_body} bytes")
         except SemanticError as exc:
@@ -181,9 +238,11 @@ def build(worker: Worker, settings: Settings) -> Starlette:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(_sse(sub, cid, req.model, include_usage), media_type="text/event-stream")
+        watch = asyncio.ensure_future(sub.cancel_on_disconnect(request))  # a client that gives up stops its turn
         try:
             rec = await _collect(sub)
         finally:
+            watch.cancel()
             sub.cancel()  # a no-op once the turn ended; stops it if this handler was cancelled
         if isinstance(rec, SemanticError):
             return _from_exc(rec)
@@ -195,23 +254,11 @@ def build(worker: Worker, settings: Settings) -> Starlette:
         if request.scope.get("client") is not None:
             return _error(403, "this route is the semantic CLI's, on the Unix socket only", "invalid_request_error")
         try:
-            body = json.loads(await read_body(request))
-            if body.get("wire") != wire.WIRE_VERSION:
+            body = json.loads(await request.body())  # the user's own: no API limits (the turn checks its context)
+            if not isinstance(body, dict) or body.get("wire") != wire.WIRE_VERSION:
                 raise UsageError(f"this server speaks wire version {wire.WIRE_VERSION}; upgrade the client or the server")
-            gen = checked(wire.settings(body.get("settings") or {}))
-            wait = body.get("wait_timeout")
-            args = {
-                "settings": gen,
-                "targets": [(str(a), str(t)) for a, t in body["targets"]],
-                "model": body.get("model"),
-                "system": body.get("system"),
-                "create": True,
-                "wait_until": (None if wait is None else time.monotonic() + float(wait)) if body.get("wait") else 0.0,
-            }
-            sub = Submission(worker, args)
-            await sub.start()
-        except _TooLarge:
-            return _error(413, f"request body over {settings.limits.max_body} bytes")
+            sub = Submission(worker, wire.turn_job(body))
+            await sub.start(request)
         except (ValueError, KeyError, TypeError) as exc:
             return _error(400, f"malformed turn request: {exc}")
         except SemanticError as exc:
@@ -220,6 +267,7 @@ def build(worker: Worker, settings: Settings) -> Starlette:
 
     routes = [
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{name:path}", model, methods=["GET"]),
         Route("/v1/chat/completions", completions, methods=["POST"]),
         Route("/semantic/v1/turns", turns, methods=["POST"]),
         Route("/semantic/v1/status", status, methods=["GET"]),

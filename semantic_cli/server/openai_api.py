@@ -57,7 +57,7 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, ge=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -65,7 +65,7 @@ class ChatRequest(BaseModel):
     prompt_cache_key: str | None = Field(None, max_length=256)
     n: int = Field(1, ge=1, le=1)
     # Beyond OpenAI's fields, as vLLM and llama-server accept them:
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, le=1 << 20)  # above the vocabulary: no cut (the engine clamps)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
 

@@ -93,12 +93,11 @@ class _Server:
 
     def run(self, sockets: list[socket.socket]) -> None:
         # uvicorn re-raises the signal it caught once it has shut down, to the handler that
-        # was there before it; that handler is this no-op, so a clean stop exits 0.
+        # was there before it; that handler is this no-op, so a clean stop exits 0. It stays
+        # until the process exits: a second signal must not cut the recording of the turns
+        # still running (the engine thread's join is bounded).
         import signal
 
-        before = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            self._server.run(sockets=sockets)
-        finally:
-            for sig, handler in before.items():
-                signal.signal(sig, handler)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: None)
+        self._server.run(sockets=sockets)

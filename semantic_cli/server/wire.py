@@ -66,6 +66,12 @@ def decode(obj: dict[str, Any]) -> TurnEvent | None:
     return None
 
 
+def check_seed(seed: int) -> int:
+    if not 0 <= seed < 2**63:
+        raise ValueError("seed: a whole number from 0 to 2**63 - 1")
+    return seed
+
+
 def settings(obj: dict[str, Any]) -> GenSettings:
     """The CLI's settings, checked as its flags check them (a bad one: ValueError)."""
     from .. import config
@@ -76,9 +82,37 @@ def settings(obj: dict[str, Any]) -> GenSettings:
         if value is None:
             continue
         if key == "seed":
-            values[key] = int(value)
+            values[key] = check_seed(int(value))
         elif key in config.SETTINGS:
             values[key] = config.SETTINGS[key].parse(str(value))
         else:
             raise ValueError(f"unknown setting {key!r}")
     return GenSettings(**values)
+
+
+def turn_job(body: dict[str, Any]) -> dict[str, Any]:
+    """A `worker.Job`'s fields from the CLI's request, checked as `semantic chat` checks its
+    arguments (ValueError, TypeError or a UsageError when they are not)."""
+    import math
+    import time
+
+    from ..store import validate_name
+
+    targets = [(validate_name(str(a)), str(t)) for a, t in body["targets"]]
+    names = [a for a, _ in targets]
+    if not targets or len(set(names)) != len(names) or any(not t.strip() for _, t in targets):
+        raise ValueError("targets: one or more distinct agents, each with a non-empty message")
+    wait = body.get("wait_timeout")
+    if wait is not None and (not isinstance(wait, (int, float)) or not math.isfinite(wait) or wait < 0):
+        raise ValueError("wait_timeout: a number of seconds >= 0")
+    model, system = body.get("model"), body.get("system")
+    if not isinstance(model, (str, type(None))) or not isinstance(system, (str, type(None))):
+        raise TypeError("model and system are strings")
+    return {
+        "settings": settings(body.get("settings") or {}),
+        "targets": targets,
+        "model": model,
+        "system": system,
+        "create": True,
+        "wait_until": (None if wait is None else time.monotonic() + float(wait)) if body.get("wait") else 0.0,
+    }

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import queue
 import threading
 import time
@@ -74,6 +75,7 @@ class Job:
     pendings: dict[str, PendingTurn] = field(default_factory=dict)
     left: set[str] = field(default_factory=set)
     failed: dict[str, BaseException] = field(default_factory=dict)
+    shown: dict[str, int] = field(default_factory=dict)  # with stop sequences: characters of each reply sent so far
 
 
 class Worker:
@@ -156,6 +158,7 @@ class Worker:
                     for key in list(self._running):
                         self._interrupt(key, SemanticError(f"the engine failed: {one_line(exc)}"))
                     self.batch = self.engine.batch()
+                    self.batch.seed(int.from_bytes(os.urandom(4), "little"))  # the failed step may have left the random state unusable
                     continue
                 for ev in events:
                     self._deliver(ev)
@@ -209,11 +212,13 @@ class Worker:
                 self._check_history(room[0], job.history)
             texts = dict(job.targets)
             pendings = [self.chat.prepare(agent, texts[agent.name], job.settings) for agent in room]
+            self._run(job, pendings)
         except BaseException:
             for name in free:
+                self.batch.cancel(name)
+                self._running.pop(name, None)
                 self.chat.release(name)
             raise
-        self._run(job, pendings)
         return True
 
     def _lock(self, job: Job, names: list[str]) -> list[str] | None:
@@ -291,10 +296,12 @@ class Worker:
             return False
         try:
             pending = self.chat.prepare_stateless(slot, self.engine, job.messages or [], job.settings)
+            self._run(job, [pending])
         except BaseException:
+            self.batch.cancel(slot)
+            self._running.pop(slot, None)
             self.chat.release(slot)
             raise
-        self._run(job, [pending])
         return True
 
     def _slot(self, job: Job) -> str | None:
@@ -312,20 +319,22 @@ class Worker:
             except BusyError:
                 continue
             return name
+        if job.wait_until is not None and time.monotonic() >= job.wait_until:
+            raise Saturated("every API slot for this request is busy; retry later (or name your own with prompt_cache_key)")
         return None
 
     def _run(self, job: Job, pendings: list[PendingTurn]) -> None:
+        if job.settings.seed is not None:
+            self.batch.seed(job.settings.seed)  # the engine's one random state: shared by the sequences running now
+        for p in pendings:
+            self.batch.add(p.request)
+            self._running[p.agent.name] = job
         for p in pendings:
             job.pendings[p.agent.name] = p
             job.left.add(p.agent.name)
         job.emit(STARTED)
         for notice in self.chat.notices(pendings):
             job.emit(notice)
-        if job.settings.seed is not None:
-            self.batch.seed(job.settings.seed)
-        for p in pendings:
-            self.batch.add(p.request)
-            self._running[p.agent.name] = job
 
     def _deliver(self, ev: Any) -> None:
         job = self._running.get(ev.key)
@@ -333,36 +342,50 @@ class Worker:
             return
         p = job.pendings[ev.key]
         if isinstance(ev, TokenEvent) and job.stop:
-            cut = _stop_at(job.stop, "".join(p.text) + ev.text)
+            text = "".join(p.text) + ev.text
+            cut = _stop_at(job.stop, text)
             if cut is not None:
-                self._stop_string(job, p, ev, cut)
+                self._stop_string(job, p, text, cut)
                 return
+            # Text that may be the start of a stop sequence is held back until it is not.
+            safe = len(text) - _stop_prefix(job.stop, text)
+            shown = job.shown.get(ev.key, 0)
+            try:
+                list(self.chat.take(p, ev))  # collects the token on p
+            except TurnNotSaved as exc:
+                job.failed.update(exc.errors)
+            if safe > shown:
+                job.emit(TokenEvent(ev.key, ev.token, text[shown:safe]))
+                job.shown[ev.key] = safe
+            return
+        if isinstance(ev, TurnDone) and job.stop:  # the engine ended it: what was held back is the reply's end
+            shown = job.shown.get(ev.key, 0)
+            if len(ev.text) > shown:
+                job.emit(TokenEvent(ev.key, None, ev.text[shown:]))
         try:
             for out in self.chat.take(p, ev):
-                if not isinstance(out, TurnDone):
+                if not isinstance(out, TurnDone) and not (job.stop and isinstance(out, TokenEvent)):  # held-back text went above
                     job.emit(out)
         except TurnNotSaved as exc:
             job.failed.update(exc.errors)
         if isinstance(ev, TurnDone):
             self._finish(job, ev.key)
 
-    def _stop_string(self, job: Job, p: PendingTurn, ev: TokenEvent, cut: int) -> None:
+    def _stop_string(self, job: Job, p: PendingTurn, text: str, cut: int) -> None:
         """A stop sequence appeared: the reply ends before it (finish_reason "stop"). Its cache
         is given up (it covers the tokens past the cut); the transcript keeps the cut text."""
-        before = "".join(p.text)
-        if cut > len(before):
-            piece = ev.text[: cut - len(before)]
-            p.text.append(piece)
-            job.emit(TokenEvent(ev.key, None, piece))
-        self.batch.cancel(ev.key)
-        done = self.chat.ended(p, "stop", "".join(p.text)[:cut])
+        shown = job.shown.get(p.agent.name, 0)
+        if cut > shown:
+            job.emit(TokenEvent(p.agent.name, None, text[shown:cut]))
+        self.batch.cancel(p.agent.name)
+        done = self.chat.ended(p, "stop", text[:cut])
         try:
             for out in self.chat.take(p, done):
                 if not isinstance(out, TurnDone):
                     job.emit(out)
         except TurnNotSaved as exc:
             job.failed.update(exc.errors)
-        self._finish(job, ev.key)
+        self._finish(job, p.agent.name)
 
     def _interrupt(self, key: str, why: SemanticError | None = None) -> None:
         """Stop one turn now (its client went away, or the server stops): the partial reply
@@ -372,8 +395,10 @@ class Worker:
             return
         self.batch.cancel(key)
         p = job.pendings[key]
-        with contextlib.suppress(Exception):
-            self.chat.record_unfinished([p], why or KeyboardInterrupt())
+        try:
+            job.emit(self.chat.interrupt(p))  # the client (if still there) sees finish_reason "interrupted"
+        except TurnNotSaved as exc:
+            job.failed.update(exc.errors)
         if why is not None:
             job.failed[key] = why
         self._finish(job, key)
@@ -407,6 +432,11 @@ def _stop_at(stops: list[str], text: str) -> int | None:
     """Where the earliest stop sequence starts in `text`, or None."""
     found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
     return min(found) if found else None
+
+
+def _stop_prefix(stops: list[str], text: str) -> int:
+    """How many characters at the end of `text` could begin a stop sequence."""
+    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])), default=0)
 
 
 def validate_stop(stop: list[str]) -> list[str]:
