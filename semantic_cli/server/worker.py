@@ -121,6 +121,7 @@ class Worker:
             self.engine: Engine = get_engine(self.ref)
             self.model_name = self.engine.lm.name
             self.batch = self.engine.batch()
+            self._warm_up()
         except BaseException as exc:
             self.failure = exc
             self.ready.set()
@@ -133,6 +134,17 @@ class Worker:
                 self.batch.close()
             self.chat.close()
             self.chat.store.close()
+
+    def _warm_up(self) -> None:
+        """One short throwaway generation at start, so that the first request does not pay
+        the engine's one-time costs (first kernels, buffers) in its time to first token."""
+        from ..engine import TurnRequest
+
+        tokens = list(self.engine.lm.tokenizer.encode("warm up", add_special_tokens=False)) or [0]
+        self.batch.add(TurnRequest(f"{SLOT_PREFIX}warm-up", tokens * 8, None, 0, 2))
+        while self.batch.live:
+            self.batch.step()
+        self.batch.close()
 
     def _loop(self) -> None:
         while True:
