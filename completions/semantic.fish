@@ -45,7 +45,7 @@ complete -c semantic -n '__semantic_at "chat"' -l system -x -d 'Persona (system 
 complete -c semantic -n '__semantic_at "chat"' -l max-tokens -x -d 'Maximum tokens per reply. [x>=1]'
 complete -c semantic -n '__semantic_at "chat"' -l temp -x -d 'Sampling temperature (default 0: greedy). [x>=0.0]'
 complete -c semantic -n '__semantic_at "chat"' -l top-p -x -d 'Nucleus sampling threshold. [0.0<=x<=1.0]'
-complete -c semantic -n '__semantic_at "chat"' -l seed -x -d 'Random seed for sampling.'
+complete -c semantic -n '__semantic_at "chat"' -l seed -x -d 'Random seed for sampling. [0<=x<=9223372036854775807]'
 complete -c semantic -n '__semantic_at "chat"' -l top-k -x -d 'Sample from the k likeliest tokens (0: off). [x>=0]'
 complete -c semantic -n '__semantic_at "chat"' -l min-p -x -d 'Drop tokens below this share of the top one. [0.0<=x<=1.0]'
 complete -c semantic -n '__semantic_at "chat"' -l repeat-penalty -x -d 'Penalise repeating recent tokens (1: off; default 1.15). [x>=0.0]'

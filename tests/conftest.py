@@ -5,6 +5,7 @@ for the installed `semantic` entry point."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,12 @@ from pathlib import Path
 import pytest
 
 from semantic_cli.backend import runtime
+
+# A suite started in the background by a non-interactive shell inherits SIGINT ignored, and
+# so would every `semantic` it starts: the Ctrl-C tests would see nothing. A handler here
+# makes the children start with the default disposition again.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 runtime.mx()  # OpenBLAS is loaded before anything imports mlx
 
