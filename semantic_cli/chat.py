@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 from . import config, faults, prompting
-from .engine import Engine, Event, TokenEvent, TurnDone, TurnRequest, TurnStats, get_engine
-from .errors import PromptTooLongError, UsageError
+from .engine import Engine, Event, TokenEvent, TurnDone, TurnRequest, get_engine
+from .errors import PromptTooLongError
 from .kv.failures import CacheUnavailable
 from .kv.layers import CacheSpec, cache_spec
 from .kv.store import KVStore, Restored
@@ -46,8 +46,10 @@ from .turn import (
     TurnEvent,
     TurnNotSaved,
     TurnRecorded,
+    check_room,
     note,
     one_line,
+    partial_stats,
 )
 
 
@@ -207,6 +209,7 @@ class Chat:
         if fp not in self._model_defaults:
             self._model_defaults[fp] = sampling_defaults(Path(engine.lm.ref.path))
         model = self._model_defaults[fp]
+        configured = config.effective()  # the file read once per turn, not once per setting
 
         def value(key: str) -> Any:
             given = getattr(settings, key)
@@ -214,9 +217,10 @@ class Chat:
                 return given
             if agent.settings.get(key) is not None:
                 return agent.settings[key]
-            if key in model and config.source(key) == "default":
+            found, source = configured[key]
+            if key in model and source == "default":
                 return model[key]
-            return config.get(key)
+            return found
 
         return value
 
@@ -268,11 +272,7 @@ class Chat:
         elif isinstance(ev, TurnDone):
             p.done = ev
             yield ev
-            try:
-                self._record(p, ev)
-            except Exception as exc:
-                self._not_recorded(p)
-                raise TurnNotSaved({p.agent.name: exc}, others=False) from exc
+            self._record_or_raise(p, ev)
             yield self._cache_turn(p, ev)
             return
         yield ev
@@ -281,11 +281,7 @@ class Chat:
         """Stop one turn from outside the engine (its client left, the server stops): its
         partial reply is recorded as interrupted (`TurnNotSaved` if it cannot be)."""
         done = p.done or self._interrupted(p)
-        try:
-            self._record(p, done)
-        except Exception as exc:
-            self._not_recorded(p)
-            raise TurnNotSaved({p.agent.name: exc}, others=False) from exc
+        self._record_or_raise(p, done)
         self._mark_used(p)
         return TurnRecorded(p.agent.name, p.engine.lm.name, done, p.tier, None, [w for w in p.warnings if self._first(p.agent.name, w)])
 
@@ -294,12 +290,18 @@ class Chat:
         others as interrupted. Each on its own: one failure does not cost the rest."""
         for p in pendings:
             try:
-                self._record(p, p.done or self._interrupted(p))
-            except Exception as exc:
-                self._not_recorded(p)
-                note(cause, f"{p.agent.name}'s reply could not be saved to the transcript ({one_line(exc)})")
-                continue
-            self._mark_used(p)
+                self.interrupt(p)
+            except TurnNotSaved as exc:
+                note(cause, f"{p.agent.name}'s reply could not be saved to the transcript ({one_line(exc.errors[p.agent.name])})")
+
+    def _record_or_raise(self, p: PendingTurn, done: TurnDone) -> None:
+        """`_record`, or, when the transcript write fails, clean up and raise `TurnNotSaved`
+        for this agent alone (the caller's other turns go on)."""
+        try:
+            self._record(p, done)
+        except Exception as exc:
+            self._not_recorded(p)
+            raise TurnNotSaved({p.agent.name: exc}, others=False) from exc
 
     def _not_recorded(self, p: PendingTurn) -> None:
         """After a failed transcript write: no transaction left open for the next record,
@@ -338,14 +340,14 @@ class Chat:
 
     def _interrupted(self, p: PendingTurn) -> TurnDone:
         req = p.request
-        return TurnDone(req.key, "interrupted", "".join(p.text), list(p.tokens), None, req.prompt + p.tokens, _partial_stats(p))
+        return TurnDone(req.key, "interrupted", "".join(p.text), list(p.tokens), None, req.prompt + p.tokens, partial_stats(p))
 
     def ended(self, p: PendingTurn, reason: str, text: str) -> TurnDone:
         """A turn its driver ended early with `text` as the whole reply (the server, at a stop
         sequence): no cache, and the agent's token log is dropped (its ids would run past the
         text), so the next turn re-renders the transcript and finds its blocks by content."""
         p.new_log = True
-        return TurnDone(p.request.key, reason, text, list(p.tokens), None, [], _partial_stats(p))
+        return TurnDone(p.request.key, reason, text, list(p.tokens), None, [], partial_stats(p))
 
     def _record(self, p: PendingTurn, done: TurnDone) -> None:
         """Commit the turn to the transcript: one transaction, the truth."""
@@ -396,21 +398,3 @@ class Chat:
             return False
         self._warned.add((agent, warning))
         return True
-
-
-def _partial_stats(p: PendingTurn) -> TurnStats:
-    """A turn stopped before the engine ended it: TTFT as for a finished turn (0 when it was
-    stopped before its first token); no rates."""
-    req = p.request
-    ttft = p.first_token_at - p.started if p.first_token_at is not None else 0.0
-    return TurnStats(ttft, len(req.prompt), req.cached, len(req.prompt) - req.cached, len(p.tokens), 0.0, 0.0)
-
-
-def check_room(agents: Sequence[Agent], engines: Sequence[Engine] = ()) -> None:
-    """A room's agents must share one model, since one engine generates their turns together
-    (UsageError if not): before loading, the same model spec; once loaded (`engines`, one per
-    agent), the same engine, which two specs naming the same files share."""
-    shared = len({id(e) for e in engines}) <= 1 if engines else len({a.model for a in agents}) <= 1
-    if not shared:
-        detail = ", ".join(f"{a.name}: {a.model}" for a in agents)
-        raise UsageError(f"a room's agents must share one model ({detail}); pass --model to switch them all, or chat with them separately")

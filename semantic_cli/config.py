@@ -185,22 +185,27 @@ def _text(value: Any) -> str:
 
 def get(key: str) -> Any:
     """The effective value of a setting: environment > file > default."""
-    setting = SETTINGS.get(key)
-    if setting is None:
-        raise UsageError(f"unknown setting {key!r}; known: {', '.join(SETTINGS)}")
-    if setting.env and os.environ.get(setting.env):
-        return _coerce(setting, os.environ[setting.env], f" (from {setting.env})")
-    file_values = load_file()
-    if key in file_values:
-        return file_values[key]
-    return setting.default
+    return _resolve(_setting(key), load_file())[0]
 
 
 def source(key: str) -> str:
-    setting = SETTINGS[key]
+    return _resolve(_setting(key), load_file())[1]
+
+
+def _setting(key: str) -> Setting:
+    setting = SETTINGS.get(key)
+    if setting is None:
+        raise UsageError(f"unknown setting {key!r}; known: {', '.join(SETTINGS)}")
+    return setting
+
+
+def _resolve(setting: Setting, file_values: dict[str, Any]) -> tuple[Any, str]:
+    """A setting's value and where it comes from, given the file's (validated) values."""
     if setting.env and os.environ.get(setting.env):
-        return f"env {setting.env}"
-    return "file" if key in load_file() else "default"
+        return _coerce(setting, os.environ[setting.env], f" (from {setting.env})"), f"env {setting.env}"
+    if setting.key in file_values:
+        return file_values[setting.key], "file"
+    return setting.default, "default"
 
 
 def _coerce(setting: Setting, text: str, where: str = "") -> Any:
@@ -239,4 +244,6 @@ def set_value(key: str, text: str) -> Any:
 
 
 def effective() -> dict[str, tuple[Any, str]]:
-    return {key: (get(key), source(key)) for key in SETTINGS}
+    """Every setting's value and source, reading the file once."""
+    file_values = load_file()
+    return {key: _resolve(setting, file_values) for key, setting in SETTINGS.items()}

@@ -1,13 +1,16 @@
 """The records of a turn that the core and its drivers share: the settings it runs with,
-the prepared `PendingTurn`, and the `TurnEvent`s the UI (or the server's wire) receives."""
+the prepared `PendingTurn`, the `TurnEvent`s the UI (or the server's wire) receives, and
+two rules about them: a stopped turn's figures (`partial_stats`) and one model per room
+(`check_room`)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .engine import Engine, PromptProgress, TokenEvent, TurnDone, TurnRequest
-from .errors import SemanticError
+from .engine import Engine, PromptProgress, TokenEvent, TurnDone, TurnRequest, TurnStats
+from .errors import SemanticError, UsageError
 from .kv.stats import PersistStats
 from .store import Agent
 
@@ -104,3 +107,21 @@ class PendingTurn:
     done: TurnDone | None = None  # set when generation ends: what is recorded, even if the run stops before
     recorded: bool = False  # the transcript holds this turn: never record it twice
     stateless: bool = False  # an API turn on a model, not an agent: nothing is recorded
+
+
+def partial_stats(p: PendingTurn) -> TurnStats:
+    """A turn stopped before the engine ended it: TTFT as for a finished turn (0 when it was
+    stopped before its first token); no rates."""
+    req = p.request
+    ttft = p.first_token_at - p.started if p.first_token_at is not None else 0.0
+    return TurnStats(ttft, len(req.prompt), req.cached, len(req.prompt) - req.cached, len(p.tokens), 0.0, 0.0)
+
+
+def check_room(agents: Sequence[Agent], engines: Sequence[Engine] = ()) -> None:
+    """A room's agents must share one model, since one engine generates their turns together
+    (UsageError if not): before loading, the same model spec; once loaded (`engines`, one per
+    agent), the same engine, which two specs naming the same files share."""
+    shared = len({id(e) for e in engines}) <= 1 if engines else len({a.model for a in agents}) <= 1
+    if not shared:
+        detail = ", ".join(f"{a.name}: {a.model}" for a in agents)
+        raise UsageError(f"a room's agents must share one model ({detail}); pass --model to switch them all, or chat with them separately")
