@@ -92,10 +92,10 @@ class Engine:
     @property
     def generator(self) -> Any:
         if self._generator is None:
-            from mlx_lm.generate import BatchGenerator
+            from .backend import compat
 
             eos = sorted(self.lm.tokenizer.eos_token_ids)
-            self._generator = BatchGenerator(
+            self._generator = compat.batch_generator(
                 self.lm.model,
                 stop_tokens=[[e] for e in eos],
                 prefill_step_size=PREFILL_STEP,

@@ -213,3 +213,34 @@ def test_arrays_without_a_plain_byte_view_are_written_in_c_order(tmp_path):
     header = fileread.read_into(path, checksum, path.stat().st_size, lambda header: [back.data.cast("B"), memoryview(bytearray())])
     assert np.array_equal(back, transposed)
     assert [(a["name"], a["shape"], a["nbytes"]) for a in header["arrays"]] == [("t", [4, 3], 48), ("e", [0, 4], 0)]
+
+
+@pytest.mark.parametrize("damage", [False, True])
+def test_a_tail_that_runs_past_the_prompt_gives_the_tokens_they_share(home, restore_code, damage):
+    """The same request again, or an undone last message: the tail covers more than the
+    prompt. Its shared first tokens are restored; the bytes past them are still checked."""
+    from semantic_cli.kv.blockfile import tail_path
+
+    mx = runtime.mx()
+    cache = [_kv_cache(mx, 300, mx.float32) for _ in range(2)]
+    ids = list(range(300))
+    store = KVStore(128, 1 << 40, 0)
+    store.persist("a", "fp", KV2, ids, cache, protect=set())  # blocks 0-255, tail 256-299
+    if damage:  # a flipped byte in the last array's tokens past the cut: the checksum still sees it
+        victim = tail_path(KVIndex().tail("a").file)
+        data = bytearray(victim.read_bytes())
+        data[len(data) - 4] ^= 0x40
+        victim.write_bytes(bytes(data))
+    prompt = ids[:280] + [999, 998]  # shares 280 tokens with the cache, then goes its own way
+    restored = store.restore("a", "fp", KV2, prompt, capacity=300)
+    if damage:
+        assert restored.matched == 256 and any("damaged" in w for w in restored.warnings)
+        return
+    assert restored.tier == "warm" and restored.matched == 280 and restored.warnings == []
+    for before, after in zip(cache, restored.cache, strict=False):
+        assert after.offset == 280
+        assert mx.array_equal(after.keys[..., :280, :], before.keys[..., :280, :]).item()
+        assert mx.array_equal(after.values[..., :280, :], before.values[..., :280, :]).item()
+    # A prompt that leaves the tail's tokens before their end restores the blocks only up to there.
+    moved = ids[:260] + [5] + ids[261:290]
+    assert store.restore("a", "fp", KV2, moved, capacity=300).matched == 260

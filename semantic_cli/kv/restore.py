@@ -49,6 +49,11 @@ class CacheFile:
     start: int  # the first token it covers
     n_tokens: int
     block_hash: str | None  # None for the agent's tail
+    keep: int | None = None  # restore only its first `keep` tokens (a tail that runs past the prompt); None: all
+
+    @property
+    def kept(self) -> int:
+        return self.n_tokens if self.keep is None else self.keep
 
 
 @dataclass(frozen=True)
@@ -74,9 +79,11 @@ def read_cache(spec: CacheSpec, files: list[CacheFile], prompt: list[int], capac
         return None, 0, None
     total = 0
     for file in files:  # the index rows the caller read are data too: they must tile the prompt
-        if file.start != total or file.n_tokens < 0 or file.nbytes < 0:
+        if file.start != total or file.n_tokens < 0 or file.nbytes < 0 or not 0 <= file.kept <= file.n_tokens:
             return None, 0, Damage(file, "does not continue the cached prefix")
-        total += file.n_tokens
+        if file.kept < file.n_tokens and (file.block_hash is not None or spec.snapshot_layers):
+            return None, 0, Damage(file, "only a tail without whole-layer snapshots can be cut short")
+        total += file.kept
     if total > len(prompt):
         return None, 0, Damage(files[-1], "covers more tokens than the conversation")
     stored = spec.stored()
@@ -103,15 +110,22 @@ def read_cache(spec: CacheSpec, files: list[CacheFile], prompt: list[int], capac
 
     def read_one(file: CacheFile) -> _Read:
         snapshots: dict[str, Any] = {}
-        n, start = file.n_tokens, file.start
+        n, start, keep = file.n_tokens, file.start, file.kept
         tail = file.block_hash is None
+        # The bytes of the tokens past `keep` are read (the checksum covers them) into scratch.
+        scratch = memoryview(bytearray((n - keep) * sum(heads * dim for heads, dim in geometry.values()) * itemsize)) if keep < n else None
+        scratch_used = 0
 
         def plan(header: dict) -> list[memoryview]:
+            nonlocal scratch_used
             if header.get("kind") != ("tail" if tail else "block"):
                 raise BlockFileError("not the kind of file expected")
             if not tail and header.get("hash") != file.block_hash:
                 raise BlockFileError("block name does not match its content")
-            if header.get("tokens") != prompt[start : start + n] or header.get("start") != start:
+            tokens = header.get("tokens")
+            if not isinstance(tokens, list) or len(tokens) != n or header.get("start") != start:
+                raise BlockFileError("block tokens do not match")
+            if tokens[:keep] != prompt[start : start + keep]:
                 raise BlockFileError("block tokens do not match")
             if spec.kv_layers and header.get("kv_dtype") != spec.dtype:
                 raise BlockFileError(f"KV dtype {header.get('kv_dtype')!r}, the model's is {spec.dtype}")
@@ -136,8 +150,14 @@ def read_cache(spec: CacheSpec, files: list[CacheFile], prompt: list[int], capac
                     # Never let a header steer bytes outside this file's slice of the buffers.
                     if a.get("shape") != [heads, n, dim] or a.get("dtype") != stored or a.get("nbytes") != nbytes:
                         raise BlockFileError(f"array {name} has an unexpected shape, dtype or size")
-                    lo, hi = start * token_bytes[name], (start + n) * token_bytes[name]
-                    views += [row[lo:hi] for row in dest]
+                    lo, hi = start * token_bytes[name], (start + keep) * token_bytes[name]
+                    rest = (n - keep) * token_bytes[name]
+                    for row in dest:
+                        views.append(row[lo:hi])
+                        if rest:  # a distinct slice each: a group's views are hashed after the group is read
+                            assert scratch is not None
+                            views.append(scratch[scratch_used : scratch_used + rest])
+                            scratch_used += rest
                 else:
                     found = snapshot_arrays.get(name) if tail else None
                     if found is None:
@@ -183,7 +203,7 @@ def read_cache(spec: CacheSpec, files: list[CacheFile], prompt: list[int], capac
             except Exception as exc:
                 damage = Damage(file, _reason(exc))
                 break
-        matched = file.start + file.n_tokens
+        matched = file.start + file.kept
     if matched == 0 or (spec.snapshot_layers and (matched != total or len(snapshots) != len(spec.snapshot_layers))):
         return None, 0, damage  # whole-layer snapshots only fit at the tail's end
     cache: list[Any] = []

@@ -199,21 +199,17 @@ class KVStore:
             warnings.append(_damaged("its file name in the index is not a tail's"))
             tail = None
         start = n_blocks * self.block_tokens
-        tail_ok = (
-            tail is not None
-            and tail.model == model
-            and tail.start == start
-            and start + tail.n_tokens <= limit
-            and (tail.n_tokens > 0 or spec.snapshot_layers)
-        )
-        if tail_ok and not self._tail_matches(tail, prompt, len(spec.layers)):  # type: ignore[arg-type]
-            tail_ok = False  # the conversation moved on (persona change, reset): stale, not damaged
+        tail_ok = tail is not None and tail.model == model and tail.start == start and (tail.n_tokens > 0 or bool(spec.snapshot_layers))
+        keep = self._tail_keep(tail, prompt, len(spec.layers), limit, bool(spec.snapshot_layers)) if tail_ok else 0  # type: ignore[arg-type]
+        # keep 0: the conversation moved on (persona change, reset): stale, not damaged.
+        tail_ok = tail_ok and (keep > 0 or bool(spec.snapshot_layers))
         if spec.snapshot_layers and not tail_ok:
             return Restored(None, 0, "cold", warnings)  # whole-layer snapshots only fit at the tail's end
         if n_blocks == 0 and not tail_ok:
             return Restored(None, 0, "cold", warnings)
         try:
-            cache, matched, read_warnings = self._read(spec, hashes[:n_blocks], rows, tail if tail_ok else None, agent, capacity, prompt)
+            used_tail = tail if tail_ok else None
+            cache, matched, read_warnings = self._read(spec, hashes[:n_blocks], rows, used_tail, keep, agent, capacity, prompt)
         except OSError as exc:
             return Restored(None, 0, "cold", warnings + [f"KV cache unreadable ({exc.strerror}): re-prefilling"])
         except MemoryError as exc:  # the buffers the model's spec asks for (never a file's numbers)
@@ -231,13 +227,27 @@ class KVStore:
         with self._failures():
             self.index.touch(agent, self.index.chain(agent))
 
-    def _tail_matches(self, tail: TailRow, prompt: list[int], n_layers: int) -> bool:
-        """Whether the tail covers these tokens (its header says; damage is found on the full read)."""
+    def _tail_keep(self, tail: TailRow, prompt: list[int], n_layers: int, limit: int, whole: bool) -> int:
+        """How many of the tail's tokens continue `prompt` within `limit` (its header says; damage
+        is found on the full read). A tail that runs past the prompt (the same request again, an
+        undone or edited last message) gives the tokens they share, unless it must be used
+        `whole` (whole-layer snapshots fit only at its end): then all of them or none."""
         try:
             header = fileread.header_of(tail_path(tail.file), tail.nbytes, fileread.header_limit(tail.n_tokens, n_layers))
         except Exception:  # whatever a damaged file raises
-            return True  # let the full read find it, drop it and say so
-        return header.get("tokens") == prompt[tail.start : tail.start + tail.n_tokens]
+            return tail.n_tokens if whole else min(tail.n_tokens, limit - tail.start)  # the full read finds it, drops it, says so
+        tokens = header.get("tokens")
+        if not isinstance(tokens, list):
+            return tail.n_tokens  # damaged: the full read says so
+        wanted = prompt[tail.start : limit]
+        if whole:
+            return tail.n_tokens if tokens == wanted[: tail.n_tokens] and len(tokens) <= len(wanted) else 0
+        shared = 0
+        for have, want in zip(tokens, wanted, strict=False):
+            if have != want:
+                break
+            shared += 1
+        return shared
 
     def _read(
         self,
@@ -245,6 +255,7 @@ class KVStore:
         hashes: list[str],
         rows: dict[str, BlockRow],
         tail: TailRow | None,
+        keep: int,
         agent: str,
         capacity: int,
         prompt: list[int],
@@ -252,7 +263,7 @@ class KVStore:
         B = self.block_tokens
         files = [CacheFile(block_path(h), rows[h].checksum, rows[h].nbytes, i * B, B, h) for i, h in enumerate(hashes)]
         if tail is not None:
-            files.append(CacheFile(tail_path(tail.file), tail.checksum, tail.nbytes, tail.start, tail.n_tokens, None))
+            files.append(CacheFile(tail_path(tail.file), tail.checksum, tail.nbytes, tail.start, tail.n_tokens, None, keep))
         cache, matched, damage = read_cache(spec, files, prompt, capacity)
         if damage is None:
             return cache, matched, []
