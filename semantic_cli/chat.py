@@ -180,8 +180,10 @@ class Chat:
         value = self._sampling(agent, engine, settings)
         max_tokens = min(int(value("max_tokens")), lm.context_length - len(prompt))
         restored = Restored(None, 0, "cold")
+        t = time.perf_counter()
         with self._caching(CACHE_UNAVAILABLE, restored.warnings):
             restored = self.kv.restore(agent.name, lm.fingerprint, self.spec(engine), prompt, capacity=len(prompt) + max_tokens)
+        restore_s = time.perf_counter() - t
         request = TurnRequest(
             agent.name,
             prompt,
@@ -195,6 +197,7 @@ class Chat:
             min_p=float(value("min_p")),
             repeat_penalty=float(value("repeat_penalty")),
             repeat_last_n=int(value("repeat_last_n")),
+            restore_s=restore_s,
         )
         return request, restored.tier, list(restored.warnings)
 

@@ -32,6 +32,7 @@ class TurnRequest:
     min_p: float = 0.0
     repeat_penalty: float = 1.0  # 1: none
     repeat_last_n: int = 64
+    restore_s: float = 0.0  # how long restoring `cache` took (part of the TTFT), for the stats
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class TurnStats:
     generated_tokens: int
     prompt_tps: float
     generation_tps: float
+    restore_s: float = 0.0  # of the TTFT, the KV cache restore (hot: ~0)
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,7 @@ def _done(st: _Live, reason: str, cache: Any, all_tokens: list[int], now: float)
         generated_tokens=len(st.generated),
         prompt_tps=prefilled / prefill_s if prefill_s > 0 else 0.0,
         generation_tps=(len(st.generated) - 1) / decode_time if decode_time > 0 else 0.0,
+        restore_s=req.restore_s,
     )
     return TurnDone(req.key, reason, "".join(st.text), list(st.generated), cache, all_tokens, stats)
 

@@ -114,7 +114,7 @@ def partial_stats(p: PendingTurn) -> TurnStats:
     stopped before its first token); no rates."""
     req = p.request
     ttft = p.first_token_at - p.started if p.first_token_at is not None else 0.0
-    return TurnStats(ttft, len(req.prompt), req.cached, len(req.prompt) - req.cached, len(p.tokens), 0.0, 0.0)
+    return TurnStats(ttft, len(req.prompt), req.cached, len(req.prompt) - req.cached, len(p.tokens), 0.0, 0.0, req.restore_s)
 
 
 def check_room(agents: Sequence[Agent], engines: Sequence[Engine] = ()) -> None:

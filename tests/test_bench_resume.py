@@ -45,9 +45,16 @@ def test_bench_resume_times_real_new_processes_in_both_page_cache_states(tiny, h
     for state in ("warm", "warm_disk"):
         [turn] = samples[state]
         assert turn["cache_tier"] == "warm" and turn["cached_tokens"] >= 96, turn
-        assert turn["wall_s"] > turn["ttft_s"] > 0  # the process's whole life vs its turn
+        assert turn["wall_s"] > turn["ttft_s"] > turn["restore_s"] > 0  # the process's whole life vs its turn vs its restore
     row = res["results"]["rows"][0]
     assert row["page_cache_dropped"] is True and row["cache_bytes_dropped"] > 0
+    assert row["warm_restore_in_turn_s"] == samples["warm"][0]["restore_s"]
+    assert row["restore_in_turn_over_fresh_alone"] == row["warm_restore_in_turn_s"] / row["fresh_process_restore_s"]
+    # The disk target's budget: hot TTFT plus 1.2x the time to read the agent's own files at the measured speed.
+    assert 0 < row["agent_cache_bytes"] <= row["cache_bytes_dropped"]
+    read_speed = row["disk_read_mb_s"] * 1e6
+    assert abs(row["warm_disk_budget_s"] - (row["hot_ttft_s"] + 1.2 * row["agent_cache_bytes"] / read_speed)) < 1e-9
+    assert row["warm_disk_over_budget"] == row["warm_disk_ttft_s"] / row["warm_disk_budget_s"]
     assert len(samples["fresh_process_restore"]) == len(samples["fresh_process_mlx_lm_load"]) == 2
     dedup = res["results"]["dedup"]
     assert dedup["bytes_stored"] == dedup["block_bytes_stored"] + dedup["tail_bytes"] and dedup["tail_bytes"] > 0

@@ -308,6 +308,7 @@ def turn_json(rec: TurnRecorded, model: str) -> dict[str, Any]:
         "model": model,
         "finish_reason": rec.done.finish_reason,
         "ttft_s": round(s.ttft_s, 4),
+        "restore_s": round(s.restore_s, 4),
         "prompt_tokens": s.prompt_tokens,
         "cached_tokens": s.cached_tokens,
         "prefilled_tokens": s.prefilled_tokens,
