@@ -94,7 +94,9 @@ class Engine:
     @property
     def generator(self) -> Any:
         if self._generator is None:
-            from .backend import compat
+            from .backend import compat, cpu_split
+
+            cpu_split.install_attention()  # before the first forward pass: bit-identical, faster on 2+ cores
 
             eos = sorted(self.lm.tokenizer.eos_token_ids)
             self._generator = compat.batch_generator(

@@ -70,3 +70,84 @@ def test_closing_a_batch_early_turns_the_mode_off(tiny):
     events.close()  # what Ctrl-C in a room does
     assert not cpu_split._state["active"]
     assert runtime.openblas().openblas_get_num_threads() == cpu_split._state["threads"]
+
+
+ATTENTION_CASES = [
+    # (batch, query heads, KV heads, head dim, keys, queries): SmolLM2's 9/3 heads, GQA 4/2,
+    # Gemma 3's 4/1 (split over sequences only), multi-head 4/4; prefill chunks and decode steps.
+    (1, 9, 3, 64, 1500, 20),
+    (1, 9, 3, 64, 300, 300),
+    (1, 8, 2, 32, 777, 33),
+    (1, 4, 4, 32, 400, 9),
+    (4, 9, 3, 64, 600, 1),
+    (5, 4, 1, 64, 300, 1),
+    (3, 8, 2, 32, 200, 16),
+]
+
+
+@needs_split
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("mask", ["none", "causal", "bool", "additive"])
+def test_split_attention_is_bit_identical_to_mlx(case, mask):
+    """Each half is MLX's own fallback over its KV heads or sequences, so every matmul call
+    and softmax row is the one MLX makes: equal bits, not just close numbers."""
+    mx = runtime.mx()
+    batch, heads, kv_heads, dim, keys, queries = case
+    mx.random.seed(sum(case))
+    q = mx.random.normal((batch, heads, queries, dim))
+    k = mx.random.normal((batch, kv_heads, keys + 64, dim))[..., :keys, :]  # a view with room, as caches are
+    v = mx.random.normal((batch, kv_heads, keys + 64, dim))[..., :keys, :]
+    m = {
+        "none": None,
+        "causal": "causal",
+        "bool": mx.random.uniform(shape=(batch, 1, queries, keys)) > 0.2,
+        "additive": mx.random.normal((1, heads, queries, keys)),
+    }[mask]
+    original = cpu_split._state["sdpa"] or mx.fast.scaled_dot_product_attention
+    want = original(q, k, v, scale=dim**-0.5, mask=m)
+    groups = cpu_split._attention_groups(q, k)
+    assert groups is not None or (queries < cpu_split._MIN_QUERY and batch < 4) or kv_heads == 1
+    if groups is None:
+        return
+    got = cpu_split.split_attention(q, k, v, dim**-0.5, m, groups)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert mx.array_equal(got, want).item()
+
+
+@needs_split
+def test_models_attend_through_the_split_once_installed(tiny):
+    """The engine installs it; mlx-lm's models call it at each use, and the replies stay exact."""
+    engine = get_engine(ModelRef(str(tiny["llama"]), str(tiny["llama"])))
+    mx = runtime.mx()
+    calls = []
+    split = cpu_split.split_attention
+    try:
+        cpu_split.split_attention = lambda *a: calls.append(a[-1]) or split(*a)  # type: ignore[assignment]
+        prompt = list(range(3, 40))
+        reqs = [TurnRequest("a", prompt, None, 0, 4)]
+        [done] = [ev for ev in engine.generate(reqs) if isinstance(ev, TurnDone)]
+        assert cpu_split._state["sdpa"] is not None  # the engine installed it
+    finally:
+        cpu_split.split_attention = split  # type: ignore[assignment]
+    assert calls, "the prefill's attention did not go through the split"
+    assert mx.fast.scaled_dot_product_attention is not cpu_split._state["sdpa"]
+    assert len(done.generated) == 4
+
+
+@needs_split
+def test_the_exactness_reference_runs_on_mlx_own_attention(tiny):
+    """exp-005 compares the engine with mlx-lm as shipped: its reference must not go through the split."""
+    from semantic_cli.bench import exactness
+
+    engine = get_engine(ModelRef(str(tiny["llama"]), str(tiny["llama"])))
+    assert engine.generator is not None and cpu_split._state["sdpa"] is not None  # creating it installs the split
+    calls = []
+    split = cpu_split.split_attention
+    try:
+        cpu_split.split_attention = lambda *a: calls.append(1) or split(*a)  # type: ignore[assignment]
+        exactness.reference(engine, list(range(3, 40)), 3)
+        assert calls == []
+        exactness.engine_run(engine, list(range(3, 40)), 3)
+        assert calls
+    finally:
+        cpu_split.split_attention = split  # type: ignore[assignment]

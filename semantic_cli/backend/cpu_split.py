@@ -9,12 +9,23 @@ OpenBLAS is held to one thread and every `nn.Linear` (and a tied embedding's
 `as_linear`) computes the two halves of its output features on two streams.
 With one sequence nothing changes: a batch of one runs exactly as mlx-lm wrote it.
 
+Attention is split the same way whenever it is worth it, one sequence included
+(`install_attention`). MLX's CPU softmax is a single-threaded scalar loop (its
+`exp` ran 27x slower than numpy's here), and at long contexts it is most of a
+prefill: at 4K tokens of history, 20 new tokens spent ~0.55 s of SmolLM2's 30
+layers in attention, the second core idle. The split computes MLX's own fallback
+for `mx.fast.scaled_dot_product_attention`, op for op, over two groups of KV heads
+(or of sequences) on the two streams: every matmul call and softmax row is the
+one MLX would make, so the output is bit-identical (tests/test_cpu_split.py).
+
 Only the CPU backend with a loaded OpenBLAS and at least two cores uses this.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from . import runtime
@@ -22,7 +33,8 @@ from . import runtime
 _MIN_FEATURES = 128  # below this the extra stream hand-offs cost more than they save
 
 # streams: the two split streams, once the patches are installed; threads: OpenBLAS's own count.
-_state: dict[str, Any] = {"active": False, "streams": None, "threads": None}
+_state: dict[str, Any] = {"active": False, "streams": None, "threads": None, "sdpa": None, "linear": False}
+_MIN_QUERY = 8  # a decode step's attention (one query row per sequence) is too short to split
 
 
 def available() -> bool:
@@ -51,13 +63,132 @@ def set_batched(active: bool) -> None:
     _state["active"] = active
 
 
+def _streams() -> tuple[Any, Any]:
+    if _state["streams"] is None:
+        mx = runtime.mx()
+        _state["streams"] = (mx.new_stream(mx.cpu), mx.new_stream(mx.cpu))
+    return _state["streams"]
+
+
+def install_attention() -> bool:
+    """Route `mx.fast.scaled_dot_product_attention` (which mlx-lm's models call at each
+    use) through the two-stream split where `available()`; whether it is installed."""
+    if _state["sdpa"] is not None:
+        return True
+    if not available():
+        return False
+    mx = runtime.mx()
+    _streams()
+    _state["sdpa"] = original = mx.fast.scaled_dot_product_attention
+
+    def sdpa(q: Any, k: Any, v: Any, *, scale: float, mask: Any = None, sinks: Any = None, **kwargs: Any) -> Any:
+        groups = _attention_groups(q, k) if sinks is None and not kwargs and _plain(q, k, v, mask) else None
+        if groups is None:
+            return original(q, k, v, scale=scale, mask=mask, sinks=sinks, **kwargs)
+        return split_attention(q, k, v, scale, mask, groups)
+
+    mx.fast.scaled_dot_product_attention = sdpa
+    return True
+
+
+@contextmanager
+def stock_attention() -> Iterator[None]:
+    """MLX's own attention for the block (a reference to compare the split against)."""
+    original = _state["sdpa"]
+    if original is None:
+        yield
+        return
+    mx = runtime.mx()
+    installed = mx.fast.scaled_dot_product_attention
+    mx.fast.scaled_dot_product_attention = original
+    try:
+        yield
+    finally:
+        mx.fast.scaled_dot_product_attention = installed
+
+
+def _plain(q: Any, k: Any, v: Any, mask: Any) -> bool:
+    """One float dtype throughout and a mask that needs no conversion: nothing MLX would cast."""
+    mx = runtime.mx()
+    if not (q.dtype == k.dtype == v.dtype and mx.issubdtype(q.dtype, mx.floating)):
+        return False
+    if mask is None or isinstance(mask, str):
+        return mask in (None, "causal")
+    return mask.ndim in (2, 4) and mask.dtype in (mx.bool_, q.dtype)
+
+
+def _attention_groups(q: Any, k: Any) -> tuple[int, int] | None:
+    """How to cut one attention in two: (axis, where) over sequences (axis 0) or KV heads
+    (axis 1), or None when it is too small to gain."""
+    if q.ndim != 4 or k.ndim != 4:
+        return None
+    batch, kv_heads, rows = q.shape[0], k.shape[1], q.shape[2]
+    if batch >= 2 and (rows >= _MIN_QUERY or batch >= 4):
+        return 0, batch // 2
+    if rows >= _MIN_QUERY and kv_heads >= 2:
+        return 1, (kv_heads + 1) // 2
+    return None
+
+
+def split_attention(q: Any, k: Any, v: Any, scale: float, mask: Any, groups: tuple[int, int]) -> Any:
+    """softmax(q k^T * scale + mask) v in two halves on the two streams, each as MLX computes it."""
+    mx = runtime.mx()
+    axis, cut = groups
+    rep = q.shape[1] // k.shape[1]
+    s1, s2 = _streams()
+
+    def half(lo: int, hi: int, stream: Any) -> Any:
+        if axis == 0:
+            m = mask[lo:hi] if _is_array(mask) and mask.ndim == 4 and mask.shape[0] > 1 else mask
+            return _fallback(q[lo:hi], k[lo:hi], v[lo:hi], scale, m, stream)
+        m = mask
+        if _is_array(mask) and mask.ndim >= 3 and mask.shape[-3] > 1:  # per query head
+            m = mask[..., lo * rep : hi * rep, :, :]
+        return _fallback(q[:, lo * rep : hi * rep], k[:, lo:hi], v[:, lo:hi], scale, m, stream)
+
+    end = q.shape[0] if axis == 0 else k.shape[1]
+    return mx.concatenate([half(0, cut, s1), half(cut, end, s2)], axis=axis)
+
+
+def _is_array(mask: Any) -> bool:
+    return mask is not None and not isinstance(mask, str)
+
+
+def _fallback(q: Any, k: Any, v: Any, scale: float, mask: Any, stream: Any) -> Any:
+    """MLX's own CPU fallback for fast SDPA (mlx/fast.cpp, mlx 0.32), op for op, on `stream`."""
+    mx = runtime.mx()
+    n_kv = k.shape[1]
+    rep = q.shape[1] // n_kv
+    q = mx.multiply(mx.array(scale, q.dtype), q, stream=stream)
+    if rep > 1:
+        q = mx.unflatten(q, 1, (n_kv, rep), stream=stream)
+        k = mx.expand_dims(k, 2, stream=stream)
+        v = mx.expand_dims(v, 2, stream=stream)
+    scores = mx.matmul(q, mx.swapaxes(k, -1, -2, stream=stream), stream=stream)
+    if mask is not None:
+        if isinstance(mask, str):  # "causal": query row i sees keys up to (keys - queries) + i
+            k_len, q_len = k.shape[-2], q.shape[-2]
+            rows = mx.expand_dims(mx.arange(k_len - q_len, k_len, stream=stream), 1, stream=stream)
+            mask = mx.greater_equal(rows, mx.expand_dims(mx.arange(0, k_len, stream=stream), 0, stream=stream), stream=stream)
+        elif rep > 1 and mask.ndim >= 3:  # per KV head and its query heads
+            one = mask.shape[-3] == 1
+            mask = mx.expand_dims(mask, -3, stream=stream) if one else mx.unflatten(mask, -3, (n_kv, rep), stream=stream)
+        if mask.dtype == mx.bool_:
+            scores = mx.where(mask, scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype), stream=stream)
+        else:
+            scores = mx.add(scores, mask, stream=stream)
+    scores = mx.softmax(scores, axis=-1, precise=True, stream=stream)
+    out = mx.matmul(scores, v, stream=stream)
+    return mx.flatten(out, 1, 2, stream=stream) if rep > 1 else out
+
+
 def _install() -> None:
-    if _state["streams"] is not None:
+    if _state.get("linear"):
         return
     import mlx.nn as nn
 
-    mx = runtime.mx()
-    _state["streams"] = (mx.new_stream(mx.cpu), mx.new_stream(mx.cpu))
+    _streams()
+    _state["linear"] = True
     linear_call = nn.Linear.__call__
     as_linear = nn.Embedding.as_linear
 
@@ -80,7 +211,7 @@ def _install() -> None:
 def _split_matmul(x: Any, weight: Any) -> Any:
     """x @ weight.T with weight's rows (output features) cut in two, one half per stream."""
     mx = runtime.mx()
-    s1, s2 = _state["streams"]
+    s1, s2 = _streams()
     half = weight.shape[0] // 2
     # Row slices of a row-major matrix are views: no copy of the weights.
     return mx.concatenate([mx.matmul(x, weight[:half].T, stream=s1), mx.matmul(x, weight[half:].T, stream=s2)], axis=-1)

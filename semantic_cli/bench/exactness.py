@@ -26,14 +26,18 @@ from .results import Results, filler_tokens, model_info
 
 def reference(engine: Engine, prompt: list[int], max_tokens: int) -> tuple[list[int], str, float]:
     """mlx-lm's own greedy generation: (token ids without the final EOS, the text `generate`
-    returns, the seconds `generate` took)."""
+    returns, the seconds `generate` took), with MLX's own attention (not the engine's split)."""
     from mlx_lm import generate, stream_generate
 
+    from ..backend import cpu_split
+
     lm = engine.lm
-    ids = [r.token for r in stream_generate(lm.model, lm.tokenizer, prompt, max_tokens=max_tokens) if r.finish_reason != "stop"]
-    t = time.perf_counter()
-    text = generate(lm.model, lm.tokenizer, prompt, max_tokens=max_tokens)
-    return ids, text, time.perf_counter() - t
+    with cpu_split.stock_attention():
+        ids = [r.token for r in stream_generate(lm.model, lm.tokenizer, prompt, max_tokens=max_tokens) if r.finish_reason != "stop"]
+        t = time.perf_counter()
+        text = generate(lm.model, lm.tokenizer, prompt, max_tokens=max_tokens)
+        seconds = time.perf_counter() - t
+    return ids, text, seconds
 
 
 def engine_run(engine: Engine, prompt: list[int], max_tokens: int, cache: list[Any] | None = None, cached: int = 0) -> TurnDone:
