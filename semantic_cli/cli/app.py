@@ -41,12 +41,12 @@ def _root(
 
 
 def _register() -> None:
-    from . import agents, bench, cache, chat, config, models, rooms, serve
+    from . import agents_context, bench, cache, chat, config, models, rooms, serve
 
     app.command("chat")(chat.chat)
     app.command("serve")(serve.serve)
     app.command("doctor")(config.doctor)
-    app.add_typer(agents.app, name="agents")
+    app.add_typer(agents_context.app, name="agents")  # agents.app, with fork, trim and compact
     app.add_typer(cache.app, name="cache")
     app.add_typer(config.app, name="config")
     app.add_typer(bench.app, name="bench")
