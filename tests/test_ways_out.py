@@ -203,3 +203,15 @@ def test_undo_and_retry_keep_the_cache_on_the_kept_prefix(tiny, blocks):
         assert state("a")[0] == [] and state("a")[1] is None
         with pytest.raises(UsageError, match="nothing to undo"):
             slash.dispatch(repl, "/undo")
+
+
+def test_compact_in_the_repl(tiny, blocks, capsys):
+    three_turns(tiny["llama"], "a")
+    with Session() as s:
+        repl = repl_for(s, "a", settings=GenSettings(max_tokens=6))
+        with pytest.raises(UsageError, match="/compact"):
+            slash.dispatch(repl, "/compact all")
+        slash.dispatch(repl, "/compact 2")
+        assert "compacted 'a': 1 turn summarised" in capsys.readouterr().err
+        stored = s.store.messages("a")
+    assert [m.role for m in history.live(stored)] == ["user", "assistant"] * 2 and stored[-1].role == "summary"
