@@ -54,7 +54,7 @@ def test_exit_or_quit_alone_leaves_and_a_quoted_one_is_sent(home):
             repl = repl_for(s, "a")
             queue = list(lines)
             got: list[str] = []
-            repl.read = lambda: queue.pop(0)  # type: ignore[method-assign]
+            repl.read = lambda q=queue: q.pop(0)  # type: ignore[method-assign]
             repl.send = got.append  # type: ignore[method-assign]
             repl.run()  # returns: it did not wait for more input
             assert got == sent and queue == []
