@@ -72,7 +72,11 @@ def compact(chat: Chat, agent: Agent, settings: GenSettings, keep_last: int = 0,
         messages = head + body + [{"role": "user", "content": INSTRUCTION}]
         if len(prompting.full_prompt(lm.tokenizer, messages)) + min(cap, SUMMARY_TOKENS) <= lm.context_length:
             break
-    pending = chat.prepare_stateless(agent.name, engine, messages, replace(settings, max_tokens=cap))
+    # No repetition penalty unless asked for: a summary must repeat the conversation's names and
+    # facts, which a penalty over the recent tokens (the conversation) pushes away from (SmolLM2
+    # wrote "Sommelà de l'enfant, Aujourd'halee, ..." under the default 1.15; on topic under 1).
+    penalty = settings.repeat_penalty if settings.repeat_penalty is not None else 1.0
+    pending = chat.prepare_stateless(agent.name, engine, messages, replace(settings, max_tokens=cap, repeat_penalty=penalty))
     done: TurnDone | None = None
     events = engine.generate([pending.request], seed=settings.seed)
     try:
