@@ -18,7 +18,7 @@ from semantic_cli import history, prompting
 from semantic_cli.cli import slash
 from semantic_cli.cli.app import main
 from semantic_cli.cli.transcript import plain
-from semantic_cli.errors import PromptTooLongError, UsageError
+from semantic_cli.errors import PromptTooLongError, SemanticError, UsageError
 from semantic_cli.kv.index import KVIndex
 from semantic_cli.store import Store
 from semantic_cli.turn import GenSettings
@@ -215,3 +215,14 @@ def test_compact_in_the_repl(tiny, blocks, capsys):
         assert "compacted 'a': 1 turn summarised" in capsys.readouterr().err
         stored = s.store.messages("a")
     assert [m.role for m in history.live(stored)] == ["user", "assistant"] * 2 and stored[-1].role == "summary"
+
+
+def test_retry_takes_nothing_back_when_the_model_cannot_load(tiny, blocks, tmp_path):
+    with Session() as s:
+        s.say("a", "hello", model=tiny["llama"])
+        repl = repl_for(s, "a")
+        before = s.store.messages("a")
+        repl.replace_agent(s.store.update_agent(repl.agent(), model=str(tmp_path / "gone")))
+        with pytest.raises(SemanticError):
+            slash.dispatch(repl, "/retry")
+        assert s.store.messages("a") == before

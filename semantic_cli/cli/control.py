@@ -61,6 +61,9 @@ def retry(repl: Any, arg: str) -> None:
     """Regenerate the last reply: the last exchange is removed and its message sent again."""
     if not _stored(repl, "retry"):
         return
+    if repl.remote is None:  # the model loads before the turn is taken back: a model that fails costs nothing
+        with render.progress(repl.err) as progress:
+            repl.session.engine_for(repl.agent(), progress)
     text = undo_last(repl)
     repl.turn([(repl.agent(), text)])
 
