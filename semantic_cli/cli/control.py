@@ -51,10 +51,10 @@ def undo_last(repl: Any) -> str:
 def undo(repl: Any, arg: str) -> None:
     if not _stored(repl, "undo"):
         return
+    from .agents import _excerpt
+
     removed = undo_last(repl)
-    excerpt = " ".join(removed.split())
-    excerpt = excerpt if len(excerpt) <= 40 else excerpt[:39] + "…"
-    repl.info(f"{repl.current}: removed the last turn (you: {printable(excerpt)!r}) from the transcript and the token log")
+    repl.info(f"{repl.current}: removed the last turn (you: {printable(_excerpt(removed))!r}) from the transcript and the token log")
 
 
 def retry(repl: Any, arg: str) -> None:
