@@ -269,7 +269,7 @@ def dispatch(repl: Any, line: str) -> bool:
     cmd = _BY_NAME.get(word.lower())
     if cmd is None:
         hint = control.suggest(word, list(_BY_NAME))
-        raise UsageError(f"unknown command /{word}{hint}; /help lists them (start with // to send a message that begins with /)")
+        raise UsageError(f"unknown command /{word}{hint}{' ' if hint else '; '}/help lists them (// starts a message that begins with /)")
     return cmd.run(repl, arg.strip()) is not False
 
 
