@@ -226,3 +226,18 @@ def test_retry_takes_nothing_back_when_the_model_cannot_load(tiny, blocks, tmp_p
         with pytest.raises(SemanticError):
             slash.dispatch(repl, "/retry")
         assert s.store.messages("a") == before
+
+
+def test_a_conversation_that_fills_the_context_still_compacts(tiny, home, capsys):
+    """The oldest turns that do not fit beside the instruction are left out of the
+    summary's prompt (and said so), rather than the compaction failing."""
+    big = " ".join(f"w{i}" for i in range(600))  # 2,290 tokens: one fits a 4,096 context beside the rest, two do not
+    with closing(Store()) as store:
+        store.create_agent("full", str(tiny["llama"]))
+        for text in (big, big, "a short one", "another short one"):
+            store.record_turn("full", [("user", text, "complete", {}), ("assistant", "ok", "complete", {})], "t", [], False)
+    code, err = cli("agents", "compact", "full", "--max-tokens", "4", capsys=capsys)
+    with closing(Store()) as store:
+        summary = store.messages("full")[-1]
+    assert summary.role == "summary" and summary.meta["left_out"] == 1 and summary.meta["turns"] == 4  # only what must go
+    assert code == 0 and "4 turns summarised" in err and "the oldest 1 turn did not fit its prompt" in err, err
