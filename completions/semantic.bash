@@ -21,7 +21,7 @@ _semantic() {
     for (( i=1; i<COMP_CWORD; i++ )); do
         w="${COMP_WORDS[i]}"
         case "$path $w" in
-            " chat"|" serve"|" doctor"|" agents"|" agents ls"|" agents new"|" agents show"|" agents edit"|" agents reset"|" agents rm"|" agents rename"|" agents fork"|" cache"|" cache ls"|" cache evict"|" cache verify"|" config"|" config show"|" config get"|" config set"|" config path"|" bench"|" bench exp-005"|" bench exp-006"|" bench resume"|" bench batch"|" bench serve"|" rooms"|" rooms ls"|" rooms rm"|" models"|" models ls") path="$path $w"; end=$((i+1)) ;;
+            " chat"|" serve"|" doctor"|" agents"|" agents ls"|" agents new"|" agents show"|" agents edit"|" agents reset"|" agents rm"|" agents rename"|" agents fork"|" agents trim"|" agents compact"|" cache"|" cache ls"|" cache evict"|" cache verify"|" config"|" config show"|" config get"|" config set"|" config path"|" bench"|" bench exp-005"|" bench exp-006"|" bench resume"|" bench batch"|" bench serve"|" rooms"|" rooms ls"|" rooms rm"|" models"|" models ls") path="$path $w"; end=$((i+1)) ;;
         esac
     done
     case "$path" in
@@ -31,8 +31,9 @@ _semantic() {
             opts="-a --agent --room --save-room -m --message --all --json --system --max-tokens --temp --top-p --seed --top-k --min-p --repeat-penalty --repeat-last-n --model --wait --wait-timeout -v --verbose --no-markdown --color --no-server -h --help"; subs=""; valopts=" -a --agent --room --save-room -m --message --system --max-tokens --temp --top-p --seed --top-k --min-p --repeat-penalty --repeat-last-n --model --wait-timeout --color "
             case "$prev" in
                 -a|--agent) __semantic_values "agent"; return ;;
-                --room|--save-room|-m|--message|--system|--max-tokens|--temp|--top-p|--seed|--top-k|--min-p|--repeat-penalty|--repeat-last-n|--wait-timeout|--color) __semantic_values ""; return ;;
+                --room|--save-room|-m|--message|--system|--max-tokens|--temp|--top-p|--seed|--top-k|--min-p|--repeat-penalty|--repeat-last-n|--wait-timeout) __semantic_values ""; return ;;
                 --model) __semantic_values "file"; return ;;
+                --color) __semantic_values "choice:auto always never"; return ;;
             esac ;;
         " serve")
             opts="--model --host --port --no-tcp --socket --no-socket --api-key --max-body --max-tokens --max-queue -h --help"; subs=""; valopts=" --model --host --port --socket --api-key --max-body --max-tokens --max-queue "
@@ -43,7 +44,7 @@ _semantic() {
         " doctor")
             opts="--json -h --help"; subs=""; valopts="  " ;;
         " agents")
-            opts="-h --help"; subs="ls new show edit reset rm rename fork"; valopts="  " ;;
+            opts="-h --help"; subs="ls new show edit reset rm rename fork trim compact"; valopts="  " ;;
         " agents ls")
             opts="--json -h --help"; subs=""; valopts="  " ;;
         " agents new")
@@ -67,7 +68,20 @@ _semantic() {
         " agents rename")
             opts="-h --help"; subs=""; valopts="  " ;;
         " agents fork")
-            opts="-h --help"; subs=""; valopts="  " ;;
+            opts="--at-turn -h --help"; subs=""; valopts=" --at-turn "
+            case "$prev" in
+                --at-turn) __semantic_values ""; return ;;
+            esac ;;
+        " agents trim")
+            opts="--keep-last --dry-run -y --yes -h --help"; subs=""; valopts=" --keep-last "
+            case "$prev" in
+                --keep-last) __semantic_values ""; return ;;
+            esac ;;
+        " agents compact")
+            opts="--keep-last --max-tokens --dry-run -h --help"; subs=""; valopts=" --keep-last --max-tokens "
+            case "$prev" in
+                --keep-last|--max-tokens) __semantic_values ""; return ;;
+            esac ;;
         " cache")
             opts="-h --help"; subs="ls evict verify"; valopts="  " ;;
         " cache ls")
@@ -145,6 +159,8 @@ _semantic() {
         " agents rm:0") __semantic_values "agent" ;;
         " agents rename:0") __semantic_values "agent" ;;
         " agents fork:0") __semantic_values "agent" ;;
+        " agents trim:0") __semantic_values "agent" ;;
+        " agents compact:0") __semantic_values "agent" ;;
         " cache evict":*) __semantic_values "agent" ;;
         " config get:0") __semantic_values "key:model block_tokens cache_budget hot_budget temp top_p max_tokens top_k min_p repeat_penalty repeat_last_n" ;;
         " config set:0") __semantic_values "key:model block_tokens cache_budget hot_budget temp top_p max_tokens top_k min_p repeat_penalty repeat_last_n" ;;

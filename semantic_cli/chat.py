@@ -30,6 +30,7 @@ from typing import Any
 from . import config, faults, prompting
 from .engine import Engine, Event, TokenEvent, TurnDone, TurnRequest, get_engine
 from .errors import PromptTooLongError
+from .history import too_long_advice
 from .kv.failures import CacheUnavailable
 from .kv.layers import CacheSpec, cache_spec
 from .kv.store import KVStore, Restored
@@ -150,11 +151,9 @@ class Chat:
             prompt, new_log = prompting.full_prompt(tok, msgs + [{"role": "user", "content": user_text}]), True
             log = []
         if len(prompt) >= lm.context_length:
-            what = "message" if not history else "conversation with this message"
-            raise PromptTooLongError(
-                f"the {what} is {len(prompt)} tokens but {lm.name} has a context of {lm.context_length} tokens; "
-                + ("shorten it" if not history else f"shorten it or start over with `semantic agents reset {agent.name}`")
-            )
+            what = "conversation with this message" if history else "message"
+            advice = f"shorten it, or {too_long_advice(agent.name)}" if history else "shorten it"
+            raise PromptTooLongError(f"the {what} is {len(prompt)} tokens but {lm.name} has a context of {lm.context_length}; {advice}")
         request, tier, warnings = self._request(agent, engine, prompt, settings, started)
         return PendingTurn(agent, user_text, engine, request, new_log, len(log), tier, is_new, warnings, started=started)
 

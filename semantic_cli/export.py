@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import paths
+from .history import compacted
 from .store import Agent, Message
 
 
@@ -48,8 +49,11 @@ def message_dict(message: Message) -> dict[str, Any]:
 
 
 def to_dict(agent: Agent, messages: Iterable[Message]) -> dict[str, Any]:
-    """The JSON document: {"agent": {...}, "messages": [...]}, messages in order."""
-    return {"agent": agent_dict(agent), "messages": [message_dict(m) for m in messages]}
+    """The JSON document: {"agent": {...}, "messages": [...]}, messages in order; `compacted`
+    is true for a message a compaction summary covers (kept, no longer seen by the model)."""
+    listed = list(messages)
+    covered = compacted(listed)
+    return {"agent": agent_dict(agent), "messages": [{**message_dict(m), "compacted": m.id in covered} for m in listed]}
 
 
 def to_json(agent: Agent, messages: Iterable[Message]) -> str:
@@ -64,11 +68,15 @@ def to_markdown(agent: Agent, messages: Iterable[Message]) -> str:
     parts += [f"- {k}: {v}" for k, v in sorted(agent.settings.items())]
     if agent.system:
         parts.append("\n## Persona\n\n" + "\n".join(f"> {line}" if line else ">" for line in agent.system.splitlines()))
-    for m in messages:
-        who = "You" if m.role == "user" else agent.name if m.role == "assistant" else m.role
+    listed = list(messages)
+    covered = compacted(listed)
+    for m in listed:
+        who = "You" if m.role == "user" else agent.name if m.role == "assistant" else m.role.capitalize()
         parts.append(f"\n## {who}\n\n{m.content.strip()}")
         if m.status == "interrupted":
             parts.append("\n*(interrupted)*")
+        if m.id in covered:
+            parts.append("\n*(compacted)*")
     return "\n".join(parts) + "\n"
 
 

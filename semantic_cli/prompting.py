@@ -15,8 +15,13 @@ from .store import Agent, Message
 
 
 def chat_messages(agent: Agent, history: list[Message]) -> list[dict[str, str]]:
-    out = [{"role": "system", "content": agent.system}] if agent.system else []
-    out += [{"role": m.role, "content": m.content} for m in history]
+    """What the model sees: the persona (with the latest compaction summary), then the
+    messages after what that summary covers (history.py)."""
+    from .history import live, persona
+
+    system = persona(agent, history)
+    out = [{"role": "system", "content": system}] if system else []
+    out += [{"role": m.role, "content": m.content} for m in live(history)]
     return out
 
 

@@ -62,6 +62,11 @@ CREATE TABLE IF NOT EXISTS rooms (
 );
 """
     ),
+    # Version 2: a transcript may hold compaction summaries (role 'summary', see
+    # history.py). A release before it would hand that role to the chat template, so the
+    # bump makes such releases refuse this store (exit 9) instead; the index serves the
+    # per-role lookups (turn counts, the latest summary).
+    statements("CREATE INDEX IF NOT EXISTS messages_role ON messages(agent, role, id)"),
 ]
 
 
@@ -85,7 +90,7 @@ class Agent:
 class Message:
     id: int
     agent: str
-    role: str  # "system" | "user" | "assistant"
+    role: str  # "user" | "assistant" | "summary" (a compaction: history.py)
     content: str
     status: str  # "complete" | "interrupted"
     created_at: float
@@ -177,21 +182,56 @@ class Store:
                     renamed = json.dumps([new if m == old else m for m in members])
                     self.db.execute("UPDATE rooms SET agents=? WHERE name=?", (renamed, r["name"]))
 
-    def fork_agent(self, source: str, new: str) -> Agent:
+    def fork_agent(self, source: str, new: str, through: int | None = None, chunks: int | None = None) -> Agent:
+        """A copy of `source`: its messages up to id `through` (None: all) and the first
+        `chunks` chunks of its token log (None: all; the caller says how many cover them)."""
         src = self.get_agent(source)
+        last = -1 if through is None else through
         with self._tx():
             self.create_agent(new, src.model, src.system, src.settings)
             self.db.execute(
                 "INSERT INTO messages(agent, role, content, status, created_at, meta) "
-                "SELECT ?, role, content, status, created_at, meta FROM messages WHERE agent=? ORDER BY id",
-                (new, source),
+                "SELECT ?, role, content, status, created_at, meta FROM messages WHERE agent=? AND (?<0 OR id<=?) ORDER BY id",
+                (new, source, last, last),
             )
             self.db.execute(
                 "INSERT INTO token_chunks(agent, tokenizer, tokens) "
-                "SELECT ?, tokenizer, tokens FROM token_chunks WHERE agent=? ORDER BY id",
-                (new, source),
+                "SELECT ?, tokenizer, tokens FROM token_chunks WHERE agent=? ORDER BY id LIMIT ?",
+                (new, source, -1 if chunks is None else chunks),
             )
         return self.get_agent(new)
+
+    def chunk_sizes(self, name: str) -> list[int]:
+        """The token log's chunks, oldest first, in tokens. `record_turn` is the log's only
+        writer and adds one chunk per recorded turn, ending at that turn's last token; the
+        first chunk starts wherever the log was last (re)started (history.log_cut uses this)."""
+        rows = self.db.execute("SELECT LENGTH(tokens) / 4 AS n FROM token_chunks WHERE agent=? ORDER BY id", (name,))
+        return [int(r["n"]) for r in rows]
+
+    def log_tokens(self, name: str, chunks: int) -> list[int]:
+        """The ids of the log's first `chunks` chunks, whatever their tokenizer."""
+        rows = self.db.execute("SELECT tokens FROM token_chunks WHERE agent=? ORDER BY id LIMIT ?", (name, chunks)).fetchall()
+        return [t for r in rows for t in _unpack(r["tokens"])]
+
+    def cut(self, name: str, drop: list[int], chunks: int) -> None:
+        """Delete the messages with these ids and keep only the first `chunks` chunks of the
+        token log (0: none, and the next turn re-renders the transcript), in one transaction."""
+        with self._tx():
+            self.db.executemany("DELETE FROM messages WHERE agent=? AND id=?", [(name, i) for i in drop])
+            keep = self.db.execute("SELECT id FROM token_chunks WHERE agent=? ORDER BY id LIMIT ?", (name, chunks)).fetchall()
+            last = keep[-1]["id"] if keep else -1
+            self.db.execute("DELETE FROM token_chunks WHERE agent=? AND id>?", (name, last))
+
+    def add_summary(self, name: str, content: str, meta: dict) -> Message:
+        """Record a compaction summary and drop the token log (the prefix changed: the next
+        turn renders persona, summary and the turns after it)."""
+        with self._tx():
+            cur = self.db.execute(
+                "INSERT INTO messages(agent, role, content, status, created_at, meta) VALUES (?,?,?,?,?,?)",
+                (name, "summary", content, "complete", time.time(), json.dumps(meta)),
+            )
+            self.db.execute("DELETE FROM token_chunks WHERE agent=?", (name,))
+        return next(m for m in self.messages(name) if m.id == cur.lastrowid)
 
     def reset_agent(self, name: str) -> None:
         self.get_agent(name)

@@ -218,7 +218,7 @@ def tokens_of(agent: str) -> list[int]:
 # ---- upgrade ----------------------------------------------------------------
 def test_old_databases_upgrade_in_place_with_every_row(old_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with closing(Store()) as store:
-        assert schema_version(store.db) == LATEST_STORE == 1
+        assert schema_version(store.db) == LATEST_STORE == 2
         assert store.list_agents() == sorted(AGENTS, key=lambda a: a.name)
         for a in AGENTS:
             got = [(m.agent, m.role, m.content, m.status, m.created_at, m.meta) for m in store.messages(a.name)]
@@ -244,7 +244,7 @@ def test_old_databases_upgrade_in_place_with_every_row(old_home: Path, tmp_path:
         assert created == BLOCK_CREATED
 
     # The upgraded files are what a fresh install creates, plus the rows.
-    assert version_of(store_path(old_home)) == 1 and version_of(index_path(old_home)) == 1
+    assert version_of(store_path(old_home)) == LATEST_STORE and version_of(index_path(old_home)) == 1
     monkeypatch.setenv("SEMANTIC_HOME", str(tmp_path / "fresh"))
     Store().close()
     KVIndex().close()
@@ -252,10 +252,29 @@ def test_old_databases_upgrade_in_place_with_every_row(old_home: Path, tmp_path:
     assert schema_of(index_path(old_home)) == schema_of(index_path(tmp_path / "fresh"))
 
 
+def test_a_version_1_store_gains_summaries_without_losing_a_row(old_home: Path) -> None:
+    """Version 2 (compaction summaries): a store the previous versioned release wrote
+    upgrades in place, every row kept, and the index for per-role lookups is there."""
+    with closing(sqlite3.connect(store_path(old_home))) as db:
+        db.execute("PRAGMA user_version=1")
+        db.commit()
+    with closing(Store()) as store:
+        assert schema_version(store.db) == 2
+        for a in AGENTS:
+            got = [(m.agent, m.role, m.content, m.status, m.created_at, m.meta) for m in store.messages(a.name)]
+            assert got == [m for m in MESSAGES if m[0] == a.name]
+        assert store.token_log("planner", "tok-smol") == tokens_of("planner")
+        indexes = {r[0] for r in store.db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+        assert "messages_role" in indexes
+        store.add_summary("planner", "They planned.", {"through": 2})
+        assert [m.role for m in store.messages("planner")][-1] == "summary"
+        assert store.token_log("planner", "tok-smol") is None  # the prefix changed: re-rendered next turn
+
+
 def test_old_databases_upgrade_through_the_cli(old_home: Path) -> None:
     r = run_cli("agents", "ls", "--json")
     assert r.returncode == 0, r.stderr.decode()
-    assert version_of(store_path(old_home)) == 1 and version_of(index_path(old_home)) == 1
+    assert version_of(store_path(old_home)) == LATEST_STORE and version_of(index_path(old_home)) == 1
     rows = {row["name"]: row for row in json.loads(r.stdout)}
     assert list(rows) == ["critic", "idle", "planner"]
     for a in AGENTS:
@@ -286,7 +305,7 @@ def test_old_databases_upgrade_through_the_cli(old_home: Path) -> None:
     assert planner["last_used"] == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(T0 + 301)) and planner["transcript_tokens"] == 604
     assert (critic["blocks_own"], critic["blocks_shared"], critic["cached_tokens"], critic["bytes_own"]) == (0, 1, 259, 138_240)
     assert (idle["tier"], idle["cached_tokens"], idle["model"]) == ("cold", 0, "default")
-    assert version_of(store_path(old_home)) == 1 and version_of(index_path(old_home)) == 1
+    assert version_of(store_path(old_home)) == LATEST_STORE and version_of(index_path(old_home)) == 1
 
 
 # ---- a newer release's database ---------------------------------------------

@@ -30,7 +30,7 @@ from ..kv.index import KVIndex, open_index
 from ..locks import AgentLock
 from ..store import Store, validate_name
 from . import render, transcript
-from .render import Column, fullness, human_age, human_bytes, plural, printable
+from .render import Column, fullness, human_age, human_bytes, printable
 
 app = typer.Typer(help="Manage agents: named personas with their own conversation and cache.", no_args_is_help=True)
 
@@ -363,20 +363,3 @@ def rename(old: str = typer.Argument(..., help="Current name."), new: str = type
             if _history(old).exists():
                 os.replace(_history(old), _history(new))
     _status(f"renamed agent {old!r} to {new!r}")
-
-
-@app.command("fork")
-def fork(name: str = NAME, new: str = typer.Argument(..., help="Name of the copy.")) -> None:
-    """Copy an agent's conversation; the copy shares every cached block (instant, free on disk)."""
-    validate_name(name)
-    validate_name(new)
-    with _opened() as (store, kv):
-        store.get_agent(name)
-        with _locked(new):
-            _must_be_free(store, new)
-            kv.release_agent(new)  # an orphaned cache under the new name would collide
-            store.fork_agent(name, new)
-            kv.fork_agent(name, new)
-            turns = store.turn_counts().get(new, 0)
-            blocks = len(kv.chain(new))
-    _status(f"forked {name!r} as {new!r}: {plural(turns, 'turn')}, sharing {plural(blocks, 'cached block')}")

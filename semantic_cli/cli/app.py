@@ -41,12 +41,12 @@ def _root(
 
 
 def _register() -> None:
-    from . import agents, bench, cache, chat, config, models, rooms, serve
+    from . import agents_context, bench, cache, chat, config, models, rooms, serve
 
     app.command("chat")(chat.chat)
     app.command("serve")(serve.serve)
     app.command("doctor")(config.doctor)
-    app.add_typer(agents.app, name="agents")
+    app.add_typer(agents_context.app, name="agents")  # agents.app, with fork, trim and compact
     app.add_typer(cache.app, name="cache")
     app.add_typer(config.app, name="config")
     app.add_typer(bench.app, name="bench")
@@ -58,10 +58,13 @@ _register()
 
 # typer >= 0.2x vendors its own click: its usage errors are not click's classes.
 _CLICK_ERRORS: tuple[type[Exception], ...] = (click.ClickException,)
+_BAD_VALUES: tuple[type[Exception], ...] = (click.BadParameter,)
 try:
+    from typer._click.exceptions import BadParameter as _TyperBadParameter
     from typer._click.exceptions import ClickException as _TyperClickException
 
     _CLICK_ERRORS += (_TyperClickException,)
+    _BAD_VALUES += (_TyperBadParameter,)
 except ImportError:  # older typer raises click's own
     pass
 
@@ -93,6 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.NoSuchOption as exc:
         exc.show()
         raise SystemExit(EXIT_USAGE) from exc
+    except _BAD_VALUES as exc:  # a flag's value out of its range or choices: one line, as our own usage errors
+        bad: Any = exc
+        _fail(bad.format_message(), bad.exit_code)
     except _CLICK_ERRORS as exc:
         usage_error: Any = exc  # click's or typer's vendored ClickException: both have show() and exit_code
         usage_error.show()

@@ -6,6 +6,7 @@ import json
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict
+from enum import Enum
 from typing import TYPE_CHECKING, Any, TextIO
 
 import typer
@@ -17,6 +18,14 @@ from .render import printable
 if TYPE_CHECKING:  # types only: `--help` and other commands must not import the core (nor, through it, numpy or mlx)
     from ..chat import Chat, GenSettings, TurnEvent, TurnRecorded
     from ..store import Agent, Store
+
+
+class ColorMode(str, Enum):
+    """--color's choices (shell completion offers them)."""
+
+    auto = "auto"
+    always = "always"
+    never = "never"
 
 
 def decode_message(data: bytes) -> str:
@@ -71,7 +80,7 @@ def chat(
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", metavar="", help="Status and figures on stderr in one-shot mode."),
     no_markdown: bool = typer.Option(False, "--no-markdown", metavar="", help="Show replies as plain text in the REPL."),
-    color: str = typer.Option("auto", "--color", help="auto, always or never (NO_COLOR is respected)."),
+    color: ColorMode = typer.Option(ColorMode.auto, "--color", case_sensitive=False, help="When to colour (NO_COLOR is respected)."),
     no_server: bool = typer.Option(False, "--no-server", metavar="", help="Run in this process even when `semantic serve` is running."),
 ) -> None:
     """Chat with one agent, or a room of agents answering concurrently. One-shot and piped
@@ -79,14 +88,14 @@ def chat(
     from ..store import Store
     from ..turn import GenSettings
 
-    if color not in ("auto", "always", "never"):
-        raise UsageError("--color must be auto, always or never")
-    render.set_color(color)
+    render.set_color(ColorMode(color).value)
     if repeat_penalty is not None and repeat_penalty <= 0:
         raise UsageError("--repeat-penalty must be above 0 (1 = no penalty)")
     sampling = GenSettings(max_tokens, temp, top_p, seed, top_k, min_p, repeat_penalty, repeat_last_n)
     waits = wait or wait_timeout is not None
     interactive = message is None and sys.stdin.isatty()
+    if interactive and json_out:
+        raise UsageError("--json is for one-shot turns: pass -m TEXT or pipe the message in (the REPL shows replies as text)")
     socket_path = None
     if not no_server:
         from ..server import client

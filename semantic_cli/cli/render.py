@@ -178,11 +178,13 @@ def fit_widths(columns: Sequence[Column], rows: Sequence[Sequence[str]], width: 
     return widths
 
 
-def footer(stats: Any, tier: str) -> str:
+def footer(stats: Any, tier: str, context: int | None = None) -> str:
+    """A turn's figures; with the model's `context` length, how full the conversation now is."""
     cached = f", {stats.cached_tokens} from {tier} cache" if stats.cached_tokens else ""
+    full = f" · context {fullness(stats.prompt_tokens + stats.generated_tokens, context)}" if context else ""
     return (
         f"ttft {stats.ttft_s:.2f}s · prompt {stats.prompt_tps:.0f} tok/s · gen {stats.generation_tps:.1f} tok/s · "
-        f"prefilled {stats.prefilled_tokens} of {stats.prompt_tokens} tokens{cached}"
+        f"prefilled {stats.prefilled_tokens} of {stats.prompt_tokens} tokens{cached}{full}"
     )
 
 

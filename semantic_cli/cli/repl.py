@@ -65,8 +65,10 @@ def unblock(text: str) -> tuple[str, bool]:
 
 
 def block_open(text: str) -> bool:
-    """A `\"\"\"` block is still open: Enter adds a line instead of sending."""
+    """A `\"\"\"` block (a message, or `/system \"\"\"` a persona) is still open: Enter adds a line."""
     s = text.strip()
+    if s.startswith("/system"):
+        s = s[len("/system") :].strip()
     return s.startswith(BLOCK) and (len(s) < 2 * len(BLOCK) or not s.endswith(BLOCK))
 
 
@@ -94,6 +96,7 @@ class Repl:
         self.last_reply: tuple[str, str] | None = None  # (agent, text) of the latest reply, for /round
         self.totals = Totals()
         self._prompts: dict[str, Any] = {}
+        self.contexts: dict[str, int | None] = {}  # model spec -> its context length (read from config.json)
 
     @property
     def room(self) -> bool:
@@ -172,6 +175,8 @@ class Repl:
             text, quoted = unblock(raw)
             if not text.strip():
                 continue
+            if not quoted and text.strip().lower() in ("exit", "quit"):
+                return  # the lone word leaves, as in a shell; """exit""" sends it
             try:
                 if text.startswith("//"):
                     self.send(text[1:])  # `//x` sends a message that starts with a slash
@@ -247,7 +252,7 @@ class Repl:
                         r.notes.append(f"warning: {ev.text}")
                     elif isinstance(ev, TurnRecorded):
                         r.state, r.text = "done", ev.done.text
-                        r.footer = render.footer(ev.done.stats, ev.tier)
+                        r.footer = render.footer(ev.done.stats, ev.tier, slash.control.context(self, ev.key))
                         r.notes += [f"warning: {w}" for w in ev.warnings]
                         recorded.append(ev)
                         self._count(ev)

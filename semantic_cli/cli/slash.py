@@ -20,7 +20,7 @@ from prompt_toolkit.document import Document
 from rich.table import Table
 
 from ..errors import SemanticError, UsageError
-from . import render
+from . import control, render
 from .render import printable
 
 
@@ -75,7 +75,10 @@ def _agents(repl: Any, arg: str) -> None:
 
 
 def _system(repl: Any, arg: str) -> None:
+    from .repl import unblock
+
     agent = repl.agent()
+    arg = unblock(arg)[0].strip()
     if not arg:
         repl.console.print(printable(agent.system) or "(no persona: the model's default system prompt)", markup=False, highlight=False)
         return
@@ -119,7 +122,7 @@ def _stats(repl: Any, arg: str) -> None:
         return
     for name, rec in repl.last.items():
         s = rec.done.stats
-        repl.console.print(f"last turn ({name}): {render.footer(s, rec.tier)}", markup=False, highlight=False)
+        repl.console.print(f"last turn ({name}): {render.footer(s, rec.tier, control.context(repl, name))}", markup=False, highlight=False)
         repl.console.print(f"  {s.generated_tokens} tokens generated, finish: {rec.done.finish_reason}", markup=False, highlight=False)
     t = repl.totals
     hit = f", {100 * t.cached_tokens / t.prompt_tokens:.0f}% from cache" if t.prompt_tokens else ""
@@ -152,6 +155,9 @@ def _cache(repl: Any, arg: str) -> None:
 
 
 def _model(repl: Any, arg: str) -> None:
+    if arg:
+        control.switch_model(repl, arg)
+        return
     agent = repl.agent()
     with render.progress(repl.err) as progress:
         lm = repl.session.engine_for(agent, progress).lm
@@ -234,11 +240,15 @@ COMMANDS: list[Command] = [
     Command("help", "", "this list", _help, ("?",)),
     Command("agent", "NAME", "talk to NAME (another agent joins the room if needed)", _agent),
     Command("agents", "", "the room's agents, and the others", _agents),
-    Command("system", "[TEXT]", "show or set the persona (setting it re-reads the conversation)", _system),
+    Command("system", "[TEXT]", 'show or set the persona; /system """ starts a multi-line one, """ ends it', _system),
+    Command("undo", "", "remove the last turn from the transcript (the cache keeps what is left)", control.undo),
+    Command("retry", "", "regenerate the last reply", control.retry),
+    Command("edit", "[TEXT]", "compose the next message in $EDITOR, then send it", control.edit),
+    Command("compact", "[N]", "summarise all but the last N turns into the prefix (the transcript keeps them)", control.compact),
     Command("reset", "", "empty this agent's conversation and cache (the persona stays)", _reset, ("clear",)),
-    Command("stats", "", "last turn's figures and this session's totals", _stats),
+    Command("stats", "", "last turn's figures (context fullness too) and this session's totals", _stats),
     Command("cache", "[NAME]", "this agent's cache: tier, tokens, blocks, bytes", _cache),
-    Command("model", "", "the model this agent uses", _model),
+    Command("model", "[NAME]", "the model this agent uses; NAME switches to another (its cache is dropped)", _model),
     Command("save", "FILE", "export the transcript: FILE.md (Markdown) or FILE.json", _save),
     Command("set", "[KEY [VALUE]]", "sampling for this session: temp, top_p, top_k, min_p, repeat_penalty, ...", _set),
     Command("round", "N [TOPIC]", "in a room: agents answer each other for N rounds (Ctrl-C stops)", _round),
@@ -247,7 +257,7 @@ COMMANDS: list[Command] = [
 _BY_NAME = {n: c for c in COMMANDS for n in (c.name, *c.aliases)}
 
 KEYS_HELP = (
-    'Enter sends · Esc Enter adds a line · """ starts and ends a multi-line message · Ctrl-R searches history · '
+    'Enter sends · Esc Enter adds a line · """ starts and ends a multi-line message · exit or quit alone leaves · Ctrl-R: history · '
     "Tab completes · Ctrl-C stops a reply (kept, marked interrupted) · Ctrl-D leaves · in a room: @name or @all first · "
     "//text sends a message starting with /"
 )
@@ -258,7 +268,8 @@ def dispatch(repl: Any, line: str) -> bool:
     word, _, arg = line[1:].partition(" ")
     cmd = _BY_NAME.get(word.lower())
     if cmd is None:
-        raise UsageError(f"unknown command /{word}; /help lists them (start with // to send a message that begins with /)")
+        hint = control.suggest(word, list(_BY_NAME))
+        raise UsageError(f"unknown command /{word}{hint}{' ' if hint else '; '}/help lists them (// starts a message that begins with /)")
     return cmd.run(repl, arg.strip()) is not False
 
 

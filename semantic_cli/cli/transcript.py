@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+from ..history import compacted
 from ..store import Agent, Message
 from . import render
 from .render import printable
@@ -21,6 +22,7 @@ def show(agent: Agent, messages: list[Message]) -> bool:
     from rich.text import Text
 
     out = render.stdout()
+    covered = compacted(messages)
     out.print(Text(f"{agent.name} · {printable(agent.model)}", style="bold"))
     if agent.system:
         out.print(Text(f"persona: {printable(agent.system)}", style="dim"))
@@ -30,20 +32,26 @@ def show(agent: Agent, messages: list[Message]) -> bool:
             label = Text(agent.name, style="bold green")
             if m.status == "interrupted":
                 label.append(" (interrupted)", style="yellow")
-            out.print(label)
+        else:
+            label = Text("you" if m.role == "user" else m.role, style="bold cyan")
+        if m.id in covered:
+            label.append(" (compacted)", style="dim")
+        out.print(label)
+        if m.role == "assistant":
             out.print(Markdown(printable(m.content)), soft_wrap=False)  # wrapped to the terminal: soft wrap would crop lists and code
         else:
-            out.print(Text("you" if m.role == "user" else m.role, style="bold cyan"))
             out.print(Text(printable(m.content)))
     return bool(messages)
 
 
 def plain(agent: Agent, messages: list[Message]) -> str:
     """The terminal view's words, as plain text: a header line, the persona, then per
-    message a blank line, who spoke (the agent's name, "(interrupted)" for a cut reply)
-    and the text exactly as stored."""
+    message a blank line, who spoke (the agent's name, "(interrupted)" for a cut reply,
+    "(compacted)" for one a summary covers) and the text exactly as stored."""
+    covered = compacted(messages)
     parts = [f"{agent.name} · {agent.model}\n"] + ([f"persona: {agent.system}\n"] if agent.system else [])
     for m in messages:
         who = {"assistant": agent.name, "user": "you"}.get(m.role, m.role) + (" (interrupted)" if m.status == "interrupted" else "")
+        who += " (compacted)" if m.id in covered else ""
         parts.append(f"\n{who}\n{m.content}\n")
     return "".join(parts)

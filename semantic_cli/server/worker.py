@@ -289,7 +289,7 @@ class Worker:
         nothing (the client sends just the new message). Anything else is a 409: nothing is
         written, and the client is told where the two part."""
         stored = [{"role": "system", "content": agent.system}] if agent.system else []
-        stored += [{"role": m.role, "content": m.content} for m in self.chat.store.messages(agent.name)]
+        stored += [{"role": m.role, "content": m.content} for m in self.chat.store.messages(agent.name) if m.role != "summary"]
         given = list(history)
         if given and given[0]["role"] == "system" and not agent.system:
             raise ConflictError(f"agent {agent.name!r} has no persona: leave out the system message (set one with `semantic agents edit`)")

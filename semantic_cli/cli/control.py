@@ -1,0 +1,160 @@
+"""REPL commands that take a turn back or change what the next one runs on: /undo, /retry,
+/edit, /compact and /model NAME (slash.py lists them in COMMANDS).
+
+Each changes the current agent under its lock (`Repl.holding`), transcript first; the
+cache follows, and a cache that cannot be updated costs a re-prefill, never the change
+(restores check every block and tail by content, so a stale chain is never used).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import subprocess
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import SemanticError, UsageError
+from . import render
+from .render import printable
+
+
+def _stored(repl: Any, what: str) -> bool:
+    if repl.session.store.find_agent(repl.current) is None:
+        repl.info(f"{repl.current} has no conversation yet: nothing to {what}")
+        return False
+    return True
+
+
+def undo_last(repl: Any) -> str:
+    """Remove the current agent's last exchange from the transcript and its token log; the
+    cache keeps the whole blocks of what is left. Returns the removed user message."""
+    from .. import history
+    from ..kv.failures import CacheUnavailable
+
+    name = repl.current
+    store, kv = repl.session.store, repl.session.kv
+    with repl.holding(name):
+        cut = history.plan_undo(store, name)
+        removed = history.exchanges(store.messages(name))[-1].user.content
+        kept = history.apply_cut(store, cut)
+        kv.drop_hot(name)  # it covers the removed reply
+        with contextlib.suppress(CacheUnavailable):
+            history.keep_blocks(kv.index, name, name, kept, kv.block_tokens)
+    repl.last.pop(name, None)
+    return removed
+
+
+def undo(repl: Any, arg: str) -> None:
+    if not _stored(repl, "undo"):
+        return
+    from .agents import _excerpt
+
+    removed = undo_last(repl)
+    repl.info(f"{repl.current}: removed the last turn (you: {printable(_excerpt(removed))!r}) from the transcript and the token log")
+
+
+def retry(repl: Any, arg: str) -> None:
+    """Regenerate the last reply: the last exchange is removed and its message sent again."""
+    if not _stored(repl, "retry"):
+        return
+    if repl.remote is None:  # the model loads before the turn is taken back: a model that fails costs nothing
+        with render.progress(repl.err) as progress:
+            repl.session.engine_for(repl.agent(), progress)
+    text = undo_last(repl)
+    repl.turn([(repl.agent(), text)])
+
+
+def edit(repl: Any, arg: str) -> None:
+    """Compose the next message in $VISUAL or $EDITOR (vi if neither), then send it."""
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+    fd, name = tempfile.mkstemp(prefix="semantic-", suffix=".md")  # 0600
+    path = Path(name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(arg)
+        try:
+            rc = subprocess.run([*shlex.split(editor), str(path)], check=False).returncode
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot run the editor {editor!r} ({exc}); set EDITOR to one that exists") from None
+        if rc != 0:
+            repl.info(f"the editor exited with {rc}: nothing sent")
+            return
+        try:
+            text = path.read_text(encoding="utf-8").rstrip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SemanticError(f"cannot read what the editor wrote ({exc}); nothing sent") from None
+    finally:
+        path.unlink(missing_ok=True)
+    if not text.strip():
+        repl.info("empty message: nothing sent")
+        return
+    repl.send(text)
+
+
+def compact(repl: Any, arg: str) -> None:
+    """/compact [N]: summarise all but the last N turns (default 0) into the prefix."""
+    from .. import compact as compaction
+    from .agents_context import summary_line
+
+    if arg and not arg.isdigit():
+        raise UsageError("/compact [N]: N is how many of the latest turns to keep verbatim (default 0)")
+    if not _stored(repl, "compact"):
+        return
+    agent = repl.agent()
+    with repl.holding(agent.name), render.progress(repl.err) as progress:
+        done = compaction.compact(repl.session, agent, repl.settings, int(arg or 0), progress)
+    repl.last.pop(agent.name, None)
+    repl.info(summary_line(done))
+
+
+def switch_model(repl: Any, spec: str) -> None:
+    """/model NAME: the current agent's model from now on. The model is loaded first (a name
+    that does not load changes nothing); then the token log and the cache are dropped: the
+    old model's blocks are never used for the new one, and the next turn re-prefills."""
+    from ..kv.failures import CacheUnavailable
+    from .agents import _check_model
+
+    if repl.room:
+        raise UsageError("a room's agents share one model: leave the room to switch one, or reopen it with --model NAME")
+    agent = repl.agent()
+    resolved = _check_model(spec)
+    if resolved == agent.model:
+        repl.info(f"{agent.name} already uses {printable(resolved)}")
+        return
+    with render.progress(repl.err) as progress:
+        lm = repl.session.engine_for(replace(agent, model=resolved), progress).lm
+    store = repl.session.store
+    with repl.holding(agent.name):
+        # A new agent is created with this model on its first turn; a stored one's token log is dropped.
+        stored = store.find_agent(agent.name) is not None
+        agent = store.update_agent(agent, model=resolved) if stored else replace(agent, model=resolved)
+        with contextlib.suppress(CacheUnavailable):  # blocks are named by model: the old ones never match
+            repl.session.kv.release_agent(agent.name)
+    if repl.flags[0] is not None or repl.remote is not None:
+        repl.flags = (resolved, repl.flags[1])  # the server applies --model as given: this one now
+    repl.replace_agent(agent)
+    repl.contexts.pop(agent.model, None)
+    repl.info(f"{agent.name} now uses {lm.name} (context {lm.context_length:,} tokens); the next turn re-reads the conversation")
+
+
+def context(repl: Any, name: str) -> int | None:
+    """The context length of an agent's model (read from its config.json once per model),
+    for the fullness in the footer and /stats."""
+    from ..model.loader import context_length
+
+    spec = repl.agents[name].model if name in repl.agents else ""
+    if spec not in repl.contexts:
+        repl.contexts[spec] = context_length(spec) if spec else None
+    return repl.contexts[spec]
+
+
+def suggest(word: str, names: list[str]) -> str:
+    """ " — did you mean /x?" for a near name, else ""."""
+    import difflib
+
+    near = difflib.get_close_matches(word.lower(), names, n=1, cutoff=0.6)
+    return f" — did you mean /{near[0]}?" if near else ""
