@@ -97,8 +97,10 @@ def log_cut(chunks: list[int], total: int, keep: int) -> int:
 
 def keep_blocks(index: KVIndex, agent: str, source: str, tokens: list[int], block_tokens: int) -> int:
     """Give `agent` the cache chain of `source`'s blocks that hash `tokens` (in order, up to
-    the first one not stored), and no tail: it claims only what those blocks hold. Returns
-    how many blocks it keeps. Blocks are content-addressed, so this is exact."""
+    the first one not stored). Returns how many blocks it keeps. Blocks are content-addressed,
+    so this is exact. A new agent gets no tail; `source` itself keeps its own (undo): a restore
+    takes only the tokens the tail shares with the next prompt, so /retry's resend of the same
+    message restores it nearly whole."""
     from .kv.store import chain_hashes
 
     model = index.chain_model(source)
@@ -111,8 +113,6 @@ def keep_blocks(index: KVIndex, agent: str, source: str, tokens: list[int], bloc
                 break
             hashes.append(h)
     with index.transaction():
-        if agent == source:
-            index.drop_tail(agent)
         if hashes:
             index.set_chain(agent, model or "", hashes)
         else:

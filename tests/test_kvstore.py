@@ -244,3 +244,17 @@ def test_a_tail_that_runs_past_the_prompt_gives_the_tokens_they_share(home, rest
     # A prompt that leaves the tail's tokens before their end restores the blocks only up to there.
     moved = ids[:260] + [5] + ids[261:290]
     assert store.restore("a", "fp", KV2, moved, capacity=300).matched == 260
+
+
+def test_a_tail_is_used_only_after_the_prefix_it_was_computed_on(home, restore_code):
+    """A tail's KV depends on every token before it. Another agent's blocks can give a new
+    prompt a different prefix of the same length (a persona edit, say) followed by the very
+    tokens the tail holds: those must be re-prefilled, not restored."""
+    mx = runtime.mx()
+    store = KVStore(128, 1 << 40, 0)
+    first, other, rest = list(range(128)), list(range(500, 628)), list(range(200, 240))
+    store.persist("a", "fp", KV2, first + rest, [_kv_cache(mx, 168, mx.float32) for _ in range(2)], protect=set())
+    store.persist("b", "fp", KV2, other + [7], [_kv_cache(mx, 129, mx.float32) for _ in range(2)], protect=set())
+    assert store.restore("a", "fp", KV2, first + rest + [1], capacity=200).matched == 168  # its own prefix: the tail serves
+    swapped = store.restore("a", "fp", KV2, other + rest + [1], capacity=200)
+    assert swapped.matched == 128 and swapped.warnings == []  # b's block, then a re-prefill of the tail's tokens

@@ -5,7 +5,9 @@ trusts nothing, is kv/fileread.py).
     b"SMKV1\\n" | u32 header length | header JSON | zero pad to 64 | array bytes...
 
 The header names the block (its chain hash, model fingerprint and token ids)
-and lists each array's dtype, shape and offset. A checksum (xxh3-64 of header
+and lists each array's dtype, shape and offset; a tail's also names its `parent`, the
+chain hash of every token before it, since its KV holds only after that prefix (a tail
+written before that key existed is not used: its tokens are re-prefilled once). A checksum (xxh3-64 of header
 and data) lives in the SQLite index, so a file is trusted only if it matches
 what the index says it should be. No pickling anywhere.
 

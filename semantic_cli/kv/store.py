@@ -200,7 +200,9 @@ class KVStore:
             tail = None
         start = n_blocks * self.block_tokens
         tail_ok = tail is not None and tail.model == model and tail.start == start and (tail.n_tokens > 0 or bool(spec.snapshot_layers))
-        keep = self._tail_keep(tail, prompt, len(spec.layers), limit, bool(spec.snapshot_layers)) if tail_ok else 0  # type: ignore[arg-type]
+        parent = hashes[n_blocks - 1] if n_blocks else model
+        whole = bool(spec.snapshot_layers)
+        keep = self._tail_keep(tail, prompt, len(spec.layers), limit, parent, whole) if tail_ok else 0  # type: ignore[arg-type]
         # keep 0: the conversation moved on (persona change, reset): stale, not damaged.
         tail_ok = tail_ok and (keep > 0 or bool(spec.snapshot_layers))
         if spec.snapshot_layers and not tail_ok:
@@ -227,11 +229,13 @@ class KVStore:
         with self._failures():
             self.index.touch(agent, self.index.chain(agent))
 
-    def _tail_keep(self, tail: TailRow, prompt: list[int], n_layers: int, limit: int, whole: bool) -> int:
+    def _tail_keep(self, tail: TailRow, prompt: list[int], n_layers: int, limit: int, parent: str, whole: bool) -> int:
         """How many of the tail's tokens continue `prompt` within `limit` (its header says; damage
-        is found on the full read). A tail that runs past the prompt (the same request again, an
-        undone or edited last message) gives the tokens they share, unless it must be used
-        `whole` (whole-layer snapshots fit only at its end): then all of them or none."""
+        is found on the full read). Its KV holds only after the same prefix: the header's
+        `parent` must be the prompt's chain hash at the tail's start. A tail that runs past the
+        prompt (the same request again, an undone or edited last message) gives the tokens they
+        share, unless it must be used `whole` (whole-layer snapshots fit only at its end): then
+        all of them or none."""
         try:
             header = fileread.header_of(tail_path(tail.file), tail.nbytes, fileread.header_limit(tail.n_tokens, n_layers))
         except Exception:  # whatever a damaged file raises
@@ -239,6 +243,8 @@ class KVStore:
         tokens = header.get("tokens")
         if not isinstance(tokens, list):
             return tail.n_tokens  # damaged: the full read says so
+        if header.get("parent") != parent:
+            return 0  # written after another prefix (or by a release that did not record it): stale
         wanted = prompt[tail.start : limit]
         if whole:
             return tail.n_tokens if tokens == wanted[: tail.n_tokens] and len(tokens) <= len(wanted) else 0
@@ -357,6 +363,7 @@ class KVStore:
                 "kind": "tail",
                 "agent": agent,
                 "model": model,
+                "parent": parent,  # the chain hash of every token before `start`: its KV depends on them
                 "start": start,
                 "tokens": tokens[start:],
                 "snapshots": snap_headers,
