@@ -178,10 +178,16 @@ def fit_widths(columns: Sequence[Column], rows: Sequence[Sequence[str]], width: 
     return widths
 
 
-def footer(stats: Any, tier: str) -> str:
+def footer(stats: Any, tier: str, finish_reason: str = "stop") -> str:
+    """A reply's figures; first, when the token limit cut it, that it was cut."""
     cached = f", {stats.cached_tokens} from {tier} cache" if stats.cached_tokens else ""
+    cut = (
+        f"cut off at the token limit ({plural(stats.generated_tokens, 'token')}; --max-tokens raises it) · "
+        if finish_reason == "length"
+        else ""
+    )
     return (
-        f"ttft {stats.ttft_s:.2f}s · prompt {stats.prompt_tps:.0f} tok/s · gen {stats.generation_tps:.1f} tok/s · "
+        f"{cut}ttft {stats.ttft_s:.2f}s · prompt {stats.prompt_tps:.0f} tok/s · gen {stats.generation_tps:.1f} tok/s · "
         f"prefilled {stats.prefilled_tokens} of {stats.prompt_tokens} tokens{cached}"
     )
 

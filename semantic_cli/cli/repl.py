@@ -247,7 +247,7 @@ class Repl:
                         r.notes.append(f"warning: {ev.text}")
                     elif isinstance(ev, TurnRecorded):
                         r.state, r.text = "done", ev.done.text
-                        r.footer = render.footer(ev.done.stats, ev.tier)
+                        r.footer = render.footer(ev.done.stats, ev.tier, ev.done.finish_reason)
                         r.notes += [f"warning: {w}" for w in ev.warnings]
                         recorded.append(ev)
                         self._count(ev)
