@@ -131,3 +131,67 @@ def test_a_reply_cut_by_the_token_limit_is_marked(talked, capsys):
     assert md.count("*(cut off at the token limit)*") == 2
     _, js, _ = cli(capsys, "agents", "show", "t1", "--json")
     assert [m["meta"].get("finish_reason") for m in json.loads(js)["messages"]] == [None, "length", None, "length"]
+
+
+# ---- Ctrl-C: during the prefill, and with --json ----------------------------------------
+def sigint_during(monkeypatch, call: int) -> list[int]:
+    """A real SIGINT to this process while the engine's `call`-th step runs (inside the
+    step, as a key press would land); returns the list of steps seen."""
+    import os
+    import signal
+
+    from mlx_lm.generate import BatchGenerator
+
+    steps: list[int] = []
+    original = BatchGenerator.next
+
+    def next_step(self):
+        steps.append(len(steps) + 1)
+        if len(steps) == call:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self)
+
+    monkeypatch.setattr(BatchGenerator, "next", next_step)
+    return steps
+
+
+def test_ctrl_c_during_prefill_keeps_the_message_and_what_was_read(talked, capsys, monkeypatch):
+    """Stopped at the end of the second 512-token prefill step: exit 130, the message kept
+    unanswered (no empty reply), and the 1,024 tokens read are the next turn's cache."""
+    from semantic_cli.engine import PREFILL_STEP
+
+    long = " ".join(f"w{i}" for i in range(900))  # 3,500 tokens: seven prefill steps
+    with monkeypatch.context() as m:  # (monkeypatch.undo would undo the fixture's SEMANTIC_HOME too)
+        steps = sigint_during(m, 2)
+        code, out, err = cli(capsys, "chat", "-a", "t1", "--max-tokens", "2", "--json", "-m", long)
+    assert code == 130 and len(steps) == 2, err
+    [stopped] = [json.loads(line) for line in out.splitlines()]
+    assert stopped["finish_reason"] == "interrupted" and stopped["reply"] == "" and stopped["generated_tokens"] == 0
+    assert err.count("interrupted") == 1
+    _, messages, logs, _ = snapshot("t1")
+    assert [(role, status) for role, _, status, _ in messages][-2:] == [("assistant", "complete"), ("user", "unanswered")]
+    code, out, err = cli(capsys, "chat", "-a", "t1", "--max-tokens", "2", "--json", "-m", "short")
+    assert code == 0, err
+    turn = json.loads(out)
+    assert turn["cached_tokens"] == stopped["cached_tokens"] + 2 * PREFILL_STEP and turn["cache_tier"] == "warm"  # read once
+    [log] = logs.values()
+    assert turn["prompt_tokens"] > len(log) > 2 * PREFILL_STEP
+    _, messages, _, _ = snapshot("t1")
+    assert [role for role, *_ in messages][-3:] == ["user", "user", "assistant"]
+
+
+def test_ctrl_c_with_json_prints_the_interrupted_turn(talked, capsys, monkeypatch):
+    steps = sigint_during(monkeypatch, 4)  # the prompt is read in one step; then a token per step
+    code, out, err = cli(capsys, "chat", "-a", "t1", "--max-tokens", "50", "--json", "-m", "go on")
+    assert code == 130 and len(steps) == 4, err
+    [turn] = [json.loads(line) for line in out.splitlines()]
+    assert turn["finish_reason"] == "interrupted" and turn["generated_tokens"] > 0 and turn["agent"] == "t1"
+    _, messages, _, _ = snapshot("t1")
+    assert messages[-1][1] == turn["reply"] and messages[-1][2] == "interrupted"
+    assert err.count("interrupted") == 1
+
+
+def test_ctrl_c_ends_the_one_shot_output_with_a_newline(talked, capsys, monkeypatch):
+    sigint_during(monkeypatch, 4)
+    code, out, _ = cli(capsys, "chat", "-a", "t1", "--max-tokens", "50", "-m", "go on")
+    assert code == 130 and out.endswith("\n") and out.count("\n") == 1
