@@ -99,7 +99,9 @@ def test_model_flag_switches_an_agent_once_its_turn_succeeds(talked, capsys):
 def test_system_flag_sets_a_persona_only_without_a_conversation_and_says_so(talked, capsys):
     code, _, err = cli(capsys, "chat", "-a", "t1", "--system", "You are a cat.", "--max-tokens", "2", "-m", "hi")
     assert code == 0
-    assert err == "t1: --system ignored: t1 has a conversation and keeps its persona; change it with `semantic agents edit t1 --system ...`\n"
+    assert err == (
+        "t1: --system ignored: t1 has a conversation and keeps its persona; change it with `semantic agents edit t1 --system ...`\n"
+    )
     assert snapshot("t1")[0].system == ""
     code, _, err = cli(capsys, "chat", "-a", "t2", "--system", "You are a cat.", "--max-tokens", "2", "-m", "hi")
     assert code == 0 and err == "t2: persona set by --system (it has no conversation yet)\n"
