@@ -197,3 +197,52 @@ def test_ctrl_c_ends_the_one_shot_output_with_a_newline(talked, capsys, monkeypa
     sigint_during(monkeypatch, 4)
     code, out, _ = cli(capsys, "chat", "-a", "t1", "--max-tokens", "50", "-m", "go on")
     assert code == 130 and out.endswith("\n") and out.count("\n") == 1
+
+
+# ---- /round has a cap ---------------------------------------------------------------------
+class _Room:
+    """What /round needs of a REPL: a room, and a record of the rounds it was asked for."""
+
+    room = True
+    agents = {"a": None, "b": None}
+
+    def __init__(self) -> None:
+        self.rounds: list[int] = []
+
+    def round(self, n: int, topic: str) -> None:
+        self.rounds.append(n)
+
+    def info(self, text: str) -> None:
+        pass
+
+
+def test_round_runs_up_to_its_cap_and_refuses_more_without_a_terminal(home, monkeypatch):
+    from semantic_cli.cli import slash
+    from semantic_cli.errors import UsageError
+
+    monkeypatch.setattr("sys.stdin.isatty", lambda: False)
+    repl = _Room()
+    slash.dispatch(repl, "/round 20 the plan")
+    with pytest.raises(UsageError, match=r"^/round 21 is over round_cap \(20\); raise it with `semantic config set round_cap 21`$"):
+        slash.dispatch(repl, "/round 21 the plan")
+    monkeypatch.setenv("SEMANTIC_HOME", str(home))
+    main_code = cli_code("config", "set", "round_cap", "30")
+    assert main_code == 0
+    slash.dispatch(repl, "/round 30 the plan")
+    assert repl.rounds == [20, 30]
+
+
+def cli_code(*args: str) -> int:
+    with pytest.raises(SystemExit) as stop:
+        main(list(args))
+    return int(stop.value.code or 0)
+
+
+def test_all_keeps_a_header_per_agent_when_one_is_busy(talked, capsys):
+    from semantic_cli.locks import AgentLock
+
+    with AgentLock("t2"):
+        code, out, err = cli(capsys, "chat", "-a", "t1", "-a", "t2", "--max-tokens", "2", "--all", "-m", "hi")
+    assert code == 0, err
+    assert out.startswith("[t2]\n(no reply: busy in another process)\n\n[t1]\n") and out.endswith("\n\n")
+    assert "warning: agent 't2' is busy" in err

@@ -176,7 +176,10 @@ def _in_process(
         text = _read(message)
         by_name = {a.name: a for a in opened}
         targets = [(by_name[n], t) for n, t in _targets([a.name for a in opened], text, to_all)]
-        one_shot(session, targets, settings, json_out, verbose)
+        if len(names) > 1 and not json_out:  # the room keeps its shape: a header, and why, for an agent left out
+            for name in (n for n in names if n not in by_name):
+                sys.stdout.write(f"[{name}]\n(no reply: busy in another process)\n\n")
+        one_shot(session, targets, settings, json_out, verbose, room=len(names) > 1)
         if save_room:  # a command-line setting is saved once its command has succeeded
             store.save_room(save_room, names)
     finally:
@@ -244,7 +247,9 @@ def _targets(names: list[str], text: str, to_all: bool) -> list[tuple[str, str]]
     return [(n, body) for n in names if n in chosen]
 
 
-def one_shot(session: Chat, targets: list[tuple[Agent, str]], settings: GenSettings, json_out: bool, verbose: bool) -> None:
+def one_shot(
+    session: Chat, targets: list[tuple[Agent, str]], settings: GenSettings, json_out: bool, verbose: bool, room: bool = False
+) -> None:
     """Run the turns in this process and print them (`show_turns`)."""
     from ..chat import TurnRecorded
 
@@ -254,7 +259,7 @@ def one_shot(session: Chat, targets: list[tuple[Agent, str]], settings: GenSetti
     with render.progress(render.stderr(), enabled=verbose) as progress:
         pendings = [session.prepare(a, text, settings, progress) for a, text in targets]
         events = session.run(pendings, seed=settings.seed)
-        show_turns(events, [p.agent.name for p in pendings], json_out, verbose, progress, stopped)
+        show_turns(events, [p.agent.name for p in pendings], json_out, verbose, progress, stopped, room)
 
 
 def show_turns(
@@ -264,6 +269,7 @@ def show_turns(
     verbose: bool,
     progress: Any,
     stopped: Callable[[], list[TurnRecorded]] | None = None,
+    room: bool = False,
 ) -> None:
     """Print each reply on stdout (streamed for one agent; in room order, each once recorded,
     for a room), whether the turns ran here or in the server. On a terminal the text goes
@@ -276,7 +282,7 @@ def show_turns(
 
     err = render.stderr()
     out = sys.stdout
-    single = len(order) == 1
+    single = len(order) == 1 and not room  # a room whose other agents were left out still prints its headers
     finished: dict[str, TurnRecorded] = {}
     printed = 0
     streamed = False  # one agent's reply text is on stdout, its line not yet ended
