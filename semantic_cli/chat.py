@@ -47,10 +47,12 @@ from .turn import (
     TurnNotSaved,
     TurnRecorded,
     check_room,
+    interrupted,
     note,
     one_line,
     partial_stats,
     sampling,
+    transcript_rows,
     unanswered_tokens,
 )
 
@@ -87,8 +89,7 @@ class Chat:
         return opening.with_flags(name, agent, model_flag, system, agent is not None and self.store.has_messages(name))
 
     def peek_agent(self, name: str, model_flag: str | None = None, system: str | None = None) -> Agent:
-        """The agent as `open_agent` returns it, taking no lock: for a REPL whose turns a
-        server runs (it locks each turn's agents)."""
+        """The agent as `open_agent` returns it, taking no lock (a REPL whose turns a server runs)."""
         agent = self.store.find_agent(name)
         return opening.with_flags(name, agent, model_flag, system, agent is not None and self.store.has_messages(name))
 
@@ -267,7 +268,7 @@ class Chat:
         its partial reply is recorded as interrupted (`TurnNotSaved` if it cannot be). Stopped
         before its first token, only the user's message is recorded, unanswered, and what
         the prefill had read of it (`reading`, from the engine) is kept as cache."""
-        done = p.done = p.done or self._interrupted(p)
+        done = p.done = p.done or interrupted(p)
         self._record_or_raise(p, done)
         if not done.generated and reading and p.agent.name in reading:
             self._keep_read(p, *reading[p.agent.name])
@@ -287,8 +288,7 @@ class Chat:
                 note(cause, f"{p.agent.name}'s reply could not be saved to the transcript ({one_line(exc.errors[p.agent.name])})")
 
     def _keep_read(self, p: PendingTurn, cache: list[Any], tokens: list[int]) -> None:
-        """Cache what a stopped prefill read of the conversation up to the user's message
-        (not the assistant's opening, which the next turn's prompt does not have there)."""
+        """Cache what a stopped prefill read, up to the user's message (not the assistant's opening)."""
         from .kv.layers import trim_cache
 
         keep = unanswered_tokens(p)
@@ -346,10 +346,6 @@ class Chat:
         with self._caching(recorded=p.agent.name):  # only the eviction order is lost
             self.kv.mark_used(p.agent.name)
 
-    def _interrupted(self, p: PendingTurn) -> TurnDone:
-        req = p.request
-        return TurnDone(req.key, "interrupted", "".join(p.text), list(p.tokens), None, req.prompt + p.tokens, partial_stats(p))
-
     def ended(self, p: PendingTurn, reason: str, text: str) -> TurnDone:
         """A turn its driver ended early with `text` as the whole reply (the server, at a stop
         sequence): no cache, and the agent's token log is dropped (its ids would run past the
@@ -368,14 +364,7 @@ class Chat:
             self.store.create_agent(a.name, a.model, a.system, a.settings)
             self._stored[a.name] = True
             p.is_new = False
-        status = "interrupted" if done.finish_reason == "interrupted" else "complete"
-        meta = {"finish_reason": done.finish_reason, "model": lm.name, **done.stats.__dict__}
-        messages = [("user", p.user_text, "complete", {}), ("assistant", done.text, status, meta)]
-        log, replace_log = done.all_tokens, p.new_log or bool(p.changes)
-        if status == "interrupted" and not done.generated:  # stopped before its reply: no empty reply is recorded
-            messages = [("user", p.user_text, "unanswered", {"finish_reason": "interrupted", "model": lm.name})]
-            kept = unanswered_tokens(p)
-            log, replace_log = kept or [], replace_log or kept is None  # an unknown opening: the next turn re-renders
+        messages, log, replace_log = transcript_rows(p, done, lm.name)
         self.store.record_turn(
             p.agent.name,
             messages,

@@ -131,6 +131,27 @@ def partial_stats(p: PendingTurn) -> TurnStats:
     return TurnStats(ttft, len(req.prompt), req.cached, len(req.prompt) - req.cached, len(p.tokens), 0.0, 0.0)
 
 
+def interrupted(p: PendingTurn) -> TurnDone:
+    """The turn as it stands when stopped before the engine ended it."""
+    req = p.request
+    return TurnDone(req.key, "interrupted", "".join(p.text), list(p.tokens), None, req.prompt + p.tokens, partial_stats(p))
+
+
+def transcript_rows(p: PendingTurn, done: TurnDone, model: str) -> tuple[list[tuple[str, str, str, dict]], list[int], bool]:
+    """What a turn adds to the transcript: its messages (role, content, status, meta), the
+    token log they end with, and whether that log replaces the stored one (else only its
+    part past `p.log_len` is new). A turn stopped before its reply adds the user's message
+    alone, "unanswered" (no empty reply), and the log up to it (`unanswered_tokens`)."""
+    status = "interrupted" if done.finish_reason == "interrupted" else "complete"
+    meta = {"finish_reason": done.finish_reason, "model": model, **done.stats.__dict__}
+    replace_log = p.new_log or bool(p.changes)  # a new persona or model: the old log is not what the model sees
+    if status == "interrupted" and not done.generated:
+        kept = unanswered_tokens(p)  # None (an unknown opening): the next turn re-renders the transcript
+        unanswered = ("user", p.user_text, "unanswered", {"finish_reason": "interrupted", "model": model})
+        return [unanswered], kept or [], replace_log or kept is None
+    return [("user", p.user_text, "complete", {}), ("assistant", done.text, status, meta)], done.all_tokens, replace_log
+
+
 def check_room(agents: Sequence[Agent], engines: Sequence[Engine] = ()) -> None:
     """A room's agents must share one model, since one engine generates their turns together
     (UsageError if not): before loading, the same model spec; once loaded (`engines`, one per
