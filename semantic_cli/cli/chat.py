@@ -99,6 +99,7 @@ def chat(
         if socket_path is not None and not interactive:
             text = _read(message)
             turn = {"settings": asdict(sampling), "wait": waits, "wait_timeout": wait_timeout}
+            _targets(names, text, to_all)  # a bad @mention is refused before anything else is said
             say_opened(store, names, model, system)
             said = True
             try:
@@ -164,11 +165,11 @@ def _in_process(
             check_room(opened)
         else:
             opened = open_room(session, names, model, system, wait, wait_timeout)
-        if not said:
-            say_opened(store, [a.name for a in opened], model, system)
         if interactive:
             from .repl import Repl
 
+            if not said:
+                say_opened(store, [a.name for a in opened], model, system)
             if save_room:
                 store.save_room(save_room, names)
             Repl(session, opened, settings, markdown=not no_markdown, remote=remote, flags=(model, system)).run()
@@ -176,6 +177,8 @@ def _in_process(
         text = _read(message)
         by_name = {a.name: a for a in opened}
         targets = [(by_name[n], t) for n, t in _targets([a.name for a in opened], text, to_all)]
+        if not said:
+            say_opened(store, [a.name for a in opened], model, system)
         if len(names) > 1 and not json_out:  # the room keeps its shape: a header, and why, for an agent left out
             for name in (n for n in names if n not in by_name):
                 sys.stdout.write(f"[{name}]\n(no reply: busy in another process)\n\n")
