@@ -246,3 +246,10 @@ def test_all_keeps_a_header_per_agent_when_one_is_busy(talked, capsys):
     assert code == 0, err
     assert out.startswith("[t2]\n(no reply: busy in another process)\n\n[t1]\n") and out.endswith("\n\n")
     assert "warning: agent 't2' is busy" in err
+
+
+def test_json_at_a_terminal_without_a_message_is_refused(home, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    code, out, err = cli(capsys, "chat", "-a", "t1", "--json")
+    assert code == 2 and out == ""
+    assert err == "semantic: error: --json is for one-shot turns: pass -m TEXT or pipe the message in (the REPL shows replies as text)\n"

@@ -87,6 +87,8 @@ def chat(
     sampling = GenSettings(max_tokens, temp, top_p, seed, top_k, min_p, repeat_penalty, repeat_last_n)
     waits = wait or wait_timeout is not None
     interactive = message is None and sys.stdin.isatty()
+    if interactive and json_out:
+        raise UsageError("--json is for one-shot turns: pass -m TEXT or pipe the message in (the REPL shows replies as text)")
     socket_path = None
     if not no_server:
         from ..server import client
