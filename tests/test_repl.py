@@ -230,7 +230,8 @@ def test_ctrl_c_stops_a_round_and_keeps_the_finished_turns(term, home):
     t.expect(r"round stopped after 1 complete turn; they are kept")
     t.prompt("a")
     assert [r["status"] for r in rows(home, "a")] == ["complete", "complete"]
-    assert [r["status"] for r in rows(home, "b")] == ["complete", "interrupted"]
+    # b was cut while streaming (its partial reply kept) or while still reading (its message kept, unanswered: no empty reply)
+    assert [r["status"] for r in rows(home, "b")] in (["complete", "interrupted"], ["unanswered"])
     assert rows(home, "b")[0]["content"].startswith("the plan\n\n[a]: ")
     t.child.sendeof()
     assert t.exit_code() == 0

@@ -126,7 +126,7 @@ def test_an_unknown_name_suggests_near_ones(talked, capsys, command):
 def test_a_reply_cut_by_the_token_limit_is_marked(talked, capsys):
     code, out, err = cli(capsys, "chat", "-a", "t1", "--max-tokens", "2", "-v", "-m", "tell me a long story")
     assert code == 0 and out.endswith("\n")
-    assert "cut off at the token limit (2 tokens; --max-tokens raises it) · ttft" in err
+    assert "cut off at the token limit (2 tokens; --max-tokens raises it)\nttft" in err
     _, show, _ = cli(capsys, "agents", "show", "t1")
     assert show.count("t1 (cut off at the token limit)\n") == 2  # the fixture's reply was cut at 3 tokens too
     _, md, _ = cli(capsys, "agents", "show", "t1", "--markdown")

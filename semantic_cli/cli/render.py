@@ -179,10 +179,10 @@ def fit_widths(columns: Sequence[Column], rows: Sequence[Sequence[str]], width: 
 
 
 def footer(stats: Any, tier: str, finish_reason: str = "stop") -> str:
-    """A reply's figures; first, when the token limit cut it, that it was cut."""
+    """A reply's figures; first, on a line of its own, that the token limit cut it, if it did."""
     cached = f", {stats.cached_tokens} from {tier} cache" if stats.cached_tokens else ""
     cut = (
-        f"cut off at the token limit ({plural(stats.generated_tokens, 'token')}; --max-tokens raises it) · "
+        f"cut off at the token limit ({plural(stats.generated_tokens, 'token')}; --max-tokens raises it)\n"
         if finish_reason == "length"
         else ""
     )
