@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
-from . import config, faults, prompting
+from . import config, faults, opening, prompting
 from .engine import Engine, Event, TokenEvent, TurnDone, TurnRequest, get_engine
 from .errors import PromptTooLongError
 from .history import too_long_advice
@@ -35,7 +35,7 @@ from .kv.failures import CacheUnavailable
 from .kv.layers import CacheSpec, cache_spec
 from .kv.store import KVStore, Restored
 from .locks import AgentLock
-from .model.loader import ModelRef, Progress, requested_spec, resolve
+from .model.loader import ModelRef, Progress, resolve
 from .store import Agent, Store
 from .turn import (
     CACHE_NOT_KEPT,
@@ -48,9 +48,13 @@ from .turn import (
     TurnNotSaved,
     TurnRecorded,
     check_room,
+    interrupted,
     note,
     one_line,
     partial_stats,
+    sampling,
+    transcript_rows,
+    unanswered_tokens,
 )
 
 
@@ -76,27 +80,19 @@ class Chat:
     def open_agent(
         self, name: str, model_flag: str | None = None, system: str | None = None, wait: bool = False, timeout: float | None = None
     ) -> Agent:
-        """Lock an agent for this process (with `wait`, for at most `timeout` seconds if given);
-        an unknown name is created on its first turn. A room locks its agents in sorted order."""
+        """Lock an agent for this process (with `wait`, for at most `timeout` seconds if given)
+        and return it with the flags that apply to it (`opening.with_flags`): an unknown name
+        is created, and a flag's change saved, by its first recorded turn, never before."""
         if name not in self.locks:
             self.locks[name] = AgentLock(name).acquire(wait=wait, timeout=timeout)
         agent = self.store.find_agent(name)
         self._stored[name] = agent is not None
-        if agent is None:
-            return Agent(name, requested_spec(model_flag), system or "", {}, time.time(), time.time())
-        if model_flag and model_flag != agent.model:
-            agent = self.store.update_agent(agent, model=model_flag)
-        if system is not None and agent.system == "" and not self.store.messages(name):
-            agent = self.store.update_agent(agent, system=system)
-        return agent
+        return opening.with_flags(name, agent, model_flag, system, agent is not None and self.store.has_messages(name))
 
     def peek_agent(self, name: str, model_flag: str | None = None, system: str | None = None) -> Agent:
-        """The agent as stored (or as it would be created), taking no lock and writing
-        nothing: for a REPL whose turns a server runs (it locks each turn's agents)."""
+        """The agent as `open_agent` returns it, taking no lock (a REPL whose turns a server runs)."""
         agent = self.store.find_agent(name)
-        if agent is None:
-            return Agent(name, requested_spec(model_flag), system or "", {}, time.time(), time.time())
-        return agent
+        return opening.with_flags(name, agent, model_flag, system, agent is not None and self.store.has_messages(name))
 
     def release(self, name: str) -> None:
         """Give an agent's lock back (the server, between turns): another process may change
@@ -139,9 +135,11 @@ class Chat:
         lm = engine.lm
         tok = lm.tokenizer
         is_new = not self._is_stored(agent.name)
+        stored = None if is_new else self.store.find_agent(agent.name)
+        changes = {k: getattr(agent, k) for k in ("model", "system") if stored is not None and getattr(agent, k) != getattr(stored, k)}
         history = [] if is_new else self.store.messages(agent.name)
         msgs = prompting.chat_messages(agent, history)
-        log = self.store.token_log(agent.name, lm.tokenizer_fingerprint) if history else None
+        log = self.store.token_log(agent.name, lm.tokenizer_fingerprint) if history and not changes else None
         delta = None
         if log:
             delta = prompting.turn_delta(tok, msgs, user_text, log_ends_with_eos=log[-1] in tok.eos_token_ids)
@@ -155,7 +153,10 @@ class Chat:
             advice = f"shorten it, or {too_long_advice(agent.name)}" if history else "shorten it"
             raise PromptTooLongError(f"the {what} is {len(prompt)} tokens but {lm.name} has a context of {lm.context_length}; {advice}")
         request, tier, warnings = self._request(agent, engine, prompt, settings, started)
-        return PendingTurn(agent, user_text, engine, request, new_log, len(log), tier, is_new, warnings, started=started)
+        opens = prompting.opening_len(tok, msgs + [{"role": "user", "content": user_text}], prompt)
+        return PendingTurn(
+            agent, user_text, engine, request, new_log, len(log), tier, is_new, warnings, started=started, changes=changes, opening=opens
+        )
 
     def prepare_stateless(self, slot: str, engine: Engine, messages: list[dict[str, str]], settings: GenSettings) -> PendingTurn:
         """A turn that is not any agent's (the API with a model name): the whole conversation
@@ -201,8 +202,6 @@ class Chat:
         return request, restored.tier, list(restored.warnings)
 
     def _sampling(self, agent: Agent, engine: Engine, settings: GenSettings) -> Callable[[str], Any]:
-        """Each setting from the first that has it: the turn's flag, the agent's settings, the
-        config (environment or file), the model's generation_config.json, the built-in default."""
         from pathlib import Path
 
         from .model.generation import sampling_defaults
@@ -210,21 +209,7 @@ class Chat:
         fp = engine.lm.fingerprint
         if fp not in self._model_defaults:
             self._model_defaults[fp] = sampling_defaults(Path(engine.lm.ref.path))
-        model = self._model_defaults[fp]
-        configured = config.effective()  # the file read once per turn, not once per setting
-
-        def value(key: str) -> Any:
-            given = getattr(settings, key)
-            if given is not None:
-                return given
-            if agent.settings.get(key) is not None:
-                return agent.settings[key]
-            found, source = configured[key]
-            if key in model and source == "default":
-                return model[key]
-            return found
-
-        return value
+        return sampling(settings, agent, self._model_defaults[fp])
 
     def run(self, pendings: list[PendingTurn], seed: int | None = None) -> Generator[TurnEvent, None, None]:
         """Generate all pending turns concurrently (one engine), recording each as it finishes.
@@ -240,7 +225,8 @@ class Chat:
         by_key = {p.agent.name: p for p in pendings}
         not_saved: dict[str, BaseException] = {}
         yield from self.notices(pendings)
-        events = pendings[0].engine.generate([p.request for p in pendings], seed=seed)
+        reading: dict[str, tuple[list[Any], list[int]]] = {}  # what a stopped prefill had read: kept as cache
+        events = pendings[0].engine.generate([p.request for p in pendings], seed=seed, reading=reading)
         try:
             for ev in events:
                 p = by_key[ev.key]
@@ -252,7 +238,7 @@ class Chat:
             with contextlib.suppress(Exception):
                 events.close()  # the engine drops the unfinished sequences
             left = [p for p in pendings if not p.recorded and p.agent.name not in not_saved]
-            self.record_unfinished(left, exc)
+            self.record_unfinished(left, exc, reading)
             for name, err in not_saved.items():
                 note(exc, f"{name}'s reply could not be saved to the transcript ({one_line(err)})")
             raise
@@ -279,22 +265,44 @@ class Chat:
             return
         yield ev
 
-    def interrupt(self, p: PendingTurn) -> TurnRecorded:
-        """Stop one turn from outside the engine (its client left, the server stops): its
-        partial reply is recorded as interrupted (`TurnNotSaved` if it cannot be)."""
-        done = p.done or self._interrupted(p)
+    def interrupt(self, p: PendingTurn, reading: dict[str, tuple[list[Any], list[int]]] | None = None) -> TurnRecorded:
+        """Stop one turn from outside the engine (Ctrl-C, its client left, the server stops):
+        its partial reply is recorded as interrupted (`TurnNotSaved` if it cannot be). Stopped
+        before its first token, only the user's message is recorded, unanswered, and what
+        the prefill had read of it (`reading`, from the engine) is kept as cache."""
+        done = p.done = p.done or interrupted(p)
         self._record_or_raise(p, done)
-        self._mark_used(p)
+        if not done.generated and reading and p.agent.name in reading:
+            self._keep_read(p, *reading[p.agent.name])
+        else:
+            self._mark_used(p)
         return TurnRecorded(p.agent.name, p.engine.lm.name, done, p.tier, None, [w for w in p.warnings if self._first(p.agent.name, w)])
 
-    def record_unfinished(self, pendings: list[PendingTurn], cause: BaseException) -> None:
+    def record_unfinished(
+        self, pendings: list[PendingTurn], cause: BaseException, reading: dict[str, tuple[list[Any], list[int]]] | None = None
+    ) -> None:
         """Record the replies a stopped run leaves behind: a finished one as it finished, the
         others as interrupted. Each on its own: one failure does not cost the rest."""
         for p in pendings:
             try:
-                self.interrupt(p)
+                self.interrupt(p, reading)
             except TurnNotSaved as exc:
                 note(cause, f"{p.agent.name}'s reply could not be saved to the transcript ({one_line(exc.errors[p.agent.name])})")
+
+    def _keep_read(self, p: PendingTurn, cache: list[Any], tokens: list[int]) -> None:
+        """Cache what a stopped prefill read, up to the user's message (not the assistant's opening)."""
+        from .kv.layers import trim_cache
+
+        keep = unanswered_tokens(p)
+        if keep is None or tokens[: len(keep)] != keep[: len(tokens)]:
+            return
+        name, lm = p.agent.name, p.engine.lm
+        with self._caching(CACHE_NOT_SAVED, p.warnings, recorded=name):
+            if len(tokens) > len(keep) and not trim_cache(cache, len(tokens) - len(keep)):
+                return
+            tokens = tokens[: len(keep)]
+            self.kv.keep_hot(name, lm.fingerprint, tokens, cache)
+            self.kv.persist(name, lm.fingerprint, self.spec(p.engine), tokens, cache, set(self.locks))
 
     def _record_or_raise(self, p: PendingTurn, done: TurnDone) -> None:
         """`_record`, or, when the transcript write fails, clean up and raise `TurnNotSaved`
@@ -340,10 +348,6 @@ class Chat:
         with self._caching(recorded=p.agent.name):  # only the eviction order is lost
             self.kv.mark_used(p.agent.name)
 
-    def _interrupted(self, p: PendingTurn) -> TurnDone:
-        req = p.request
-        return TurnDone(req.key, "interrupted", "".join(p.text), list(p.tokens), None, req.prompt + p.tokens, partial_stats(p))
-
     def ended(self, p: PendingTurn, reason: str, text: str) -> TurnDone:
         """A turn its driver ended early with `text` as the whole reply (the server, at a stop
         sequence): no cache, and the agent's token log is dropped (its ids would run past the
@@ -362,15 +366,14 @@ class Chat:
             self.store.create_agent(a.name, a.model, a.system, a.settings)
             self._stored[a.name] = True
             p.is_new = False
-        status = "interrupted" if done.finish_reason == "interrupted" else "complete"
-        meta = {"finish_reason": done.finish_reason, "model": lm.name, **done.stats.__dict__}
-        new_tokens = done.all_tokens if p.new_log else done.all_tokens[p.log_len :]
+        messages, log, replace_log = transcript_rows(p, done, lm.name)
         self.store.record_turn(
             p.agent.name,
-            [("user", p.user_text, "complete", {}), ("assistant", done.text, status, meta)],
+            messages,
             lm.tokenizer_fingerprint,
-            new_tokens,
-            replace_log=p.new_log,
+            log if replace_log else log[p.log_len :],
+            replace_log=replace_log,
+            changes=p.changes,
         )
         p.recorded = True
         faults.point("after-transcript-commit")

@@ -132,6 +132,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("min_p", 0.0, _top_p, None, "default min-p sampling threshold (0 = off)"),
         Setting("repeat_penalty", 1.15, _penalty, None, "default repetition penalty (1 = off)"),
         Setting("repeat_last_n", 256, _count, None, "tokens the repetition penalty looks back over"),
+        Setting("round_cap", 20, _positive_int, None, "most rounds a /round runs without asking (more: asked at a terminal)"),
     )
 }
 

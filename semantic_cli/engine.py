@@ -113,28 +113,41 @@ class Engine:
         (`cancel`) between steps. One at a time per engine (the server's loop, or `generate`)."""
         return Batch(self)
 
-    def generate(self, requests: Sequence[TurnRequest], seed: int | None = None) -> Generator[Event, None, None]:
+    def generate(
+        self, requests: Sequence[TurnRequest], seed: int | None = None, reading: dict[str, tuple[list[Any], list[int]]] | None = None
+    ) -> Generator[Event, None, None]:
         """Run the requests concurrently; yields events as they happen.
 
-        Closing the iterator early (Ctrl-C in the caller) removes the unfinished
-        sequences so the generator stays usable. Any other way out (an exception in a
-        step, Ctrl-C inside one) may have left it half-way through a step: it is then
-        dropped, and the next call starts a fresh one (the model stays loaded).
+        Ctrl-C during a step (in the main thread) is held until the step is over, then
+        raised here as KeyboardInterrupt. Stopped between steps that way, or by closing the
+        iterator early, the unfinished sequences are removed so the generator stays usable,
+        and those still reading their prompt leave in `reading` (key -> the cache of the
+        tokens read so far, those tokens). Any other way out (an exception in a step) may
+        have left it half-way through a step: it is then dropped, and the next call starts
+        a fresh one (the model stays loaded).
         """
         for req in requests:
             _check(req)
         batch = self.batch()
+        whole = False  # no step or insert half done
         try:
             if seed is not None:
                 batch.seed(seed)
             for req in requests:
                 batch.add(req)
+            whole = True
             while batch.live:
-                yield from batch.step()
-        except GeneratorExit:
-            raise
+                whole = False
+                events = batch.step()
+                whole = True
+                yield from events
+                if batch.stop_requested:
+                    raise KeyboardInterrupt
         except BaseException:
-            self._generator = None  # possibly mid-step: never reused
+            if not whole:
+                self._generator = None  # possibly mid-step: never reused
+            elif reading is not None:
+                reading.update(batch.reading())
             raise
         finally:
             batch.close()
@@ -178,6 +191,7 @@ class Batch:
         self._make_processors = make_logits_processors
         self._gen = engine.generator
         self._live: dict[int, _Live] = {}
+        self.stop_requested = False  # Ctrl-C came during the last step (see `interrupts`)
         self._samplers: dict[tuple[float, float, int, float], Any] = {}
         args = getattr(engine.lm.model, "args", None)  # the model's logits width: its vocabulary
         self._vocab = int(getattr(args, "vocab_size", 0) or len(engine.lm.tokenizer.vocab))
@@ -224,6 +238,7 @@ class Batch:
             self._remove(uids)
 
     def step(self) -> list[Event]:
+        from . import interrupts
         from .backend import cpu_split
 
         events: list[Event] = []
@@ -233,7 +248,9 @@ class Batch:
             # Left on between steps (switching waits for the step in flight, which would undo
             # BatchGenerator's overlap of one step with the next); off again in `close`.
             cpu_split.set_batched(len(self._live) >= 2)
-            prompt_responses, gen_responses = self._gen.next()
+            with interrupts.deferred() as sigint:  # Ctrl-C waits for the step's end: its state stays whole
+                prompt_responses, gen_responses = self._gen.next()
+            self.stop_requested = sigint.requested
         except BaseException:
             self.engine._generator = None  # possibly mid-step: never reused
             self._live.clear()
@@ -265,6 +282,16 @@ class Batch:
                 del self._live[r.uid]
                 events.append(_done(st, r.finish_reason, r.prompt_cache, list(r.all_tokens), now))
         return events
+
+    def reading(self) -> dict[str, tuple[list[Any], list[int]]]:
+        """The sequences still reading their prompt, past their restored cache: key -> (the
+        cache of the tokens read so far, those tokens). Between steps only."""
+        out: dict[str, tuple[list[Any], list[int]]] = {}
+        live = {uid: st for uid, st in self._live.items() if not st.generated}
+        for uid, (cache, tokens) in self._gen.extract_cache(list(live)).items():
+            if len(tokens) > live[uid].request.cached:
+                out[live[uid].request.key] = (list(cache), list(tokens))
+        return out
 
     def close(self) -> None:
         """Remove the sequences still running, so the generator stays usable; split matmuls off."""

@@ -2,8 +2,9 @@
 
 The one exporter behind `semantic agents show --markdown/--json` and the REPL's
 `/save FILE.md|FILE.json`, so both write the same documents. Times are ISO 8601
-in UTC; a reply cut short is marked "*(interrupted)*" in Markdown and by its
-`status` in JSON. Nothing here prints: `write_file` puts a document in a file
+in UTC; a message cut short is marked in Markdown ("*(interrupted)*", "*(cut off at the
+token limit)*", "*(unanswered: ...)*", `cut_mark`) and in JSON by its `status`
+(`interrupted`, `unanswered`) or its `meta.finish_reason` (`length`). Nothing here prints: `write_file` puts a document in a file
 without ever writing through a symbolic link.
 """
 
@@ -73,11 +74,25 @@ def to_markdown(agent: Agent, messages: Iterable[Message]) -> str:
     for m in listed:
         who = "You" if m.role == "user" else agent.name if m.role == "assistant" else m.role.capitalize()
         parts.append(f"\n## {who}\n\n{m.content.strip()}")
-        if m.status == "interrupted":
-            parts.append("\n*(interrupted)*")
+        mark = cut_mark(m)
+        if mark:
+            parts.append(f"\n*({mark})*")
         if m.id in covered:
             parts.append("\n*(compacted)*")
     return "\n".join(parts) + "\n"
+
+
+def cut_mark(m: Message) -> str:
+    """How a message was cut short, for a reader: "interrupted" (Ctrl-C during the reply),
+    "cut off at the token limit" (max_tokens), "unanswered" (stopped before the reply);
+    "" for a whole one."""
+    if m.status == "interrupted":
+        return "interrupted"
+    if m.status == "unanswered":
+        return "unanswered: stopped before the reply"
+    if m.role == "assistant" and m.meta.get("finish_reason") == "length":
+        return "cut off at the token limit"
+    return ""
 
 
 def write_file(path: Path, text: str) -> None:

@@ -59,3 +59,18 @@ def turn_delta(tokenizer: Any, messages: list[dict[str, str]], new_user: str, lo
         if log_ends_with_eos and eos_text and closing.startswith(eos_text):
             closing = closing[len(eos_text) :]
     return encode(tokenizer, closing) + encode(tokenizer, after[len(before) :])
+
+
+def opening_len(tokenizer: Any, messages: list[dict[str, str]], prompt: list[int]) -> int | None:
+    """How many tokens at the end of `prompt` (the conversation `messages`, ending in a
+    user message, with the assistant's opening) are that opening; None when the template
+    does not add it as a clean suffix. What a turn stopped before its reply keeps of its
+    prompt is the rest: the conversation up to the user's message."""
+    without = _render(tokenizer, messages, add_generation_prompt=False)
+    with_opening = _render(tokenizer, messages, add_generation_prompt=True)
+    if not with_opening.startswith(without):
+        return None
+    ids = encode(tokenizer, with_opening[len(without) :])
+    if not ids:
+        return 0
+    return len(ids) if ids and len(ids) < len(prompt) and prompt[-len(ids) :] == ids else None

@@ -9,6 +9,7 @@ below, applied by db.connect. All SQL on this database lives here.
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 import sqlite3
@@ -131,10 +132,21 @@ class Store:
     def get_agent(self, name: str) -> Agent:
         agent = self.find_agent(validate_name(name))
         if agent is None:
+            near = self.near_names(name)
+            if near:
+                raise NotFoundError(f"no agent named {name!r}; did you mean {' or '.join(repr(n) for n in near)}?")
             raise NotFoundError(
                 f"no agent named {name!r}; create it with `semantic agents new {name}` or list them with `semantic agents ls`"
             )
         return agent
+
+    def near_names(self, name: str) -> list[str]:
+        """Existing agents whose names are close to `name` (a typo's likely meaning), closest first."""
+        names = [r["name"] for r in self.db.execute("SELECT name FROM agents")]
+        return difflib.get_close_matches(name, [n for n in names if n != name], n=3, cutoff=0.75)
+
+    def has_messages(self, name: str) -> bool:
+        return self.db.execute("SELECT 1 FROM messages WHERE agent=? LIMIT 1", (name,)).fetchone() is not None
 
     def list_agents(self) -> list[Agent]:
         return [self._agent(r) for r in self.db.execute("SELECT * FROM agents ORDER BY name")]
@@ -261,10 +273,17 @@ class Store:
         tokenizer: str,
         new_tokens: list[int],
         replace_log: bool,
+        changes: dict[str, str] | None = None,
     ) -> None:
-        """Commit one turn: its messages (role, content, status, meta) and the tokens it added."""
+        """Commit one turn: its messages (role, content, status, meta), the tokens it added,
+        and `changes` to the agent's model or system (a command-line flag's, saved only with
+        the turn it belongs to; the caller replaces the log then)."""
         now = time.time()
         with self._tx():
+            for column, value in (changes or {}).items():
+                if column not in ("model", "system"):
+                    raise ValueError(f"not a turn's change: {column}")
+                self.db.execute(f"UPDATE agents SET {column}=? WHERE name=?", (value, name))
             if replace_log:
                 self.db.execute("DELETE FROM token_chunks WHERE agent=?", (name,))
             for role, content, status, meta in messages:

@@ -1,14 +1,17 @@
 """The records of a turn that the core and its drivers share: the settings it runs with,
 the prepared `PendingTurn`, the `TurnEvent`s the UI (or the server's wire) receives, and
-two rules about them: a stopped turn's figures (`partial_stats`) and one model per room
-(`check_room`)."""
+rules about them: a stopped turn's figures (`partial_stats`) and what it keeps of its prompt
+(`unanswered_tokens`), one model per room (`check_room`), and where each sampling setting
+comes from (`sampling`)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from . import config
 from .engine import Engine, PromptProgress, TokenEvent, TurnDone, TurnRequest, TurnStats
 from .errors import SemanticError, UsageError
 from .kv.stats import PersistStats
@@ -107,6 +110,17 @@ class PendingTurn:
     done: TurnDone | None = None  # set when generation ends: what is recorded, even if the run stops before
     recorded: bool = False  # the transcript holds this turn: never record it twice
     stateless: bool = False  # an API turn on a model, not an agent: nothing is recorded
+    changes: dict[str, str] = field(default_factory=dict)  # a flag's new model or system: saved with this turn
+    opening: int | None = None  # the assistant's opening at the prompt's end, in tokens (None: not known)
+
+
+def unanswered_tokens(p: PendingTurn) -> list[int] | None:
+    """The token log of a turn stopped before its reply: its prompt up to the user's
+    message (the assistant's opening left out, as the next turn's prompt has the next
+    message there); None when the template's opening is not known."""
+    if p.opening is None:
+        return None
+    return p.request.prompt[: len(p.request.prompt) - p.opening]
 
 
 def partial_stats(p: PendingTurn) -> TurnStats:
@@ -117,6 +131,27 @@ def partial_stats(p: PendingTurn) -> TurnStats:
     return TurnStats(ttft, len(req.prompt), req.cached, len(req.prompt) - req.cached, len(p.tokens), 0.0, 0.0, req.restore_s)
 
 
+def interrupted(p: PendingTurn) -> TurnDone:
+    """The turn as it stands when stopped before the engine ended it."""
+    req = p.request
+    return TurnDone(req.key, "interrupted", "".join(p.text), list(p.tokens), None, req.prompt + p.tokens, partial_stats(p))
+
+
+def transcript_rows(p: PendingTurn, done: TurnDone, model: str) -> tuple[list[tuple[str, str, str, dict]], list[int], bool]:
+    """What a turn adds to the transcript: its messages (role, content, status, meta), the
+    token log they end with, and whether that log replaces the stored one (else only its
+    part past `p.log_len` is new). A turn stopped before its reply adds the user's message
+    alone, "unanswered" (no empty reply), and the log up to it (`unanswered_tokens`)."""
+    status = "interrupted" if done.finish_reason == "interrupted" else "complete"
+    meta = {"finish_reason": done.finish_reason, "model": model, **done.stats.__dict__}
+    replace_log = p.new_log or bool(p.changes)  # a new persona or model: the old log is not what the model sees
+    if status == "interrupted" and not done.generated:
+        kept = unanswered_tokens(p)  # None (an unknown opening): the next turn re-renders the transcript
+        unanswered = ("user", p.user_text, "unanswered", {"finish_reason": "interrupted", "model": model})
+        return [unanswered], kept or [], replace_log or kept is None
+    return [("user", p.user_text, "complete", {}), ("assistant", done.text, status, meta)], done.all_tokens, replace_log
+
+
 def check_room(agents: Sequence[Agent], engines: Sequence[Engine] = ()) -> None:
     """A room's agents must share one model, since one engine generates their turns together
     (UsageError if not): before loading, the same model spec; once loaded (`engines`, one per
@@ -125,3 +160,23 @@ def check_room(agents: Sequence[Agent], engines: Sequence[Engine] = ()) -> None:
     if not shared:
         detail = ", ".join(f"{a.name}: {a.model}" for a in agents)
         raise UsageError(f"a room's agents must share one model ({detail}); pass --model to switch them all, or chat with them separately")
+
+
+def sampling(settings: GenSettings, agent: Agent, model: dict[str, Any]) -> Callable[[str], Any]:
+    """Each setting from the first that has it: the turn's flag, the agent's settings, the
+    config (environment or file), the model's generation_config.json (`model`), the
+    built-in default."""
+    configured = config.effective()  # the file read once per turn, not once per setting
+
+    def value(key: str) -> Any:
+        given = getattr(settings, key)
+        if given is not None:
+            return given
+        if agent.settings.get(key) is not None:
+            return agent.settings[key]
+        found, source = configured[key]
+        if key in model and source == "default":
+            return model[key]
+        return found
+
+    return value

@@ -270,9 +270,9 @@ SITECUSTOMIZE = textwrap.dedent(
     _calls = []
 
 
-    def generate(self, requests, seed=None):
+    def generate(self, requests, seed=None, **kwargs):
         _calls.append(1)
-        events = _real(self, requests, seed=seed)
+        events = _real(self, requests, seed=seed, **kwargs)
         if len(_calls) > 1:
             yield from events
             return

@@ -230,7 +230,8 @@ def test_ctrl_c_stops_a_round_and_keeps_the_finished_turns(term, home):
     t.expect(r"round stopped after 1 complete turn; they are kept")
     t.prompt("a")
     assert [r["status"] for r in rows(home, "a")] == ["complete", "complete"]
-    assert [r["status"] for r in rows(home, "b")] == ["complete", "interrupted"]
+    # b was cut while streaming (its partial reply kept) or while still reading (its message kept, unanswered: no empty reply)
+    assert [r["status"] for r in rows(home, "b")] in (["complete", "interrupted"], ["unanswered"])
     assert rows(home, "b")[0]["content"].startswith("the plan\n\n[a]: ")
     t.child.sendeof()
     assert t.exit_code() == 0
@@ -380,15 +381,18 @@ def _render(view: TurnView, width: int = 60, height: int = 20) -> list[str]:
     return out.getvalue().rstrip("\n").split("\n")
 
 
-def test_view_renders_markdown_and_keeps_the_footer_on_one_line():
+def test_view_renders_markdown_and_wraps_the_footer_losing_no_figure():
     md = "# Plan\n\n- first step\n- second step\n\n```python\nx = 1\n```\n"
-    reply = Reply("a", "a", text=md, state="done", footer="ttft 0.10s · " + "prompt 100 tok/s · " * 8)
+    footer = "ttft 0.10s · " + "".join(f"prompt {i} tok/s · " for i in range(8)) + "prefilled 56 of 56 tokens"
+    reply = Reply("a", "a", text=md, state="done", footer=footer)
     view = TurnView([reply], markdown=True, panels=False)
     view.final = True
     lines = _render(view)
     assert not any("```" in line or line.startswith("- ") for line in lines)
     assert any("• first step" in line for line in lines) and any("x = 1" in line for line in lines)
-    assert lines[-1].startswith("ttft 0.10s") and lines[-1].endswith("…") and len(lines[-1]) <= 60
+    start = next(i for i, line in enumerate(lines) if line.startswith("ttft 0.10s"))
+    assert " ".join(line.strip() for line in lines[start:]) == footer.replace("  ", " ")  # wrapped, every figure kept
+    assert len(lines) - start > 1 and all(len(line) <= 60 for line in lines[start:]) and "…" not in "".join(lines)
     plain = TurnView([reply], markdown=False, panels=False)
     assert any(line.startswith("- first step") for line in _render(plain))
 

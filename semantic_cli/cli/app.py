@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     os.umask(0o077)  # everything this tool writes is private to the user
     try:
         result = app(args=argv, standalone_mode=False, prog_name="semantic")
+        if result == EXIT_INTERRUPTED:  # typer's answer to Ctrl-C in a command: say it, once
+            sys.stderr.write("interrupted\n")
         raise SystemExit(result if isinstance(result, int) else 0)
     except SemanticError as exc:
         if debug:

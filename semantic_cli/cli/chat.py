@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from enum import Enum
 from typing import TYPE_CHECKING, Any, TextIO
@@ -102,11 +102,15 @@ def chat(
 
         socket_path = client.find_socket()
     store = Store()
+    said = False  # the lines of `say_opened` are out
     try:
         names = room_agents(agent, room, store)
         if socket_path is not None and not interactive:
             text = _read(message)
             turn = {"settings": asdict(sampling), "wait": waits, "wait_timeout": wait_timeout}
+            _targets(names, text, to_all)  # a bad @mention is refused before anything else is said
+            say_opened(store, names, model, system)
+            said = True
             try:
                 remote_one_shot(socket_path, names, text, to_all, model, system, turn, json_out, verbose)
             except client.Unavailable:
@@ -131,6 +135,7 @@ def chat(
             no_markdown,
             sampling,
             socket_path if interactive else None,
+            said,
         )
     finally:
         store.close()
@@ -156,6 +161,7 @@ def _in_process(
     no_markdown: bool,
     settings: GenSettings,
     remote: str | None = None,
+    said: bool = False,
 ) -> None:
     """The turns in this process; or a REPL whose turns the server at `remote` runs (it then
     holds no agent: the server locks each turn's agents, so other commands are never busy)."""
@@ -168,17 +174,26 @@ def _in_process(
             check_room(opened)
         else:
             opened = open_room(session, names, model, system, wait, wait_timeout)
-        if save_room:
-            store.save_room(save_room, names)
         if interactive:
             from .repl import Repl
 
+            if not said:
+                say_opened(store, [a.name for a in opened], model, system)
+            if save_room:
+                store.save_room(save_room, names)
             Repl(session, opened, settings, markdown=not no_markdown, remote=remote, flags=(model, system)).run()
             return
         text = _read(message)
         by_name = {a.name: a for a in opened}
         targets = [(by_name[n], t) for n, t in _targets([a.name for a in opened], text, to_all)]
-        one_shot(session, targets, settings, json_out, verbose)
+        if not said:
+            say_opened(store, [a.name for a in opened], model, system)
+        if len(names) > 1 and not json_out:  # the room keeps its shape: a header, and why, for an agent left out
+            for name in (n for n in names if n not in by_name):
+                sys.stdout.write(f"[{name}]\n(no reply: busy in another process)\n\n")
+        one_shot(session, targets, settings, json_out, verbose, room=len(names) > 1)
+        if save_room:  # a command-line setting is saved once its command has succeeded
+            store.save_room(save_room, names)
     finally:
         session.close()
 
@@ -217,6 +232,21 @@ def open_room(
     return room
 
 
+def say_opened(store: Store, names: list[str], model: str | None, system: str | None) -> None:
+    """One stderr line for each thing this command does to an agent (`opening.describe`):
+    a new agent (with the near names it may have meant), a model switched by --model,
+    a persona set or left by --system."""
+    from ..opening import describe, with_flags
+
+    err = render.stderr()
+    for name in names:
+        stored = store.find_agent(name)
+        agent = with_flags(name, stored, model, system, stored is not None and store.has_messages(name))
+        near = store.near_names(name) if stored is None else []
+        for line in describe(agent, stored, system, near):
+            err.print(printable(line), style="dim" if stored is not None else "yellow", markup=False, highlight=False)
+
+
 def _targets(names: list[str], text: str, to_all: bool) -> list[tuple[str, str]]:
     """Who answers the message: the one agent, everyone (--all), or those it @-addresses."""
     from ..rooms import address
@@ -229,36 +259,56 @@ def _targets(names: list[str], text: str, to_all: bool) -> list[tuple[str, str]]
     return [(n, body) for n in names if n in chosen]
 
 
-def one_shot(session: Chat, targets: list[tuple[Agent, str]], settings: GenSettings, json_out: bool, verbose: bool) -> None:
+def one_shot(
+    session: Chat, targets: list[tuple[Agent, str]], settings: GenSettings, json_out: bool, verbose: bool, room: bool = False
+) -> None:
     """Run the turns in this process and print them (`show_turns`)."""
+    from ..chat import TurnRecorded
+
+    def stopped() -> list[TurnRecorded]:  # the turns Ctrl-C cut, as the core recorded them
+        return [TurnRecorded(p.agent.name, p.engine.lm.name, p.done, p.tier, None, []) for p in pendings if p.recorded and p.done]
+
     with render.progress(render.stderr(), enabled=verbose) as progress:
         pendings = [session.prepare(a, text, settings, progress) for a, text in targets]
-        show_turns(session.run(pendings, seed=settings.seed), [p.agent.name for p in pendings], json_out, verbose, progress)
+        events = session.run(pendings, seed=settings.seed)
+        show_turns(events, [p.agent.name for p in pendings], json_out, verbose, progress, stopped, room)
 
 
-def show_turns(events: Iterator[TurnEvent], order: list[str], json_out: bool, verbose: bool, progress: Any) -> None:
+def show_turns(
+    events: Iterator[TurnEvent],
+    order: list[str],
+    json_out: bool,
+    verbose: bool,
+    progress: Any,
+    stopped: Callable[[], list[TurnRecorded]] | None = None,
+    room: bool = False,
+) -> None:
     """Print each reply on stdout (streamed for one agent; in room order, each once recorded,
     for a room), whether the turns ran here or in the server. On a terminal the text goes
     through `render.printable`; a pipe gets it byte for byte. If some replies could not be
-    saved (`TurnNotSaved`), the others are printed before the error."""
+    saved (`TurnNotSaved`), the others are printed before the error. On Ctrl-C the turns it
+    cut (`stopped`, once the core has recorded them) are printed as the finished ones are
+    (JSON with finish_reason "interrupted"), and the output still ends with a newline."""
     from ..chat import Notice, TurnNotSaved, TurnRecorded
     from ..engine import PromptProgress, TokenEvent
 
     err = render.stderr()
     out = sys.stdout
-    single = len(order) == 1
+    single = len(order) == 1 and not room  # a room whose other agents were left out still prints its headers
     finished: dict[str, TurnRecorded] = {}
     printed = 0
+    streamed = False  # one agent's reply text is on stdout, its line not yet ended
 
     def emit_ready(skip: set[str]) -> None:
         nonlocal printed
         while printed < len(order) and (order[printed] in finished or order[printed] in skip):
             rec = finished.get(order[printed])
-            if rec is not None:
+            cut_before_reply = rec is not None and rec.done.finish_reason == "interrupted" and not streamed
+            if rec is not None and not (single and not json_out and cut_before_reply):
                 _emit(rec, out, single, json_out)
                 if verbose:
-                    err.print(render.footer(rec.done.stats, rec.tier), style="dim", markup=False)
-            elif single and not json_out:
+                    err.print(render.footer(rec.done.stats, rec.tier, rec.done.finish_reason), style="dim", markup=False)
+            elif single and streamed:
                 out.write("\n")  # the reply streamed: end its line before the error
                 out.flush()
             printed += 1
@@ -273,6 +323,7 @@ def show_turns(events: Iterator[TurnEvent], order: list[str], json_out: bool, ve
             elif isinstance(ev, TokenEvent) and single and not json_out:
                 out.write(printable(ev.text, out))
                 out.flush()
+                streamed = streamed or bool(ev.text)
             elif isinstance(ev, TurnRecorded):
                 finished[ev.key] = ev
                 for w in ev.warnings:
@@ -280,6 +331,14 @@ def show_turns(events: Iterator[TurnEvent], order: list[str], json_out: bool, ve
                 emit_ready(set())
     except TurnNotSaved as exc:
         emit_ready(set(exc.errors))  # every other reply is recorded: print it before the error
+        raise
+    except KeyboardInterrupt:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()  # the core records the cut turns now
+        for rec in stopped() if stopped is not None else []:
+            finished.setdefault(rec.key, rec)
+        emit_ready(set(order))
         raise
     finally:
         close = getattr(events, "close", None)

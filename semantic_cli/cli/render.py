@@ -178,12 +178,18 @@ def fit_widths(columns: Sequence[Column], rows: Sequence[Sequence[str]], width: 
     return widths
 
 
-def footer(stats: Any, tier: str, context: int | None = None) -> str:
-    """A turn's figures; with the model's `context` length, how full the conversation now is."""
+def footer(stats: Any, tier: str, finish_reason: str = "stop", context: int | None = None) -> str:
+    """A reply's figures; first, on a line of its own, that the token limit cut it, if it did;
+    with the model's `context` length, how full the conversation now is."""
     cached = f", {stats.cached_tokens} from {tier} cache" if stats.cached_tokens else ""
     full = f" · context {fullness(stats.prompt_tokens + stats.generated_tokens, context)}" if context else ""
+    cut = (
+        f"cut off at the token limit ({plural(stats.generated_tokens, 'token')}; --max-tokens raises it)\n"
+        if finish_reason == "length"
+        else ""
+    )
     return (
-        f"ttft {stats.ttft_s:.2f}s · prompt {stats.prompt_tps:.0f} tok/s · gen {stats.generation_tps:.1f} tok/s · "
+        f"{cut}ttft {stats.ttft_s:.2f}s · prompt {stats.prompt_tps:.0f} tok/s · gen {stats.generation_tps:.1f} tok/s · "
         f"prefilled {stats.prefilled_tokens} of {stats.prompt_tokens} tokens{cached}{full}"
     )
 

@@ -95,6 +95,7 @@ class Repl:
         self.last: dict[str, TurnRecorded] = {}  # agent -> its last turn
         self.last_reply: tuple[str, str] | None = None  # (agent, text) of the latest reply, for /round
         self.totals = Totals()
+        self.cut_shown = False  # the last Ctrl-C's cut replies said "interrupted" in their view
         self._prompts: dict[str, Any] = {}
         self.contexts: dict[str, int | None] = {}  # model spec -> its context length (read from config.json)
 
@@ -187,8 +188,10 @@ class Repl:
                     self.send(text)
             except SemanticError as exc:
                 self.error(exc.message)
-            except KeyboardInterrupt:  # a cut reply says so in its own status line
-                self.err.print("interrupted", style="yellow", markup=False, highlight=False)
+            except KeyboardInterrupt:  # a cut reply says so in its own status line: said once
+                if not self.cut_shown:
+                    self.err.print("interrupted", style="yellow", markup=False, highlight=False)
+                self.cut_shown = False
             except Exception as exc:  # a bug or an exhausted resource: this turn failed, the session goes on
                 self.unexpected(exc)
 
@@ -252,13 +255,14 @@ class Repl:
                         r.notes.append(f"warning: {ev.text}")
                     elif isinstance(ev, TurnRecorded):
                         r.state, r.text = "done", ev.done.text
-                        r.footer = render.footer(ev.done.stats, ev.tier, slash.control.context(self, ev.key))
+                        r.footer = render.footer(ev.done.stats, ev.tier, ev.done.finish_reason, slash.control.context(self, ev.key))
                         r.notes += [f"warning: {w}" for w in ev.warnings]
                         recorded.append(ev)
                         self._count(ev)
             except BaseException as exc:
                 events.close()  # the core records the partial replies now, not at garbage collection
                 failed = set(exc.errors) if isinstance(exc, TurnNotSaved) else set()
+                self.cut_shown = any(r.state != "done" for r in replies.values())  # their status lines say it
                 for r in replies.values():
                     if r.state == "done":
                         continue

@@ -122,7 +122,11 @@ def _stats(repl: Any, arg: str) -> None:
         return
     for name, rec in repl.last.items():
         s = rec.done.stats
-        repl.console.print(f"last turn ({name}): {render.footer(s, rec.tier, control.context(repl, name))}", markup=False, highlight=False)
+        repl.console.print(
+            f"last turn ({name}): {render.footer(s, rec.tier, rec.done.finish_reason, control.context(repl, name))}",
+            markup=False,
+            highlight=False,
+        )
         repl.console.print(f"  {s.generated_tokens} tokens generated, finish: {rec.done.finish_reason}", markup=False, highlight=False)
     t = repl.totals
     hit = f", {100 * t.cached_tokens / t.prompt_tokens:.0f}% from cache" if t.prompt_tokens else ""
@@ -194,7 +198,26 @@ def _round(repl: Any, arg: str) -> None:
     m = re.fullmatch(r"(\d+)\s*(.*)", arg, re.S)
     if not m or int(m.group(1)) < 1:
         raise UsageError("/round N [topic], with N a number of rounds, e.g. /round 2 is this plan sound?")
-    repl.round(int(m.group(1)), m.group(2).strip())
+    rounds = int(m.group(1))
+    if not _round_allowed(rounds, len(repl.agents)):
+        repl.info("no round")
+        return
+    repl.round(rounds, m.group(2).strip())
+
+
+def _round_allowed(rounds: int, agents: int) -> bool:
+    """Up to `round_cap` rounds (config) run at once; more are asked for at a terminal,
+    refused without one (a UsageError naming the setting)."""
+    import sys
+
+    from .. import config
+
+    cap = int(config.get("round_cap"))
+    if rounds <= cap:
+        return True
+    if not sys.stdin.isatty():
+        raise UsageError(f"/round {rounds} is over round_cap ({cap}); raise it with `semantic config set round_cap {rounds}`")
+    return _confirm(f"{rounds} rounds is over round_cap ({cap}): {rounds * agents} turns. Run them? [y/N] ")
 
 
 SET_KEYS = ("temp", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "max_tokens", "seed")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+from ..export import cut_mark
 from ..history import compacted
 from ..store import Agent, Message
 from . import render
@@ -28,12 +29,15 @@ def show(agent: Agent, messages: list[Message]) -> bool:
         out.print(Text(f"persona: {printable(agent.system)}", style="dim"))
     for m in messages:
         out.print()
+        mark = cut_mark(m)
         if m.role == "assistant":
             label = Text(agent.name, style="bold green")
-            if m.status == "interrupted":
-                label.append(" (interrupted)", style="yellow")
+            if mark:
+                label.append(f" ({mark})", style="yellow")
         else:
             label = Text("you" if m.role == "user" else m.role, style="bold cyan")
+            if mark:
+                label.append(f" ({mark})", style="yellow")
         if m.id in covered:
             label.append(" (compacted)", style="dim")
         out.print(label)
@@ -46,12 +50,13 @@ def show(agent: Agent, messages: list[Message]) -> bool:
 
 def plain(agent: Agent, messages: list[Message]) -> str:
     """The terminal view's words, as plain text: a header line, the persona, then per
-    message a blank line, who spoke (the agent's name, "(interrupted)" for a cut reply,
+    message a blank line, who spoke (the agent's name; how it was cut, `export.cut_mark`;
     "(compacted)" for one a summary covers) and the text exactly as stored."""
     covered = compacted(messages)
     parts = [f"{agent.name} · {agent.model}\n"] + ([f"persona: {agent.system}\n"] if agent.system else [])
     for m in messages:
-        who = {"assistant": agent.name, "user": "you"}.get(m.role, m.role) + (" (interrupted)" if m.status == "interrupted" else "")
+        mark = cut_mark(m)
+        who = {"assistant": agent.name, "user": "you"}.get(m.role, m.role) + (f" ({mark})" if mark else "")
         who += " (compacted)" if m.id in covered else ""
         parts.append(f"\n{who}\n{m.content}\n")
     return "".join(parts)

@@ -14,7 +14,7 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
-from .render import printable
+from .render import plural, printable
 
 PREFILL_BAR_MIN = 256  # shorter prefills are over before a bar could be read
 
@@ -67,14 +67,14 @@ class TurnView:
         return Group(*parts)
 
     def _status(self, r: Reply) -> RenderableType | None:
+        if r.state == "interrupted" and not r.tokens:
+            return Text("stopped before the reply: your message is kept (unanswered), and what was read of it is cached", style="yellow")
         if r.state == "interrupted":
-            return Text(
-                f"interrupted after {r.tokens} tokens (kept, marked interrupted)", style="yellow", no_wrap=True, overflow="ellipsis"
-            )
+            return Text(f"interrupted after {plural(r.tokens, 'token')} (kept, marked interrupted)", style="yellow")
         if r.state == "failed":
             return Text("not saved (see the error below)", style="red", no_wrap=True, overflow="ellipsis")
         if r.footer:
-            return Text(r.footer, style="dim", no_wrap=True, overflow="ellipsis")
+            return Text(r.footer, style="dim")  # wraps on a narrow terminal rather than lose figures
         if r.prefill is not None and r.prefill[1] >= PREFILL_BAR_MIN and r.prefill[0] < r.prefill[1]:
             done, total = r.prefill
             bar = Table.grid(padding=(0, 1))

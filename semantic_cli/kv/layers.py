@@ -304,3 +304,13 @@ def cache_nbytes(cache: list[Any]) -> int:
         with contextlib.suppress(NotImplementedError, AttributeError):
             total += c.nbytes
     return total
+
+
+def trim_cache(cache: list[Any], n: int) -> bool:
+    """Drop the last `n` tokens from every layer of a cache, in place; False (nothing
+    changed) when some layer cannot be trimmed (a wrapped sliding window, SSM state)."""
+    from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+    if not can_trim_prompt_cache(cache):
+        return False
+    return bool(trim_prompt_cache(cache, n) == n)
