@@ -18,6 +18,7 @@ JSON_FIELDS = {
     "agent",
     "model",
     "finish_reason",
+    "restore_s",
     "ttft_s",
     "prompt_tokens",
     "cached_tokens",
@@ -40,12 +41,15 @@ def _db_rows(home, sql: str, *args) -> list:
 def test_pipe_prints_only_the_reply(tiny, home):
     r = run_cli("chat", "--agent", "planner", "--model", str(tiny["llama"]), "--max-tokens", "8", input="hello there\n")
     assert r.returncode == 0, r.stderr
-    assert r.stderr == b""
+    [line] = r.stderr.decode().splitlines()  # stderr says the agent is new, once; stdout is the reply alone
+    assert line.startswith("new agent 'planner'")
     assert r.stdout.endswith(b"\n") and b"\x1b[" not in r.stdout
     rows = _db_rows(home, "SELECT role, content, status FROM messages WHERE agent='planner' ORDER BY id")
     assert rows[0] == ("user", "hello there", "complete")
     assert rows[1][0] == "assistant" and rows[1][2] == "complete"
     assert r.stdout.decode() == rows[1][1] + "\n"
+    again = run_cli("chat", "--agent", "planner", "--max-tokens", "8", input="and again\n")
+    assert again.returncode == 0 and again.stderr == b""
 
 
 def test_json_output_and_continuation_across_invocations(tiny, home):

@@ -152,7 +152,7 @@ def test_reply_streams_with_a_dim_footer_and_slash_commands_work(term, home):
         t.expect(re.escape(shown_cmd))
     t.prompt()
     t.send("/stats")
-    t.expect(r"last turn \(a\): ttft [\d.]+s ")
+    t.expect(r"last turn \(a\): cut off at the token limit \(40 tokens[^\n]*\s+ttft [\d.]+s ")
     t.expect(r"40 tokens generated, finish: length")
     t.expect(r"session: 1 turn · 40 tokens generated")
     t.prompt()

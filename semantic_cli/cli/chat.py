@@ -109,10 +109,14 @@ def chat(
             text = _read(message)
             turn = {"settings": asdict(sampling), "wait": waits, "wait_timeout": wait_timeout}
             _targets(names, text, to_all)  # a bad @mention is refused before anything else is said
-            say_opened(store, names, model, system)
-            said = True
+
+            def announce() -> None:  # once the server has taken the turn: a refused one changes nothing
+                nonlocal said
+                say_opened(store, names, model, system)
+                said = True
+
             try:
-                remote_one_shot(socket_path, names, text, to_all, model, system, turn, json_out, verbose)
+                remote_one_shot(socket_path, names, text, to_all, model, system, turn, json_out, verbose, announce)
             except client.Unavailable:
                 message = text  # the server cannot run this turn (another model, stopping): run it here instead
             else:
@@ -186,12 +190,11 @@ def _in_process(
         text = _read(message)
         by_name = {a.name: a for a in opened}
         targets = [(by_name[n], t) for n, t in _targets([a.name for a in opened], text, to_all)]
-        if not said:
-            say_opened(store, [a.name for a in opened], model, system)
+        announce = None if said else lambda: say_opened(store, [a.name for a in opened], model, system)
         if len(names) > 1 and not json_out:  # the room keeps its shape: a header, and why, for an agent left out
             for name in (n for n in names if n not in by_name):
                 sys.stdout.write(f"[{name}]\n(no reply: busy in another process)\n\n")
-        one_shot(session, targets, settings, json_out, verbose, room=len(names) > 1)
+        one_shot(session, targets, settings, json_out, verbose, room=len(names) > 1, announce=announce)
         if save_room:  # a command-line setting is saved once its command has succeeded
             store.save_room(save_room, names)
     finally:
@@ -260,9 +263,17 @@ def _targets(names: list[str], text: str, to_all: bool) -> list[tuple[str, str]]
 
 
 def one_shot(
-    session: Chat, targets: list[tuple[Agent, str]], settings: GenSettings, json_out: bool, verbose: bool, room: bool = False
+    session: Chat,
+    targets: list[tuple[Agent, str]],
+    settings: GenSettings,
+    json_out: bool,
+    verbose: bool,
+    room: bool = False,
+    announce: Callable[[], None] | None = None,
 ) -> None:
-    """Run the turns in this process and print them (`show_turns`)."""
+    """Run the turns in this process and print them (`show_turns`); `announce` says what they
+    do to their agents once they are ready to run (the model loaded, the messages fit): a
+    command refused before that says only why."""
     from ..chat import TurnRecorded
 
     def stopped() -> list[TurnRecorded]:  # the turns Ctrl-C cut, as the core recorded them
@@ -270,6 +281,8 @@ def one_shot(
 
     with render.progress(render.stderr(), enabled=verbose) as progress:
         pendings = [session.prepare(a, text, settings, progress) for a, text in targets]
+        if announce is not None:
+            announce()
         events = session.run(pendings, seed=settings.seed)
         show_turns(events, [p.agent.name for p in pendings], json_out, verbose, progress, stopped, room)
 
@@ -356,15 +369,18 @@ def remote_one_shot(
     turn: dict[str, Any],
     json_out: bool,
     verbose: bool,
+    announce: Callable[[], None],
 ) -> None:
     """The same turn through a running `semantic serve`: raises `client.Unavailable` when the
-    server cannot take it (the caller runs it in-process), before anything is printed."""
+    server cannot take it (the caller runs it in-process), before anything is printed;
+    `announce` runs once it has taken it."""
     from ..server import client
 
     targets = _targets(names, text, to_all)
     payload = {"targets": targets, "model": model, "system": system, **turn}
     with render.progress(render.stderr(), enabled=verbose) as progress:
         events = client.start_turn(socket_path, payload)  # Unavailable is raised here, before any output
+        announce()
         show_turns(events, [a for a, _ in targets], json_out, verbose, progress)
 
 
