@@ -84,7 +84,7 @@ class Chat:
         and return it with the flags that apply to it (`opening.with_flags`): an unknown name
         is created, and a flag's change saved, by its first recorded turn, never before."""
         if name not in self.locks:
-            self.locks[name] = AgentLock(name).acquire(wait=wait, timeout=timeout)
+            self.locks[name] = AgentLock(name).acquire(wait=wait, timeout=timeout, hint="wait for it to finish or pass --wait")
         agent = self.store.find_agent(name)
         self._stored[name] = agent is not None
         return opening.with_flags(name, agent, model_flag, system, agent is not None and self.store.has_messages(name))

@@ -75,9 +75,10 @@ class AgentLock:
         self.path: Path = path if path is not None else lock_path(name)
         self._fd: int | None = None
 
-    def acquire(self, wait: bool = False, timeout: float | None = None) -> AgentLock:
-        """Lock the agent; busy -> BusyError, or with `wait` poll until it is free
-        (for at most `timeout` seconds when one is given, then BusyError)."""
+    def acquire(self, wait: bool = False, timeout: float | None = None, hint: str = "wait for it to finish, then try again") -> AgentLock:
+        """Lock the agent; busy -> BusyError (ending with `hint`: what the command can do about
+        it, naming only options it has), or with `wait` poll until it is free (for at most
+        `timeout` seconds when one is given, then BusyError)."""
         fd = paths.open_nofollow(self.path, os.O_RDWR | os.O_CREAT, "lock file")
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -87,7 +88,7 @@ class AgentLock:
                     who = f" (pid {owner})" if owner else ""
                     if wait:
                         raise BusyError(f"{self.what} is still busy{who}: the wait timed out; try again later")
-                    raise BusyError(f"{self.what} is busy{who}; wait for it to finish or pass --wait")
+                    raise BusyError(f"{self.what} is busy{who}; {hint}")
                 time.sleep(0.1 if deadline is None else max(0.0, min(0.1, deadline - time.monotonic())))
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)

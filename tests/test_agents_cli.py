@@ -357,6 +357,7 @@ def test_busy_agents_are_refused_and_untouched(tiny, blocks32):
         ):
             err = fails(4, "agents", *args)
             assert "is busy" in err and f"pid {os.getpid()}" in err
+            assert "--wait" not in err  # the advice names only options the command has: agents commands have no --wait
         assert json.loads(ok("agents", "ls", "--json").stdout)[0]["turns"] == 1  # reads are never refused
         assert b"a" in ok("agents", "show", "a").stdout
     assert agent_names() == ["a", "free"] and chain("a") == before
