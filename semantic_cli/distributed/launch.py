@@ -1,0 +1,113 @@
+"""`--hosts`/`--hostfile`: run the same command on every rank through `mlx.launch`.
+
+mlx.launch starts one process per rank (here and over ssh), gives each MLX_RANK and the
+backend's settings, and forwards their output. This wrapper starts it with the command
+minus the launch options, passes piped input to rank 0 as its message (mlx.launch never
+closes its ranks' stdin), keeps mlx's transport chatter and per-rank warnings off the
+terminal, and turns the run's end into one line and rank 0's exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from ..errors import EXIT_OK, RankGoneError, UsageError
+
+BACKENDS = ("ring", "jaccl", "mpi", "nccl", "any")
+_LAUNCH_OPTS = ("--hosts", "--hostfile", "--backend")
+_NOISE = re.compile(r"^(\x1b\[\d+m)?\[(ring|jaccl|mpi|nccl|WARN|INFO)\]")
+_RANK_EXIT = re.compile(r"Node with rank (\d+) (exited with code (-?\d+)|was killed)")
+
+
+def strip_launch_options(argv: list[str]) -> list[str]:
+    """`argv` without --hosts/--hostfile/--backend and their values."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in _LAUNCH_OPTS:
+            skip = True
+            continue
+        if arg.startswith(tuple(o + "=" for o in _LAUNCH_OPTS)):
+            continue
+        out.append(arg)
+    return out
+
+
+def command(hosts: str | None, hostfile: Path | None, backend: str, argv: list[str]) -> list[str]:
+    """The mlx.launch command line that runs `semantic ARGV` on every rank."""
+    if backend not in BACKENDS:
+        raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}")
+    if hosts and hostfile:
+        raise UsageError("give --hosts or --hostfile, not both")
+    if hostfile is not None and not hostfile.is_file():
+        raise UsageError(f"--hostfile {hostfile}: no such file")
+    launcher = Path(sys.executable).parent / "mlx.launch"
+    cmd = [str(launcher) if launcher.exists() else "mlx.launch", "--python", sys.executable]
+    if hostfile is not None:
+        cmd += ["--hostfile", str(hostfile)]
+    else:
+        names = [h.strip() for h in (hosts or "").split(",") if h.strip()]
+        if not names:
+            raise UsageError("--hosts needs at least one host (e.g. 127.0.0.1,127.0.0.1 for two ranks here)")
+        cmd += ["--hosts", ",".join(names)]
+    if backend != "any":
+        cmd += ["--backend", backend]
+    return [*cmd, "--", "-m", "semantic_cli.distributed.rank", *argv]
+
+
+def run(cmd: list[str], env_extra: dict[str, str] | None = None) -> int:
+    """Run mlx.launch; returns rank 0's exit code, or raises RankGoneError when a rank stopped."""
+    with tempfile.TemporaryDirectory(prefix="semantic-launch-") as tmp:
+        status = Path(tmp) / "status"
+        env = dict(os.environ, SEMANTIC_RANK_STATUS=str(status), **(env_extra or {}))
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        gone: list[tuple[int, str]] = []
+        reader = threading.Thread(target=_filter, args=(proc, gone), daemon=True)
+        reader.start()
+        try:
+            proc.wait()
+        except KeyboardInterrupt:  # every rank got the signal too; rank 0 ends its turn
+            proc.wait()
+        reader.join(timeout=5)
+        code = _read_status(status)
+    failed = [(rank, how) for rank, how in gone if rank != 0 or code is None]
+    if code not in (None, EXIT_OK) and not any(rank != 0 for rank, _ in failed):
+        return code  # rank 0 failed on its own and has said why
+    if failed:
+        rank, how = min(failed, key=lambda f: (f[0] == 0, f[0]))  # the rank that went first, not rank 0 stopped after it
+        raise RankGoneError(
+            f"rank {rank} {how}, so the run stopped: every completed turn is in the transcript; "
+            "run the command again (each rank re-prefills what its cache lacks)"
+        )
+    return EXIT_OK if code is None else code
+
+
+def _filter(proc: subprocess.Popen[bytes], gone: list[tuple[int, str]]) -> None:
+    assert proc.stderr is not None
+    for raw in proc.stderr:
+        line = raw.decode(errors="replace")
+        m = _RANK_EXIT.search(line)
+        if m:
+            how = "was killed" if m.group(3) is None else f"exited with code {m.group(3)}"
+            gone.append((int(m.group(1)), how))
+            continue
+        if _NOISE.match(line):
+            continue
+        sys.stderr.write(line)
+        sys.stderr.flush()
+
+
+def _read_status(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
