@@ -17,7 +17,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from ..errors import EXIT_OK, RankGoneError, UsageError
+from ..errors import RankGoneError, UsageError
 
 BACKENDS = ("ring", "jaccl", "mpi", "nccl", "any")
 _LAUNCH_OPTS = ("--hosts", "--hostfile", "--backend")
@@ -59,9 +59,31 @@ def command(hosts: str | None, hostfile: Path | None, backend: str, argv: list[s
         if not names:
             raise UsageError("--hosts needs at least one host (e.g. 127.0.0.1,127.0.0.1 for two ranks here)")
         cmd += ["--hosts", ",".join(names)]
+        if all(n in ("127.0.0.1", "localhost") for n in names) and backend in ("ring", "any"):
+            cmd += ["--starting-port", str(_free_ports(len(names)))]  # not mlx.launch's fixed 32323: runs side by side
     if backend != "any":
         cmd += ["--backend", backend]
     return [*cmd, "--", "-m", "semantic_cli.distributed.rank", *argv]
+
+
+def _free_ports(n: int) -> int:
+    """The first of `n` consecutive loopback ports free now (ring listens on start, start+1, ...)."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            start = s.getsockname()[1]
+        if start + n > 65535:
+            continue
+        try:
+            for port in range(start, start + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return start
+    return 32323
 
 
 def run(cmd: list[str], env_extra: dict[str, str] | None = None) -> int:
@@ -79,16 +101,13 @@ def run(cmd: list[str], env_extra: dict[str, str] | None = None) -> int:
             proc.wait()
         reader.join(timeout=5)
         code = _read_status(status)
-    failed = [(rank, how) for rank, how in gone if rank != 0 or code is None]
-    if code not in (None, EXIT_OK) and not any(rank != 0 for rank, _ in failed):
-        return code  # rank 0 failed on its own and has said why
-    if failed:
-        rank, how = min(failed, key=lambda f: (f[0] == 0, f[0]))  # the rank that went first, not rank 0 stopped after it
-        raise RankGoneError(
-            f"rank {rank} {how}, so the run stopped: every completed turn is in the transcript; "
-            "run the command again (each rank re-prefills what its cache lacks)"
-        )
-    return EXIT_OK if code is None else code
+    if code is not None:  # rank 0 ended on its own: it has said why, if it failed
+        return code
+    rank, how = gone[0] if gone else (0, "stopped")  # the first rank seen to end: mlx.launch then stops the others
+    raise RankGoneError(
+        f"rank {rank} {how}, so the run stopped: every completed turn is in the transcript; "
+        "run the command again (each rank re-prefills what its cache lacks)"
+    )
 
 
 def _filter(proc: subprocess.Popen[bytes], gone: list[tuple[int, str]]) -> None:

@@ -22,6 +22,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from .. import faults
 from ..backend import runtime
 from ..engine import Batch, Engine, Event, TurnDone, TurnRequest
 from ..kv.failures import CacheUnavailable
@@ -153,6 +154,7 @@ def follow(link: Link, load: Any) -> None:
                 pass  # re-prefill: the others trim to what this rank has
             batch.add(agree(link, req))
         elif msg.op == STEP:
+            faults.point("rank-step")
             for ev in batch.step():
                 if isinstance(ev, TurnDone) and ev.cache is not None:
                     _persist(kv, engine, spec, ev)
