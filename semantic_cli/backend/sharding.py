@@ -49,7 +49,7 @@ def shard(model: Any, group: Any, scheme: str = "auto") -> Layout:
         return SINGLE
     if scheme not in SCHEMES:
         raise ModelError(f"unknown split {scheme!r}: use one of {', '.join(SCHEMES)}")
-    inner = getattr(model, "model", None)
+    inner: Any = getattr(model, "model", None)
     if scheme in ("auto", "tensor") and hasattr(model, "shard"):
         why = _tensor_blocker(model, n)
         if why is None:
@@ -80,7 +80,7 @@ def _split_layers(model: Any, group: Any) -> Layout:
     from mlx_lm.models.cache import KVCache, make_prompt_cache
 
     n, rank = group.size(), group.rank()
-    inner = getattr(model, "model", None)
+    inner: Any = getattr(model, "model", None)
     if not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm")):
         raise ModelError("this model cannot be split over ranks: it has no shard/pipeline in mlx-lm and no plain layer list")
     layers = list(inner.layers)

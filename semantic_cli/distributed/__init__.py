@@ -12,6 +12,7 @@ that names the layout (lockstep.py).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -110,10 +111,8 @@ def lead(session: Session, announce: Callable[[str], None]) -> None:
 
 
 def _quit(link: Link) -> None:
-    try:
+    with contextlib.suppress(Exception):  # a rank already gone: nothing to tell it
         link.send(QUIT)
-    except Exception:  # a rank already gone: nothing to tell it
-        pass
 
 
 def follow(session: Session) -> int:
