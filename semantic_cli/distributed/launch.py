@@ -91,7 +91,7 @@ def run(cmd: list[str], env_extra: dict[str, str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="semantic-launch-") as tmp:
         status = Path(tmp) / "status"
         env = dict(os.environ, SEMANTIC_RANK_STATUS=str(status), **(env_extra or {}))
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, preexec_fn=die_with_parent)
         gone: list[tuple[int, str]] = []
         reader = threading.Thread(target=_filter, args=(proc, gone), daemon=True)
         reader.start()
@@ -108,6 +108,22 @@ def run(cmd: list[str], env_extra: dict[str, str] | None = None) -> int:
         f"rank {rank} {how}, so the run stopped: every completed turn is in the transcript; "
         "run the command again (each rank re-prefills what its cache lacks)"
     )
+
+
+def die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when its parent dies (mlx.launch when this wrapper is
+    killed, a rank when mlx.launch is), so no rank is left waiting in a collective."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent went before the call
+        os._exit(1)
 
 
 def _filter(proc: subprocess.Popen[bytes], gone: list[tuple[int, str]]) -> None:

@@ -8,9 +8,11 @@ import os
 import sys
 
 from ..cli.app import main
+from .launch import die_with_parent
 
 
 def run(argv: list[str]) -> None:
+    die_with_parent()
     code: object = 1
     try:
         main(argv)
