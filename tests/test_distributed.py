@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from conftest import run_cli
+from conftest import SEMANTIC, run_cli
 
 from semantic_cli.distributed import launch
 
@@ -120,3 +122,26 @@ def test_launch_command_line() -> None:
     assert cmd[-6:] == ["--", "-m", "semantic_cli.distributed.rank", "chat", "-m", "hi"]
     remote = launch.command("10.0.0.1,10.0.0.2", None, "any", [])
     assert "--starting-port" not in remote and "--backend" not in remote
+
+
+def test_serve_over_two_ranks(tmp_path: Path, tiny: dict[str, Path]) -> None:
+    """`semantic serve --hosts`: rank 0 serves, a plain `semantic chat` reaches it, the reply
+    equals one process's (tensor split); SIGTERM stops every rank cleanly, exit code 0."""
+    model, home = tiny["llama"], tmp_path / "two"
+    env = dict(os.environ, SEMANTIC_HOME=str(home))
+    cmd = [SEMANTIC, "serve", "--model", str(model), "--no-tcp", *HOSTS]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (home / "runtime" / "server.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "semantic serve --hosts never became ready"
+            time.sleep(0.1)
+        served = _chat(home, model, "hello there")
+        alone = _chat(tmp_path / "one", model, "hello there", "--no-server")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    err = proc.stderr.read().decode()  # type: ignore[union-attr]
+    assert served.returncode == 0 and served.stdout == alone.stdout, served.stderr
+    assert code == 0 and "tensor parallel over 2 ranks" in err and "POST /semantic/v1/turns 200" in err, err
+    assert "error" not in err and "[ring]" not in err, err

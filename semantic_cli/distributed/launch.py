@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -91,14 +92,19 @@ def run(cmd: list[str], env_extra: dict[str, str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="semantic-launch-") as tmp:
         status = Path(tmp) / "status"
         env = dict(os.environ, SEMANTIC_RANK_STATUS=str(status), **(env_extra or {}))
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, preexec_fn=die_with_parent)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, preexec_fn=_launcher_child)
         gone: list[tuple[int, str]] = []
         reader = threading.Thread(target=_filter, args=(proc, gone), daemon=True)
         reader.start()
+        previous = signal.signal(signal.SIGTERM, lambda *_: _stop_rank0(proc.pid))
         try:
-            proc.wait()
-        except KeyboardInterrupt:  # every rank got the signal too; rank 0 ends its turn
-            proc.wait()
+            while proc.poll() is None:
+                try:
+                    proc.wait()
+                except KeyboardInterrupt:  # every rank got it too: rank 0 ends its turn or its server
+                    continue
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         reader.join(timeout=5)
         code = _read_status(status)
     if code is not None:  # rank 0 ended on its own: it has said why, if it failed
@@ -108,6 +114,15 @@ def run(cmd: list[str], env_extra: dict[str, str] | None = None) -> int:
         f"rank {rank} {how}, so the run stopped: every completed turn is in the transcript; "
         "run the command again (each rank re-prefills what its cache lacks)"
     )
+
+
+def _launcher_child() -> None:
+    """mlx.launch ignores Ctrl-C (which reaches every process here): rank 0 alone acts on it
+    (rank.py restores it there), and mlx.launch goes when its ranks have gone."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()
 
 
 def die_with_parent() -> None:
@@ -124,6 +139,31 @@ def die_with_parent() -> None:
         return
     if os.getppid() == 1:  # the parent went before the call
         os._exit(1)
+
+
+def _stop_rank0(launcher: int) -> None:
+    """SIGTERM for this wrapper: passed to rank 0 when it runs here (a server then stops as it
+    does alone, and the others follow it out), else to mlx.launch."""
+    for pid in _children(launcher):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"MLX_RANK=0" in environ:
+            os.kill(pid, signal.SIGTERM)
+            return
+    os.kill(launcher, signal.SIGTERM)
+
+
+def _children(pid: int) -> list[int]:
+    """Linux: the children of every thread of `pid` (mlx.launch starts each rank from a thread)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            out += [int(c) for c in task.read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return out
 
 
 def _filter(proc: subprocess.Popen[bytes], gone: list[tuple[int, str]]) -> None:

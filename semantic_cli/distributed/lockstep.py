@@ -161,8 +161,7 @@ def follow(link: Link, load: Any) -> None:
         elif msg.op == CANCEL:
             batch.cancel(msg.payload["key"])
         elif msg.op == CLOSE:
-            batch.close()
-            batch = None
+            batch.close()  # it stays usable, as rank 0's does (the server keeps one batch)
 
 
 def _persist(kv: Any, engine: Engine, spec: Any, done: TurnDone) -> None:

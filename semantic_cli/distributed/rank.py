@@ -5,6 +5,7 @@ launching process reads it (mlx.launch does not pass exit codes on)."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from ..cli.app import main
@@ -13,6 +14,8 @@ from .launch import die_with_parent
 
 def run(argv: list[str]) -> None:
     die_with_parent()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # ignored by mlx.launch under --hosts; ours again
+
     code: object = 1
     try:
         main(argv)
