@@ -88,6 +88,11 @@ def test_rank_cache_layout_damage_and_a_dead_rank(tmp_path: Path, tiny: dict[str
         data[-8] ^= 0xFF
         block.write_bytes(bytes(data))
 
+    checked = run_cli("cache", "--rank", "layers-w2-r1", "verify", env={"SEMANTIC_HOME": str(home)})
+    assert checked.returncode == 8 and b"checksum" in checked.stdout, checked.stdout  # rank 1's shard, damaged
+    listed = run_cli("cache", "ls", env={"SEMANTIC_HOME": str(home)})
+    assert b"other ranks' shards here: layers-w2-r1" in listed.stderr
+
     second = _chat(home, model, turns[1], *HOSTS, env=env)
     assert second.returncode == 0 and second.stdout == expected[1], second.stderr
     prefilled, total = _prefilled(second.stderr)
