@@ -39,7 +39,8 @@ def cover(
     shards = sorted(p.name for p in root.glob("*") if p.is_dir()) if root.is_dir() else []
     if rank is not None:
         if not re.fullmatch(r"[a-z]+-w\d+-r\d+", rank) or rank not in shards:
-            raise UsageError(f"no shard {rank!r} under {root}: " + (f"this host has {', '.join(shards)}" if shards else "this host has none"))
+            here = f"this host has {', '.join(shards)}" if shards else "this host has none"
+            raise UsageError(f"no shard {rank!r} under {root}: {here}")
         paths.rank_cache = rank
     elif shards:
         render.stderr().print(

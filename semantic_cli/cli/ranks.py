@@ -37,7 +37,7 @@ def relaunch(hosts: str | None, hostfile: Path | None, backend: str, message: st
         from .chat import decode_message
 
         argv += ["-m", decode_message(sys.stdin.buffer.read())]
-    raise SystemExit(launch.run(launch.command(hosts, hostfile, backend, argv)))
+    raise SystemExit(launch.run(launch.command(hosts, hostfile, backend, argv), launch.shared_host_env(hosts)))
 
 
 def join() -> bool:

@@ -9,6 +9,7 @@ terminal, and turns the run's end into one line and rank 0's exit code.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -87,12 +88,24 @@ def _free_ports(n: int) -> int:
     return 32323
 
 
+def shared_host_env(hosts: str | None) -> dict[str, str]:
+    """Ranks that share this machine share its cores: each gets its part for BLAS threads
+    (OpenBLAS threads of two processes on the same cores wait for each other, spinning)."""
+    names = [h.strip() for h in (hosts or "").split(",") if h.strip()]
+    if not names or "OPENBLAS_NUM_THREADS" in os.environ or not all(n in ("127.0.0.1", "localhost") for n in names):
+        return {}
+    return {"OPENBLAS_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(names)))}
+
+
 def run(cmd: list[str], env_extra: dict[str, str] | None = None) -> int:
     """Run mlx.launch; returns rank 0's exit code, or raises RankGoneError when a rank stopped."""
     with tempfile.TemporaryDirectory(prefix="semantic-launch-") as tmp:
         status = Path(tmp) / "status"
         env = dict(os.environ, SEMANTIC_RANK_STATUS=str(status), **(env_extra or {}))
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, preexec_fn=_launcher_child)
+        # An empty pipe kept open, not /dev/null: mlx.launch polls its stdin, and at EOF it spins.
+        quiet, keep_open = os.pipe()
+        proc = subprocess.Popen(cmd, stdin=quiet, stderr=subprocess.PIPE, env=env, preexec_fn=_launcher_child)
+        os.close(quiet)
         gone: list[tuple[int, str]] = []
         reader = threading.Thread(target=_filter, args=(proc, gone), daemon=True)
         reader.start()
@@ -105,6 +118,7 @@ def run(cmd: list[str], env_extra: dict[str, str] | None = None) -> int:
                     continue
         finally:
             signal.signal(signal.SIGTERM, previous)
+            os.close(keep_open)
         reader.join(timeout=5)
         code = _read_status(status)
     if code is not None:  # rank 0 ended on its own: it has said why, if it failed
@@ -118,11 +132,15 @@ def run(cmd: list[str], env_extra: dict[str, str] | None = None) -> int:
 
 def _launcher_child() -> None:
     """mlx.launch ignores Ctrl-C (which reaches every process here): rank 0 alone acts on it
-    (rank.py restores it there), and mlx.launch goes when its ranks have gone."""
+    (rank.py restores it there), and mlx.launch goes when its ranks have gone. Its loop that
+    forwards the ranks' stdio never blocks (it selects on pipes that are always writable), so
+    it runs at idle priority; the ranks take normal priority back (rank.py)."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
+    with contextlib.suppress(AttributeError, OSError):  # its I/O loop spins: only idle cores for it
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # type: ignore[attr-defined]
 
 
 def die_with_parent() -> None:

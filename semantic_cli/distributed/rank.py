@@ -4,6 +4,7 @@ launching process reads it (mlx.launch does not pass exit codes on)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -15,6 +16,8 @@ from .launch import die_with_parent
 def run(argv: list[str]) -> None:
     die_with_parent()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # ignored by mlx.launch under --hosts; ours again
+    with contextlib.suppress(AttributeError, OSError):  # mlx.launch runs at idle priority under --hosts; not the ranks
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))  # type: ignore[attr-defined]
 
     code: object = 1
     try:
