@@ -140,7 +140,7 @@ def _launcher_child() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
     with contextlib.suppress(AttributeError, OSError):  # its I/O loop spins: only idle cores for it
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # type: ignore[attr-defined]
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 def die_with_parent() -> None:

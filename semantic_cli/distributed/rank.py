@@ -17,7 +17,7 @@ def run(argv: list[str]) -> None:
     die_with_parent()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # ignored by mlx.launch under --hosts; ours again
     with contextlib.suppress(AttributeError, OSError):  # mlx.launch runs at idle priority under --hosts; not the ranks
-        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))  # type: ignore[attr-defined]
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
 
     code: object = 1
     try:
