@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import SEMANTIC, run_cli
 
 from semantic_cli.distributed import launch
@@ -33,6 +34,7 @@ def _prefilled(stderr: bytes) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+@pytest.mark.smollm
 def test_smollm_pipeline_by_layers_is_byte_identical(tmp_path: Path, smollm: Path) -> None:
     """SmolLM2 (9 heads, 3 KV heads: no tensor split over 2) is split by layers; greedy output
     equals one process byte for byte."""
