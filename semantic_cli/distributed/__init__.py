@@ -43,7 +43,7 @@ def join() -> Session | None:
     if launched_rank() is None:
         return None
     mx = runtime.mx()
-    group = mx.distributed.init(strict=True, backend=os.environ.get("SEMANTIC_DIST_BACKEND", "any"))
+    group = mx.distributed.init(strict=True)  # the backend mlx.launch configured
     if group.size() == 1:
         return None
     link = Link(group)

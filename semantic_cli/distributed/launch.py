@@ -135,8 +135,6 @@ def _launcher_child() -> None:
     (rank.py restores it there), and mlx.launch goes when its ranks have gone. Its loop that
     forwards the ranks' stdio never blocks (it selects on pipes that are always writable), so
     it runs at idle priority; the ranks take normal priority back (rank.py)."""
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
     with contextlib.suppress(AttributeError, OSError):  # its I/O loop spins: only idle cores for it
@@ -149,14 +147,13 @@ def die_with_parent() -> None:
     if not sys.platform.startswith("linux"):
         return
     import ctypes
-    import signal
 
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
     if os.getppid() == 1:  # the parent went before the call
-        os._exit(1)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _stop_rank0(launcher: int) -> None:
