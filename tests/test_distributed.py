@@ -102,11 +102,15 @@ def test_rank_cache_layout_damage_and_a_dead_rank(tmp_path: Path, tiny: dict[str
 
     dead = _chat(home, model, turns[2], *HOSTS, env={**env, "SEMANTIC_FAULT": "rank-step"})
     assert dead.returncode == 12, dead.stderr
-    lines = dead.stderr.decode().strip().splitlines()
-    assert lines[-1].startswith("semantic: error: rank 1 exited with code -9, so the run stopped"), lines
+    lines = [line for line in dead.stderr.decode().splitlines() if line.strip()]
+    # Whoever notices first says it: rank 0 (its collective fails) or the launcher (mlx.launch reports the exit).
+    said = r"semantic: error: (rank 1 exited with code -9|a rank of this run stopped mid-turn \(\[ring\] .*\)), so the run stopped"
+    assert re.match(said, lines[-1]), lines
     assert len(lines) == 2 and "Traceback" not in dead.stderr.decode()  # the split line, then the one error line
     shown = run_cli("agents", "show", "a", "--json", env={"SEMANTIC_HOME": str(home)})
-    assert [m["content"] for m in json.loads(shown.stdout)["messages"] if m["role"] == "user"] == turns[:2]
+    messages = json.loads(shown.stdout)["messages"]
+    assert [m["content"] for m in messages[:4]] == [turns[0], expected[0].decode(), turns[1], expected[1].decode()]
+    assert all(m["status"] == "complete" for m in messages[:4]) and all(m["status"] != "complete" for m in messages[5:])
 
     alone = _chat(home, model, turns[2], "--no-server", env=env)
     assert alone.returncode == 0 and alone.stdout == expected[2], alone.stderr
@@ -147,7 +151,11 @@ def test_serve_over_two_ranks(tmp_path: Path, tiny: dict[str, Path]) -> None:
         alone = _chat(tmp_path / "one", model, "hello there", "--no-server")
     finally:
         proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=60)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # its ranks die with it
+            raise
     err = proc.stderr.read().decode()  # type: ignore[union-attr]
     assert served.returncode == 0 and served.stdout == alone.stdout, served.stderr
     assert code == 0 and "tensor parallel over 2 ranks" in err and "POST /semantic/v1/turns 200" in err, err

@@ -24,6 +24,7 @@ from ..errors import RankGoneError, UsageError
 BACKENDS = ("ring", "jaccl", "mpi", "nccl", "any")
 _LAUNCH_OPTS = ("--hosts", "--hostfile", "--backend")
 _NOISE = re.compile(r"^(\x1b\[\d+m)?\[(ring|jaccl|mpi|nccl|WARN|INFO)\]")
+STOP_GRACE_S = 20.0  # a server's own stop takes up to ~10 s
 _RANK_EXIT = re.compile(r"Node with rank (\d+) (exited with code (-?\d+)|was killed)")
 
 
@@ -107,7 +108,11 @@ def run(cmd: list[str], env_extra: dict[str, str] | None = None) -> int:
         proc = subprocess.Popen(cmd, stdin=quiet, stderr=subprocess.PIPE, env=env, preexec_fn=_launcher_child)
         os.close(quiet)
         gone: list[tuple[int, str]] = []
-        reader = threading.Thread(target=_filter, args=(proc, gone), daemon=True)
+        # mlx.launch stops the others with one SIGTERM when a rank ends badly; a rank stuck in a
+        # collective with the one that went (a server finishing its turns) is killed after a while.
+        reaper = threading.Timer(STOP_GRACE_S, _kill_all, args=(proc.pid,))
+        reaper.daemon = True
+        reader = threading.Thread(target=_filter, args=(proc, gone, reaper), daemon=True)
         reader.start()
         previous = signal.signal(signal.SIGTERM, lambda *_: _stop_rank0(proc.pid))
         try:
@@ -119,6 +124,7 @@ def run(cmd: list[str], env_extra: dict[str, str] | None = None) -> int:
         finally:
             signal.signal(signal.SIGTERM, previous)
             os.close(keep_open)
+            reaper.cancel()
         reader.join(timeout=5)
         code = _read_status(status)
     if code is not None:  # rank 0 ended on its own: it has said why, if it failed
@@ -181,7 +187,13 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _filter(proc: subprocess.Popen[bytes], gone: list[tuple[int, str]]) -> None:
+def _kill_all(launcher: int) -> None:
+    for pid in [*_children(launcher), launcher]:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _filter(proc: subprocess.Popen[bytes], gone: list[tuple[int, str]], reaper: threading.Timer) -> None:
     assert proc.stderr is not None
     for raw in proc.stderr:
         line = raw.decode(errors="replace")
@@ -189,6 +201,8 @@ def _filter(proc: subprocess.Popen[bytes], gone: list[tuple[int, str]]) -> None:
         if m:
             how = "was killed" if m.group(3) is None else f"exited with code {m.group(3)}"
             gone.append((int(m.group(1)), how))
+            with contextlib.suppress(RuntimeError):  # started already
+                reaper.start()
             continue
         if _NOISE.match(line):
             continue

@@ -9,14 +9,17 @@ follow in `lockstep.follow`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from ..backend import runtime
-from ..errors import ModelError
+from ..errors import ModelError, RankGoneError
 
 # Operations rank 0 sends.
 LOAD, BATCH, ADD, STEP, CANCEL, CLOSE, SEED, QUIT = range(1, 9)
@@ -40,7 +43,8 @@ class Link:
 
         arr = mx.array(values, dtype=dtype or mx.int32)
         out = mx.distributed.all_sum(arr, group=self.group, stream=_stream())
-        mx.eval(out)
+        with rank_gone():
+            mx.eval(out)
         return np.array(out)
 
     def send(self, op: int, payload: dict[str, Any] | None = None) -> None:
@@ -69,7 +73,8 @@ class Link:
         import numpy as np
 
         out = mx.distributed.all_min(mx.array(np.array(values, np.int64).astype(np.int32)), group=self.group, stream=_stream())
-        mx.eval(out)
+        with rank_gone():
+            mx.eval(out)
         return [int(v) for v in np.array(out)]
 
     def check_same(self, what: str, text: str, advice: str) -> None:
@@ -79,11 +84,30 @@ class Link:
         digest = np.frombuffer(hashlib.sha256(text.encode()).digest()[:16], np.int32)
         mx = runtime.mx()
         gathered = mx.distributed.all_gather(mx.array(digest), group=self.group, stream=_stream())
-        mx.eval(gathered)
+        with rank_gone():
+            mx.eval(gathered)
         rows = np.array(gathered).reshape(self.world, -1)
         other = [r for r in range(self.world) if not np.array_equal(rows[r], rows[0])]
         if other:
             raise ModelError(f"rank {other[0]} has another {what} than rank 0: {advice}")
+
+
+_TRANSPORT = re.compile(r"^\[(ring|jaccl|mpi|nccl)\]")
+
+
+@contextlib.contextmanager
+def rank_gone() -> Iterator[None]:
+    """A collective that fails because a peer went (MLX raises "[ring] connection to a peer was
+    lost") becomes the one error that says so."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not _TRANSPORT.match(str(exc)):
+            raise
+        raise RankGoneError(
+            f"a rank of this run stopped mid-turn ({exc}), so the run stopped: every completed turn is in the transcript; "
+            "run the command again (each rank re-prefills what its cache lacks)"
+        ) from exc
 
 
 def _stream() -> Any:

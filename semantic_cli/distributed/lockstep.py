@@ -27,7 +27,7 @@ from ..backend import runtime
 from ..engine import Batch, Engine, Event, TurnDone, TurnRequest
 from ..kv.failures import CacheUnavailable
 from ..model.loader import LoadedModel
-from .link import ADD, BATCH, CANCEL, CLOSE, LOAD, QUIT, SEED, STEP, Link
+from .link import ADD, BATCH, CANCEL, CLOSE, LOAD, QUIT, SEED, STEP, Link, rank_gone
 
 _SETTINGS = ("max_tokens", "temp", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n")
 
@@ -69,7 +69,7 @@ class LockstepBatch(Batch):
         if not self._live:
             return []
         self.link.send(STEP)
-        with _sigint_deferred():  # a half-done step would leave the other ranks mid-collective
+        with _sigint_deferred(), rank_gone():  # a half-done step would leave the other ranks mid-collective
             return super().step()
 
     def close(self) -> None:
