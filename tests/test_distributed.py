@@ -17,6 +17,7 @@ import pytest
 from conftest import SEMANTIC, run_cli
 
 from semantic_cli.distributed import launch
+from semantic_cli.errors import UsageError
 
 HOSTS = ("--hosts", "127.0.0.1,127.0.0.1", "--backend", "ring")
 TIMEOUT = 120  # a loaded 2-core machine starts two ranks in ~5-20 s; a hang fails here
@@ -134,6 +135,17 @@ def test_launch_command_line() -> None:
     assert cmd[-6:] == ["--", "-m", "semantic_cli.distributed.rank", "chat", "-m", "hi"]
     remote = launch.command("10.0.0.1,10.0.0.2", None, "any", [])
     assert "--starting-port" not in remote and "--backend" not in remote
+
+
+def test_hostfile_option(tmp_path: Path) -> None:
+    hostfile = tmp_path / "cluster.json"
+    hostfile.write_text('[{"ssh": "a", "ips": ["10.0.0.1"]}, {"ssh": "b", "ips": ["10.0.0.2"]}]')
+    cmd = launch.command(None, hostfile, "jaccl", ["serve"])
+    assert cmd[3:7] == ["--hostfile", str(hostfile), "--backend", "jaccl"]
+    with pytest.raises(UsageError, match="no such file"):
+        launch.command(None, tmp_path / "missing.json", "ring", [])
+    with pytest.raises(UsageError, match="not both"):
+        launch.command("127.0.0.1", hostfile, "ring", [])
 
 
 def test_serve_over_two_ranks(tmp_path: Path, tiny: dict[str, Path]) -> None:
