@@ -21,25 +21,25 @@ _semantic() {
     for (( i=1; i<COMP_CWORD; i++ )); do
         w="${COMP_WORDS[i]}"
         case "$path $w" in
-            " chat"|" serve"|" doctor"|" agents"|" agents ls"|" agents new"|" agents show"|" agents edit"|" agents reset"|" agents rm"|" agents rename"|" agents fork"|" agents trim"|" agents compact"|" cache"|" cache ls"|" cache evict"|" cache verify"|" config"|" config show"|" config get"|" config set"|" config path"|" bench"|" bench exp-005"|" bench exp-006"|" bench resume"|" bench batch"|" bench serve"|" rooms"|" rooms ls"|" rooms rm"|" models"|" models ls") path="$path $w"; end=$((i+1)) ;;
+            " chat"|" serve"|" doctor"|" agents"|" agents ls"|" agents new"|" agents show"|" agents edit"|" agents reset"|" agents rm"|" agents rename"|" agents fork"|" agents trim"|" agents compact"|" cache"|" cache ls"|" cache evict"|" cache verify"|" config"|" config show"|" config get"|" config set"|" config path"|" bench"|" bench exp-005"|" bench exp-006"|" bench resume"|" bench batch"|" bench serve"|" bench distributed"|" rooms"|" rooms ls"|" rooms rm"|" models"|" models ls") path="$path $w"; end=$((i+1)) ;;
         esac
     done
     case "$path" in
         "")
             opts="--version -h --help"; subs="chat serve doctor agents cache config bench rooms models"; valopts="  " ;;
         " chat")
-            opts="-a --agent --room --save-room -m --message --all --json --system --max-tokens --temp --top-p --seed --top-k --min-p --repeat-penalty --repeat-last-n --model --wait --wait-timeout -v --verbose --no-markdown --color --no-server -h --help"; subs=""; valopts=" -a --agent --room --save-room -m --message --system --max-tokens --temp --top-p --seed --top-k --min-p --repeat-penalty --repeat-last-n --model --wait-timeout --color "
+            opts="-a --agent --room --save-room -m --message --all --json --system --max-tokens --temp --top-p --seed --top-k --min-p --repeat-penalty --repeat-last-n --model --wait --wait-timeout -v --verbose --no-markdown --color --no-server --hosts --hostfile --backend -h --help"; subs=""; valopts=" -a --agent --room --save-room -m --message --system --max-tokens --temp --top-p --seed --top-k --min-p --repeat-penalty --repeat-last-n --model --wait-timeout --color --hosts --hostfile --backend "
             case "$prev" in
                 -a|--agent) __semantic_values "agent"; return ;;
-                --room|--save-room|-m|--message|--system|--max-tokens|--temp|--top-p|--seed|--top-k|--min-p|--repeat-penalty|--repeat-last-n|--wait-timeout) __semantic_values ""; return ;;
+                --room|--save-room|-m|--message|--system|--max-tokens|--temp|--top-p|--seed|--top-k|--min-p|--repeat-penalty|--repeat-last-n|--wait-timeout|--hosts|--hostfile|--backend) __semantic_values ""; return ;;
                 --model) __semantic_values "file"; return ;;
                 --color) __semantic_values "choice:auto always never"; return ;;
             esac ;;
         " serve")
-            opts="--model --host --port --no-tcp --socket --no-socket --api-key --max-body --max-tokens --max-queue -h --help"; subs=""; valopts=" --model --host --port --socket --api-key --max-body --max-tokens --max-queue "
+            opts="--model --host --port --no-tcp --socket --no-socket --api-key --max-body --max-tokens --max-queue --hosts --hostfile --backend -h --help"; subs=""; valopts=" --model --host --port --socket --api-key --max-body --max-tokens --max-queue --hosts --hostfile --backend "
             case "$prev" in
                 --model|--socket) __semantic_values "file"; return ;;
-                --host|--port|--api-key|--max-body|--max-tokens|--max-queue) __semantic_values ""; return ;;
+                --host|--port|--api-key|--max-body|--max-tokens|--max-queue|--hosts|--hostfile|--backend) __semantic_values ""; return ;;
             esac ;;
         " doctor")
             opts="--json -h --help"; subs=""; valopts="  " ;;
@@ -83,7 +83,10 @@ _semantic() {
                 --keep-last|--max-tokens) __semantic_values ""; return ;;
             esac ;;
         " cache")
-            opts="-h --help"; subs="ls evict verify"; valopts="  " ;;
+            opts="--rank -h --help"; subs="ls evict verify"; valopts=" --rank "
+            case "$prev" in
+                --rank) __semantic_values ""; return ;;
+            esac ;;
         " cache ls")
             opts="--json -h --help"; subs=""; valopts="  " ;;
         " cache evict")
@@ -104,7 +107,7 @@ _semantic() {
         " config path")
             opts="-h --help"; subs=""; valopts="  " ;;
         " bench")
-            opts="-h --help"; subs="exp-005 exp-006 resume batch serve"; valopts="  " ;;
+            opts="-h --help"; subs="exp-005 exp-006 resume batch serve distributed"; valopts="  " ;;
         " bench exp-005")
             opts="--model --out --json -h --help"; subs=""; valopts=" --model --out "
             case "$prev" in
@@ -133,6 +136,12 @@ _semantic() {
             case "$prev" in
                 --model|--out) __semantic_values "file"; return ;;
                 --rounds|--max-tokens|--tokens|--repeats) __semantic_values ""; return ;;
+            esac ;;
+        " bench distributed")
+            opts="--model --tokens --rounds --decode --out --json -h --help"; subs=""; valopts=" --model --tokens --rounds --decode --out "
+            case "$prev" in
+                --model|--out) __semantic_values "file"; return ;;
+                --tokens|--rounds|--decode) __semantic_values ""; return ;;
             esac ;;
         " rooms")
             opts="-h --help"; subs="ls rm"; valopts="  " ;;

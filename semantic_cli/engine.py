@@ -8,7 +8,7 @@ KV cache. The engine yields small event records and never prints.
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -315,6 +315,8 @@ class Batch:
 
 
 _engines: dict[str, Engine] = {}
+# Set on rank 0 of a run over several ranks (semantic_cli.distributed): its engines keep the ranks in step.
+factory: Callable[[ModelRef], Engine] | None = None
 
 
 def get_engine(ref: ModelRef | None = None) -> Engine:
@@ -322,5 +324,5 @@ def get_engine(ref: ModelRef | None = None) -> Engine:
     ref = ref or loader.resolve(None)
     engine = _engines.get(ref.path)
     if engine is None:
-        engine = _engines[ref.path] = Engine(loader.load(ref))
+        engine = _engines[ref.path] = factory(ref) if factory is not None else Engine(loader.load(ref))
     return engine

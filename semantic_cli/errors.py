@@ -19,6 +19,7 @@ EXIT_CACHE = 8  # cache damage that verify found and did not repair
 EXIT_VERSION = 9  # a database written by a newer release of semantic
 EXIT_UNSAFE = 10  # a directory of another user, or a symbolic link where semantic writes: refused
 EXIT_SERVER = 11  # the server this command talked to went away mid-turn
+EXIT_RANK = 12  # a rank of a run over several ranks (--hosts) stopped
 EXIT_INTERRUPTED = 130
 
 
@@ -77,6 +78,12 @@ class ServerGoneError(SemanticError):
     """The `semantic serve` this command was using stopped answering mid-turn."""
 
     exit_code = EXIT_SERVER
+
+
+class RankGoneError(SemanticError):
+    """A rank of a run over several ranks (`--hosts`) stopped; the others were stopped too."""
+
+    exit_code = EXIT_RANK
 
 
 def error_for(exit_code: int, message: str) -> SemanticError:

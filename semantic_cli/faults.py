@@ -20,6 +20,10 @@ POINTS = (  # in the order a turn reaches them
     "after-index-commit",  # the index names the new chain and tail; the old tail file is not yet removed
 )
 
+RANK_POINTS = (  # a run over several ranks (semantic_cli.distributed)
+    "rank-step",  # a rank other than 0, at its first generation step: it dies mid-turn
+)
+
 EVICTION_POINTS = (  # an index transaction that lets files go (eviction, rm, repair)
     "eviction-before-commit",  # the rows are deleted but not committed: a kill rolls them back
     "eviction-after-commit",  # committed; the files are not yet deleted (they become orphans)

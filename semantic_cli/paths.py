@@ -167,9 +167,18 @@ def data_dir(create: bool = True) -> Path:
     return _base("data", create)
 
 
+# Set on the ranks after rank 0 of a run over several ranks (semantic_cli.distributed):
+# their shard's blocks live apart, under cache/ranks/LAYOUT, even when they share a home.
+rank_cache: str | None = None
+
+
 def cache_dir(create: bool = True) -> Path:
     """KV blocks: derived data that may be deleted at any time."""
-    return _base("cache", create)
+    base = _base("cache", create)
+    if rank_cache is None:
+        return base
+    path = base / "ranks" / rank_cache
+    return _private_dir(path) if create else path
 
 
 def config_dir(create: bool = True) -> Path:

@@ -11,6 +11,9 @@
   Face repo id (mlx-lm's private `mlx_lm.utils._download`: `snapshot_download` with
   mlx-lm's file patterns), but into a cache directory semantic chooses, which
   `_download` cannot be told.
+- `generation_stream`: the stream `BatchGenerator` runs the model on. A run over
+  several ranks puts its own collectives on it too: collectives on two streams
+  interleave on the wire in no fixed order, and the ranks would pair the wrong ones.
 
 Lifting the `mlx-lm<0.33` pin means re-reading these against the new release
 (tests/test_architecture.py keeps private names out of the rest of the package).
@@ -95,3 +98,10 @@ def hf_download(repo: str, cache_dir: Path) -> Path:
     from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
 
     return Path(snapshot_download(repo, allow_patterns=DEFAULT_ALLOW_PATTERNS, cache_dir=str(cache_dir)))
+
+
+def generation_stream() -> Any:
+    """The stream mlx-lm's generators evaluate the model on (`mlx_lm.generate.generation_stream`)."""
+    from mlx_lm.generate import generation_stream as stream
+
+    return stream

@@ -13,7 +13,7 @@ from rich.table import Table
 from ..errors import UsageError
 from . import render
 
-app = typer.Typer(help="Benchmarks: exactness (exp-005), block gather (exp-006), resume, batch, serve.", no_args_is_help=True)
+app = typer.Typer(help="Benchmarks: exactness (exp-005), block gather (exp-006), resume, batch, serve, distributed.", no_args_is_help=True)
 
 OUT = typer.Option(None, "--out", help="Where to write the results JSON (default: the data dir's bench/).")
 JSON = typer.Option(False, "--json", metavar="", help="Print the results JSON on stdout instead of a table.")
@@ -180,4 +180,22 @@ def serve(
     engine = _engine(model)
     with render.progress(render.stderr(), enabled=render.stderr().is_terminal) as progress:
         res = b.run(engine, rounds, max_tokens, tokens, repeats, mlx_lm, progress)
+    _finish(res, b.table(res), out, json_out)
+
+
+@app.command("distributed")
+def distributed(
+    model: str | None = MODEL,
+    tokens: int = typer.Option(2048, "--tokens", min=64, help="Length of the conversation whose next turn is timed."),
+    rounds: int = typer.Option(3, "--rounds", min=1, help="Cold and warm turns per mode."),
+    decode: int = typer.Option(64, "--decode", min=2, help="Tokens in the decode measurement."),
+    out: Path | None = OUT,
+    json_out: bool = JSON,
+) -> None:
+    """2 ranks on loopback (mlx.launch, ring) vs 1 process: warm/cold TTFT and the decode cost of the collectives."""
+    from ..bench import distributed as b
+
+    engine = _engine(model)
+    with render.progress(render.stderr(), enabled=render.stderr().is_terminal) as progress:
+        res = b.run(engine, tokens, rounds, decode, progress)
     _finish(res, b.table(res), out, json_out)

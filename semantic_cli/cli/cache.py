@@ -22,6 +22,33 @@ app = typer.Typer(help="Inspect and manage the persistent KV cache.", no_args_is
 DELETED = "(deleted agent)"  # the model scan names for a cache whose agent is gone
 
 
+@app.callback()
+def cover(
+    rank: str | None = typer.Option(
+        None, "--rank", metavar="LAYOUT", help="Act on another rank's shard of a run over several ranks (cache/ranks/LAYOUT)."
+    ),
+) -> None:
+    """Which cache the commands act on: rank 0's and one-process runs' (said on stderr when other
+    ranks' shards are here too), or with --rank one of those shards."""
+    import re
+
+    from .. import paths
+
+    paths.rank_cache = None
+    root = paths.cache_dir(create=False) / "ranks"
+    shards = sorted(p.name for p in root.glob("*") if p.is_dir()) if root.is_dir() else []
+    if rank is not None:
+        if not re.fullmatch(r"[a-z]+-w\d+-r\d+", rank) or rank not in shards:
+            here = f"this host has {', '.join(shards)}" if shards else "this host has none"
+            raise UsageError(f"no shard {rank!r} under {root}: {here}")
+        paths.rank_cache = rank
+    elif shards:
+        render.stderr().print(
+            f"(rank 0's and one-process runs' cache; other ranks' shards here: {', '.join(shards)}: semantic cache --rank LAYOUT ...)",
+            markup=False,
+        )
+
+
 def _open() -> tuple[KVIndex, Store]:
     from ..kv.index import open_index
     from ..store import Store

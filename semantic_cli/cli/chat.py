@@ -7,12 +7,13 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from enum import Enum
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 import typer
 
 from ..errors import BadInputError, UsageError
-from . import render
+from . import ranks, render
 from .render import printable
 
 if TYPE_CHECKING:  # types only: `--help` and other commands must not import the core (nor, through it, numpy or mlx)
@@ -82,9 +83,17 @@ def chat(
     no_markdown: bool = typer.Option(False, "--no-markdown", metavar="", help="Show replies as plain text in the REPL."),
     color: ColorMode = typer.Option(ColorMode.auto, "--color", case_sensitive=False, help="When to colour (NO_COLOR is respected)."),
     no_server: bool = typer.Option(False, "--no-server", metavar="", help="Run in this process even when `semantic serve` is running."),
+    hosts: str | None = ranks.HOSTS,
+    hostfile: Path | None = ranks.HOSTFILE,
+    backend: str = ranks.BACKEND,
 ) -> None:
     """Chat with one agent, or a room of agents answering concurrently. One-shot and piped
     turns go to a running `semantic serve` of this home when there is one (--no-server: never)."""
+    ranks.relaunch(hosts, hostfile, backend, message, needs_message=True)
+    if ranks.join():  # rank 0 of several: the turns run here, on every rank at once
+        no_server = True
+        if message is None:
+            raise UsageError("under mlx.launch, pass the message with -m TEXT (the ranks have no terminal and never see the end of stdin)")
     from ..store import Store
     from ..turn import GenSettings
 

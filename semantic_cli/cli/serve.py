@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from . import render
+from . import ranks, render
 
 if TYPE_CHECKING:
     from ..server.runtime import ServerInfo
@@ -28,8 +28,13 @@ def serve(
     max_body: int = typer.Option(4 << 20, "--max-body", min=1024, help="Largest request body, in bytes (413 above)."),
     max_tokens: int = typer.Option(8192, "--max-tokens", min=1, help="Largest max_tokens a request may ask for."),
     max_queue: int = typer.Option(64, "--max-queue", min=1, help="Requests that may wait for the engine (503 beyond)."),
+    hosts: str | None = ranks.HOSTS,
+    hostfile: Path | None = ranks.HOSTFILE,
+    backend: str = ranks.BACKEND,
 ) -> None:
     """Serve the agents and the model over an OpenAI-compatible API; `semantic chat` uses it too."""
+    ranks.relaunch(hosts, hostfile, backend)
+    ranks.join()  # under mlx.launch: the ranks after 0 follow rank 0's engine and exit there
     from .. import paths
     from ..server.app import Limits
     from ..server.serve import ServeOptions

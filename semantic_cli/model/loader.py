@@ -149,9 +149,13 @@ class LoadedModel:
     tokenizer_fingerprint: str  # what token ids mean: keys the token log
     context_length: int
     name: str
+    layout: str = ""  # how this rank holds the model when it is split over ranks ("" in one process)
+    weights_fingerprint: str = ""  # the fingerprint before the layout is folded in: equal on every rank
 
 
-def load(ref: ModelRef) -> LoadedModel:
+def load(ref: ModelRef, split: Callable[[Any], str] | None = None) -> LoadedModel:
+    """Load a model; `split` (semantic_cli.distributed) cuts the lazily loaded model down to this
+    rank's shard before any weight is read, and returns the layout key, which the fingerprint names."""
     from ..backend import runtime
 
     runtime.mx()  # backend set-up before mlx_lm imports mlx
@@ -163,17 +167,22 @@ def load(ref: ModelRef) -> LoadedModel:
 
         model_dir = Path(ref.path) if Path(ref.path).is_dir() else _hf_download(ref.path)
         # mlx_lm.load returns (model, tokenizer), or a third item when asked for the config.
-        model, tokenizer, *_ = mlx_load(str(model_dir))
+        model, tokenizer, *_ = mlx_load(str(model_dir), lazy=split is not None)
+        layout = split(model) if split is not None else ""
     except ModelError:
         raise
     except Exception as exc:  # mlx-lm raises many kinds for a bad model
         raise ModelError(f"could not load model {ref.spec!r}: {exc}") from exc
     dtype = runtime.apply_dtype_policy(model)
+    if split is not None:
+        runtime.mx().eval(model.parameters())  # this rank's shard only
     tok_fp = _tokenizer_fingerprint(model_dir)
-    fp = hashlib.sha256(f"{_weights_fingerprint(model_dir)}|{tok_fp}|{dtype}".encode()).hexdigest()[:32]
+    fp = base_fp = hashlib.sha256(f"{_weights_fingerprint(model_dir)}|{tok_fp}|{dtype}".encode()).hexdigest()[:32]
+    if layout:  # each rank's blocks hold its own shard: never read under another layout
+        fp = hashlib.sha256(f"{fp}|{layout}".encode()).hexdigest()[:32]
     name = Path(ref.path).name if ref.spec == DEFAULT or Path(ref.path).exists() else ref.spec
     runtime.freeze_startup_objects()
-    return LoadedModel(ref, model, tokenizer, dtype, fp, tok_fp, _context_length(model_dir), name)
+    return LoadedModel(ref, model, tokenizer, dtype, fp, tok_fp, _context_length(model_dir), name, layout, base_fp)
 
 
 def _hf_download(repo: str) -> Path:
