@@ -70,6 +70,11 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
+def quiet(stderr: bytes) -> bool:
+    """Nothing to warn about: stderr holds at most the line that says a new agent was made."""
+    return all(line.startswith(b"new agent '") for line in stderr.splitlines())
+
+
 def run_cli(*args: str, input: bytes | str | None = None, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the installed `semantic` entry point with the current environment (+ env)."""
     full_env = dict(os.environ, **(env or {}))

@@ -227,7 +227,7 @@ SITECUSTOMIZE = textwrap.dedent(
         return force
 
 
-    def generate(self, requests, seed=None):
+    def generate(self, requests, seed=None, **kwargs):
         gen = self.generator
         if not getattr(gen, "_forced", False):
             real_insert = gen.insert
@@ -239,7 +239,7 @@ SITECUSTOMIZE = textwrap.dedent(
 
             gen.insert = insert
             gen._forced = True
-        return _real(self, requests, seed=seed)
+        return _real(self, requests, seed=seed, **kwargs)
 
 
     engine.Engine.generate = generate
