@@ -395,11 +395,16 @@ def test_a_client_that_gives_up_on_a_plain_request_stops_its_turn(tiny, home):
         assert _messages("gu")[-1][2] == "interrupted"
         other = _chat("-a", "gu2", "--model", "/nonexistent", "-m", "x")  # the CLI: another model runs in-process
         assert other[0] == EXIT_NOT_FOUND
-        assert _chat("-a", "big", "--model", model, "-m", "x", "--max-tokens", "9000")[0] == 0  # the CLI has no API limits
         assert _chat("-a", "dflt", "-m", "x", "--max-tokens", "1", "--no-server")[0] == 0
         with pytest.raises(openai.BadRequestError) as caught:  # an agent on another model than the server's
             openai_client(server).chat.completions.create(model="dflt", messages=[{"role": "user", "content": "x"}], max_tokens=2)
         assert caught.value.code == "model_not_served"
+    with Server(home, model, "--max-tokens", "8") as capped:  # the API's cap is not the CLI's
+        with pytest.raises(openai.BadRequestError):
+            openai_client(capped).chat.completions.create(model="gu", messages=[{"role": "user", "content": "x"}], max_tokens=40)
+        code, out, err = _chat("-a", "big", "--model", model, "-m", "x", "--max-tokens", "40", "--json")
+        assert code == 0 and json.loads(out)["generated_tokens"] == 40, err
+        assert "/semantic/v1/turns 200" in capped.stop()[1]  # the server ran it
 
 
 def test_the_repl_sends_its_turns_to_the_server_and_holds_no_agent_between_them(tiny, home):
