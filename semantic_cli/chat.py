@@ -78,13 +78,20 @@ class Chat:
 
     # ---- agents -------------------------------------------------------
     def open_agent(
-        self, name: str, model_flag: str | None = None, system: str | None = None, wait: bool = False, timeout: float | None = None
+        self,
+        name: str,
+        model_flag: str | None = None,
+        system: str | None = None,
+        wait: bool = False,
+        timeout: float | None = None,
+        busy_hint: str = "wait for it to finish, then try again",
     ) -> Agent:
-        """Lock an agent for this process (with `wait`, for at most `timeout` seconds if given)
-        and return it with the flags that apply to it (`opening.with_flags`): an unknown name
-        is created, and a flag's change saved, by its first recorded turn, never before."""
+        """Lock an agent for this process (with `wait`, for at most `timeout` seconds if given;
+        busy: BusyError ending with `busy_hint`, which names only options the caller has) and
+        return it with the flags that apply to it (`opening.with_flags`): an unknown name is
+        created, and a flag's change saved, by its first recorded turn, never before."""
         if name not in self.locks:
-            self.locks[name] = AgentLock(name).acquire(wait=wait, timeout=timeout, hint="wait for it to finish or pass --wait")
+            self.locks[name] = AgentLock(name).acquire(wait=wait, timeout=timeout, hint=busy_hint)
         agent = self.store.find_agent(name)
         self._stored[name] = agent is not None
         return opening.with_flags(name, agent, model_flag, system, agent is not None and self.store.has_messages(name))

@@ -159,6 +159,8 @@ def plan_trim(store: Store, name: str, keep_last: int) -> Cut:
         raise UsageError("--keep-last must be 0 or more")
     messages = store.messages(name)
     turns = exchanges(messages)
+    if keep_last >= len(turns):  # nothing to trim (dropping just a summary would bring back every turn it covers)
+        return Cut(name, turns, [], 0, 0)
     kept = turns[max(0, len(turns) - keep_last) :] if keep_last else []
     first = kept[0].user.id if kept else None
     drop = [m.id for m in messages if first is None or m.id < first or m.role == SUMMARY_ROLE]

@@ -211,7 +211,24 @@ class Store:
                 "SELECT ?, tokenizer, tokens FROM token_chunks WHERE agent=? ORDER BY id LIMIT ?",
                 (new, source, -1 if chunks is None else chunks),
             )
+            self._renumber_summaries(source, new, last)
         return self.get_agent(new)
+
+    def _renumber_summaries(self, source: str, new: str, last: int) -> None:
+        """A summary's meta names the last message it covers by id (`history.compacted`); a
+        copy's messages have new ids, so its summaries must name the copies."""
+        old_ids = [
+            r[0] for r in self.db.execute("SELECT id FROM messages WHERE agent=? AND (?<0 OR id<=?) ORDER BY id", (source, last, last))
+        ]
+        rows = self.db.execute("SELECT id, role, meta FROM messages WHERE agent=? ORDER BY id", (new,)).fetchall()
+        renumber = dict(zip(old_ids, (r[0] for r in rows), strict=True))
+        for new_id, role, meta in rows:
+            if role != "summary" or not meta:
+                continue
+            fields = json.loads(meta)
+            if fields.get("through") in renumber:
+                fields["through"] = renumber[fields["through"]]
+                self.db.execute("UPDATE messages SET meta=? WHERE id=?", (json.dumps(fields), new_id))
 
     def chunk_sizes(self, name: str) -> list[int]:
         """The token log's chunks, oldest first, in tokens. `record_turn` is the log's only

@@ -354,6 +354,8 @@ def test_busy_agents_are_refused_and_untouched(tiny, blocks32):
             ("rename", "free", "target"),
             ("fork", "free", "target"),
             ("new", "target"),
+            ("compact", "a"),
+            ("trim", "a", "--keep-last", "0", "--yes"),
         ):
             err = fails(4, "agents", *args)
             assert "is busy" in err and f"pid {os.getpid()}" in err

@@ -137,11 +137,15 @@ def test_launch_command_line() -> None:
     assert "--starting-port" not in remote and "--backend" not in remote
 
 
-def test_hostfile_option(tmp_path: Path) -> None:
+def test_hostfile_option(tmp_path: Path, home: Path) -> None:
     hostfile = tmp_path / "cluster.json"
     hostfile.write_text('[{"ssh": "a", "ips": ["10.0.0.1"]}, {"ssh": "b", "ips": ["10.0.0.2"]}]')
     cmd = launch.command(None, hostfile, "jaccl", ["serve"])
-    assert cmd[3:7] == ["--hostfile", str(hostfile), "--backend", "jaccl"]
+    options = [a for a in cmd[3:] if a != "--"]
+    pairs = list(zip(options, options[1:], strict=False))
+    assert ("--hostfile", str(hostfile)) in pairs and ("--backend", "jaccl") in pairs
+    # Remote ranks see only what --env names: the home (the test's), and the line that carries rank 0's exit code.
+    assert ("--env", f"SEMANTIC_HOME={os.environ['SEMANTIC_HOME']}") in pairs and ("--env", "SEMANTIC_RANK_MARKER=1") in pairs
     with pytest.raises(UsageError, match="no such file"):
         launch.command(None, tmp_path / "missing.json", "ring", [])
     with pytest.raises(UsageError, match="not both"):

@@ -157,6 +157,17 @@ def test_compact_summarises_older_turns_and_keeps_the_transcript(tiny, blocks, c
     assert [m["compacted"] for m in doc["messages"]] == [True] * 4 + [False] * 5
     code, err = cli("agents", "compact", "src", "--keep-last", "2", capsys=capsys)
     assert code == 2 and "nothing to compact" in err
+    # A fork of a compacted agent is compacted too: its summary names the copies' ids.
+    code, err = cli("agents", "fork", "src", "copy", capsys=capsys)
+    assert code == 0, err
+    with closing(Store()) as store:
+        copied = store.messages("copy")
+        assert [m.content for m in history.live(copied)] == [m.content for m in history.live(store.messages("src"))]
+        assert len(history.compacted(copied)) == 4
+    # Trimming that would keep every turn would only drop the summary, bringing the covered turns back: refused.
+    code, err = cli("agents", "trim", "src", "--keep-last", "4", "--yes", capsys=capsys)
+    assert code == 0 and "nothing to trim" in err
+    assert state("src")[0][6][0] == "summary"
 
 
 def cli_out(*args: str, capsys: Any) -> str:

@@ -232,7 +232,7 @@ def open_room(
     for name in sorted(names):
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            opened[name] = session.open_agent(name, model, system, wait, left)
+            opened[name] = session.open_agent(name, model, system, wait, left, busy_hint="wait for it to finish or pass --wait")
         except BusyError as exc:
             if len(names) == 1:
                 raise

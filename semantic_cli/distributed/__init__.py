@@ -69,6 +69,8 @@ def load_shard(link: Link, ref: ModelRef | None, spec: str) -> tuple[LoadedModel
     from ..model import loader
 
     chosen: list[Layout] = []
+    # Before any rank splits: a rank that split otherwise would pair the wrong collectives and hang.
+    link.check_same("SEMANTIC_SPLIT", split_scheme(), "set the same SEMANTIC_SPLIT (or none) on every host")
 
     def split(model: object) -> str:
         chosen.append(sharding.shard(model, link.group, split_scheme()))

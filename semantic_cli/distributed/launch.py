@@ -15,7 +15,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
@@ -25,6 +24,10 @@ BACKENDS = ("ring", "jaccl", "mpi", "nccl", "any")
 _LAUNCH_OPTS = ("--hosts", "--hostfile", "--backend")
 _NOISE = re.compile(r"^(\x1b\[\d+m)?\[(ring|jaccl|mpi|nccl|WARN|INFO)\]")
 STOP_GRACE_S = 20.0  # a server's own stop takes up to ~10 s
+# Rank 0's last stderr line under our launcher: its exit code, wherever it ran (a remote host
+# shares no file with this one; ssh passes only what `--env` names).
+RANK0_EXIT = "semantic-rank0-exit"
+_RANK0_CODE = re.compile(rf"^{RANK0_EXIT} (-?\d+)\s*$")
 _RANK_EXIT = re.compile(r"Node with rank (\d+) (exited with code (-?\d+)|was killed)")
 
 
@@ -55,6 +58,10 @@ def command(hosts: str | None, hostfile: Path | None, backend: str, argv: list[s
         raise UsageError(f"--hostfile {hostfile}: no such file")
     launcher = Path(sys.executable).parent / "mlx.launch"
     cmd = [str(launcher) if launcher.exists() else "mlx.launch", "--python", sys.executable]
+    # Remote ranks get only the environment `--env` names: the home, the split, and the exit-code line.
+    forwarded = {k: v for k, v in os.environ.items() if k.startswith("SEMANTIC_")} | {"SEMANTIC_RANK_MARKER": "1"}
+    for key, value in sorted(forwarded.items()):
+        cmd += ["--env", f"{key}={value}"]
     if hostfile is not None:
         cmd += ["--hostfile", str(hostfile)]
     else:
@@ -100,33 +107,32 @@ def shared_host_env(hosts: str | None) -> dict[str, str]:
 
 def run(cmd: list[str], env_extra: dict[str, str] | None = None) -> int:
     """Run mlx.launch; returns rank 0's exit code, or raises RankGoneError when a rank stopped."""
-    with tempfile.TemporaryDirectory(prefix="semantic-launch-") as tmp:
-        status = Path(tmp) / "status"
-        env = dict(os.environ, SEMANTIC_RANK_STATUS=str(status), **(env_extra or {}))
-        # An empty pipe kept open, not /dev/null: mlx.launch polls its stdin, and at EOF it spins.
-        quiet, keep_open = os.pipe()
-        proc = subprocess.Popen(cmd, stdin=quiet, stderr=subprocess.PIPE, env=env, preexec_fn=_launcher_child)
-        os.close(quiet)
-        gone: list[tuple[int, str]] = []
-        # mlx.launch stops the others with one SIGTERM when a rank ends badly; a rank stuck in a
-        # collective with the one that went (a server finishing its turns) is killed after a while.
-        reaper = threading.Timer(STOP_GRACE_S, _kill_all, args=(proc.pid,))
-        reaper.daemon = True
-        reader = threading.Thread(target=_filter, args=(proc, gone, reaper), daemon=True)
-        reader.start()
-        previous = signal.signal(signal.SIGTERM, lambda *_: _stop_rank0(proc.pid))
-        try:
-            while proc.poll() is None:
-                try:
-                    proc.wait()
-                except KeyboardInterrupt:  # every rank got it too: rank 0 ends its turn or its server
-                    continue
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-            os.close(keep_open)
-            reaper.cancel()
-        reader.join(timeout=5)
-        code = _read_status(status)
+    env = dict(os.environ, **(env_extra or {}))
+    # An empty pipe kept open, not /dev/null: mlx.launch polls its stdin, and at EOF it spins.
+    quiet, keep_open = os.pipe()
+    proc = subprocess.Popen(cmd, stdin=quiet, stderr=subprocess.PIPE, env=env, preexec_fn=_launcher_child)
+    os.close(quiet)
+    gone: list[tuple[int, str]] = []
+    # mlx.launch stops the others with one SIGTERM when a rank ends badly; a rank stuck in a
+    # collective with the one that went (a server finishing its turns) is killed after a while.
+    reaper = threading.Timer(STOP_GRACE_S, _kill_all, args=(proc.pid,))
+    reaper.daemon = True
+    codes: list[int] = []
+    reader = threading.Thread(target=_filter, args=(proc, gone, reaper, codes), daemon=True)
+    reader.start()
+    previous = signal.signal(signal.SIGTERM, lambda *_: _stop_rank0(proc.pid))
+    try:
+        while proc.poll() is None:
+            try:
+                proc.wait()
+            except KeyboardInterrupt:  # every rank got it too: rank 0 ends its turn or its server
+                continue
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        os.close(keep_open)
+        reaper.cancel()
+    reader.join(timeout=5)
+    code = codes[-1] if codes else None
     if code is not None:  # rank 0 ended on its own: it has said why, if it failed
         return code
     rank, how = gone[0] if gone else (0, "stopped")  # the first rank seen to end: mlx.launch then stops the others
@@ -193,10 +199,14 @@ def _kill_all(launcher: int) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def _filter(proc: subprocess.Popen[bytes], gone: list[tuple[int, str]], reaper: threading.Timer) -> None:
+def _filter(proc: subprocess.Popen[bytes], gone: list[tuple[int, str]], reaper: threading.Timer, codes: list[int]) -> None:
     assert proc.stderr is not None
     for raw in proc.stderr:
         line = raw.decode(errors="replace")
+        code = _RANK0_CODE.match(line.strip("\r\n"))
+        if code:
+            codes.append(int(code.group(1)))
+            continue
         m = _RANK_EXIT.search(line)
         if m:
             how = "was killed" if m.group(3) is None else f"exited with code {m.group(3)}"
@@ -208,10 +218,3 @@ def _filter(proc: subprocess.Popen[bytes], gone: list[tuple[int, str]], reaper: 
             continue
         sys.stderr.write(line)
         sys.stderr.flush()
-
-
-def _read_status(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None

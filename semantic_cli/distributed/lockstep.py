@@ -69,8 +69,11 @@ class LockstepBatch(Batch):
         if not self._live:
             return []
         self.link.send(STEP)
-        with _sigint_deferred(), rank_gone():  # a half-done step would leave the other ranks mid-collective
-            return super().step()
+        with _sigint_deferred() as hit, rank_gone():  # a half-done step would leave the other ranks mid-collective
+            events = super().step()
+        if hit:  # as Batch.step does: the step's events stand, the caller stops after them
+            self.stop_requested = True
+        return events
 
     def close(self) -> None:
         self.link.send(CLOSE)
@@ -104,18 +107,18 @@ def _trimmed(cache: list[Any] | None, n: int) -> list[Any] | None:
 
 
 @contextlib.contextmanager
-def _sigint_deferred() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+def _sigint_deferred() -> Iterator[list[bool]]:
+    """Ctrl-C around a whole lockstep step (its broadcast included) is noted in the list it
+    yields, never raised mid-step."""
     hit: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield hit
+        return
     previous = signal.signal(signal.SIGINT, lambda *_: hit.append(True))
     try:
-        yield
+        yield hit
     finally:
         signal.signal(signal.SIGINT, previous)
-    if hit:
-        raise KeyboardInterrupt
 
 
 def follow(link: Link, load: Any) -> None:

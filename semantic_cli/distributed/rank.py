@@ -27,13 +27,12 @@ def run(argv: list[str]) -> None:
         code = exc.code if exc.code is not None else 0
         raise
     finally:
-        status = os.environ.get("SEMANTIC_RANK_STATUS")
-        if status and os.environ.get("MLX_RANK", "0") == "0":
-            try:
-                with open(status, "w") as fh:
-                    fh.write(f"{code if isinstance(code, int) else 1}\n")
-            except OSError:
-                pass
+        if os.environ.get("SEMANTIC_RANK_MARKER") and os.environ.get("MLX_RANK", "0") == "0":
+            from .launch import RANK0_EXIT
+
+            with contextlib.suppress(OSError, ValueError):  # the launcher reads it; under plain mlx.launch it is never set
+                sys.stderr.write(f"{RANK0_EXIT} {code if isinstance(code, int) else 1}\n")
+                sys.stderr.flush()
 
 
 if __name__ == "__main__":
