@@ -46,8 +46,9 @@ def fork(
                 blocks = len(kv.chain(new))
                 note = ""
             else:
-                cut = history.plan_fork(store, name, at_turn)
-                blocks = history.fork(store, kv, name, new, cut, config.get("block_tokens"))
+                with _locked(name):  # the plan reads the log before the copy: no turn of the source in between
+                    cut = history.plan_fork(store, name, at_turn)
+                    blocks = history.fork(store, kv, name, new, cut, config.get("block_tokens"))
                 note = "; its next turn re-reads the kept turns" if cut.reprefill else ""
             kept = len(history.exchanges(store.messages(new)))
     _status(f"forked {name!r} as {new!r}: {plural(kept, 'turn')}, sharing {plural(blocks, 'cached block')}{note}")
