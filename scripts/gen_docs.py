@@ -173,8 +173,8 @@ def environment() -> list[tuple[str, str]]:
         "SEMANTIC_FAULT": "For tests only: a write point (listed in semantic_cli/faults.py) at which the process"
         " kills itself, to check that the next run recovers; unset, it does nothing.",
         "SEMANTIC_SPLIT": "Over several ranks (--hosts): how the model is split: auto (default), tensor, pipeline or layers.",
-        "SEMANTIC_RANK_STATUS": "Set by --hosts for the ranks it starts: where rank 0 leaves its exit code"
-        " (mlx.launch does not pass it on).",
+        "SEMANTIC_RANK_MARKER": "Set by --hosts for the ranks it starts (through mlx.launch --env): rank 0 then ends"
+        " its stderr with a line carrying its exit code, which the launcher reads and hides.",
         "NO_COLOR": "When set (to anything), no colour is used, as with --color never (https://no-color.org).",
     }
     for s in config.SETTINGS.values():
