@@ -94,9 +94,10 @@ class Engine:
     @property
     def generator(self) -> Any:
         if self._generator is None:
-            from .backend import compat, cpu_split
+            from .backend import compat, cpu_split, interruptible
 
             cpu_split.install_attention()  # before the first forward pass: bit-identical, faster on 2+ cores
+            interruptible.install()  # around it: Ctrl-C stops a long prefill step between layers
 
             eos = sorted(self.lm.tokenizer.eos_token_ids)
             self._generator = compat.batch_generator(
@@ -192,6 +193,7 @@ class Batch:
         self._gen = engine.generator
         self._live: dict[int, _Live] = {}
         self.stop_requested = False  # Ctrl-C came during the last step (see `interrupts`)
+        self._read_before_stop: dict[int, tuple[list[Any], list[int]]] = {}  # see `_stopped_in_prefill`
         self._samplers: dict[tuple[float, float, int, float], Any] = {}
         args = getattr(engine.lm.model, "args", None)  # the model's logits width: its vocabulary
         self._vocab = int(getattr(args, "vocab_size", 0) or len(engine.lm.tokenizer.vocab))
@@ -239,18 +241,23 @@ class Batch:
 
     def step(self) -> list[Event]:
         from . import interrupts
-        from .backend import cpu_split
+        from .backend import cpu_split, interruptible
 
         events: list[Event] = []
-        if not self._live:
+        if not self._live or self._gen is None:  # nothing to run, or stopped in a prefill step
             return events
         try:
             # Left on between steps (switching waits for the step in flight, which would undo
             # BatchGenerator's overlap of one step with the next); off again in `close`.
             cpu_split.set_batched(len(self._live) >= 2)
-            with interrupts.deferred() as sigint:  # Ctrl-C waits for the step's end: its state stays whole
+            # Ctrl-C waits for the step's end (its state stays whole), or, in a long prefill
+            # step, stops it between two layers (`_stopped_in_prefill`).
+            with interrupts.deferred() as sigint, interruptible.watching(lambda: sigint.requested, sigint.active):
                 prompt_responses, gen_responses = self._gen.next()
             self.stop_requested = sigint.requested
+        except interruptible.PrefillStopped:
+            self._stopped_in_prefill()
+            return events
         except BaseException:
             self.engine._generator = None  # possibly mid-step: never reused
             self._live.clear()
@@ -283,12 +290,30 @@ class Batch:
                 events.append(_done(st, r.finish_reason, r.prompt_cache, list(r.all_tokens), now))
         return events
 
+    def _stopped_in_prefill(self) -> None:
+        """Ctrl-C stopped a prefill step between layers: what the sequences had read before
+        it is kept for `reading`, the half-stepped generator is dropped (the next batch
+        starts a fresh one), and the caller sees `stop_requested`."""
+        from .backend import compat, cpu_split
+
+        try:
+            self._read_before_stop = compat.rolled_back_prompt(self._gen)
+        except Exception:  # nothing kept: the turn is still stopped, its message still recorded
+            self._read_before_stop = {}
+        self.engine._generator = None
+        self._gen = None
+        self.stop_requested = True
+        cpu_split.set_batched(False)
+
     def reading(self) -> dict[str, tuple[list[Any], list[int]]]:
         """The sequences still reading their prompt, past their restored cache: key -> (the
         cache of the tokens read so far, those tokens). Between steps only."""
         out: dict[str, tuple[list[Any], list[int]]] = {}
         live = {uid: st for uid, st in self._live.items() if not st.generated}
-        for uid, (cache, tokens) in self._gen.extract_cache(list(live)).items():
+        found = self._read_before_stop if self._gen is None else self._gen.extract_cache(list(live))
+        for uid, (cache, tokens) in found.items():
+            if uid not in live:
+                continue
             if len(tokens) > live[uid].request.cached:
                 out[live[uid].request.key] = (list(cache), list(tokens))
         return out
@@ -306,7 +331,7 @@ class Batch:
             cpu_split.set_batched(False)
 
     def _remove(self, uids: list[int]) -> None:
-        if self.engine._generator is not self._gen:
+        if self._gen is None or self.engine._generator is not self._gen:
             return
         try:
             self._gen.remove(uids)

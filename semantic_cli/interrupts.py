@@ -18,6 +18,7 @@ from typing import Any
 @dataclass
 class Deferred:
     requested: bool = False  # SIGINT arrived during the step
+    active: bool = False  # this thread holds SIGINT for the step (else nothing can arrive)
 
 
 @contextmanager
@@ -31,6 +32,7 @@ def deferred() -> Iterator[Deferred]:
         state.requested = True
 
     previous = signal.signal(signal.SIGINT, note)
+    state.active = True
     try:
         yield state
     finally:

@@ -101,3 +101,72 @@ def test_sigint_keeps_the_partial_reply_tokens_for_the_next_invocation(tiny, hom
     r = run_cli("chat", "-a", "c", "--max-tokens", "3", "--json", "-m", "next")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["prompt_tokens"] == len(first_prompt) + n + len(new_ids)
+
+
+def _layer_counter(model, monkeypatch, on_layer) -> list[int]:
+    """Counts the decoder layers each forward pass builds (one list entry per pass); calls
+    `on_layer(pass, layer)` as each layer is built."""
+    layers = model.model.layers
+    cls = type(layers[0])
+    original = cls.__call__
+    passes: list[int] = []
+
+    def counted(self, x, *args, **kwargs):
+        if self is layers[0]:
+            passes.append(0)
+        passes[-1] += 1
+        on_layer(len(passes), passes[-1])
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "__call__", counted)
+    return passes
+
+
+def test_ctrl_c_stops_a_prefill_step_between_layers_and_keeps_what_was_read(tiny, home, monkeypatch):
+    """SIGINT while the second 512-token prefill step is at its third layer: the step stops
+    there (the later layers never run), the 512 tokens of the first step are kept exactly as
+    an uninterrupted first step leaves them, and the engine serves the next turn normally."""
+    import mlx.core as mx
+
+    from semantic_cli.engine import PREFILL_STEP, TurnRequest
+
+    engine = get_engine(resolve(str(tiny["llama"])))
+    prompt = [(i * 7) % 200 + 3 for i in range(3 * PREFILL_STEP + 40)]
+    n_layers = len(engine.lm.model.model.layers)
+    assert n_layers >= 4
+
+    def whole_run(key: str) -> list[int]:
+        [done] = [e for e in engine.generate([TurnRequest(key, prompt[:300], None, 0, 4)]) if hasattr(e, "all_tokens")]
+        return done.generated
+
+    before = whole_run("s")
+    # The reference: one whole step, then the cache of what it read.
+    batch = engine.batch()
+    batch.add(TurnRequest("r", prompt, None, 0, 3))
+    batch.step()
+    [(want_cache, want_tokens)] = batch.reading().values()
+    mx.eval([c.state for c in want_cache])
+    batch.close()
+
+    def press(step: int, layer: int) -> None:
+        if step == 2 and layer == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    reading: dict = {}
+    with monkeypatch.context() as m:  # (monkeypatch.undo would undo the home fixture too)
+        passes = _layer_counter(engine.lm.model, m, press)
+        try:
+            for _ in engine.generate([TurnRequest("r", prompt, None, 0, 3)], reading=reading):
+                pass
+            raise AssertionError("not interrupted")
+        except KeyboardInterrupt:
+            pass
+    assert passes[:2] == [n_layers, 3]  # the second step stopped at the layer the key press came in
+    got_cache, got_tokens = reading["r"]
+    assert got_tokens == want_tokens == prompt[:PREFILL_STEP]
+    assert [c.offset for c in got_cache] == [c.offset for c in want_cache]
+    for got, want in zip(got_cache, want_cache, strict=True):
+        for a, b in zip(got.state, want.state, strict=True):
+            assert mx.array_equal(a, b).item()
+    # The generator the stop left half-way is gone: the next run is a whole, normal one.
+    assert whole_run("s") == before and len(before) == 4
