@@ -133,8 +133,9 @@ def read_tree(cmd: Any, path: list[str], parent: Any = None) -> Cmd:
 def load() -> Cmd:
     import typer
 
-    from semantic_cli.cli.app import app
+    from semantic_cli.cli.app import app, register
 
+    register()
     return read_tree(typer.main.get_command(app), ["semantic"])
 
 

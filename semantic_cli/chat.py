@@ -33,6 +33,7 @@ from .errors import PromptTooLongError
 from .history import too_long_advice
 from .kv.failures import CacheUnavailable
 from .kv.layers import CacheSpec, cache_spec
+from .kv.stats import PersistStats
 from .kv.store import KVStore, Restored
 from .locks import AgentLock
 from .model.loader import ModelRef, Progress, resolve
@@ -51,7 +52,6 @@ from .turn import (
     interrupted,
     note,
     one_line,
-    partial_stats,
     sampling,
     transcript_rows,
     unanswered_tokens,
@@ -254,10 +254,12 @@ class Chat:
         if not_saved:
             raise TurnNotSaved(not_saved, others=len(pendings) > len(not_saved))
 
-    def take(self, p: PendingTurn, ev: Event) -> Iterator[TurnEvent]:
+    def take(self, p: PendingTurn, ev: Event, cache_later: list[Callable[[], TurnRecorded]] | None = None) -> Iterator[TurnEvent]:
         """One engine event of `p`'s sequence, for any driver (`run`, the server's loop):
         tokens are collected on `p`; a `TurnDone` is recorded and cached, then followed by its
-        `TurnRecorded`. A failed transcript write raises `TurnNotSaved` for this agent alone."""
+        `TurnRecorded`. A failed transcript write raises `TurnNotSaved` for this agent alone.
+        With `cache_later` (the server), the caching is appended there instead, for the
+        caller to run once the reply is delivered; the `TurnRecorded` then has no `persisted`."""
         if isinstance(ev, TokenEvent):
             if ev.token is not None:
                 if not p.tokens:
@@ -268,7 +270,11 @@ class Chat:
             p.done = ev
             yield ev
             self._record_or_raise(p, ev)
-            yield self._cache_turn(p, ev)
+            if cache_later is None:
+                yield self._cache_turn(p, ev)
+                return
+            cache_later.append(lambda: self._cache_turn(p, ev))
+            yield self._recorded(p, ev, None)
             return
         yield ev
 
@@ -355,13 +361,6 @@ class Chat:
         with self._caching(recorded=p.agent.name):  # only the eviction order is lost
             self.kv.mark_used(p.agent.name)
 
-    def ended(self, p: PendingTurn, reason: str, text: str) -> TurnDone:
-        """A turn its driver ended early with `text` as the whole reply (the server, at a stop
-        sequence): no cache, and the agent's token log is dropped (its ids would run past the
-        text), so the next turn re-renders the transcript and finds its blocks by content."""
-        p.new_log = True
-        return TurnDone(p.request.key, reason, text, list(p.tokens), None, [], partial_stats(p))
-
     def _record(self, p: PendingTurn, done: TurnDone) -> None:
         """Commit the turn to the transcript: one transaction, the truth."""
         if p.stateless:  # nothing to record: the client keeps the conversation
@@ -396,7 +395,11 @@ class Chat:
                 self.kv.keep_hot(name, lm.fingerprint, done.all_tokens, done.cache)
             with self._caching(CACHE_NOT_SAVED, p.warnings, recorded=name):
                 persisted = self.kv.persist(p.agent.name, lm.fingerprint, self.spec(p.engine), done.all_tokens, done.cache, set(self.locks))
-        return TurnRecorded(p.agent.name, lm.name, done, p.tier, persisted, [w for w in p.warnings if self._first(p.agent.name, w)])
+        return self._recorded(p, done, persisted)
+
+    def _recorded(self, p: PendingTurn, done: TurnDone, persisted: PersistStats | None) -> TurnRecorded:
+        warnings = [w for w in p.warnings if self._first(p.agent.name, w)]
+        return TurnRecorded(p.agent.name, p.engine.lm.name, done, p.tier, persisted, warnings)
 
     def notices(self, pendings: list[PendingTurn]) -> Iterator[Notice]:
         for p in pendings:

@@ -180,3 +180,11 @@ def sampling(settings: GenSettings, agent: Agent, model: dict[str, Any]) -> Call
         return found
 
     return value
+
+
+def ended(p: PendingTurn, reason: str, text: str) -> TurnDone:
+    """A turn its driver ended early with `text` as the whole reply (the server, at a stop
+    sequence): no cache, and the agent's token log is dropped (its ids would run past the
+    text), so the next turn re-renders the transcript and finds its blocks by content."""
+    p.new_log = True
+    return TurnDone(p.request.key, reason, text, list(p.tokens), None, [], partial_stats(p))

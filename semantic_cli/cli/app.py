@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -40,21 +41,56 @@ def _root(
     """Chat with named local-LLM agents whose conversations and KV caches persist between runs."""
 
 
-def _register() -> None:
-    from . import agents_context, bench, cache, chat, config, models, rooms, serve
+def _add_chat() -> None:
+    from . import chat
 
     app.command("chat")(chat.chat)
+
+
+def _add_serve() -> None:
+    from . import serve
+
     app.command("serve")(serve.serve)
+
+
+def _add_doctor() -> None:
+    from . import config
+
     app.command("doctor")(config.doctor)
-    app.add_typer(agents_context.app, name="agents")  # agents.app, with fork, trim and compact
-    app.add_typer(cache.app, name="cache")
-    app.add_typer(config.app, name="config")
-    app.add_typer(bench.app, name="bench")
-    app.add_typer(rooms.app, name="rooms")
-    app.add_typer(models.app, name="models")
 
 
-_register()
+def _add_group(name: str) -> Callable[[], None]:
+    def add() -> None:
+        from importlib import import_module
+
+        # agents: agents.app, with fork, trim and compact (agents_context)
+        module = import_module(f"{__package__}.{'agents_context' if name == 'agents' else name}")
+        app.add_typer(module.app, name=name)
+
+    return add
+
+
+# Each command's module is imported only when that command runs (or for help and
+# suggestions, all of them): a piped `semantic chat` to a server starts in ~0.1 s.
+_COMMANDS: dict[str, Callable[[], None]] = {
+    "chat": _add_chat,
+    "serve": _add_serve,
+    "doctor": _add_doctor,
+    **{name: _add_group(name) for name in ("agents", "cache", "config", "bench", "rooms", "models")},
+}
+_registered: set[str] = set()
+
+
+def register(argv: list[str] | None = None) -> None:
+    """Add the command `argv` names to the app, or every command when it names none that
+    exists (no arguments, --help, --version, a typo to suggest a near name for)."""
+    first = argv[0] if argv else None
+    names = [first] if first in _COMMANDS else list(_COMMANDS)
+    for name in names:
+        if name not in _registered:
+            _COMMANDS[name]()
+            _registered.add(name)
+
 
 # typer >= 0.2x vendors its own click: its usage errors are not click's classes.
 _CLICK_ERRORS: tuple[type[Exception], ...] = (click.ClickException,)
@@ -79,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("SEMANTIC_DEBUG") == "1"
     os.umask(0o077)  # everything this tool writes is private to the user
     try:
+        register(sys.argv[1:] if argv is None else argv)
         result = app(args=argv, standalone_mode=False, prog_name="semantic")
         if result == EXIT_INTERRUPTED:  # typer's answer to Ctrl-C in a command: say it, once
             sys.stderr.write("interrupted\n")

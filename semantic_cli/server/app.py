@@ -33,7 +33,8 @@ from ..errors import BadInputError, BusyError, NotFoundError, PromptTooLongError
 from ..store import Store
 from ..turn import GenSettings, TurnNotSaved, TurnRecorded
 from . import openai_api, wire
-from .worker import END, STARTED, ConflictError, Job, OtherModel, Saturated, ShuttingDown, Worker
+from .jobs import END, STARTED, Job, OtherModel, Saturated, ShuttingDown
+from .worker import Worker
 
 log = logging.getLogger("semantic.serve")
 
@@ -56,7 +57,7 @@ def status_of(exc: SemanticError) -> tuple[int, str, str | None]:
     """HTTP status, OpenAI error type and code for one of our errors."""
     if isinstance(exc, NotFoundError):
         return 404, "invalid_request_error", "model_not_found"
-    if isinstance(exc, ConflictError):
+    if isinstance(exc, openai_api.ConflictError):
         return 409, "invalid_request_error", "conversation_diverged"
     if isinstance(exc, BusyError):
         return 409, "invalid_request_error", "agent_busy"
@@ -329,8 +330,6 @@ def _is_agent(name: str) -> bool:
 
 
 def _kind(exc: SemanticError) -> str:
-    from .worker import OtherModel
-
     if isinstance(exc, OtherModel):
         return "other_model"
     if isinstance(exc, ShuttingDown):

@@ -17,11 +17,36 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..engine import TurnStats
-from ..errors import BadInputError
+from ..errors import BadInputError, SemanticError
+from ..store import Agent, Message
 from ..turn import GenSettings, TurnRecorded
 
 MAX_MESSAGES = 2048
 MAX_STOP = 4
+
+
+class ConflictError(SemanticError):
+    """The client's history is not the agent's transcript (HTTP 409)."""
+
+
+def check_history(agent: Agent, transcript: list[Message], history: list[dict[str, str]]) -> None:
+    """An OpenAI client resends the conversation: the messages before its new one must be
+    the agent's transcript (its persona, then every message), or only the persona, or
+    nothing (the client sends just the new message). Anything else is a 409: nothing is
+    written, and the client is told where the two part."""
+    stored = [{"role": "system", "content": agent.system}] if agent.system else []
+    stored += [{"role": m.role, "content": m.content} for m in transcript if m.role != "summary"]
+    given = list(history)
+    if given and given[0]["role"] == "system" and not agent.system:
+        raise ConflictError(f"agent {agent.name!r} has no persona: leave out the system message (set one with `semantic agents edit`)")
+    if not given or given == stored or given == stored[:1] and agent.system:
+        return
+    at = next((i for i, (a, b) in enumerate(zip(given, stored, strict=False)) if a != b), min(len(given), len(stored)))
+    raise ConflictError(
+        f"the messages differ from agent {agent.name!r}'s transcript at message {at} "
+        f"({len(given)} sent before the new one, {len(stored)} stored): send the whole transcript and one new user message, "
+        f"or only the new message; to branch, `semantic agents fork {agent.name} NEW` and talk to NEW"
+    )
 
 
 class TextPart(BaseModel):

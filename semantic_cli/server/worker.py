@@ -16,66 +16,29 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from ..chat import Chat, check_room
 from ..engine import Engine, TokenEvent, TurnDone, get_engine
-from ..errors import BusyError, NotFoundError, SemanticError, UsageError
+from ..errors import BusyError, NotFoundError, SemanticError
 from ..model.loader import ModelRef
 from ..store import Agent, Store
-from ..turn import GenSettings, Notice, PendingTurn, TurnNotSaved, one_line
+from ..turn import Notice, PendingTurn, TurnNotSaved, ended, one_line
+from .jobs import END, STARTED, Job, OtherModel, Saturated, ShuttingDown
+from .openai_api import check_history
+from .stops import stop_at, stop_prefix
 
 SLOT_PREFIX = "~"  # stateless API slots in the KV index: never an agent name (those start with a-z or 0-9)
 ANON_SLOTS = 8  # requests naming no slot share this many, so they need not wait for each other
 
 
-class ConflictError(SemanticError):
-    """The client's history is not the agent's transcript (HTTP 409)."""
-
-
-class Saturated(SemanticError):
-    """Too many requests waiting (HTTP 503)."""
-
-
-class ShuttingDown(SemanticError):
-    """The server is stopping (HTTP 503)."""
-
-
-class OtherModel(SemanticError):
-    """The agent uses another model than the server's: the CLI runs it in-process."""
-
-
-STARTED = object()  # a job's turns are in the batch: what it emits after this is the response's body
-END = object()  # the last item a job emits
-
-
-@dataclass
-class Job:
-    """One request. Agent turns: `targets` (agent, user text), a room when several. A
-    stateless turn: `messages` (the whole conversation) and `slot`."""
-
-    emit: Callable[[object], None]  # thread-safe; receives TurnEvents, then an error or END
-    settings: GenSettings
-    targets: list[tuple[str, str]] = field(default_factory=list)
-    messages: list[dict[str, str]] | None = None
-    slot: str | None = None
-    history: list[dict[str, str]] | None = None  # the API's messages before the new one (agent mode)
-    model: str | None = None  # the CLI's --model (must be the server's model)
-    system: str | None = None
-    create: bool = False  # unknown agents are created (the CLI); the API answers 404
-    wait_until: float | None = 0.0  # monotonic deadline for busy agents; None: as long as it takes
-    stop: list[str] = field(default_factory=list)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    pendings: dict[str, PendingTurn] = field(default_factory=dict)
-    left: set[str] = field(default_factory=set)
-    failed: dict[str, BaseException] = field(default_factory=dict)
-    shown: dict[str, int] = field(default_factory=dict)  # with stop sequences: characters of each reply sent so far
+log = logging.getLogger("semantic.serve")
 
 
 class Worker:
@@ -90,6 +53,7 @@ class Worker:
         self._thread = threading.Thread(target=self._main, name="semantic-engine", daemon=True)
         self._waiting: list[Job] = []
         self._running: dict[str, Job] = {}  # engine key -> its job
+        self._cache_later: dict[str, list[Callable[[], Any]]] = {}  # engine key -> caching left to do once its reply is out
         self._grace_until: float | None = None
 
     # ---- the handlers' side (any thread) -------------------------------------
@@ -221,7 +185,7 @@ class Worker:
             for agent in room:
                 self._check_model(agent)
             if job.history is not None:
-                self._check_history(room[0], job.history)
+                check_history(room[0], self.chat.store.messages(room[0].name), job.history)
             texts = dict(job.targets)
             pendings = [self.chat.prepare(agent, texts[agent.name], job.settings) for agent in room]
             self._run(job, pendings)
@@ -283,25 +247,6 @@ class Worker:
         local = Path(spec).expanduser()
         return local.is_dir() and str(local.resolve()) == self.ref.path
 
-    def _check_history(self, agent: Agent, history: list[dict[str, str]]) -> None:
-        """An OpenAI client resends the conversation: the messages before its new one must be
-        the agent's transcript (its persona, then every message), or only the persona, or
-        nothing (the client sends just the new message). Anything else is a 409: nothing is
-        written, and the client is told where the two part."""
-        stored = [{"role": "system", "content": agent.system}] if agent.system else []
-        stored += [{"role": m.role, "content": m.content} for m in self.chat.store.messages(agent.name) if m.role != "summary"]
-        given = list(history)
-        if given and given[0]["role"] == "system" and not agent.system:
-            raise ConflictError(f"agent {agent.name!r} has no persona: leave out the system message (set one with `semantic agents edit`)")
-        if not given or given == stored or given == stored[:1] and agent.system:
-            return
-        at = next((i for i, (a, b) in enumerate(zip(given, stored, strict=False)) if a != b), min(len(given), len(stored)))
-        raise ConflictError(
-            f"the messages differ from agent {agent.name!r}'s transcript at message {at} "
-            f"({len(given)} sent before the new one, {len(stored)} stored): send the whole transcript and one new user message, "
-            f"or only the new message; to branch, `semantic agents fork {agent.name} NEW` and talk to NEW"
-        )
-
     def _start_stateless(self, job: Job) -> bool:
         slot = self._slot(job)
         if slot is None:
@@ -355,12 +300,12 @@ class Worker:
         p = job.pendings[ev.key]
         if isinstance(ev, TokenEvent) and job.stop:
             text = "".join(p.text) + ev.text
-            cut = _stop_at(job.stop, text)
+            cut = stop_at(job.stop, text)
             if cut is not None:
                 self._stop_string(job, p, text, cut)
                 return
             # Text that may be the start of a stop sequence is held back until it is not.
-            safe = len(text) - _stop_prefix(job.stop, text)
+            safe = len(text) - stop_prefix(job.stop, text)
             shown = job.shown.get(ev.key, 0)
             try:
                 list(self.chat.take(p, ev))  # collects the token on p
@@ -375,7 +320,7 @@ class Worker:
             if len(ev.text) > shown:
                 job.emit(TokenEvent(ev.key, None, ev.text[shown:]))
         try:
-            for out in self.chat.take(p, ev):
+            for out in self.chat.take(p, ev, self._cache_later.setdefault(ev.key, [])):
                 if not isinstance(out, TurnDone) and not (job.stop and isinstance(out, TokenEvent)):  # held-back text went above
                     job.emit(out)
         except TurnNotSaved as exc:
@@ -390,7 +335,7 @@ class Worker:
         if cut > shown:
             job.emit(TokenEvent(p.agent.name, None, text[shown:cut]))
         self.batch.cancel(p.agent.name)
-        done = self.chat.ended(p, "stop", text[:cut])
+        done = ended(p, "stop", text[:cut])
         try:
             for out in self.chat.take(p, done):
                 if not isinstance(out, TurnDone):
@@ -416,19 +361,31 @@ class Worker:
         self._finish(job, key)
 
     def _finish(self, job: Job, key: str) -> None:
+        """`key`'s turn is over. The job's last one ends the response first: its client has
+        the reply (recorded) and goes, while the cache is written, under the agent's lock,
+        before the loop starts anything else."""
         self._running.pop(key, None)
         job.left.discard(key)
-        self.chat.release(key)
-        if not job.left:
-            if job.failed:
-                errors = {k: e for k, e in job.failed.items() if not isinstance(e, SemanticError) or isinstance(e, TurnNotSaved)}
-                first = next(iter(job.failed.values()))
-                if isinstance(first, SemanticError) and not errors:
-                    self._fail(job, first)
-                    return
+        if job.left:
+            self._cache_and_release(key)
+            return
+        if job.failed:
+            errors = {k: e for k, e in job.failed.items() if not isinstance(e, SemanticError) or isinstance(e, TurnNotSaved)}
+            first = next(iter(job.failed.values()))
+            if isinstance(first, SemanticError) and not errors:
+                self._fail(job, first)
+            else:
                 self._fail(job, TurnNotSaved(job.failed, others=len(job.pendings) > len(job.failed)))
-                return
+        else:
             self._end(job)
+        self._cache_and_release(key)
+
+    def _cache_and_release(self, key: str) -> None:
+        for cache_turn in self._cache_later.pop(key, []):
+            recorded = cache_turn()
+            for warning in recorded.warnings:  # its client has gone: the operator hears it
+                log.warning("%s: %s", key, warning)
+        self.chat.release(key)
 
     def _fail(self, job: Job, exc: BaseException) -> None:
         if not isinstance(exc, SemanticError):
@@ -438,20 +395,3 @@ class Worker:
 
     def _end(self, job: Job) -> None:
         job.emit(END)
-
-
-def _stop_at(stops: list[str], text: str) -> int | None:
-    """Where the earliest stop sequence starts in `text`, or None."""
-    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(found) if found else None
-
-
-def _stop_prefix(stops: list[str], text: str) -> int:
-    """How many characters at the end of `text` could begin a stop sequence."""
-    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])), default=0)
-
-
-def validate_stop(stop: list[str]) -> list[str]:
-    if len(stop) > 4 or any(not s or len(s) > 256 for s in stop):
-        raise UsageError("stop: at most 4 non-empty sequences of at most 256 characters")
-    return stop
