@@ -31,6 +31,9 @@ $(STAMP): pyproject.toml
 # its source or mlx changes; without a C++ compiler semantic restores in Python instead.
 native: $(STAMP)
 	@$(BIN)/python scripts/build_native.py
+	@# Bytecode for the package now, so no command pays to compile it, even where
+	@# PYTHONDONTWRITEBYTECODE keeps Python from caching it (an editable install writes none).
+	@$(BIN)/python -m compileall -q semantic_cli >/dev/null
 
 # OpenBLAS makes float32 matmul on the CPU backend ~30x faster (see docs/benchmarks.md);
 # a C++ compiler and xxhash.h build the native restore loops (`make native`).

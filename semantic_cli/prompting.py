@@ -26,7 +26,25 @@ def chat_messages(agent: Agent, history: list[Message]) -> list[dict[str, str]]:
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception:
+        # Templates such as Gemma's and Mistral's refuse two user messages in a row, which
+        # a message left unanswered (Ctrl-C before the reply) makes: they get them as one.
+        merged = _merge_user_runs(messages)
+        if merged == messages:
+            raise
+        return tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _merge_user_runs(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    out: list[dict[str, str]] = []
+    for m in messages:
+        if out and m["role"] == "user" and out[-1]["role"] == "user":
+            out[-1] = {"role": "user", "content": out[-1]["content"] + "\n\n" + m["content"]}
+        else:
+            out.append(dict(m))
+    return out
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:

@@ -170,3 +170,38 @@ def test_ctrl_c_stops_a_prefill_step_between_layers_and_keeps_what_was_read(tiny
             assert mx.array_equal(a, b).item()
     # The generator the stop left half-way is gone: the next run is a whole, normal one.
     assert whole_run("s") == before and len(before) == 4
+
+
+STRICT_TEMPLATE = (  # as Gemma's and Mistral's official templates do: roles must alternate
+    "{% for message in messages %}"
+    "{% set offset = 1 if messages[0]['role'] == 'system' else 0 %}"
+    "{% if message['role'] != 'system' and (message['role'] == 'user') != (loop.index0 % 2 == offset) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_an_unanswered_message_does_not_break_a_template_that_wants_alternating_roles(tiny, home, tmp_path):
+    """Ctrl-C before the first token leaves the user's message unanswered, so the next turn
+    has two user messages in a row: a template that refuses that still gets a conversation
+    it accepts (the two messages as one), and the agent goes on."""
+    import shutil
+
+    strict = tmp_path / "strict"
+    shutil.copytree(tiny["llama"], strict)
+    config = json.loads((strict / "tokenizer_config.json").read_text())
+    config["chat_template"] = STRICT_TEMPLATE
+    (strict / "tokenizer_config.json").write_text(json.dumps(config))
+    with Session() as s:
+        s.say("g", "hello there", model=strict, max_tokens=3)
+        pending = s.chat.prepare(s.chat.open_agent("g"), "first question", GenSettings(max_tokens=3))
+        s.chat.interrupt(pending)  # stopped before its first token: the message is kept, unanswered
+        s.chat.release("g")
+        assert [(m.role, m.status) for m in s.store.messages("g")][-2:] == [("assistant", "complete"), ("user", "unanswered")]
+        rec = s.say("g", "second question", max_tokens=3)
+        assert rec.done.finish_reason in ("length", "stop")
+        text = s.chat.engine_for(s.chat.open_agent("g")).lm.tokenizer.decode(rec.done.all_tokens)
+        s.chat.release("g")
+    assert "first question\n\nsecond question" in text
+    assert [m.role for m in Store().messages("g")] == ["user", "assistant", "user", "user", "assistant"]

@@ -90,6 +90,10 @@ def register(argv: list[str] | None = None) -> None:
         if name not in _registered:
             _COMMANDS[name]()
             _registered.add(name)
+    # Help and completion list them in one order, whatever ran first in this process.
+    order = list(_COMMANDS)
+    app.registered_commands.sort(key=lambda c: order.index(c.name or ""))
+    app.registered_groups.sort(key=lambda g: order.index(g.name or ""))
 
 
 # typer >= 0.2x vendors its own click: its usage errors are not click's classes.
