@@ -382,15 +382,17 @@ def remote_one_shot(
 ) -> None:
     """The same turn through a running `semantic serve`: raises `client.Unavailable` when the
     server cannot take it (the caller runs it in-process), before anything is printed;
-    `announce` runs once it has taken it."""
+    `announce` runs once it has taken it. Ctrl-C prints the cut turns as in-process, from
+    what the server has sent of them (it records them as interrupted when we hang up)."""
     from ..server import client
 
     targets = _targets(names, text, to_all)
     payload = {"targets": targets, "model": model, "system": system, **turn}
+    seen = client.Received()  # what Ctrl-C's output is made of: the turns as received so far
     with render.progress(render.stderr(), enabled=verbose) as progress:
-        events = client.start_turn(socket_path, payload)  # Unavailable is raised here, before any output
+        events = client.start_turn(socket_path, payload, seen)  # Unavailable is raised here, before any output
         announce()
-        show_turns(events, [a for a, _ in targets], json_out, verbose, progress)
+        show_turns(events, [a for a, _ in targets], json_out, verbose, progress, seen.stopped)
 
 
 def turn_json(rec: TurnRecorded, model: str) -> dict[str, Any]:
