@@ -69,6 +69,15 @@ def compacted(messages: list[Message]) -> set[int]:
     return {m.id for m in messages if m.id <= through or (m.role == SUMMARY_ROLE and m is not latest)}
 
 
+def turn_counts(messages: list[Message]) -> tuple[int, int]:
+    """How many turns (user messages) a transcript holds, and how many of them the latest
+    summary covers: `agents ls` and the REPL's /agents show both (`agents show` marks the
+    covered ones "(compacted)")."""
+    through = compacted_through(messages)
+    users = [m.id for m in messages if m.role == "user"]
+    return len(users), sum(1 for i in users if i <= through)
+
+
 def live(messages: list[Message]) -> list[Message]:
     """The messages the model sees after the persona (and summary): those after the latest
     summary's `through`, summaries left out."""

@@ -312,10 +312,18 @@ class Store:
                 self.db.execute("INSERT INTO token_chunks(agent, tokenizer, tokens) VALUES (?,?,?)", (name, tokenizer, _pack(new_tokens)))
             self.db.execute("UPDATE agents SET last_active=? WHERE name=?", (now, name))
 
-    def turn_counts(self) -> dict[str, int]:
-        """Per agent with any: how many user messages (turns) its transcript holds."""
-        rows = self.db.execute("SELECT agent, COUNT(*) AS n FROM messages WHERE role='user' GROUP BY agent")
-        return {r["agent"]: int(r["n"]) for r in rows}
+    def turn_counts(self) -> dict[str, tuple[int, int]]:
+        """Per agent with any: how many turns (user messages) its transcript holds, and how
+        many of them its latest compaction summary covers (`history.turn_counts`' figures)."""
+        through: dict[str, int] = {}
+        for r in self.db.execute("SELECT agent, id, meta FROM messages WHERE role='summary' ORDER BY id"):
+            through[r["agent"]] = int(json.loads(r["meta"] or "{}").get("through", r["id"]))
+        rows = self.db.execute("SELECT agent, id FROM messages WHERE role='user' ORDER BY id")
+        counts: dict[str, tuple[int, int]] = {}
+        for r in rows:
+            turns, covered = counts.get(r["agent"], (0, 0))
+            counts[r["agent"]] = (turns + 1, covered + (r["id"] <= through.get(r["agent"], -1)))
+        return counts
 
     def token_counts(self) -> dict[str, int]:
         rows = self.db.execute("SELECT agent, SUM(LENGTH(tokens)) / 4 AS n FROM token_chunks GROUP BY agent")

@@ -155,6 +155,13 @@ def test_compact_summarises_older_turns_and_keeps_the_transcript(tiny, blocks, c
     assert prompt_of(rec) == prompting.full_prompt(tok, seen)
     doc = json.loads(cli_out("agents", "show", "src", "--json", capsys=capsys))
     assert [m["compacted"] for m in doc["messages"]] == [True] * 4 + [False] * 5
+    # agents ls counts every turn and says how many the summary covers: those agents show marks.
+    [row] = json.loads(cli_out("agents", "ls", "--json", capsys=capsys))
+    covered = sum(1 for m in doc["messages"] if m["role"] == "user" and m["compacted"])
+    assert (row["turns"], row["compacted_turns"]) == (4, covered) == (4, 2)
+    header, line = cli_out("agents", "ls", capsys=capsys).splitlines()
+    assert dict(zip(header.split("\t"), line.split("\t"), strict=True))["TURNS"] == "4 (2 compacted)"
+    assert history.turn_counts(store_messages("src")) == (4, 2)  # the REPL's /agents
     code, err = cli("agents", "compact", "src", "--keep-last", "2", capsys=capsys)
     assert code == 2 and "nothing to compact" in err
     # A fork of a compacted agent is compacted too: its summary names the copies' ids.
@@ -168,6 +175,11 @@ def test_compact_summarises_older_turns_and_keeps_the_transcript(tiny, blocks, c
     code, err = cli("agents", "trim", "src", "--keep-last", "4", "--yes", capsys=capsys)
     assert code == 0 and "nothing to trim" in err
     assert state("src")[0][6][0] == "summary"
+
+
+def store_messages(name: str) -> list[Any]:
+    with closing(Store()) as store:
+        return store.messages(name)
 
 
 def cli_out(*args: str, capsys: Any) -> str:

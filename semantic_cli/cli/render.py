@@ -112,6 +112,12 @@ def fullness(tokens: int, context: int | None) -> str:
     return f"{tokens}/{context}" if context else str(tokens)
 
 
+def turns_cell(turns: int, compacted: int) -> str:
+    """TURNS in `agents ls` and /agents: every recorded turn, and how many of them a
+    compaction summary covers (kept in the transcript, no longer seen by the model)."""
+    return f"{turns} ({compacted} compacted)" if compacted else str(turns)
+
+
 @dataclass(frozen=True)
 class Column:
     header: str

@@ -20,8 +20,9 @@ from prompt_toolkit.document import Document
 from rich.table import Table
 
 from ..errors import SemanticError, UsageError
+from ..history import turn_counts
 from . import control, render
-from .render import printable
+from .render import printable, turns_cell
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,8 @@ def _agents(repl: Any, arg: str) -> None:
     for col in ("", "agent", "model", "turns", "persona"):
         table.add_column(col)
     for name, agent in repl.agents.items():
-        turns = sum(1 for m in store.messages(name) if m.role == "assistant")
-        table.add_row(
-            "*" if name == repl.current else "", name, printable(agent.model), str(turns), printable(_excerpt(agent.system)) or "-"
-        )
+        turns = turns_cell(*turn_counts(store.messages(name)))
+        table.add_row("*" if name == repl.current else "", name, printable(agent.model), turns, printable(_excerpt(agent.system)) or "-")
     repl.console.print(table)
     others = [a.name for a in store.list_agents() if a.name not in repl.agents]
     if others:
