@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -264,3 +265,32 @@ def test_a_conversation_that_fills_the_context_still_compacts(tiny, home, capsys
         summary = store.messages("full")[-1]
     assert summary.role == "summary" and summary.meta["left_out"] == 1 and summary.meta["turns"] == 4  # only what must go
     assert code == 0 and "4 turns summarised" in err and "the oldest 1 turn did not fit its prompt" in err, err
+
+
+# ---- a reply cut short says what cut it, and what applies -------------------------------
+def test_a_reply_cut_by_a_full_context_names_the_ways_out_not_the_token_limit(tiny, home, tmp_path, capsys):
+    small = tmp_path / "small"
+    shutil.copytree(tiny["llama"], small)
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 80}))
+    code, err = cli("chat", "-a", "c", "--model", str(small), "--max-tokens", "500", "-v", "-m", "hi", capsys=capsys)
+    assert code == 0, err
+    assert "cut off: the context is full (80/80 tokens); make room: `semantic agents compact c`" in err
+    assert "`semantic agents trim c --keep-last N`" in err and "`semantic agents fork c NEW --at-turn N`" in err
+    assert "--max-tokens" not in err and "/compact" not in err
+    with Session() as s:
+        repl = repl_for(s, "c", settings=GenSettings(max_tokens=500))
+        slash.dispatch(repl, "/retry")
+        capsys.readouterr()
+        slash.dispatch(repl, "/stats")
+        full = " ".join(capsys.readouterr().out.split())  # the console wraps at 80 columns
+        s.say("d", "hi", model=tiny["llama"], max_tokens=2)
+        repl = repl_for(s, "d", settings=GenSettings(max_tokens=2))
+        slash.dispatch(repl, "/retry")
+        shown = " ".join(capsys.readouterr().out.split())  # the reply's footer, as the REPL draws it
+        slash.dispatch(repl, "/stats")
+        stats = " ".join(capsys.readouterr().out.split())
+    assert "cut off: the context is full (80/80 tokens); make room: /compact" in full and "`semantic agents trim c" in full
+    assert "--max-tokens" not in full + shown + stats
+    assert "cut off at the token limit (2 tokens; /set max_tokens N raises it)" in stats
+    assert "/set max_tokens N raises it" in shown

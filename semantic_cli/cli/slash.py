@@ -122,7 +122,7 @@ def _stats(repl: Any, arg: str) -> None:
     for name, rec in repl.last.items():
         s = rec.done.stats
         repl.console.print(
-            f"last turn ({name}): {render.footer(s, rec.tier, rec.done.finish_reason, control.context(repl, name))}",
+            f"last turn ({name}): {render.footer(s, rec.tier, rec.done.finish_reason, control.context(repl, name), name, repl=True)}",
             markup=False,
             highlight=False,
         )

@@ -52,12 +52,14 @@ class Received:
 
     def __init__(self) -> None:
         self.turns: dict[str, _Partial] = {}
+        self.contexts: dict[str, int] = {}  # each agent's model's context length
         self.began = time.perf_counter()
 
     def see(self, obj: dict[str, Any], ev: TurnEvent | None) -> None:
         if obj.get("event") == "started":
             keys = ("model", "tier", "prompt_tokens", "cached_tokens", "restore_s")
             self.turns[str(obj["key"])] = _Partial(**{k: obj[k] for k in keys})
+            self.contexts[str(obj["key"])] = int(obj["context_length"])
             return
         turn = self.turns.get(ev.key) if ev is not None else None
         if turn is None:

@@ -53,6 +53,7 @@ def started(p: PendingTurn) -> dict[str, Any]:
         "prompt_tokens": len(req.prompt),
         "cached_tokens": req.cached,
         "restore_s": req.restore_s,
+        "context_length": p.engine.lm.context_length,
     }
 
 
