@@ -95,15 +95,15 @@ def _read_system(system: str | None, system_file: Path | None) -> str | None:
 def _check_model(spec: str) -> str:
     """Validate a model spec without loading it; local paths are stored absolute so
     the agent works from any directory."""
-    from ..model.loader import DEFAULT, resolve
+    from ..model.loader import DEFAULT, exists, resolve
 
     if spec == DEFAULT:
         return spec  # resolving it would download and convert the default model
     path = Path(spec).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
+    if exists(path) and path.is_file() and path.suffix == ".gguf":
         return str(path.resolve())  # converted on first use, not here (that takes a while)
     resolve(spec)  # NotFoundError / ModelError for anything unusable
-    return str(path.resolve()) if path.exists() else spec
+    return str(path.resolve()) if exists(path) else spec
 
 
 def _settings(**given: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import subprocess
 import tempfile
@@ -20,6 +21,23 @@ from typing import Any
 from ..errors import SemanticError, UsageError
 from . import render
 from .render import printable
+
+MAX_WHOLE = 2**63 - 1  # as --seed: what SQLite and mlx take
+
+
+def whole_number(text: str, usage: str, low: int = 0, high: int = MAX_WHOLE) -> int:
+    """A slash command's whole-number argument: the one parser /compact, /round and /set
+    seed share. ASCII digits only (str.isdigit() accepts '²', which int() refuses, and int()
+    refuses a number of 5,000 digits), from `low` to `high`; anything else is a UsageError
+    saying `usage` and what was given, and the REPL goes on."""
+    if re.fullmatch(r"[0-9]{1,19}", text) is None or not low <= int(text) <= high:
+        raise UsageError(f"{usage} (got {given(text)})")
+    return int(text)
+
+
+def given(text: str) -> str:
+    """An argument as an error message quotes it: repr'd, a long one shortened."""
+    return repr(text if len(text) <= 40 else text[:40] + "…")
 
 
 def _stored(repl: Any, what: str) -> bool:
@@ -100,13 +118,12 @@ def compact(repl: Any, arg: str) -> None:
     from .. import compact as compaction
     from .agents_context import summary_line
 
-    if arg and not arg.isdigit():
-        raise UsageError("/compact [N]: N is how many of the latest turns to keep verbatim (default 0)")
+    keep = whole_number(arg, "/compact [N]: N is how many of the latest turns to keep verbatim (default 0)") if arg else 0
     if not _stored(repl, "compact"):
         return
     agent = repl.agent()
     with repl.holding(agent.name), render.progress(repl.err) as progress:
-        done = compaction.compact(repl.session, agent, repl.settings, int(arg or 0), progress)
+        done = compaction.compact(repl.session, agent, repl.settings, keep, progress)
     repl.last.pop(agent.name, None)
     repl.info(summary_line(done))
 
