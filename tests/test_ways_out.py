@@ -229,6 +229,55 @@ def test_undo_and_retry_keep_the_cache_on_the_kept_prefix(tiny, blocks):
             slash.dispatch(repl, "/undo")
 
 
+def fail_at_step(monkeypatch: pytest.MonkeyPatch, call: int, how: str) -> list[int]:
+    """The engine's `call`-th step is cut: a real SIGINT inside it (Ctrl-C), or an error."""
+    import os
+    import signal
+
+    from mlx_lm.generate import BatchGenerator
+
+    steps: list[int] = []
+    original = BatchGenerator.next
+
+    def next_step(self: Any) -> Any:
+        steps.append(len(steps) + 1)
+        if len(steps) == call:
+            if how == "error":
+                raise RuntimeError("the engine failed")
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self)
+
+    monkeypatch.setattr(BatchGenerator, "next", next_step)
+    return steps
+
+
+@pytest.mark.parametrize("how", ["sigint", "error", "cut"])
+def test_a_retry_that_does_not_finish_puts_the_old_exchange_back(tiny, blocks, monkeypatch, capsys, how):
+    """Ctrl-C, an error, or a reply the server cut (recorded "interrupted", no exception)."""
+    import dataclasses
+
+    with Session() as s:
+        s.say("a", LONG, model=tiny["llama"])
+        s.say("a", "And then?")
+        before = s.store.messages("a"), state("a")[1]
+        repl = repl_for(s, "a", settings=GenSettings(max_tokens=50))
+        if how == "cut":
+            turn = repl.turn
+            cut = lambda recs: [dataclasses.replace(r, done=dataclasses.replace(r.done, finish_reason="interrupted")) for r in recs]  # noqa: E731
+            monkeypatch.setattr(repl, "turn", lambda targets: cut(turn(targets)))
+            slash.dispatch(repl, "/retry")
+        else:
+            steps = fail_at_step(monkeypatch, 4, how)
+            with pytest.raises(KeyboardInterrupt if how == "sigint" else RuntimeError):
+                slash.dispatch(repl, "/retry")
+            assert len(steps) == 4  # cut mid-reply: the partial one was recorded, then taken out again
+        assert (s.store.messages("a"), state("a")[1]) == before  # the same messages (ids too) and token log
+        assert "a: the previous reply is back (the retry did not finish)" in capsys.readouterr().err
+        monkeypatch.undo()
+        nxt = s.say("a", "Why so?")
+    assert nxt.done.all_tokens[: len(before[1])] == before[1]  # the next turn continues the old exchange
+
+
 def test_compact_in_the_repl(tiny, blocks, capsys):
     three_turns(tiny["llama"], "a")
     with Session() as s:
