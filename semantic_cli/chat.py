@@ -203,7 +203,7 @@ class Chat:
             top_k=int(value("top_k")),
             min_p=float(value("min_p")),
             repeat_penalty=float(value("repeat_penalty")),
-            repeat_last_n=int(value("repeat_last_n")),
+            repeat_last_n=min(int(value("repeat_last_n")), lm.context_length),  # no further back than the context: the same penalty
             restore_s=restore_s,
         )
         return request, restored.tier, list(restored.warnings)

@@ -78,38 +78,51 @@ class Setting:
 
 # The same ranges as the command-line flags (--temp, --top-p, --max-tokens), for the
 # file, the environment and `config set` alike.
+def _number(kind: Callable[[str], Any], text: str, rule: str) -> Any:
+    """`kind(text)`, a ValueError saying `rule` when it is no number at all ('²', 'abc')."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(rule) from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    rule = "must be a whole number >= 1"
+    value = _number(int, text, rule)
     if value <= 0:
-        raise ValueError("must be a whole number >= 1")
+        raise ValueError(rule)
     return value
 
 
 def _temp(text: str) -> float:
-    value = float(text)
+    rule = "must be a finite number >= 0"
+    value = _number(float, text, rule)
     if not math.isfinite(value) or value < 0:
-        raise ValueError("must be a finite number >= 0")
+        raise ValueError(rule)
     return value
 
 
 def _top_p(text: str) -> float:
-    value = float(text)
+    rule = "must be a number in [0, 1]"
+    value = _number(float, text, rule)
     if not 0 <= value <= 1:  # NaN fails too; 0 and 1 both mean no nucleus cut, as for --top-p
-        raise ValueError("must be a number in [0, 1]")
+        raise ValueError(rule)
     return value
 
 
 def _count(text: str) -> int:
-    value = int(text)
+    rule = "must be a whole number >= 0"
+    value = _number(int, text, rule)
     if value < 0:
-        raise ValueError("must be a whole number >= 0")
+        raise ValueError(rule)
     return value
 
 
 def _penalty(text: str) -> float:
-    value = float(text)
+    rule = "must be a finite number > 0 (1 = no penalty)"
+    value = _number(float, text, rule)
     if not math.isfinite(value) or value <= 0:
-        raise ValueError("must be a finite number > 0 (1 = no penalty)")
+        raise ValueError(rule)
     return value
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from .errors import UsageError
 from .kv.index import KVIndex
-from .store import Agent, Message, Store
+from .store import Agent, Message, Removed, Store
 
 SUMMARY_ROLE = "summary"
 SUMMARY_HEADER = "Summary of the earlier conversation:\n"
@@ -67,6 +67,15 @@ def compacted(messages: list[Message]) -> set[int]:
     through = compacted_through(messages)
     latest = latest_summary(messages)
     return {m.id for m in messages if m.id <= through or (m.role == SUMMARY_ROLE and m is not latest)}
+
+
+def turn_counts(messages: list[Message]) -> tuple[int, int]:
+    """How many turns (user messages) a transcript holds, and how many of them the latest
+    summary covers: `agents ls` and the REPL's /agents show both (`agents show` marks the
+    covered ones "(compacted)")."""
+    through = compacted_through(messages)
+    users = [m.id for m in messages if m.role == "user"]
+    return len(users), sum(1 for i in users if i <= through)
 
 
 def live(messages: list[Message]) -> list[Message]:
@@ -182,8 +191,14 @@ def plan_undo(store: Store, name: str) -> Cut:
 def apply_cut(store: Store, cut: Cut) -> list[int]:
     """Delete the cut's messages and log chunks (one transaction); returns the kept log,
     whose blocks `keep_blocks` then keeps (none, and no tail, when the log went)."""
-    store.cut(cut.agent, cut.drop_ids, cut.chunks)
-    return store.log_tokens(cut.agent, cut.chunks)
+    return take_back(store, cut)[0]
+
+
+def take_back(store: Store, cut: Cut) -> tuple[list[int], Removed]:
+    """`apply_cut`, and what it deleted: `Store.put_back` restores it (a /retry whose new
+    reply failed or was cut keeps the old one)."""
+    removed = store.cut(cut.agent, cut.drop_ids, cut.chunks)
+    return store.log_tokens(cut.agent, cut.chunks), removed
 
 
 def fork(store: Store, index: KVIndex, source: str, new: str, cut: Cut, block_tokens: int) -> int:

@@ -98,6 +98,16 @@ class Message:
     meta: dict
 
 
+@dataclass(frozen=True)
+class Removed:
+    """What `Store.cut` deleted, for `Store.put_back` (a /retry whose new reply never came)."""
+
+    agent: str
+    messages: list[tuple[Any, ...]]  # the deleted rows: id, role, content, status, created_at, meta
+    log: list[tuple[Any, ...]]  # the whole token log before the cut: id, tokenizer, tokens
+    last_id: int  # the agent's last message id before the cut: anything above it came later
+
+
 def _pack(tokens: list[int]) -> bytes:
     return array("I", tokens).tobytes()
 
@@ -242,14 +252,40 @@ class Store:
         rows = self.db.execute("SELECT tokens FROM token_chunks WHERE agent=? ORDER BY id LIMIT ?", (name, chunks)).fetchall()
         return [t for r in rows for t in _unpack(r["tokens"])]
 
-    def cut(self, name: str, drop: list[int], chunks: int) -> None:
+    def cut(self, name: str, drop: list[int], chunks: int) -> Removed:
         """Delete the messages with these ids and keep only the first `chunks` chunks of the
-        token log (0: none, and the next turn re-renders the transcript), in one transaction."""
+        token log (0: none, and the next turn re-renders the transcript), in one transaction.
+        Returns what it deleted, which `put_back` restores."""
         with self._tx():
+            cols = "id, role, content, status, created_at, meta"
+            rows = self.db.execute(f"SELECT {cols} FROM messages WHERE agent=? ORDER BY id", (name,)).fetchall()
+            log = self.db.execute("SELECT id, tokenizer, tokens FROM token_chunks WHERE agent=? ORDER BY id", (name,)).fetchall()
+            gone = set(drop)
+            removed = Removed(name, [tuple(r) for r in rows if r["id"] in gone], [tuple(r) for r in log], rows[-1]["id"] if rows else -1)
             self.db.executemany("DELETE FROM messages WHERE agent=? AND id=?", [(name, i) for i in drop])
-            keep = self.db.execute("SELECT id FROM token_chunks WHERE agent=? ORDER BY id LIMIT ?", (name, chunks)).fetchall()
-            last = keep[-1]["id"] if keep else -1
+            last = log[min(chunks, len(log)) - 1]["id"] if chunks > 0 and log else -1
             self.db.execute("DELETE FROM token_chunks WHERE agent=? AND id>?", (name, last))
+        return removed
+
+    def put_back(self, removed: Removed) -> None:
+        """Undo a `cut`: what was recorded since goes (messages after the cut's last one, the
+        whole log), and the deleted messages and the log come back as they were, ids and
+        all (ids only grow, so none was reused), in one transaction."""
+        name = removed.agent
+        with self._tx():
+            self.db.execute("DELETE FROM messages WHERE agent=? AND id>?", (name, removed.last_id))
+            self.db.executemany(
+                "INSERT INTO messages(id, agent, role, content, status, created_at, meta) VALUES (?,?,?,?,?,?,?)",
+                [(i, name, *rest) for i, *rest in removed.messages],
+            )
+            self.db.execute("DELETE FROM token_chunks WHERE agent=?", (name,))
+            self.db.executemany(
+                "INSERT INTO token_chunks(id, agent, tokenizer, tokens) VALUES (?,?,?,?)", [(i, name, *rest) for i, *rest in removed.log]
+            )
+
+    def removed_log(self, removed: Removed) -> list[int]:
+        """The token log `put_back` restores."""
+        return [t for *_, blob in removed.log for t in _unpack(blob)]
 
     def add_summary(self, name: str, content: str, meta: dict) -> Message:
         """Record a compaction summary and drop the token log (the prefix changed: the next
@@ -312,10 +348,18 @@ class Store:
                 self.db.execute("INSERT INTO token_chunks(agent, tokenizer, tokens) VALUES (?,?,?)", (name, tokenizer, _pack(new_tokens)))
             self.db.execute("UPDATE agents SET last_active=? WHERE name=?", (now, name))
 
-    def turn_counts(self) -> dict[str, int]:
-        """Per agent with any: how many user messages (turns) its transcript holds."""
-        rows = self.db.execute("SELECT agent, COUNT(*) AS n FROM messages WHERE role='user' GROUP BY agent")
-        return {r["agent"]: int(r["n"]) for r in rows}
+    def turn_counts(self) -> dict[str, tuple[int, int]]:
+        """Per agent with any: how many turns (user messages) its transcript holds, and how
+        many of them its latest compaction summary covers (`history.turn_counts`' figures)."""
+        through: dict[str, int] = {}
+        for r in self.db.execute("SELECT agent, id, meta FROM messages WHERE role='summary' ORDER BY id"):
+            through[r["agent"]] = int(json.loads(r["meta"] or "{}").get("through", r["id"]))
+        rows = self.db.execute("SELECT agent, id FROM messages WHERE role='user' ORDER BY id")
+        counts: dict[str, tuple[int, int]] = {}
+        for r in rows:
+            turns, covered = counts.get(r["agent"], (0, 0))
+            counts[r["agent"]] = (turns + 1, covered + (r["id"] <= through.get(r["agent"], -1)))
+        return counts
 
     def token_counts(self) -> dict[str, int]:
         rows = self.db.execute("SELECT agent, SUM(LENGTH(tokens)) / 4 AS n FROM token_chunks GROUP BY agent")

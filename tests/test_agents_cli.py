@@ -87,8 +87,8 @@ def test_ls_reports_turns_tokens_and_cache(tiny, blocks32):
     rows = json.loads(ok("agents", "ls", "--json").stdout)
     assert [r["name"] for r in rows] == ["a", "idle"]
     a, idle = rows
-    assert set(a) == {"name", "model", "system", "settings", "created_at", "last_active", "turns", "transcript_tokens", "context_length",
-                      "cached_tokens"}  # fmt: skip
+    assert set(a) == {"name", "model", "system", "settings", "created_at", "last_active", "turns", "compacted_turns",
+                      "transcript_tokens", "context_length", "cached_tokens"}  # fmt: skip
     assert a["turns"] == 2 and a["system"] == "You are terse." and a["model"] == str(tiny["llama"])
     assert a["transcript_tokens"] == len(rec.done.all_tokens)
     assert a["cached_tokens"] == len(rec.done.all_tokens) > 5 * 32  # every block plus the tail

@@ -11,6 +11,7 @@ import time
 
 from conftest import SEMANTIC, run_cli
 from helpers import Session
+from servers import Server
 from turns import encode, render, run_turn, transcript
 
 from semantic_cli.chat import GenSettings
@@ -205,3 +206,41 @@ def test_an_unanswered_message_does_not_break_a_template_that_wants_alternating_
         s.chat.release("g")
     assert "first question\n\nsecond question" in text
     assert [m.role for m in Store().messages("g")] == ["user", "assistant", "user", "user", "assistant"]
+
+
+def test_sigint_with_json_through_the_server_prints_the_interrupted_turn(tiny, home):
+    """As in-process: the JSON of the cut turn (from what the server sent), exit 130; the
+    server records the same turn as interrupted once the client hangs up."""
+    model = str(tiny["llama"])
+    with Server(home, model):
+        proc = subprocess.Popen(
+            [SEMANTIC, "chat", "-a", "c", "--model", model, "--max-tokens", "4000", "--json", "-m", "go on forever"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert b"new agent" in proc.stderr.readline()  # said once the server has taken the turn and sent a token
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        [turn] = [json.loads(line) for line in out.decode().splitlines()]
+        deadline = time.monotonic() + 30
+        while True:
+            store = Store()
+            try:
+                messages = store.messages("c")
+            finally:
+                store.close()
+            if messages and messages[-1].role == "assistant":
+                break
+            assert time.monotonic() < deadline, "the server never recorded the cut turn"
+            time.sleep(0.1)
+    reply = messages[-1]
+    ref = run_cli("chat", "-a", "ref", "--model", model, "--max-tokens", "2", "--json", "--no-server", "-m", "go on forever")
+    assert turn.keys() == json.loads(ref.stdout).keys()
+    assert turn["finish_reason"] == "interrupted" and turn["agent"] == "c" and turn["model"] == reply.meta["model"]
+    assert 0 < turn["generated_tokens"] <= reply.meta["generated_tokens"] < 4000
+    assert reply.status == "interrupted" and reply.content.startswith(turn["reply"]) and turn["reply"]
+    assert (turn["prompt_tokens"], turn["cached_tokens"]) == (reply.meta["prompt_tokens"], reply.meta["cached_tokens"])
+    assert err.decode().count("interrupted") == 1

@@ -20,7 +20,7 @@ from semantic_cli.cli.repl import Repl, block_open
 from semantic_cli.errors import NotFoundError, UsageError
 from semantic_cli.kv.index import KVIndex
 from semantic_cli.store import Store
-from semantic_cli.turn import GenSettings
+from semantic_cli.turn import GenSettings, TurnRecorded
 
 LONG = " ".join(f"line {i}: the quick brown fox jumps over the lazy dog." for i in range(12))
 
@@ -154,3 +154,43 @@ def test_json_is_refused_in_the_repl(home):
     child.close()
     assert child.exitstatus == 2
     assert b"--json is for one-shot turns" in child.before
+
+
+# Each is refused by its command in one line; none may reach int() or the file system raw.
+BAD_ARGUMENTS = [
+    "/compact ²",  # str.isdigit() accepts it, int() does not
+    "/compact -1",
+    "/compact " + "9" * 5000,  # int() refuses over 4,300 digits
+    "/set seed ²",
+    "/set seed -1",
+    "/set seed " + "9" * 30,  # past 2**63 - 1: mlx's seed() would fail at the next turn
+    "/set max_tokens ²",
+    "/set top_k " + "1" * 5000,
+    "/set temp ²",
+    "/save a\x00b.md",
+    "/cache ²",
+    "/agent ²",
+    "/model " + "²" * 300,  # a name too long for the file system
+]
+ROOM_ARGUMENTS = ["/round ²", "/round 0", "/round " + "9" * 5000]
+
+
+def test_a_bad_argument_is_one_clear_error_and_the_repl_goes_on(home, capsys):
+    for names, lines in ((("a",), BAD_ARGUMENTS), (("a", "b"), ROOM_ARGUMENTS)):
+        with Session() as s:
+            repl = repl_for(s, *names)
+            queue = [*lines, "/quit"]
+            repl.read = lambda q=queue: q.pop(0)  # type: ignore[method-assign]
+            capsys.readouterr()
+            repl.run()
+            err = capsys.readouterr().err
+        assert queue == [] and err.count("error: ") == len(lines), err  # every line read, one error each
+        assert "unexpected" not in err and "…" in err  # a long argument is quoted shortened
+
+
+def test_a_repeat_window_past_the_context_is_the_whole_context(tiny, home):
+    with Session() as s:
+        s.say("a", "hello", model=tiny["llama"], max_tokens=2)
+        p = s.chat.prepare(s.chat.open_agent("a"), "hi", GenSettings(max_tokens=2, repeat_last_n=10**20, repeat_penalty=1.2))
+        assert p.request.repeat_last_n == p.engine.lm.context_length
+        assert [e for e in s.chat.run([p]) if isinstance(e, TurnRecorded)][0].done.finish_reason == "length"

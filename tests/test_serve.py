@@ -203,6 +203,8 @@ def test_cli_through_the_server_matches_in_process_output_and_exit_codes(tiny, h
         assert a.keys() == b.keys() and a["reply"] == b["reply"] and a["agent"] == "s1"
         piped = _chat("-a", "s3", "--model", model, "--max-tokens", "5", input="same words\n")
         assert piped[0] == 0 and piped[1] == a["reply"] + "\n"
+        code, _, err = _chat("-a", "s4", "--model", model, "-m", "same words", "--max-tokens", "5", "-v")
+        assert code == 0 and "cut off at the token limit (5 tokens; --max-tokens raises it)" in err and " · context " in err
         room = _chat("-a", "r1", "-a", "r2", "--model", model, "--all", "--max-tokens", "3", "-m", "hi")
         assert room[0] == 0 and room[1].index("[r1]\n") < room[1].index("[r2]\n")
         with AgentLock("s1"):
@@ -213,7 +215,7 @@ def test_cli_through_the_server_matches_in_process_output_and_exit_codes(tiny, h
         code, _, err = _chat("-a", "s9", "--model", "/nonexistent", "-m", "x")  # another model: in-process, same error
         assert code == EXIT_NOT_FOUND and "unknown model" in err
         _, log = server.stop()
-    assert log.count("POST /semantic/v1/turns 200") == 3  # s1, s3 and the room; s2 ran in-process
+    assert log.count("POST /semantic/v1/turns 200") == 4  # s1, s3, s4 and the room; s2 ran in-process
 
 
 def test_a_client_that_disconnects_mid_stream_stops_its_own_turn_only(tiny, home):

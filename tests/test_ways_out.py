@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,13 @@ def test_compact_summarises_older_turns_and_keeps_the_transcript(tiny, blocks, c
     assert prompt_of(rec) == prompting.full_prompt(tok, seen)
     doc = json.loads(cli_out("agents", "show", "src", "--json", capsys=capsys))
     assert [m["compacted"] for m in doc["messages"]] == [True] * 4 + [False] * 5
+    # agents ls counts every turn and says how many the summary covers: those agents show marks.
+    [row] = json.loads(cli_out("agents", "ls", "--json", capsys=capsys))
+    covered = sum(1 for m in doc["messages"] if m["role"] == "user" and m["compacted"])
+    assert (row["turns"], row["compacted_turns"]) == (4, covered) == (4, 2)
+    header, line = cli_out("agents", "ls", capsys=capsys).splitlines()
+    assert dict(zip(header.split("\t"), line.split("\t"), strict=True))["TURNS"] == "4 (2 compacted)"
+    assert history.turn_counts(store_messages("src")) == (4, 2)  # the REPL's /agents
     code, err = cli("agents", "compact", "src", "--keep-last", "2", capsys=capsys)
     assert code == 2 and "nothing to compact" in err
     # A fork of a compacted agent is compacted too: its summary names the copies' ids.
@@ -168,6 +176,11 @@ def test_compact_summarises_older_turns_and_keeps_the_transcript(tiny, blocks, c
     code, err = cli("agents", "trim", "src", "--keep-last", "4", "--yes", capsys=capsys)
     assert code == 0 and "nothing to trim" in err
     assert state("src")[0][6][0] == "summary"
+
+
+def store_messages(name: str) -> list[Any]:
+    with closing(Store()) as store:
+        return store.messages(name)
 
 
 def cli_out(*args: str, capsys: Any) -> str:
@@ -216,6 +229,55 @@ def test_undo_and_retry_keep_the_cache_on_the_kept_prefix(tiny, blocks):
             slash.dispatch(repl, "/undo")
 
 
+def fail_at_step(monkeypatch: pytest.MonkeyPatch, call: int, how: str) -> list[int]:
+    """The engine's `call`-th step is cut: a real SIGINT inside it (Ctrl-C), or an error."""
+    import os
+    import signal
+
+    from mlx_lm.generate import BatchGenerator
+
+    steps: list[int] = []
+    original = BatchGenerator.next
+
+    def next_step(self: Any) -> Any:
+        steps.append(len(steps) + 1)
+        if len(steps) == call:
+            if how == "error":
+                raise RuntimeError("the engine failed")
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self)
+
+    monkeypatch.setattr(BatchGenerator, "next", next_step)
+    return steps
+
+
+@pytest.mark.parametrize("how", ["sigint", "error", "cut"])
+def test_a_retry_that_does_not_finish_puts_the_old_exchange_back(tiny, blocks, monkeypatch, capsys, how):
+    """Ctrl-C, an error, or a reply the server cut (recorded "interrupted", no exception)."""
+    import dataclasses
+
+    with Session() as s:
+        s.say("a", LONG, model=tiny["llama"])
+        s.say("a", "And then?")
+        before = s.store.messages("a"), state("a")[1]
+        repl = repl_for(s, "a", settings=GenSettings(max_tokens=50))
+        if how == "cut":
+            turn = repl.turn
+            cut = lambda recs: [dataclasses.replace(r, done=dataclasses.replace(r.done, finish_reason="interrupted")) for r in recs]  # noqa: E731
+            monkeypatch.setattr(repl, "turn", lambda targets: cut(turn(targets)))
+            slash.dispatch(repl, "/retry")
+        else:
+            steps = fail_at_step(monkeypatch, 4, how)
+            with pytest.raises(KeyboardInterrupt if how == "sigint" else RuntimeError):
+                slash.dispatch(repl, "/retry")
+            assert len(steps) == 4  # cut mid-reply: the partial one was recorded, then taken out again
+        assert (s.store.messages("a"), state("a")[1]) == before  # the same messages (ids too) and token log
+        assert "a: the previous reply is back (the retry did not finish)" in capsys.readouterr().err
+        monkeypatch.undo()
+        nxt = s.say("a", "Why so?")
+    assert nxt.done.all_tokens[: len(before[1])] == before[1]  # the next turn continues the old exchange
+
+
 def test_compact_in_the_repl(tiny, blocks, capsys):
     three_turns(tiny["llama"], "a")
     with Session() as s:
@@ -252,3 +314,32 @@ def test_a_conversation_that_fills_the_context_still_compacts(tiny, home, capsys
         summary = store.messages("full")[-1]
     assert summary.role == "summary" and summary.meta["left_out"] == 1 and summary.meta["turns"] == 4  # only what must go
     assert code == 0 and "4 turns summarised" in err and "the oldest 1 turn did not fit its prompt" in err, err
+
+
+# ---- a reply cut short says what cut it, and what applies -------------------------------
+def test_a_reply_cut_by_a_full_context_names_the_ways_out_not_the_token_limit(tiny, home, tmp_path, capsys):
+    small = tmp_path / "small"
+    shutil.copytree(tiny["llama"], small)
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 80}))
+    code, err = cli("chat", "-a", "c", "--model", str(small), "--max-tokens", "500", "-v", "-m", "hi", capsys=capsys)
+    assert code == 0, err
+    assert "cut off: the context is full (80/80 tokens); make room: `semantic agents compact c`" in err
+    assert "`semantic agents trim c --keep-last N`" in err and "`semantic agents fork c NEW --at-turn N`" in err
+    assert "--max-tokens" not in err and "/compact" not in err
+    with Session() as s:
+        repl = repl_for(s, "c", settings=GenSettings(max_tokens=500))
+        slash.dispatch(repl, "/retry")
+        capsys.readouterr()
+        slash.dispatch(repl, "/stats")
+        full = " ".join(capsys.readouterr().out.split())  # the console wraps at 80 columns
+        s.say("d", "hi", model=tiny["llama"], max_tokens=2)
+        repl = repl_for(s, "d", settings=GenSettings(max_tokens=2))
+        slash.dispatch(repl, "/retry")
+        shown = " ".join(capsys.readouterr().out.split())  # the reply's footer, as the REPL draws it
+        slash.dispatch(repl, "/stats")
+        stats = " ".join(capsys.readouterr().out.split())
+    assert "cut off: the context is full (80/80 tokens); make room: /compact" in full and "`semantic agents trim c" in full
+    assert "--max-tokens" not in full + shown + stats
+    assert "cut off at the token limit (2 tokens; /set max_tokens N raises it)" in stats
+    assert "/set max_tokens N raises it" in shown

@@ -30,7 +30,7 @@ from ..kv.index import KVIndex, open_index
 from ..locks import AgentLock
 from ..store import Store, validate_name
 from . import render, transcript
-from .render import Column, fullness, human_age, human_bytes, printable
+from .render import Column, fullness, human_age, human_bytes, printable, turns_cell
 
 app = typer.Typer(help="Manage agents: named personas with their own conversation and cache.", no_args_is_help=True)
 
@@ -95,15 +95,15 @@ def _read_system(system: str | None, system_file: Path | None) -> str | None:
 def _check_model(spec: str) -> str:
     """Validate a model spec without loading it; local paths are stored absolute so
     the agent works from any directory."""
-    from ..model.loader import DEFAULT, resolve
+    from ..model.loader import DEFAULT, exists, resolve
 
     if spec == DEFAULT:
         return spec  # resolving it would download and convert the default model
     path = Path(spec).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
+    if exists(path) and path.is_file() and path.suffix == ".gguf":
         return str(path.resolve())  # converted on first use, not here (that takes a while)
     resolve(spec)  # NotFoundError / ModelError for anything unusable
-    return str(path.resolve()) if path.exists() else spec
+    return str(path.resolve()) if exists(path) else spec
 
 
 def _settings(**given: Any) -> dict[str, Any]:
@@ -156,6 +156,8 @@ def ls(json_out: bool = typer.Option(False, "--json", metavar="", help="Print a 
 
     In a piped field, a backslash, tab, newline or carriage return is written \\\\, \\t, \\n or \\r.
 
+    TURNS: every recorded turn; after a compaction, "12 (8 compacted)": 8 of them are in the summary (agents show marks them).
+
     TOKENS: transcript tokens / the model's context length ("812/8192"); the tokens alone until the model's files are here.
     """
     from ..model.loader import context_length
@@ -167,7 +169,8 @@ def ls(json_out: bool = typer.Option(False, "--json", metavar="", help="Print a 
     rows = [
         {
             **export.agent_dict(a),
-            "turns": turns.get(a.name, 0),
+            "turns": turns.get(a.name, (0, 0))[0],
+            "compacted_turns": turns.get(a.name, (0, 0))[1],
             "transcript_tokens": tokens.get(a.name, 0),
             "context_length": contexts[a.model],
             "cached_tokens": cached.get(a.name, 0),
@@ -190,8 +193,8 @@ def ls(json_out: bool = typer.Option(False, "--json", metavar="", help="Print a 
             model, persona = printable(model), printable(_excerpt(a.system)) or "-"
         else:
             model, persona = a.model, a.system  # complete, byte for byte
-        cells.append([a.name, model, persona, str(row["turns"]), fullness(row["transcript_tokens"], row["context_length"]),
-                      str(row["cached_tokens"]), human_age(a.last_active)])  # fmt: skip
+        turns_text, full = turns_cell(row["turns"], row["compacted_turns"]), fullness(row["transcript_tokens"], row["context_length"])
+        cells.append([a.name, model, persona, turns_text, full, str(row["cached_tokens"]), human_age(a.last_active)])
     render.table(columns, cells)
 
 

@@ -293,7 +293,8 @@ def one_shot(
         if announce is not None:
             announce()
         events = session.run(pendings, seed=settings.seed)
-        show_turns(events, [p.agent.name for p in pendings], json_out, verbose, progress, stopped, room)
+        contexts = {p.agent.name: p.engine.lm.context_length for p in pendings}
+        show_turns(events, [p.agent.name for p in pendings], json_out, verbose, progress, stopped, room, contexts)
 
 
 def show_turns(
@@ -304,13 +305,15 @@ def show_turns(
     progress: Any,
     stopped: Callable[[], list[TurnRecorded]] | None = None,
     room: bool = False,
+    contexts: dict[str, int] | None = None,
 ) -> None:
     """Print each reply on stdout (streamed for one agent; in room order, each once recorded,
     for a room), whether the turns ran here or in the server. On a terminal the text goes
     through `render.printable`; a pipe gets it byte for byte. If some replies could not be
     saved (`TurnNotSaved`), the others are printed before the error. On Ctrl-C the turns it
     cut (`stopped`, once the core has recorded them) are printed as the finished ones are
-    (JSON with finish_reason "interrupted"), and the output still ends with a newline."""
+    (JSON with finish_reason "interrupted"), and the output still ends with a newline.
+    `contexts`: each agent's context length, for --verbose's footer (a full context)."""
     from ..chat import Notice, TurnNotSaved, TurnRecorded
     from ..engine import PromptProgress, TokenEvent
 
@@ -329,7 +332,8 @@ def show_turns(
             if rec is not None and not (single and not json_out and cut_before_reply):
                 _emit(rec, out, single, json_out)
                 if verbose:
-                    err.print(render.footer(rec.done.stats, rec.tier, rec.done.finish_reason), style="dim", markup=False)
+                    context = (contexts or {}).get(rec.key)
+                    err.print(render.footer(rec.done.stats, rec.tier, rec.done.finish_reason, context, rec.key), style="dim", markup=False)
             elif single and streamed:
                 out.write("\n")  # the reply streamed: end its line before the error
                 out.flush()
@@ -382,15 +386,17 @@ def remote_one_shot(
 ) -> None:
     """The same turn through a running `semantic serve`: raises `client.Unavailable` when the
     server cannot take it (the caller runs it in-process), before anything is printed;
-    `announce` runs once it has taken it."""
+    `announce` runs once it has taken it. Ctrl-C prints the cut turns as in-process, from
+    what the server has sent of them (it records them as interrupted when we hang up)."""
     from ..server import client
 
     targets = _targets(names, text, to_all)
     payload = {"targets": targets, "model": model, "system": system, **turn}
+    seen = client.Received()  # what Ctrl-C's output is made of: the turns as received so far
     with render.progress(render.stderr(), enabled=verbose) as progress:
-        events = client.start_turn(socket_path, payload)  # Unavailable is raised here, before any output
+        events = client.start_turn(socket_path, payload, seen)  # Unavailable is raised here, before any output
         announce()
-        show_turns(events, [a for a, _ in targets], json_out, verbose, progress)
+        show_turns(events, [a for a, _ in targets], json_out, verbose, progress, seen.stopped, contexts=seen.contexts)
 
 
 def turn_json(rec: TurnRecorded, model: str) -> dict[str, Any]:

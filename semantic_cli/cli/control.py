@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import subprocess
 import tempfile
@@ -18,8 +19,26 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SemanticError, UsageError
+from ..store import Removed
 from . import render
 from .render import printable
+
+MAX_WHOLE = 2**63 - 1  # as --seed: what SQLite and mlx take
+
+
+def whole_number(text: str, usage: str, low: int = 0, high: int = MAX_WHOLE) -> int:
+    """A slash command's whole-number argument: the one parser /compact, /round and /set
+    seed share. ASCII digits only (str.isdigit() accepts '²', which int() refuses, and int()
+    refuses a number of 5,000 digits), from `low` to `high`; anything else is a UsageError
+    saying `usage` and what was given, and the REPL goes on."""
+    if re.fullmatch(r"[0-9]{1,19}", text) is None or not low <= int(text) <= high:
+        raise UsageError(f"{usage} (got {given(text)})")
+    return int(text)
+
+
+def given(text: str) -> str:
+    """An argument as an error message quotes it: repr'd, a long one shortened."""
+    return repr(text if len(text) <= 40 else text[:40] + "…")
 
 
 def _stored(repl: Any, what: str) -> bool:
@@ -29,23 +48,39 @@ def _stored(repl: Any, what: str) -> bool:
     return True
 
 
-def undo_last(repl: Any) -> str:
+def undo_last(repl: Any) -> tuple[str, Removed]:
     """Remove the current agent's last exchange from the transcript and its token log; the
-    cache keeps the whole blocks of what is left. Returns the removed user message."""
+    cache keeps the whole blocks of what is left. Returns the removed user message, and
+    what was removed (`put_back` restores it)."""
+    from .. import history
+
+    name = repl.current
+    store = repl.session.store
+    with repl.holding(name):
+        cut = history.plan_undo(store, name)
+        removed_text = history.exchanges(store.messages(name))[-1].user.content
+        kept, removed = history.take_back(store, cut)
+        _cache_follows(repl, name, kept)
+    repl.last.pop(name, None)
+    return removed_text, removed
+
+
+def put_back(repl: Any, removed: Removed) -> None:
+    """Undo `undo_last`: whatever was recorded since goes and the exchange comes back, with
+    its token log; the cache keeps the blocks of that log that are still stored."""
+    with repl.holding(removed.agent):
+        repl.session.store.put_back(removed)
+        _cache_follows(repl, removed.agent, repl.session.store.removed_log(removed))
+
+
+def _cache_follows(repl: Any, name: str, log: list[int]) -> None:
     from .. import history
     from ..kv.failures import CacheUnavailable
 
-    name = repl.current
-    store, kv = repl.session.store, repl.session.kv
-    with repl.holding(name):
-        cut = history.plan_undo(store, name)
-        removed = history.exchanges(store.messages(name))[-1].user.content
-        kept = history.apply_cut(store, cut)
-        kv.drop_hot(name)  # it covers the removed reply
-        with contextlib.suppress(CacheUnavailable):
-            history.keep_blocks(kv.index, name, name, kept, kv.block_tokens)
-    repl.last.pop(name, None)
-    return removed
+    kv = repl.session.kv
+    kv.drop_hot(name)  # it covers what was just taken back (or put back over)
+    with contextlib.suppress(CacheUnavailable):
+        history.keep_blocks(kv.index, name, name, log, kv.block_tokens)
 
 
 def undo(repl: Any, arg: str) -> None:
@@ -53,19 +88,30 @@ def undo(repl: Any, arg: str) -> None:
         return
     from .agents import _excerpt
 
-    removed = undo_last(repl)
+    removed, _ = undo_last(repl)
     repl.info(f"{repl.current}: removed the last turn (you: {printable(_excerpt(removed))!r}) from the transcript and the token log")
 
 
 def retry(repl: Any, arg: str) -> None:
-    """Regenerate the last reply: the last exchange is removed and its message sent again."""
+    """Regenerate the last reply: the last exchange is removed and its message sent again.
+    All or nothing: when the new reply is not recorded whole (an error, Ctrl-C, a server
+    that goes away), the old exchange is put back as it was and the cut new one goes."""
     if not _stored(repl, "retry"):
         return
     if repl.remote is None:  # the model loads before the turn is taken back: a model that fails costs nothing
         with render.progress(repl.err) as progress:
             repl.session.engine_for(repl.agent(), progress)
-    text = undo_last(repl)
-    repl.turn([(repl.agent(), text)])
+    text, removed = undo_last(repl)
+    back = f"{removed.agent}: the previous reply is back (the retry did not finish)"
+    try:
+        recorded = repl.turn([(repl.agent(), text)])
+    except BaseException:
+        put_back(repl, removed)
+        repl.info(back)
+        raise
+    if not recorded or any(r.done.finish_reason == "interrupted" for r in recorded):
+        put_back(repl, removed)
+        repl.info(back)
 
 
 def edit(repl: Any, arg: str) -> None:
@@ -100,13 +146,12 @@ def compact(repl: Any, arg: str) -> None:
     from .. import compact as compaction
     from .agents_context import summary_line
 
-    if arg and not arg.isdigit():
-        raise UsageError("/compact [N]: N is how many of the latest turns to keep verbatim (default 0)")
+    keep = whole_number(arg, "/compact [N]: N is how many of the latest turns to keep verbatim (default 0)") if arg else 0
     if not _stored(repl, "compact"):
         return
     agent = repl.agent()
     with repl.holding(agent.name), render.progress(repl.err) as progress:
-        done = compaction.compact(repl.session, agent, repl.settings, int(arg or 0), progress)
+        done = compaction.compact(repl.session, agent, repl.settings, keep, progress)
     repl.last.pop(agent.name, None)
     repl.info(summary_line(done))
 

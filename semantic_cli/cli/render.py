@@ -112,6 +112,12 @@ def fullness(tokens: int, context: int | None) -> str:
     return f"{tokens}/{context}" if context else str(tokens)
 
 
+def turns_cell(turns: int, compacted: int) -> str:
+    """TURNS in `agents ls` and /agents: every recorded turn, and how many of them a
+    compaction summary covers (kept in the transcript, no longer seen by the model)."""
+    return f"{turns} ({compacted} compacted)" if compacted else str(turns)
+
+
 @dataclass(frozen=True)
 class Column:
     header: str
@@ -178,20 +184,40 @@ def fit_widths(columns: Sequence[Column], rows: Sequence[Sequence[str]], width: 
     return widths
 
 
-def footer(stats: Any, tier: str, finish_reason: str = "stop", context: int | None = None) -> str:
-    """A reply's figures; first, on a line of its own, that the token limit cut it, if it did;
-    with the model's `context` length, how full the conversation now is."""
+def footer(stats: Any, tier: str, finish_reason: str = "stop", context: int | None = None, name: str = "", repl: bool = False) -> str:
+    """A reply's figures; first, on a line of its own, what cut it, if something did
+    (`cut_note`); with the model's `context` length, how full the conversation now is."""
     cached = f", {stats.cached_tokens} from {tier} cache" if stats.cached_tokens else ""
     full = f" · context {fullness(stats.prompt_tokens + stats.generated_tokens, context)}" if context else ""
-    cut = (
-        f"cut off at the token limit ({plural(stats.generated_tokens, 'token')}; --max-tokens raises it)\n"
-        if finish_reason == "length"
-        else ""
-    )
+    cut = cut_note(stats, finish_reason, context, name, repl)
     return (
-        f"{cut}ttft {stats.ttft_s:.2f}s · prompt {stats.prompt_tps:.0f} tok/s · gen {stats.generation_tps:.1f} tok/s · "
-        f"prefilled {stats.prefilled_tokens} of {stats.prompt_tokens} tokens{cached}{full}"
+        f"{cut + chr(10) if cut else ''}ttft {stats.ttft_s:.2f}s · prompt {stats.prompt_tps:.0f} tok/s · "
+        f"gen {stats.generation_tps:.1f} tok/s · prefilled {stats.prefilled_tokens} of {stats.prompt_tokens} tokens{cached}{full}"
     )
+
+
+def cut_note(stats: Any, finish_reason: str, context: int | None, name: str, repl: bool) -> str:
+    """Why a reply stopped short ("" if it did not), with the ways out that apply: a full
+    context (the reply reached the model's `context` length) needs room made, which no
+    token limit gives; otherwise the limit is raised by the flag, or in the REPL by /set."""
+    if finish_reason != "length":
+        return ""
+    used = stats.prompt_tokens + stats.generated_tokens
+    if context and used >= context:
+        agent = name or "NAME"
+        if repl:
+            ways = (
+                f"/compact (summarise older turns), /undo or /reset; or, outside this REPL, "
+                f"`semantic agents trim {agent} --keep-last N` or `semantic agents fork {agent} NEW --at-turn N`"
+            )
+        else:
+            ways = (
+                f"`semantic agents compact {agent}` (summarise older turns), `semantic agents trim {agent} --keep-last N` "
+                f"or `semantic agents fork {agent} NEW --at-turn N`"
+            )
+        return f"cut off: the context is full ({fullness(used, context)} tokens); make room: {ways}"
+    raise_it = "/set max_tokens N raises it" if repl else "--max-tokens raises it"
+    return f"cut off at the token limit ({plural(stats.generated_tokens, 'token')}; {raise_it})"
 
 
 ProgressFn = Callable[[str, int, int], None]

@@ -255,7 +255,9 @@ class Repl:
                         r.notes.append(f"warning: {ev.text}")
                     elif isinstance(ev, TurnRecorded):
                         r.state, r.text = "done", ev.done.text
-                        r.footer = render.footer(ev.done.stats, ev.tier, ev.done.finish_reason, slash.control.context(self, ev.key))
+                        r.footer = render.footer(
+                            ev.done.stats, ev.tier, ev.done.finish_reason, slash.control.context(self, ev.key), ev.key, repl=True
+                        )
                         r.notes += [f"warning: {w}" for w in ev.warnings]
                         recorded.append(ev)
                         self._count(ev)

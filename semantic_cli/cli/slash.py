@@ -8,7 +8,6 @@ in the man page.
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +19,9 @@ from prompt_toolkit.document import Document
 from rich.table import Table
 
 from ..errors import SemanticError, UsageError
+from ..history import turn_counts
 from . import control, render
-from .render import printable
+from .render import printable, turns_cell
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,8 @@ def _agents(repl: Any, arg: str) -> None:
     for col in ("", "agent", "model", "turns", "persona"):
         table.add_column(col)
     for name, agent in repl.agents.items():
-        turns = sum(1 for m in store.messages(name) if m.role == "assistant")
-        table.add_row(
-            "*" if name == repl.current else "", name, printable(agent.model), str(turns), printable(_excerpt(agent.system)) or "-"
-        )
+        turns = turns_cell(*turn_counts(store.messages(name)))
+        table.add_row("*" if name == repl.current else "", name, printable(agent.model), turns, printable(_excerpt(agent.system)) or "-")
     repl.console.print(table)
     others = [a.name for a in store.list_agents() if a.name not in repl.agents]
     if others:
@@ -123,7 +121,7 @@ def _stats(repl: Any, arg: str) -> None:
     for name, rec in repl.last.items():
         s = rec.done.stats
         repl.console.print(
-            f"last turn ({name}): {render.footer(s, rec.tier, rec.done.finish_reason, control.context(repl, name))}",
+            f"last turn ({name}): {render.footer(s, rec.tier, rec.done.finish_reason, control.context(repl, name), name, repl=True)}",
             markup=False,
             highlight=False,
         )
@@ -141,7 +139,9 @@ def _stats(repl: Any, arg: str) -> None:
 
 
 def _cache(repl: Any, arg: str) -> None:
-    name = arg.split()[0] if arg else repl.current
+    from ..store import validate_name
+
+    name = validate_name(arg.split()[0]) if arg else repl.current
     u = repl.session.kv.usage(name)
     transcript = repl.session.store.token_counts().get(name, 0)
     lines = [f"{name}: tier {u.tier} · transcript {transcript:,} tokens"]
@@ -177,6 +177,8 @@ def _model(repl: Any, arg: str) -> None:
 def _save(repl: Any, arg: str) -> None:
     if not arg:
         raise UsageError("where to? /save FILE.md or /save FILE.json")
+    if "\x00" in arg:
+        raise UsageError("a file name cannot hold a NUL character: /save FILE.md or /save FILE.json")
     path = Path(arg).expanduser()
     if path.suffix.lower() not in (".md", ".markdown", ".json"):
         raise UsageError(f"say the format by the extension: {path.stem}.md (Markdown) or {path.stem}.json")
@@ -195,14 +197,13 @@ def _save(repl: Any, arg: str) -> None:
 def _round(repl: Any, arg: str) -> None:
     if not repl.room:
         raise UsageError("a round needs a room: open one with --agent a --agent b, or bring an agent in with /agent NAME")
-    m = re.fullmatch(r"(\d+)\s*(.*)", arg, re.S)
-    if not m or int(m.group(1)) < 1:
-        raise UsageError("/round N [topic], with N a number of rounds, e.g. /round 2 is this plan sound?")
-    rounds = int(m.group(1))
+    words = arg.split(None, 1)
+    usage = "/round N [topic], with N a number of rounds, e.g. /round 2 is this plan sound?"
+    rounds = control.whole_number(words[0] if words else "", usage, low=1)
     if not _round_allowed(rounds, len(repl.agents)):
         repl.info("no round")
         return
-    repl.round(rounds, m.group(2).strip())
+    repl.round(rounds, words[1].strip() if len(words) > 1 else "")
 
 
 def _round_allowed(rounds: int, agents: int) -> bool:
@@ -238,19 +239,16 @@ def _set(repl: Any, arg: str) -> None:
         return
     key = parts[0].replace("-", "_")
     if key not in SET_KEYS:
-        raise UsageError(f"/set takes one of {', '.join(SET_KEYS)} (got {parts[0]!r})")
+        raise UsageError(f"/set takes one of {', '.join(SET_KEYS)} (got {control.given(parts[0])})")
     if len(parts) == 1:
         value = None
     elif key == "seed":
-        try:
-            value = int(parts[1])
-        except ValueError:
-            raise UsageError(f"/set seed takes a whole number (got {parts[1]!r})") from None
+        value = control.whole_number(parts[1], f"/set seed takes a whole number from 0 to {control.MAX_WHOLE}")
     else:
         try:
             value = config.SETTINGS[key].parse(parts[1])
         except ValueError as exc:
-            raise UsageError(f"/set {key}: {parts[1]!r} {exc}") from None
+            raise UsageError(f"/set {key}: {control.given(parts[1])} {exc}") from None
     repl.settings = dataclasses.replace(repl.settings, **{key: value})
     repl.info(f"{key} = {value}" if value is not None else f"{key}: back to the agent's, the config's or the model's value")
 

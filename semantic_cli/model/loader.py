@@ -51,7 +51,7 @@ def resolve(spec: str | None, on_progress: Progress | None = None) -> ModelRef:
 
         return ModelRef(spec, str(ensure_converted(spec[len("ollama:") :], on_progress)))
     path = Path(spec).expanduser()
-    if path.exists():
+    if exists(path):
         if path.is_file() and path.suffix == ".gguf":
             return ModelRef(spec, str(_converted_gguf(path, on_progress)))
         if path.is_dir():
@@ -66,6 +66,14 @@ def resolve(spec: str | None, on_progress: Progress | None = None) -> ModelRef:
     if spec.startswith((".", "/", "~")) or not _HF_REPO.fullmatch(spec):
         raise NotFoundError(f"unknown model {spec!r}: no such file or directory, and not a Hugging Face repo id (owner/name)")
     return ModelRef(spec, spec)
+
+
+def exists(path: Path) -> bool:
+    """False too for a name no file can have (too long, a NUL): then it is no path but an unknown model."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
 
 
 def _gguf_model_dir(gguf: Path) -> Path:

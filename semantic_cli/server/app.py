@@ -371,6 +371,8 @@ async def _sse(sub: Submission, cid: str, model: str, include_usage: bool) -> As
 
 async def _ndjson(sub: Submission) -> AsyncIterator[bytes]:
     try:
+        for p in list(sub.job.pendings.values()):  # filled before the job said STARTED
+            yield wire.line(wire.started(p))
         async for item in sub.events():
             if isinstance(item, SemanticError):
                 names = list(item.errors) if isinstance(item, TurnNotSaved) else []

@@ -11,11 +11,14 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import time
 from collections.abc import Generator, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
+from ..engine import TokenEvent, TurnDone, TurnStats
 from ..errors import SemanticError, ServerGoneError, error_for
-from ..turn import TurnEvent, TurnNotSaved
+from ..turn import TurnEvent, TurnNotSaved, TurnRecorded
 from . import runtime, wire
 
 
@@ -28,10 +31,65 @@ def find_socket() -> str | None:
     return info.socket if info is not None else None
 
 
-def start_turn(socket_path: str, payload: dict[str, Any]) -> Generator[TurnEvent, None, None]:
+@dataclass
+class _Partial:
+    model: str
+    tier: str
+    prompt_tokens: int
+    cached_tokens: int
+    restore_s: float
+    text: list[str] = field(default_factory=list)
+    generated: int = 0
+    ttft_s: float = 0.0  # on the client's clock, from the request (0: no token yet, as in-process)
+    recorded: bool = False
+
+
+class Received:
+    """What the client has received of each turn of a request: enough to show a turn that
+    Ctrl-C cut before the server's record of it arrived, as the CLI shows one it cut in
+    process (`stopped`: finish_reason "interrupted", no rates). The server records the same
+    turn as interrupted once the connection closes; its text may run a little further."""
+
+    def __init__(self) -> None:
+        self.turns: dict[str, _Partial] = {}
+        self.contexts: dict[str, int] = {}  # each agent's model's context length
+        self.began = time.perf_counter()
+
+    def see(self, obj: dict[str, Any], ev: TurnEvent | None) -> None:
+        if obj.get("event") == "started":
+            keys = ("model", "tier", "prompt_tokens", "cached_tokens", "restore_s")
+            self.turns[str(obj["key"])] = _Partial(**{k: obj[k] for k in keys})
+            self.contexts[str(obj["key"])] = int(obj["context_length"])
+            return
+        turn = self.turns.get(ev.key) if ev is not None else None
+        if turn is None:
+            return
+        if isinstance(ev, TokenEvent):
+            if ev.token is not None:
+                turn.generated += 1
+                if turn.generated == 1:
+                    turn.ttft_s = time.perf_counter() - self.began
+            turn.text.append(ev.text)
+        elif isinstance(ev, TurnRecorded):
+            turn.recorded = True
+
+    def stopped(self) -> list[TurnRecorded]:
+        """The turns not yet recorded when the stream stopped, as interrupted."""
+        out = []
+        for key, t in self.turns.items():
+            if t.recorded:
+                continue
+            prefilled = t.prompt_tokens - t.cached_tokens
+            stats = TurnStats(t.ttft_s, t.prompt_tokens, t.cached_tokens, prefilled, t.generated, 0.0, 0.0, t.restore_s)
+            done = TurnDone(key, "interrupted", "".join(t.text), [], None, [], stats)
+            out.append(TurnRecorded(key, t.model, done, t.tier, None, []))
+        return out
+
+
+def start_turn(socket_path: str, payload: dict[str, Any], seen: Received | None = None) -> Generator[TurnEvent, None, None]:
     """`turn_events` with the request sent and its first event read: `Unavailable` (run it
     in-process instead) is raised here, before the caller has shown anything."""
-    events = turn_events(socket_path, payload)
+    events = turn_events(socket_path, payload, seen)
     first = next(events, None)
     return _prepend(first, events)
 
@@ -42,9 +100,9 @@ def _prepend(first: TurnEvent | None, rest: Iterator[TurnEvent]) -> Generator[Tu
     yield from rest  # closing this closes `rest`: the connection, and the server records the partial reply
 
 
-def turn_events(socket_path: str, payload: dict[str, Any]) -> Generator[TurnEvent, None, None]:
-    """POST the turn and yield its events; closing the iterator (Ctrl-C) closes the
-    connection, and the server records the partial replies as interrupted."""
+def turn_events(socket_path: str, payload: dict[str, Any], seen: Received | None = None) -> Generator[TurnEvent, None, None]:
+    """POST the turn and yield its events (each noted on `seen` first); closing the iterator
+    (Ctrl-C) closes the connection, and the server records the partial replies as interrupted."""
     body = json.dumps({"wire": wire.WIRE_VERSION, **payload}).encode()
     conn = _UnixConnection(socket_path)
     started = False
@@ -66,6 +124,8 @@ def turn_events(socket_path: str, payload: dict[str, Any]) -> Generator[TurnEven
             if obj.get("event") == "end":
                 return
             ev = wire.decode(obj)
+            if seen is not None:
+                seen.see(obj, ev)
             if ev is not None:
                 yield ev
     except (OSError, http.client.HTTPException) as exc:

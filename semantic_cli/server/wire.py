@@ -14,7 +14,7 @@ from typing import Any
 from ..engine import PromptProgress, TokenEvent, TurnDone, TurnStats
 from ..errors import SemanticError
 from ..kv.stats import PersistStats
-from ..turn import GenSettings, Notice, TurnEvent, TurnRecorded
+from ..turn import GenSettings, Notice, PendingTurn, TurnEvent, TurnRecorded
 
 WIRE_VERSION = 1  # bumped when a field changes meaning; the client refuses another
 
@@ -25,7 +25,7 @@ def encode(ev: TurnEvent) -> dict[str, Any]:
     if isinstance(ev, PromptProgress):
         return {"event": "progress", "key": ev.key, "done": ev.done, "total": ev.total}
     if isinstance(ev, TokenEvent):
-        return {"event": "token", "key": ev.key, "text": ev.text}
+        return {"event": "token", "key": ev.key, "text": ev.text, "token": ev.token}
     if isinstance(ev, TurnDone):
         return {"event": "done", "key": ev.key}
     return {
@@ -41,6 +41,22 @@ def encode(ev: TurnEvent) -> dict[str, Any]:
     }
 
 
+def started(p: PendingTurn) -> dict[str, Any]:
+    """What the client needs, with the tokens it receives, to show a turn Ctrl-C cuts as
+    the CLI shows one it cut in-process (`client.Received`): sent once per turn, first."""
+    req = p.request
+    return {
+        "event": "started",
+        "key": p.agent.name,
+        "model": p.engine.lm.name,
+        "tier": p.tier,
+        "prompt_tokens": len(req.prompt),
+        "cached_tokens": req.cached,
+        "restore_s": req.restore_s,
+        "context_length": p.engine.lm.context_length,
+    }
+
+
 def error(exc: SemanticError, kind: str = "error", names: list[str] | None = None) -> dict[str, Any]:
     return {"event": "error", "kind": kind, "message": exc.message, "exit_code": exc.exit_code, "names": names or []}
 
@@ -50,14 +66,15 @@ def line(obj: dict[str, Any]) -> bytes:
 
 
 def decode(obj: dict[str, Any]) -> TurnEvent | None:
-    """The record for one line (None for lines that carry no event: `done`)."""
+    """The record for one line (None for lines that carry no event: `done`, `started`)."""
     kind = obj.get("event")
     if kind == "notice":
         return Notice(obj["key"], obj["text"])
     if kind == "progress":
         return PromptProgress(obj["key"], int(obj["done"]), int(obj["total"]))
     if kind == "token":
-        return TokenEvent(obj["key"], None, obj["text"])
+        token = obj.get("token")
+        return TokenEvent(obj["key"], token if isinstance(token, int) else None, obj["text"])
     if kind == "recorded":
         stats = TurnStats(**obj["stats"])
         done = TurnDone(obj["key"], obj["finish_reason"], obj["text"], [], None, [], stats)
