@@ -207,3 +207,20 @@ def test_ls_with_agents_reads_the_context_without_importing_mlx(agents):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, env=dict(os.environ), cwd=Path(__file__).parent)
     assert r.returncode == 0, r.stderr.decode()
     assert b"812/4096" in r.stdout
+
+
+def test_no_help_page_shows_a_type_beside_any_flag(home):
+    """Every command's page, -h/--help included (typer gives the help flag a `<bool>`)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import gen_docs
+
+    def paths(cmd: gen_docs.Cmd) -> list[list[str]]:
+        return [cmd.path[1:]] + [p for sub in cmd.subs for p in paths(sub)]
+
+    pages = paths(gen_docs.load())
+    assert len(pages) > 20
+    for command in pages:
+        out = ok(*command, "--help", env={"COLUMNS": "200"}).stdout.decode()
+        assert re.search(r"│ +--help +-h ", out) and "<bool>" not in out, (command, [ln for ln in out.splitlines() if "<bool>" in ln])

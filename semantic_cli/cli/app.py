@@ -14,12 +14,41 @@ from typing import Any
 
 import click
 import typer
+from typer.core import TyperGroup
 
 from .. import __version__
 from ..errors import EXIT_INTERRUPTED, EXIT_USAGE, SemanticError
 
+
+class _Group(TyperGroup):
+    """typer prints `<bool>` beside every -h/--help; a flag takes no value, so no type."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    def get_command(self, ctx: Any, name: str) -> Any:
+        command = super().get_command(ctx, name)
+        _untyped_help(command, ctx)
+        return command
+
+
+def _untyped_help(command: Any, ctx: Any) -> None:
+    """The same for a subcommand and everything under it (their help options are made once)."""
+    if command is None:
+        return
+    option = command.get_help_option(ctx)
+    if option is not None:
+        option.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        _untyped_help(sub, ctx)
+
+
 app = typer.Typer(
     name="semantic",
+    cls=_Group,
     help="Chat with named local-LLM agents whose conversations and KV caches persist between runs.",
     no_args_is_help=True,
     add_completion=False,
