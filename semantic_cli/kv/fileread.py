@@ -50,25 +50,6 @@ def header_of(path: Path, size: int | None = None, limit: int | None = None) -> 
         os.close(fd)
 
 
-def prefetch(paths: list[Path]) -> None:
-    """Ask the kernel to start reading every file now (POSIX_FADV_WILLNEED): from a cold
-    page cache the disk then works on all of them while the first are copied and hashed.
-    Best effort: a file that cannot be opened is left to `read_into` to report."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    for path in paths:
-        try:
-            fd = open_regular(path, None)
-        except BlockFileError:
-            continue
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-
 HEADER_LIMIT = 16 << 20  # no header is longer (a block of 256 tokens has ~5 KB)
 
 
