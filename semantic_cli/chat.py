@@ -33,7 +33,6 @@ from .errors import PromptTooLongError
 from .history import too_long_advice
 from .kv.failures import CacheUnavailable
 from .kv.layers import CacheSpec, cache_spec
-from .kv.stats import PersistStats
 from .kv.store import KVStore, Restored
 from .locks import AgentLock
 from .model.loader import ModelRef, Progress, resolve
@@ -254,12 +253,10 @@ class Chat:
         if not_saved:
             raise TurnNotSaved(not_saved, others=len(pendings) > len(not_saved))
 
-    def take(self, p: PendingTurn, ev: Event, cache_later: list[Callable[[], TurnRecorded]] | None = None) -> Iterator[TurnEvent]:
+    def take(self, p: PendingTurn, ev: Event) -> Iterator[TurnEvent]:
         """One engine event of `p`'s sequence, for any driver (`run`, the server's loop):
         tokens are collected on `p`; a `TurnDone` is recorded and cached, then followed by its
-        `TurnRecorded`. A failed transcript write raises `TurnNotSaved` for this agent alone.
-        With `cache_later` (the server), the caching is appended there instead, for the
-        caller to run once the reply is delivered; the `TurnRecorded` then has no `persisted`."""
+        `TurnRecorded`. A failed transcript write raises `TurnNotSaved` for this agent alone."""
         if isinstance(ev, TokenEvent):
             if ev.token is not None:
                 if not p.tokens:
@@ -270,11 +267,7 @@ class Chat:
             p.done = ev
             yield ev
             self._record_or_raise(p, ev)
-            if cache_later is None:
-                yield self._cache_turn(p, ev)
-                return
-            cache_later.append(lambda: self._cache_turn(p, ev))
-            yield self._recorded(p, ev, None)
+            yield self._cache_turn(p, ev)
             return
         yield ev
 
@@ -395,11 +388,8 @@ class Chat:
                 self.kv.keep_hot(name, lm.fingerprint, done.all_tokens, done.cache)
             with self._caching(CACHE_NOT_SAVED, p.warnings, recorded=name):
                 persisted = self.kv.persist(p.agent.name, lm.fingerprint, self.spec(p.engine), done.all_tokens, done.cache, set(self.locks))
-        return self._recorded(p, done, persisted)
-
-    def _recorded(self, p: PendingTurn, done: TurnDone, persisted: PersistStats | None) -> TurnRecorded:
         warnings = [w for w in p.warnings if self._first(p.agent.name, w)]
-        return TurnRecorded(p.agent.name, p.engine.lm.name, done, p.tier, persisted, warnings)
+        return TurnRecorded(p.agent.name, lm.name, done, p.tier, persisted, warnings)
 
     def notices(self, pendings: list[PendingTurn]) -> Iterator[Notice]:
         for p in pendings:

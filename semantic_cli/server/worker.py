@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from ..chat import Chat, check_room
@@ -38,9 +36,6 @@ SLOT_PREFIX = "~"  # stateless API slots in the KV index: never an agent name (t
 ANON_SLOTS = 8  # requests naming no slot share this many, so they need not wait for each other
 
 
-log = logging.getLogger("semantic.serve")
-
-
 class Worker:
     def __init__(self, ref: ModelRef, max_waiting: int = 64) -> None:
         self.ref = ref
@@ -53,7 +48,6 @@ class Worker:
         self._thread = threading.Thread(target=self._main, name="semantic-engine", daemon=True)
         self._waiting: list[Job] = []
         self._running: dict[str, Job] = {}  # engine key -> its job
-        self._cache_later: dict[str, list[Callable[[], Any]]] = {}  # engine key -> caching left to do once its reply is out
         self._grace_until: float | None = None
 
     # ---- the handlers' side (any thread) -------------------------------------
@@ -320,7 +314,7 @@ class Worker:
             if len(ev.text) > shown:
                 job.emit(TokenEvent(ev.key, None, ev.text[shown:]))
         try:
-            for out in self.chat.take(p, ev, self._cache_later.setdefault(ev.key, [])):
+            for out in self.chat.take(p, ev):
                 if not isinstance(out, TurnDone) and not (job.stop and isinstance(out, TokenEvent)):  # held-back text went above
                     job.emit(out)
         except TurnNotSaved as exc:
@@ -361,31 +355,19 @@ class Worker:
         self._finish(job, key)
 
     def _finish(self, job: Job, key: str) -> None:
-        """`key`'s turn is over. The job's last one ends the response first: its client has
-        the reply (recorded) and goes, while the cache is written, under the agent's lock,
-        before the loop starts anything else."""
         self._running.pop(key, None)
         job.left.discard(key)
-        if job.left:
-            self._cache_and_release(key)
-            return
-        if job.failed:
-            errors = {k: e for k, e in job.failed.items() if not isinstance(e, SemanticError) or isinstance(e, TurnNotSaved)}
-            first = next(iter(job.failed.values()))
-            if isinstance(first, SemanticError) and not errors:
-                self._fail(job, first)
-            else:
-                self._fail(job, TurnNotSaved(job.failed, others=len(job.pendings) > len(job.failed)))
-        else:
-            self._end(job)
-        self._cache_and_release(key)
-
-    def _cache_and_release(self, key: str) -> None:
-        for cache_turn in self._cache_later.pop(key, []):
-            recorded = cache_turn()
-            for warning in recorded.warnings:  # its client has gone: the operator hears it
-                log.warning("%s: %s", key, warning)
         self.chat.release(key)
+        if not job.left:
+            if job.failed:
+                errors = {k: e for k, e in job.failed.items() if not isinstance(e, SemanticError) or isinstance(e, TurnNotSaved)}
+                first = next(iter(job.failed.values()))
+                if isinstance(first, SemanticError) and not errors:
+                    self._fail(job, first)
+                    return
+                self._fail(job, TurnNotSaved(job.failed, others=len(job.pendings) > len(job.failed)))
+                return
+            self._end(job)
 
     def _fail(self, job: Job, exc: BaseException) -> None:
         if not isinstance(exc, SemanticError):
