@@ -90,6 +90,7 @@ class Engine:
     def __init__(self, lm: LoadedModel) -> None:
         self.lm = lm
         self._generator: Any = None
+        self._stoppable: bool | None = None
 
     @property
     def generator(self) -> Any:
@@ -109,6 +110,15 @@ class Engine:
             )
         return self._generator
 
+    @property
+    def stoppable_mid_step(self) -> bool:
+        """Whether Ctrl-C can stop a prompt pass of this model between layers (backend/interruptible.py)."""
+        if self._stoppable is None:
+            from .backend import compat
+
+            self._stoppable = compat.stoppable_mid_step(self.lm.model)
+        return self._stoppable
+
     def batch(self) -> Batch:
         """A continuous batch on this engine's generator: sequences join (`add`) and leave
         (`cancel`) between steps. One at a time per engine (the server's loop, or `generate`)."""
@@ -119,8 +129,9 @@ class Engine:
     ) -> Generator[Event, None, None]:
         """Run the requests concurrently; yields events as they happen.
 
-        Ctrl-C during a step (in the main thread) is held until the step is over, then
-        raised here as KeyboardInterrupt. Stopped between steps that way, or by closing the
+        Ctrl-C during a step (in the main thread) is held until the step is over (a long
+        prefill pass stops between layers and is rolled back), then raised here as
+        KeyboardInterrupt. Stopped between steps that way, or by closing the
         iterator early, the unfinished sequences are removed so the generator stays usable,
         and those still reading their prompt leave in `reading` (key -> the cache of the
         tokens read so far, those tokens). Any other way out (an exception in a step) may
@@ -193,6 +204,7 @@ class Batch:
         self._gen = engine.generator
         self._live: dict[int, _Live] = {}
         self.stop_requested = False  # Ctrl-C came during the last step (see `interrupts`)
+        self.mid_step_stop = True  # Ctrl-C may stop a prompt pass between layers (not with other ranks in the same pass)
         self._read_before_stop: dict[int, tuple[list[Any], list[int]]] = {}  # see `_stopped_in_prefill`
         self._samplers: dict[tuple[float, float, int, float], Any] = {}
         args = getattr(engine.lm.model, "args", None)  # the model's logits width: its vocabulary
@@ -241,7 +253,7 @@ class Batch:
 
     def step(self) -> list[Event]:
         from . import interrupts
-        from .backend import cpu_split, interruptible
+        from .backend import compat, cpu_split, interruptible
 
         events: list[Event] = []
         if not self._live or self._gen is None:  # nothing to run, or stopped in a prefill step
@@ -251,13 +263,14 @@ class Batch:
             # BatchGenerator's overlap of one step with the next); off again in `close`.
             cpu_split.set_batched(len(self._live) >= 2)
             # Ctrl-C waits for the step's end (its state stays whole), or, in a long prefill
-            # step, stops it between two layers (`_stopped_in_prefill`).
-            with interrupts.deferred() as sigint, interruptible.watching(lambda: sigint.requested, sigint.active):
-                prompt_responses, gen_responses = self._gen.next()
+            # step, stops its prompt pass between two layers (`_stopped_in_prefill`).
+            watch = sigint_active = False
+            with interrupts.deferred() as sigint:
+                sigint_active = sigint.active
+                watch = sigint_active and self.mid_step_stop and self.engine.stoppable_mid_step
+                with interruptible.watching(lambda: sigint.requested, watch):
+                    prompt_responses, gen_responses = self._gen.next()
             self.stop_requested = sigint.requested
-        except interruptible.PrefillStopped:
-            self._stopped_in_prefill()
-            return events
         except BaseException:
             self.engine._generator = None  # possibly mid-step: never reused
             self._live.clear()
@@ -288,16 +301,20 @@ class Batch:
                     events.append(TokenEvent(st.request.key, None, tail))
                 del self._live[r.uid]
                 events.append(_done(st, r.finish_reason, r.prompt_cache, list(r.all_tokens), now))
+        if watch and compat.stopped_prompt(self._gen):
+            self._stopped_in_prefill()
         return events
 
     def _stopped_in_prefill(self) -> None:
-        """Ctrl-C stopped a prefill step between layers: what the sequences had read before
-        it is kept for `reading`, the half-stepped generator is dropped (the next batch
-        starts a fresh one), and the caller sees `stop_requested`."""
-        from .backend import compat, cpu_split
+        """Ctrl-C stopped this step's prompt pass between layers (its other results were
+        delivered): what the sequences still reading had read before that pass is kept for
+        `reading`, and the generator, whose bookkeeping counted the pass, is dropped (the
+        next batch starts a fresh one)."""
+        from .backend import cpu_split
 
+        reading = [uid for uid, st in self._live.items() if not st.generated]
         try:
-            self._read_before_stop = compat.rolled_back_prompt(self._gen)
+            self._read_before_stop = self._gen.extract_cache(reading)
         except Exception:  # nothing kept: the turn is still stopped, its message still recorded
             self._read_before_stop = {}
         self.engine._generator = None

@@ -1,6 +1,8 @@
 """Ctrl-C at a step boundary: while an engine step runs (a prefill chunk, a decode step),
 SIGINT only sets a flag, and the engine stops once the step is over, with its state
-whole: what was read so far stays usable as cache (engine.Engine.generate).
+whole: what was read so far stays usable as cache (engine.Engine.generate). A long
+prefill pass does not wait for its end: it stops between two layers and is rolled back
+(backend/interruptible.py), so Ctrl-C is answered within a layer there too.
 
 Only in the main thread, and only while Python's own SIGINT handler is installed (a
 server or a test that installed its own keeps it)."""

@@ -26,9 +26,11 @@ def chat_messages(agent: Agent, history: list[Message]) -> list[dict[str, str]]:
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    from jinja2 import TemplateError
+
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except Exception:
+    except TemplateError:
         # Templates such as Gemma's and Mistral's refuse two user messages in a row, which
         # a message left unanswered (Ctrl-C before the reply) makes: they get them as one.
         merged = _merge_user_runs(messages)

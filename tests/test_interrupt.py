@@ -105,7 +105,7 @@ def test_sigint_keeps_the_partial_reply_tokens_for_the_next_invocation(tiny, hom
 
 
 def _layer_counter(model, monkeypatch, on_layer) -> list[int]:
-    """Counts the decoder layers each forward pass builds (one list entry per pass); calls
+    """Counts the decoder layers each prefill pass builds (one list entry per pass); calls
     `on_layer(pass, layer)` as each layer is built."""
     layers = model.model.layers
     cls = type(layers[0])
@@ -113,10 +113,11 @@ def _layer_counter(model, monkeypatch, on_layer) -> list[int]:
     passes: list[int] = []
 
     def counted(self, x, *args, **kwargs):
-        if self is layers[0]:
-            passes.append(0)
-        passes[-1] += 1
-        on_layer(len(passes), passes[-1])
+        if x.shape[1] >= 64:  # prefill passes only (a decode step has one row per sequence)
+            if self is layers[0]:
+                passes.append(0)
+            passes[-1] += 1
+            on_layer(len(passes), passes[-1])
         return original(self, x, *args, **kwargs)
 
     monkeypatch.setattr(cls, "__call__", counted)
@@ -171,6 +172,67 @@ def test_ctrl_c_stops_a_prefill_step_between_layers_and_keeps_what_was_read(tiny
             assert mx.array_equal(a, b).item()
     # The generator the stop left half-way is gone: the next run is a whole, normal one.
     assert whole_run("s") == before and len(before) == 4
+
+
+def _interrupted(engine, requests, press) -> tuple[list[int], list, dict]:
+    """Run `requests` with a real SIGINT sent by `press(pass, layer)`: (the layers each prefill
+    pass built, the events before the interrupt, what the engine says was read)."""
+    import pytest
+
+    reading: dict = {}
+    events: list = []
+    with pytest.MonkeyPatch.context() as m:
+        passes = _layer_counter(engine.lm.model, m, press)
+        try:
+            for ev in engine.generate(requests, reading=reading):
+                events.append(ev)
+            raise AssertionError("not interrupted")
+        except KeyboardInterrupt:
+            pass
+    return passes, events, reading
+
+
+def test_ctrl_c_mid_prefill_in_a_room_delivers_the_other_sequences_step(tiny, home):
+    """A decodes while B reads a long message; Ctrl-C inside B's third prefill pass: the step's
+    token for A still arrives, and B keeps the two passes it had read."""
+    from semantic_cli.engine import PREFILL_STEP, TokenEvent, TurnRequest
+
+    engine = get_engine(resolve(str(tiny["llama"])))
+    n_layers = len(engine.lm.model.model.layers)
+    a = [(i * 5) % 150 + 3 for i in range(40)]
+    b = [(i * 7) % 200 + 3 for i in range(3 * PREFILL_STEP + 40)]
+
+    def press(n: int, layer: int) -> None:
+        if n == 3 and layer == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    passes, events, reading = _interrupted(engine, [TurnRequest("A", a, None, 0, 50), TurnRequest("B", b, None, 0, 3)], press)
+    assert passes[:3] == [n_layers, n_layers, 3]  # the third pass stopped where the key press came
+    tokens_a = [e for e in events if isinstance(e, TokenEvent) and e.key == "A"]
+    assert tokens_a, "A's token of the stopped step was delivered"
+    cache, tokens = reading["B"]
+    assert tokens == b[: 2 * PREFILL_STEP] and {c.offset for c in cache} == {2 * PREFILL_STEP}
+    assert "A" not in reading  # it had its reply under way: recorded as interrupted, not as read
+
+
+def test_a_sliding_window_model_stops_its_prefill_between_steps(tiny, home):
+    """A sliding-window cache cannot be rolled back: Ctrl-C waits for the end of the step,
+    and what the finished steps read is kept (as before mid-step stops)."""
+    from semantic_cli.engine import PREFILL_STEP, TurnRequest
+
+    engine = get_engine(resolve(str(tiny["gemma3_text"])))
+    assert not engine.stoppable_mid_step
+    n_layers = len(engine.lm.model.model.layers)
+    prompt = [(i * 7) % 200 + 3 for i in range(3 * PREFILL_STEP + 40)]
+
+    def press(n: int, layer: int) -> None:
+        if n == 2 and layer == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    passes, _, reading = _interrupted(engine, [TurnRequest("g", prompt, None, 0, 3)], press)
+    assert passes[:2] == [n_layers, n_layers] and len(passes) == 2  # the second step ran whole, then it stopped
+    _, tokens = reading["g"]
+    assert tokens == prompt[: 2 * PREFILL_STEP]
 
 
 STRICT_TEMPLATE = (  # as Gemma's and Mistral's official templates do: roles must alternate

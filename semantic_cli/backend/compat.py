@@ -7,10 +7,11 @@
   to generation without a copy when every sequence moves on at once (mlx-lm's
   `PromptProcessingBatch.split` deep-copies the whole cache first: at 4K tokens of
   SmolLM2, 190 MB copied into freshly faulted pages before the first token).
-- `rolled_back_prompt`: after Ctrl-C stopped a prompt pass between two layers
-  (`interruptible`), the prompt batch's caches trimmed back to where the pass began
-  (`BatchKVCache._idx` and `_right_padding`, which mlx-lm keeps private) and its token
-  lists cut to match, so what was read before the pass is kept as cache.
+- `batch_generator`'s prompt batch also rolls a prompt pass that Ctrl-C stopped between two
+  layers (`interruptible`) back to where it began: the layers' caches trimmed to their
+  write position before it (`BatchKVCache._idx` and `_right_padding`, which mlx-lm keeps
+  private) and its token lists cut to match, so what was read before it is kept as cache
+  (`stopped_prompt`, only where `stoppable_mid_step`).
 - `hf_download`: the snapshot download `mlx_lm.load` itself does for a Hugging
   Face repo id (mlx-lm's private `mlx_lm.utils._download`: `snapshot_download` with
   mlx-lm's file patterns), but into a cache directory semantic chooses, which
@@ -69,14 +70,24 @@ def _moving_split_class() -> type:
     from mlx_lm.generate import PromptProcessingBatch
 
     class MovingSplitBatch(PromptProcessingBatch):
-        # Before the prompt pass in flight: each sequence's token count and each layer's write
-        # position (`rolled_back_prompt` returns to them); None between passes.
-        before: tuple[list[int], list[int | None]] | None = None
+        stopped = False  # a prompt pass was stopped between layers (`interruptible`): see `stopped_prompt`
 
         def prompt(self, tokens: list[list[int]]) -> None:
-            self.before = ([len(t) for t in self.tokens], [getattr(c, "_idx", None) for c in self.prompt_cache])
-            super().prompt(tokens)
-            self.before = None
+            from .interruptible import PrefillStopped
+
+            lengths = [len(t) for t in self.tokens]
+            positions = [c._idx for c in self.prompt_cache]  # BatchKVCache's write position
+            try:
+                super().prompt(tokens)
+            except PrefillStopped:
+                # Back to where the pass began: the layers it reached trimmed to their write
+                # position before it, right padding it prepared forgotten, the token lists cut.
+                for layer, position in zip(self.prompt_cache, positions, strict=True):
+                    if layer._idx > position:
+                        layer.trim(layer._idx - position)
+                    layer._right_padding = None
+                self.tokens = [t[:n] for t, n in zip(self.tokens, lengths, strict=True)]
+                self.stopped = True
 
         def split(self, indices: list[int]) -> Any:
             if sorted(indices) != list(range(len(self.uids))):
@@ -104,30 +115,20 @@ def batch_generator(model: Any, **kwargs: Any) -> Any:
     return gen
 
 
-def rolled_back_prompt(gen: Any) -> dict[int, tuple[list[Any], list[int]]]:
-    """After a prompt pass of `batch_generator`'s `gen` stopped half-way (an exception in a
-    layer): uid -> (cache, tokens) of each sequence it was reading, as they were before that
-    pass. Layers the pass reached are trimmed back to their write position before it, and
-    right padding it prepared is forgotten. Empty when a layer cannot be trimmed. `gen` is
-    not usable afterwards (its own bookkeeping moved on): the caller drops it."""
-    batch = gen._prompt_batch
-    before = getattr(batch, "before", None)
-    if before is None or not batch.uids:
-        return {}
-    lengths, positions = before
-    for layer, position in zip(batch.prompt_cache, positions, strict=True):
-        now = getattr(layer, "_idx", None)
-        if position is None or now is None or (now > position and not layer.is_trimmable()):
-            return {}
-        if now > position:
-            layer.trim(now - position)
-        if hasattr(layer, "_right_padding"):
-            layer._right_padding = None
-    out = {}
-    for i, uid in enumerate(batch.uids):
-        tokens = list(batch.tokens[i][: lengths[i]])
-        out[uid] = (batch.extract_cache(i), tokens)
-    return out
+def stoppable_mid_step(model: Any) -> bool:
+    """Whether a prompt pass of `model` can be stopped between layers and rolled back: every
+    layer's cache is a plain `KVCache` (a batch of them trims exactly). Sliding windows and
+    SSM states cannot be rolled back, so their prefill stops only between steps."""
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+    return all(type(c) is KVCache for c in make_prompt_cache(model))
+
+
+def stopped_prompt(gen: Any) -> bool:
+    """Whether the last step of `batch_generator`'s `gen` had its prompt pass stopped (and
+    rolled back to where it began). The step's other results are whole; the generator's
+    own bookkeeping is not (it counted the chunk as read): drop it after this step."""
+    return bool(getattr(gen._prompt_batch, "stopped", False))
 
 
 def hf_download(repo: str, cache_dir: Path) -> Path:

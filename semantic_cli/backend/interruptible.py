@@ -8,13 +8,16 @@ before it computed and asks the check; when Ctrl-C has come it raises
 `PrefillStopped`, so a step stops within one layer (~0.2 s there).
 
 Evaluating earlier does not change a value (the same operations run on the same
-inputs), so replies stay bit-identical (tests/test_interrupt.py). The stopped
-step leaves the generator half-way: `compat.rolled_back_prompt` recovers the
-tokens read before the chunk from it, and the caller drops the generator.
+inputs). The prompt batch of `compat.batch_generator` rolls the stopped pass back
+to where it began, the step's other work (decode steps of other sequences) is
+delivered, and the caller then drops the generator (`engine.Batch.step`). Only
+where `compat.stoppable_mid_step` (plain KV caches), and never in a run over
+several ranks, whose other ranks are in the same pass (`Batch.mid_step_stop`).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -23,7 +26,8 @@ from . import runtime
 
 _MIN_QUERY = 64  # shorter queries (decode steps, short turns) run as one graph, as before
 
-_state: dict[str, Any] = {"check": None, "installed": False}
+_state: dict[str, Any] = {"installed": False}
+_watch = threading.local()  # .check: the check of this thread's `watching` block, if any
 
 
 class PrefillStopped(Exception):
@@ -39,7 +43,7 @@ def install() -> None:
     inner = mx.fast.scaled_dot_product_attention
 
     def sdpa(q: Any, k: Any, v: Any, *args: Any, **kwargs: Any) -> Any:
-        check = _state["check"]
+        check = getattr(_watch, "check", None)
         if check is not None and q.ndim == 4 and q.shape[2] >= _MIN_QUERY:
             mx.eval(q, k, v)
             if check():
@@ -57,9 +61,9 @@ def watching(check: Callable[[], bool], active: bool = True) -> Iterator[None]:
     if not active:
         yield
         return
-    previous = _state["check"]
-    _state["check"] = check
+    previous = getattr(_watch, "check", None)
+    _watch.check = check
     try:
         yield
     finally:
-        _state["check"] = previous
+        _watch.check = previous

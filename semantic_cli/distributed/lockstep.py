@@ -46,6 +46,7 @@ class LockstepEngine(Engine):
 class LockstepBatch(Batch):
     def __init__(self, engine: LockstepEngine) -> None:
         super().__init__(engine)
+        self.mid_step_stop = False  # the other ranks are in the same pass: a step is whole or not at all
         self.link = engine.link
         seed = int.from_bytes(os.urandom(4), "little") >> 1  # the same draws on every rank
         self.link.send(BATCH, {"seed": seed})
