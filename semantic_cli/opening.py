@@ -41,7 +41,7 @@ def describe(opened: Agent, stored: Agent | None, system: str | None, near: list
     name = opened.name
     if stored is None:
         maybe = f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
-        return [f"new agent {name!r} (model {opened.model}): saved with its first reply{maybe}"]
+        return [f"new agent {name!r} (model {opened.model}): saved with its first turn{maybe}"]
     lines = []
     if opened.model != stored.model:
         lines.append(f"{name}: model {stored.model} -> {opened.model} (--model; saved once this turn succeeds, the conversation re-read)")

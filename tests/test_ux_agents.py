@@ -111,9 +111,9 @@ def test_system_flag_sets_a_persona_only_without_a_conversation_and_says_so(talk
 def test_a_new_agent_is_announced_with_near_names(talked, capsys):
     code, _, err = cli(capsys, "chat", "-a", "t1x", "--model", str(talked["llama"]), "--max-tokens", "2", "-m", "hi")
     assert code == 0
-    assert err == f"new agent 't1x' (model {talked['llama']}): saved with its first reply; did you mean 't1'?\n"
+    assert err == f"new agent 't1x' (model {talked['llama']}): saved with its first turn; did you mean 't1'?\n"
     code, _, err = cli(capsys, "chat", "-a", "zz", "-a", "t1", "--model", str(talked["llama"]), "--max-tokens", "2", "--all", "-m", "hi")
-    assert code == 0 and err.startswith(f"new agent 'zz' (model {talked['llama']}): saved with its first reply\n")  # a room, no near name
+    assert code == 0 and err.startswith(f"new agent 'zz' (model {talked['llama']}): saved with its first turn\n")  # a room, no near name
 
 
 @pytest.mark.parametrize("command", [["show", "t11"], ["rm", "t11", "--yes"], ["edit", "t11", "--temp", "1"], ["rename", "t11", "x"]])
