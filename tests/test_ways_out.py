@@ -278,6 +278,24 @@ def test_a_retry_that_does_not_finish_puts_the_old_exchange_back(tiny, blocks, m
     assert nxt.done.all_tokens[: len(before[1])] == before[1]  # the next turn continues the old exchange
 
 
+def test_a_retry_whose_put_back_fails_still_reports_the_retrys_own_error(tiny, blocks, monkeypatch, capsys):
+    from semantic_cli.store import Store
+
+    with Session() as s:
+        s.say("a", LONG, model=tiny["llama"])
+        repl = repl_for(s, "a", settings=GenSettings(max_tokens=50))
+        fail_at_step(monkeypatch, 4, "error")
+
+        def locked(self: Any, removed: Any) -> None:
+            raise OSError("database is locked")
+
+        monkeypatch.setattr(Store, "put_back", locked)
+        with pytest.raises(RuntimeError, match="the engine failed"):  # not the put-back's OSError
+            slash.dispatch(repl, "/retry")
+        err = capsys.readouterr().err
+    assert "a: the previous reply could not be put back (OSError: database is locked)" in err, err
+
+
 def test_compact_in_the_repl(tiny, blocks, capsys):
     three_turns(tiny["llama"], "a")
     with Session() as s:

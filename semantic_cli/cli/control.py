@@ -102,16 +102,24 @@ def retry(repl: Any, arg: str) -> None:
         with render.progress(repl.err) as progress:
             repl.session.engine_for(repl.agent(), progress)
     text, removed = undo_last(repl)
-    back = f"{removed.agent}: the previous reply is back (the retry did not finish)"
     try:
         recorded = repl.turn([(repl.agent(), text)])
     except BaseException:
-        put_back(repl, removed)
-        repl.info(back)
+        _put_back_after_retry(repl, removed)  # the retry's own error is the one to report
         raise
     if not recorded or any(r.done.finish_reason == "interrupted" for r in recorded):
+        _put_back_after_retry(repl, removed)
+
+
+def _put_back_after_retry(repl: Any, removed: Removed) -> None:
+    from ..turn import one_line
+
+    try:
         put_back(repl, removed)
-        repl.info(back)
+    except Exception as exc:
+        repl.info(f"{removed.agent}: the previous reply could not be put back ({one_line(exc)}); `agents show` has what is left")
+        return
+    repl.info(f"{removed.agent}: the previous reply is back (the retry did not finish)")
 
 
 def edit(repl: Any, arg: str) -> None:
