@@ -112,11 +112,14 @@ class Engine:
 
     @property
     def stoppable_mid_step(self) -> bool:
-        """Whether Ctrl-C can stop a prompt pass of this model between layers (backend/interruptible.py)."""
+        """Whether Ctrl-C can stop a prompt pass of this model between layers (backend/interruptible.py).
+        On the CPU only: there a 512-token step of a small model takes seconds at long
+        contexts; on a GPU steps are short and a sync per layer would stall it."""
         if self._stoppable is None:
-            from .backend import compat
+            from .backend import compat, runtime
 
-            self._stoppable = compat.stoppable_mid_step(self.lm.model)
+            mx = runtime.mx()
+            self._stoppable = mx.default_device().type == mx.cpu and compat.stoppable_mid_step(self.lm.model)
         return self._stoppable
 
     def batch(self) -> Batch:
