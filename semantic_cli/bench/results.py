@@ -86,6 +86,7 @@ class Results:
     results: dict[str, Any] = field(default_factory=dict)
     samples: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    commit: str | None = field(default_factory=git_commit)  # at the start: the code that ran, not what was committed during the run
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -93,7 +94,7 @@ class Results:
             "benchmark": self.name,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
             "duration_s": round(time.time() - self.started, 3),
-            "git_commit": git_commit(),
+            "git_commit": self.commit,
             "machine": machine(),
             "model": self.model,
             "params": self.params,
