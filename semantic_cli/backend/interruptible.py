@@ -8,11 +8,13 @@ before it computed and asks the check; when Ctrl-C has come it raises
 `PrefillStopped`, so a step stops within one layer (~0.2 s there).
 
 Evaluating earlier does not change a value (the same operations run on the same
-inputs). The prompt batch of `compat.batch_generator` rolls the stopped pass back
+inputs): tests/test_exactness.py runs the engine watched, on the main thread, and its
+tokens equal mlx_lm.generate's. The prompt batch of `compat.batch_generator` rolls the stopped pass back
 to where it began, the step's other work (decode steps of other sequences) is
-delivered, and the caller then drops the generator (`engine.Batch.step`). Only
-where `compat.stoppable_mid_step` (plain KV caches), and never in a run over
-several ranks, whose other ranks are in the same pass (`Batch.mid_step_stop`).
+delivered, and the caller then drops the generator (`engine.Batch.step`). Only on
+the CPU backend, where `compat.stoppable_mid_step` (plain KV caches), and never in
+a run over several ranks, whose other ranks are in the same pass
+(`Batch.mid_step_stop`).
 """
 
 from __future__ import annotations
