@@ -21,7 +21,7 @@ from typing import Any
 
 from . import paths
 from .db import Transaction, connect, statements
-from .errors import NotFoundError, UsageError
+from .errors import NotFoundError, SemanticError, UsageError
 
 # The one rule for agent and room names (rooms.py derives `@name` mentions from it).
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -106,6 +106,11 @@ class Removed:
     messages: list[tuple[Any, ...]]  # the deleted rows: id, role, content, status, created_at, meta
     log: list[tuple[Any, ...]]  # the whole token log before the cut: id, tokenizer, tokens
     last_id: int  # the agent's last message id before the cut: anything above it came later
+
+
+def _only_the_retry(since: list[tuple[str, str]], retried: list[str]) -> bool:
+    """Whether what was recorded after a cut is at most the retry's own user message and reply."""
+    return not since or len(since) <= 2 and [since[0]] == [("user", t) for t in retried] and all(r == "assistant" for r, _ in since[1:])
 
 
 def _pack(tokens: list[int]) -> bytes:
@@ -273,6 +278,11 @@ class Store:
         all (ids only grow, so none was reused), in one transaction."""
         name = removed.agent
         with self._tx():
+            since = self.db.execute("SELECT role, content FROM messages WHERE agent=? AND id>? ORDER BY id", (name, removed.last_id))
+            retried = [m[2] for m in removed.messages if m[1] == "user"][:1]
+            if not _only_the_retry([(r["role"], r["content"]) for r in since], retried):
+                # Another process wrote since the cut (a REPL on a server holds no lock between turns): it stays.
+                raise SemanticError(f"agent {name!r} changed since the retry began; what is there now stays")
             self.db.execute("DELETE FROM messages WHERE agent=? AND id>?", (name, removed.last_id))
             self.db.executemany(
                 "INSERT INTO messages(id, agent, role, content, status, created_at, meta) VALUES (?,?,?,?,?,?,?)",

@@ -296,6 +296,39 @@ def test_a_retry_whose_put_back_fails_still_reports_the_retrys_own_error(tiny, b
     assert "a: the previous reply could not be put back (OSError: database is locked)" in err, err
 
 
+def test_a_failed_retry_leaves_a_turn_another_process_recorded_meanwhile(tiny, blocks, monkeypatch, capsys):
+    """Through a server a REPL holds no lock between turns: if another client records a turn
+    while the retry runs, putting the old exchange back would delete it. It stays."""
+    from mlx_lm.generate import BatchGenerator
+
+    from semantic_cli.store import Store
+
+    with Session() as s:
+        s.say("a", LONG, model=tiny["llama"])
+        fp = s.chat.engine_for(s.chat.open_agent("a")).lm.tokenizer_fingerprint
+        s.chat.release("a")
+        repl = repl_for(s, "a", settings=GenSettings(max_tokens=50))
+        original = BatchGenerator.next
+        steps: list[int] = []
+
+        def elsewhere_then_fail(self: Any) -> Any:
+            steps.append(1)
+            if len(steps) == 4:
+                other = Store()
+                other.record_turn("a", [("user", "from elsewhere", "complete", {}), ("assistant", "noted", "complete", {})], fp, [], True)
+                other.close()
+                raise RuntimeError("the engine failed")
+            return original(self)
+
+        monkeypatch.setattr(BatchGenerator, "next", elsewhere_then_fail)
+        with pytest.raises(RuntimeError, match="the engine failed"):
+            slash.dispatch(repl, "/retry")
+        err = capsys.readouterr().err
+        contents = [m.content for m in s.store.messages("a")]
+    assert "from elsewhere" in contents and "noted" in contents  # the other client's turn stays
+    assert "could not be put back (agent 'a' changed since the retry began; what is there now stays)" in err, err
+
+
 def test_compact_in_the_repl(tiny, blocks, capsys):
     three_turns(tiny["llama"], "a")
     with Session() as s:

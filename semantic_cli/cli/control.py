@@ -117,7 +117,8 @@ def _put_back_after_retry(repl: Any, removed: Removed) -> None:
     try:
         put_back(repl, removed)
     except Exception as exc:
-        repl.info(f"{removed.agent}: the previous reply could not be put back ({one_line(exc)}); `agents show` has what is left")
+        why = exc.message if isinstance(exc, SemanticError) else one_line(exc)
+        repl.info(f"{removed.agent}: the previous reply could not be put back ({why}); `agents show` has what is left")
         return
     repl.info(f"{removed.agent}: the previous reply is back (the retry did not finish)")
 
