@@ -267,10 +267,8 @@ class Batch:
             cpu_split.set_batched(len(self._live) >= 2)
             # Ctrl-C waits for the step's end (its state stays whole), or, in a long prefill
             # step, stops its prompt pass between two layers (`_stopped_in_prefill`).
-            watch = sigint_active = False
             with interrupts.deferred() as sigint:
-                sigint_active = sigint.active
-                watch = sigint_active and self.mid_step_stop and self.engine.stoppable_mid_step
+                watch = sigint.active and self.mid_step_stop and self.engine.stoppable_mid_step
                 with interruptible.watching(lambda: sigint.requested, watch):
                     prompt_responses, gen_responses = self._gen.next()
             self.stop_requested = sigint.requested

@@ -47,3 +47,14 @@ class Session:
 
     def __exit__(self, *_: Any) -> None:
         self.close()
+
+
+def edited_copy(model: Path, dest: Path, file: str, **changes: Any) -> Path:
+    """A copy of the model directory `model` at `dest`, with `changes` merged into its JSON `file`."""
+    import json
+    import shutil
+
+    shutil.copytree(model, dest)
+    config = json.loads((dest / file).read_text())
+    (dest / file).write_text(json.dumps({**config, **changes}))
+    return dest

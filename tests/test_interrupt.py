@@ -10,7 +10,7 @@ import subprocess
 import time
 
 from conftest import SEMANTIC, run_cli
-from helpers import Session
+from helpers import Session, edited_copy
 from servers import Server
 from turns import encode, render, run_turn, transcript
 
@@ -249,13 +249,7 @@ def test_an_unanswered_message_does_not_break_a_template_that_wants_alternating_
     """Ctrl-C before the first token leaves the user's message unanswered, so the next turn
     has two user messages in a row: a template that refuses that still gets a conversation
     it accepts (the two messages as one), and the agent goes on."""
-    import shutil
-
-    strict = tmp_path / "strict"
-    shutil.copytree(tiny["llama"], strict)
-    config = json.loads((strict / "tokenizer_config.json").read_text())
-    config["chat_template"] = STRICT_TEMPLATE
-    (strict / "tokenizer_config.json").write_text(json.dumps(config))
+    strict = edited_copy(tiny["llama"], tmp_path / "strict", "tokenizer_config.json", chat_template=STRICT_TEMPLATE)
     with Session() as s:
         s.say("g", "hello there", model=strict, max_tokens=3)
         pending = s.chat.prepare(s.chat.open_agent("g"), "first question", GenSettings(max_tokens=3))

@@ -22,12 +22,10 @@ The differences from a plain re-render, and why the log is right:
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
-from helpers import Session
+from helpers import Session, edited_copy
 from turns import encode, eos_at, rendered_log, reply_ids, run_turn, transcript
 
 from semantic_cli import prompting
@@ -139,11 +137,7 @@ def test_history_rewriting_template_re_renders(tiny, home, monkeypatch, tmp_path
     log is then not a prefix of the prompt, which is right: the model must see the
     conversation as the template now renders it."""
     monkeypatch.setenv("SEMANTIC_BLOCK_TOKENS", "4096")
-    model = tmp_path / "rewriting"
-    shutil.copytree(tiny["llama"], model)
-    cfg = json.loads((model / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = HISTORY_REWRITING_TEMPLATE
-    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    model = edited_copy(tiny["llama"], tmp_path / "rewriting", "tokenizer_config.json", chat_template=HISTORY_REWRITING_TEMPLATE)
     with Session() as s:
         first = s.say("m", "first question", model=model, system="Be brief.", max_tokens=4)
         agent = s.chat.open_agent("m")

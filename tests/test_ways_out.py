@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Session
+from helpers import Session, edited_copy
 
 from semantic_cli import history, prompting
 from semantic_cli.cli import slash
@@ -369,10 +368,7 @@ def test_a_conversation_that_fills_the_context_still_compacts(tiny, home, capsys
 
 # ---- a reply cut short says what cut it, and what applies -------------------------------
 def test_a_reply_cut_by_a_full_context_names_the_ways_out_not_the_token_limit(tiny, home, tmp_path, capsys):
-    small = tmp_path / "small"
-    shutil.copytree(tiny["llama"], small)
-    config = json.loads((small / "config.json").read_text())
-    (small / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 80}))
+    small = edited_copy(tiny["llama"], tmp_path / "small", "config.json", max_position_embeddings=80)
     code, err = cli("chat", "-a", "c", "--model", str(small), "--max-tokens", "500", "-v", "-m", "hi", capsys=capsys)
     assert code == 0, err
     assert "cut off: the context is full (80/80 tokens); make room: `semantic agents compact c`" in err

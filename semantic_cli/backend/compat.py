@@ -76,14 +76,15 @@ def _moving_split_class() -> type:
             from .interruptible import PrefillStopped
 
             lengths = [len(t) for t in self.tokens]
-            positions = [c._idx for c in self.prompt_cache]  # BatchKVCache's write position
+            # BatchKVCache's write position (a pass is stopped only where every layer has one)
+            positions = [getattr(c, "_idx", None) for c in self.prompt_cache]
             try:
                 super().prompt(tokens)
             except PrefillStopped:
                 # Back to where the pass began: the layers it reached trimmed to their write
                 # position before it, right padding it prepared forgotten, the token lists cut.
                 for layer, position in zip(self.prompt_cache, positions, strict=True):
-                    if layer._idx > position:
+                    if position is not None and layer._idx > position:
                         layer.trim(layer._idx - position)
                     layer._right_padding = None
                 self.tokens = [t[:n] for t, n in zip(self.tokens, lengths, strict=True)]

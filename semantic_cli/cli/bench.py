@@ -29,6 +29,11 @@ def _engine(model: str | None) -> Any:
         return get_engine(resolve(model, progress))
 
 
+def _progress() -> Any:
+    """A benchmark's progress bar on stderr, drawn only on a terminal."""
+    return render.progress(render.stderr(), enabled=render.stderr().is_terminal)
+
+
 def _counts(text: str, option: str, minimum: int) -> tuple[int, ...]:
     """A comma-separated list of whole numbers, each at least `minimum`."""
     try:
@@ -84,7 +89,7 @@ def exp006(
     from ..bench.turns import scratch_home
 
     runtime.mx()
-    with scratch_home(), render.progress(render.stderr(), enabled=render.stderr().is_terminal) as progress:
+    with scratch_home(), _progress() as progress:
         res = b.run(tokens=tokens, runs=runs, on_progress=progress)
     r = res.results
     ms = lambda s: f"{s * 1000:.1f} ms"  # noqa: E731
@@ -124,7 +129,7 @@ def resume(
 
     history_sizes = _counts(sizes, "--sizes", minimum=64)
     engine = _engine(model)
-    with render.progress(render.stderr(), enabled=render.stderr().is_terminal) as progress:
+    with _progress() as progress:
         res = b.run(engine, history_sizes, repeats, progress, cold_repeats=cold_repeats, pairs=pairs)
 
     def extra(console: Any) -> None:
@@ -158,7 +163,7 @@ def batch(
 
     agent_counts = _counts(agents, "--agents", minimum=1)
     engine = _engine(model)
-    with render.progress(render.stderr(), enabled=render.stderr().is_terminal) as progress:
+    with _progress() as progress:
         res = b.run(engine, agent_counts, max_tokens, progress)
     _finish(res, b.table(res), out, json_out)
 
@@ -178,7 +183,7 @@ def serve(
     from ..bench import serve as b
 
     engine = _engine(model)
-    with render.progress(render.stderr(), enabled=render.stderr().is_terminal) as progress:
+    with _progress() as progress:
         res = b.run(engine, rounds, max_tokens, tokens, repeats, mlx_lm, progress)
     _finish(res, b.table(res), out, json_out)
 
@@ -196,6 +201,6 @@ def distributed(
     from ..bench import distributed as b
 
     engine = _engine(model)
-    with render.progress(render.stderr(), enabled=render.stderr().is_terminal) as progress:
+    with _progress() as progress:
         res = b.run(engine, tokens, rounds, decode, progress)
     _finish(res, b.table(res), out, json_out)
