@@ -24,12 +24,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from rich.live import Live
-
 from .. import paths
 from ..errors import SemanticError
 from ..rooms import address
 from . import render, slash
+from .live import ResizableLive
 from .render import printable
 from .turnview import PREFILL_BAR_MIN, Reply, TurnView
 
@@ -237,7 +236,7 @@ class Repl:
         view = TurnView(list(replies.values()), self.markdown, panels=self.room)
         recorded: list[TurnRecorded] = []
         started = time.perf_counter()
-        with _quiet_tty(), Live(view, console=self.console, refresh_per_second=10, transient=False) as live:
+        with _quiet_tty(), ResizableLive(view, self.console) as live:
             try:
                 for ev in events:
                     r = replies.get(ev.key)

@@ -1,5 +1,5 @@
 """A turn's live view in the REPL: one streaming reply per agent (a labelled panel each in a room),
-its prefill bar, and a footer; drawn by rich's Live region in cli/repl.py."""
+its prefill bar, and a footer; drawn by the live region (cli/live.py) in cli/repl.py."""
 
 from __future__ import annotations
 

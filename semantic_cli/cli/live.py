@@ -1,0 +1,114 @@
+"""rich's Live region, made to survive a terminal that is resized while a reply streams.
+
+rich redraws its region by moving the cursor up as many rows as its last render had
+lines. A terminal that reflows on resize (tmux, VTE, iTerm2, kitty and most others)
+re-wraps those lines: made narrower, a line of the old width takes two or more rows,
+the cursor-up count falls short, and the top of the old render stays on screen as a
+fragment. This region remembers how wide each line it drew was and, after a resize,
+erases the rows those lines take now. It also drops the trailing blank padding rich
+puts on a line, so that padding never wraps into rows of its own.
+
+A terminal that does not reflow (xterm, the Linux console) cuts lines instead, and
+each still takes one row: erasing more rows there would delete text above the region,
+so the reflow count is used only where the terminal is known to reflow (`reflows`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+
+from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
+from rich.control import Control
+from rich.live import Live
+from rich.live_render import LiveRender
+from rich.segment import ControlType, Segment
+
+# Environment variables that only terminals which re-wrap lines on resize set.
+_REFLOWING_MARKERS = ("TMUX", "VTE_VERSION", "KITTY_WINDOW_ID", "WT_SESSION", "WEZTERM_PANE", "ALACRITTY_WINDOW_ID", "KONSOLE_VERSION")
+_REFLOWING_PROGRAMS = ("iTerm.app", "Apple_Terminal", "WezTerm", "vscode", "ghostty", "Hyper", "tmux")
+_REFLOWING_TERMS = ("xterm-kitty", "alacritty", "foot", "xterm-ghostty", "wezterm", "tmux")
+
+
+def reflows(env: Mapping[str, str] | None = None) -> bool:
+    """Whether the terminal re-wraps its lines when resized. `SEMANTIC_TERMINAL_REFLOW=1`
+    or `0` overrides the guess, which is made from the variables terminals set."""
+    env = os.environ if env is None else env
+    forced = env.get("SEMANTIC_TERMINAL_REFLOW", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if any(env.get(name) for name in _REFLOWING_MARKERS):
+        return True
+    if env.get("TERM_PROGRAM", "") in _REFLOWING_PROGRAMS:
+        return True
+    return env.get("TERM", "").startswith(_REFLOWING_TERMS)
+
+
+def rows_taken(widths: Iterable[int], columns: int) -> int:
+    """How many terminal rows lines of these cell widths take once re-wrapped at `columns`."""
+    columns = max(1, columns)
+    return sum(max(1, -(-width // columns)) for width in widths)
+
+
+def _without_padding(line: list[Segment]) -> list[Segment]:
+    """The line without the trailing spaces rich pads it with (those with no background)."""
+    out = list(line)
+    while out:
+        seg = out[-1]
+        if seg.control or (seg.style is not None and seg.style.bgcolor is not None):
+            break
+        text = seg.text.rstrip(" ")
+        if text:
+            out[-1] = Segment(text, seg.style)
+            break
+        out.pop()
+    return out
+
+
+class _ReflowRender(LiveRender):
+    """LiveRender that records each drawn line's width and the terminal's width then."""
+
+    def __init__(self, renderable: RenderableType, console: Console, reflowing: bool) -> None:
+        super().__init__(renderable, vertical_overflow="ellipsis")
+        self.console = console
+        self.reflowing = reflowing
+        self.widths: list[int] = []
+        self.drawn_at = 0  # the terminal's width when the last render was drawn
+
+    def rows(self) -> int:
+        """The rows the last render takes on screen now."""
+        if self.reflowing and self.console.width != self.drawn_at:
+            return rows_taken(self.widths, self.console.width)
+        return len(self.widths)
+
+    def position_cursor(self) -> Control:
+        if self._shape is None:  # nothing drawn yet
+            return Control()
+        up = ((ControlType.CURSOR_UP, 1), (ControlType.ERASE_IN_LINE, 2)) * max(0, self.rows() - 1)
+        return Control(ControlType.CARRIAGE_RETURN, (ControlType.ERASE_IN_LINE, 2), *up)
+
+    def restore_cursor(self) -> Control:
+        if self._shape is None:
+            return Control()
+        return Control(ControlType.CARRIAGE_RETURN, *((ControlType.CURSOR_UP, 1), (ControlType.ERASE_IN_LINE, 2)) * self.rows())
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        segments = (s for s in super().__rich_console__(console, options) if isinstance(s, Segment))  # all are
+        drawn = list(Segment.split_lines(segments))
+        lines = [_without_padding(line) for line in drawn]
+        self.widths = [Segment.get_line_length(line) for line in lines]
+        self.drawn_at = options.max_width
+        new_line = Segment.line()
+        for i, line in enumerate(lines):
+            yield from line
+            if i < len(lines) - 1:
+                yield new_line
+
+
+class ResizableLive(Live):
+    """`rich.live.Live` whose redraw erases what a reflowing terminal made of its last render."""
+
+    def __init__(self, renderable: RenderableType, console: Console, refresh_per_second: float = 10) -> None:
+        super().__init__(renderable, console=console, refresh_per_second=refresh_per_second, transient=False)
+        # rich keeps the region's renderer in this attribute; its replacement keeps LiveRender's interface.
+        self._live_render = _ReflowRender(self.get_renderable(), console, reflows())
