@@ -93,7 +93,7 @@ class _ReflowRender(LiveRender):
         return Control(ControlType.CARRIAGE_RETURN, *((ControlType.CURSOR_UP, 1), (ControlType.ERASE_IN_LINE, 2)) * self.rows())
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        segments = (s for s in super().__rich_console__(console, options) if isinstance(s, Segment))  # all are
+        segments = (s for s in super().__rich_console__(console, options) if isinstance(s, Segment))  # only segments come
         drawn = list(Segment.split_lines(segments))
         lines = [_without_padding(line) for line in drawn]
         self.widths = [Segment.get_line_length(line) for line in lines]
