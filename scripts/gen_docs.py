@@ -176,6 +176,8 @@ def environment() -> list[tuple[str, str]]:
         "SEMANTIC_SPLIT": "Over several ranks (--hosts): how the model is split: auto (default), tensor, pipeline or layers.",
         "SEMANTIC_RANK_MARKER": "Set by --hosts for the ranks it starts (through mlx.launch --env): rank 0 then ends"
         " its stderr with a line carrying its exit code, which the launcher reads and hides.",
+        "SEMANTIC_TERMINAL_REFLOW": "1 or 0: whether the terminal re-wraps its lines when resized, which the REPL's"
+        " live reply redraws by; guessed from the variables tmux, VTE, iTerm2, kitty and others set.",
         "NO_COLOR": "When set (to anything), no colour is used, as with --color never (https://no-color.org).",
     }
     for s in config.SETTINGS.values():

@@ -96,7 +96,8 @@ def test_ls_reports_turns_tokens_and_cache(tiny, blocks32):
     table = ok("agents", "ls").stdout.decode()
     assert table.splitlines()[0].split()[:3] == ["NAME", "MODEL", "PERSONA"]
     line = next(ln for ln in table.splitlines() if ln.startswith("a\t"))  # piped: tab-separated
-    assert "llama" in line and "You are terse." in line and str(len(rec.done.all_tokens)) in line and "just now" in line
+    assert "llama" in line and "You are terse." in line and str(len(rec.done.all_tokens)) in line.split("\t")
+    assert line.split("\t")[-1] == a["last_active"]  # piped: ISO 8601, as in --json
 
 
 def test_ls_empty(home):

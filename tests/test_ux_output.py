@@ -94,23 +94,27 @@ def test_agents_ls_piped_is_tab_separated_complete_records(agents, tiny):
     lines = r.stdout.decode().split("\n")
     assert lines[-1] == "" and len(lines) == 4  # a header and one line per agent
     header, *rows = (line.split("\t") for line in lines[:-1])
-    assert header == ["NAME", "MODEL", "PERSONA", "TURNS", "TOKENS", "CACHED", "LAST ACTIVE"]
+    assert header == ["NAME", "MODEL", "PERSONA", "TURNS", "COMPACTED", "TOKENS", "CONTEXT", "CACHED", "LAST ACTIVE"]
     long, plain = rows
     assert long[:2] == [LONG_NAME, str(tiny["llama"])]  # the model as given, not shortened
     assert untsv(long[2]) == PERSONA and "\t" not in long[2] and "\n" not in long[2]
-    assert long[3:6] == ["2", "812/4096", "0"]  # fullness: logged tokens / the model's context
-    assert plain[:6] == ["plain", "default", "", "0", "0", "0"]  # context unknown: the tokens alone
+    assert long[3:8] == ["2", "0", "812", "4096", "0"]  # numbers only: logged tokens, the model's context
+    assert plain[:8] == ["plain", "default", "", "0", "0", "0", "", "0"]  # context unknown: empty
+    for row in rows:  # ISO 8601, as in --json
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", row[8]), row[8]
 
 
 def test_cache_ls_piped_is_tab_separated_and_its_totals_go_to_stderr(agents, tiny):
     r = ok("cache", "ls")
     lines = r.stdout.decode().splitlines()
-    assert [line.split("\t")[:3] for line in lines] == [
-        ["agent", "model", "tokens"],
-        [LONG_NAME, str(tiny["llama"]), "812/4096"],
-        ["plain", "default", "0"],
+    assert [line.split("\t")[:4] for line in lines] == [
+        ["agent", "model", "tokens", "context"],
+        [LONG_NAME, str(tiny["llama"]), "812", "4096"],
+        ["plain", "default", "0", ""],
     ]
-    assert all(line.count("\t") == 8 for line in lines)
+    assert lines[0].split("\t")[4:] == ["cached", "blocks_own", "blocks_shared", "bytes_own", "bytes_shared", "tier", "used"]
+    assert all(line.count("\t") == 10 for line in lines)
+    assert all(field.isdigit() for line in lines[1:] for field in line.split("\t")[4:9])
     assert r.stderr.decode() == "total 0 B in 0 blocks · stale 0 B (0 blocks) · orphaned 0 B (0 files)\n"
 
 
@@ -206,7 +210,7 @@ def test_ls_with_agents_reads_the_context_without_importing_mlx(agents):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, env=dict(os.environ), cwd=Path(__file__).parent)
     assert r.returncode == 0, r.stderr.decode()
-    assert b"812/4096" in r.stdout
+    assert b"\t812\t4096\t" in r.stdout  # piped: the tokens and the context length read from config.json
 
 
 def test_no_help_page_shows_a_type_beside_any_flag(home):

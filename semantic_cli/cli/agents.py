@@ -152,7 +152,9 @@ def ls(json_out: bool = typer.Option(False, "--json", metavar="", help="Print a 
 
     On a terminal: a table; the persona is shortened, the name never cropped.
 
-    Piped or redirected: tab-separated values, a header line, then one complete line per agent (the whole persona, the model as given).
+    Piped or redirected: tab-separated values, a header line, then one complete line per agent (the whole persona, the model as
+    given), each number in a column of its own and LAST ACTIVE in ISO 8601: NAME MODEL PERSONA TURNS COMPACTED TOKENS CONTEXT CACHED
+    LAST ACTIVE (CONTEXT is empty until the model's files are here).
 
     In a piped field, a backslash, tab, newline or carriage return is written \\\\, \\t, \\n or \\r.
 
@@ -183,18 +185,20 @@ def ls(json_out: bool = typer.Option(False, "--json", metavar="", help="Print a 
     if not rows:
         _status("no agents yet; create one with `semantic agents new NAME` or `semantic chat --agent NAME`")
         return
-    terminal = render.is_terminal(sys.stdout)
+    if not render.is_terminal(sys.stdout):  # every value whole, each number in its own column
+        headers = ["NAME", "MODEL", "PERSONA", "TURNS", "COMPACTED", "TOKENS", "CONTEXT", "CACHED", "LAST ACTIVE"]
+        keys = ["name", "model", "system", "turns", "compacted_turns", "transcript_tokens", "context_length", "cached_tokens"]
+        records = [[*("" if row[k] is None else str(row[k]) for k in keys), row["last_active"]] for row in rows]
+        render.table([Column(h) for h in headers], records)
+        return
     columns = [Column("NAME"), Column("MODEL", wrap=True), Column("PERSONA", wrap=True), Column("TURNS", right=True),
                Column("TOKENS", right=True), Column("CACHED", right=True), Column("LAST ACTIVE", right=True)]  # fmt: skip
     cells = []
     for a, row in zip(agents, rows, strict=True):
-        if terminal:
-            model = Path(a.model).name if os.sep in a.model and Path(a.model).exists() else a.model
-            model, persona = printable(model), printable(_excerpt(a.system)) or "-"
-        else:
-            model, persona = a.model, a.system  # complete, byte for byte
+        model = Path(a.model).name if os.sep in a.model and Path(a.model).exists() else a.model
         turns_text, full = turns_cell(row["turns"], row["compacted_turns"]), fullness(row["transcript_tokens"], row["context_length"])
-        cells.append([a.name, model, persona, turns_text, full, str(row["cached_tokens"]), human_age(a.last_active)])
+        persona = printable(_excerpt(a.system)) or "-"
+        cells.append([a.name, printable(model), persona, turns_text, full, str(row["cached_tokens"]), human_age(a.last_active)])
     render.table(columns, cells)
 
 

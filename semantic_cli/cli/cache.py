@@ -15,6 +15,7 @@ from . import render
 from .render import Column, fullness, human_age, human_bytes, plural, printable
 
 if TYPE_CHECKING:
+    from ..kv.admin import CacheScan
     from ..kv.index import KVIndex
     from ..store import Store
 
@@ -61,7 +62,8 @@ def ls(json_out: bool = typer.Option(False, "--json", metavar="", help="Print JS
     """One row per agent: tokens/context, cached tokens, blocks, bytes, tier, last use.
 
     On a terminal: a table, then a line of totals. Piped or redirected: tab-separated values, a header line and one complete
-    line per agent (the model as given), the totals on stderr.
+    line per agent (the model as given), each number in a column of its own (bytes as integers, `used` in ISO 8601): agent
+    model tokens context cached blocks_own blocks_shared bytes_own bytes_shared tier used; the totals on stderr.
 
     tokens: transcript tokens / the model's context length ("812/8192"); the tokens alone until the model's files are here.
     """
@@ -97,6 +99,17 @@ def ls(json_out: bool = typer.Option(False, "--json", metavar="", help="Print JS
         )
         return
     terminal = render.is_terminal(sys.stdout)
+    if not terminal:  # every value whole, each number in its own column
+        headers = ["agent", "model", "tokens", "context", "cached", "blocks_own", "blocks_shared", "bytes_own", "bytes_shared"]
+        records = [
+            [a.agent, a.model, str(a.transcript_tokens), str(contexts.get(a.model) or ""),
+             *(str(n) for n in (a.cached_tokens, a.blocks_own, a.blocks_shared, a.bytes_own, a.bytes_shared)),
+             a.tier, iso(a.last_used) if a.last_used else ""]
+            for a in found.agents
+        ]  # fmt: skip
+        render.table([Column(h) for h in [*headers, "tier", "used"]], records)
+        render.stderr().print(_totals(found), markup=False)
+        return
     numbers = [Column(header, right=True) for header in ("tokens", "cached", "blocks", "own", "shared")]
     columns = [Column("agent"), Column("model", wrap=True), *numbers, Column("tier"), Column("used")]
     render.table(
@@ -104,7 +117,7 @@ def ls(json_out: bool = typer.Option(False, "--json", metavar="", help="Print JS
         [
             [
                 a.agent,
-                printable(os.path.basename(a.model.rstrip("/")) or a.model) if terminal else a.model,
+                printable(os.path.basename(a.model.rstrip("/")) or a.model),
                 fullness(a.transcript_tokens, contexts.get(a.model)),
                 str(a.cached_tokens),
                 f"{a.blocks_own}/{a.blocks_shared}",
@@ -116,12 +129,15 @@ def ls(json_out: bool = typer.Option(False, "--json", metavar="", help="Print JS
             for a in found.agents
         ],
     )
-    totals = (
+    render.stdout().print(_totals(found), markup=False)
+
+
+def _totals(found: CacheScan) -> str:
+    return (
         f"total {human_bytes(found.total_bytes)} in {plural(found.blocks, 'block')}"
         f" · stale {human_bytes(found.stale_bytes)} ({plural(len(found.stale_blocks), 'block')})"
         f" · orphaned {human_bytes(found.orphaned_bytes)} ({plural(len(found.orphaned_files), 'file')})"
     )
-    (render.stdout() if terminal else render.stderr()).print(totals, markup=False)
 
 
 @app.command("evict")
