@@ -218,6 +218,32 @@ def test_cli_through_the_server_matches_in_process_output_and_exit_codes(tiny, h
     assert log.count("POST /semantic/v1/turns 200") == 4  # s1, s3, s4 and the room; s2 ran in-process
 
 
+def test_a_client_of_another_wire_version_is_told_and_runs_the_turn_in_process(tiny, home):
+    """A server left running across an upgrade: the CLI says so in one line and runs the
+    turn itself; the server writes nothing for it."""
+    import subprocess
+    import sys
+
+    model = str(tiny["llama"])
+    older_client = (
+        "import sys\nimport semantic_cli.server.wire as wire\nwire.WIRE_VERSION -= 1\n"
+        "from semantic_cli.cli.app import main\nmain(sys.argv[1:])\n"
+    )
+    with Server(home, model) as server:
+        argv = ["chat", "-a", "old", "--model", model, "-m", "hello", "--max-tokens", "3", "--json"]
+        r = subprocess.run([sys.executable, "-c", older_client, *argv], capture_output=True, timeout=120)
+        err = r.stderr.decode()
+        assert r.returncode == 0, err
+        assert json.loads(r.stdout)["agent"] == "old"
+        told = [line for line in err.splitlines() if "another release" in line]
+        assert len(told) == 1 and "restart it" in told[0] and "in-process" in told[0], err
+        assert [(role, status) for role, _, status in _messages("old")] == [("user", "complete"), ("assistant", "complete")]
+        code, _, err = _chat("-a", "old", "-m", "again", "--max-tokens", "2")  # this release's client: through the server
+        assert code == 0 and "another release" not in err
+        _, log = server.stop()
+    assert log.count("POST /semantic/v1/turns 409") == 1 and log.count("POST /semantic/v1/turns 200") == 1, log
+
+
 def test_a_client_that_disconnects_mid_stream_stops_its_own_turn_only(tiny, home):
     model = str(tiny["llama"])
     for name in ("long", "other"):

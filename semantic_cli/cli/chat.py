@@ -126,7 +126,9 @@ def chat(
 
             try:
                 remote_one_shot(socket_path, names, text, to_all, model, system, turn, json_out, verbose, announce)
-            except client.Unavailable:
+            except client.Unavailable as exc:
+                if exc.tell:
+                    render.stderr().print(f"warning: {exc}; running this turn in-process", style="yellow", markup=False)
                 message = text  # the server cannot run this turn (another model, stopping): run it here instead
             else:
                 if save_room:

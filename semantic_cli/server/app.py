@@ -256,8 +256,10 @@ def build(worker: Worker, settings: Settings) -> Starlette:
             return _error(403, "this route is the semantic CLI's, on the Unix socket only", "invalid_request_error")
         try:
             body = json.loads(await request.body())  # the user's own: no API limits (the turn checks its context)
-            if not isinstance(body, dict) or body.get("wire") != wire.WIRE_VERSION:
-                raise UsageError(f"this server speaks wire version {wire.WIRE_VERSION}; upgrade the client or the server")
+            if not isinstance(body, dict):
+                raise ValueError("not a JSON object")
+            if body.get("wire") != wire.WIRE_VERSION:
+                return JSONResponse(wire.other_version(body.get("wire"), _pid()), status_code=409)
             sub = Submission(worker, wire.turn_job(body))
             await sub.start(request)
         except (ValueError, KeyError, TypeError) as exc:

@@ -23,7 +23,12 @@ from . import runtime, wire
 
 
 class Unavailable(Exception):
-    """No usable server for this turn: the caller runs it in-process."""
+    """No usable server for this turn: the caller runs it in-process. `tell`: the user should
+    hear why (a server left running across an upgrade), not just find the turn slower."""
+
+    def __init__(self, message: str, tell: bool = False) -> None:
+        super().__init__(message)
+        self.tell = tell
 
 
 def find_socket() -> str | None:
@@ -175,8 +180,8 @@ def _raise(obj: dict[str, Any]) -> None:
         raise SemanticError(str(obj.get("error", {}).get("message", obj)))
     kind = obj.get("kind")
     message = str(obj.get("message", "the server reported an error"))
-    if kind in ("other_model", "shutting_down"):
-        raise Unavailable(message)
+    if kind in ("other_model", "shutting_down", "wire_version"):
+        raise Unavailable(message, tell=kind == "wire_version")
     if kind == "not_saved":
         exc = TurnNotSaved({name: SemanticError(message) for name in obj.get("names", [])}, others=False)
         exc.message = message

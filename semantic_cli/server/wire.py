@@ -16,7 +16,10 @@ from ..errors import SemanticError
 from ..kv.stats import PersistStats
 from ..turn import GenSettings, Notice, PendingTurn, TurnEvent, TurnRecorded
 
-WIRE_VERSION = 1  # bumped when a field changes meaning; the client refuses another
+# Bumped when an event or field is added, dropped or changes meaning. A server answers a
+# client of another version with kind "wire_version" (HTTP 409), and the client runs the turn
+# in-process, saying so. 2: the "started" event, which Ctrl-C's output is made of.
+WIRE_VERSION = 2
 
 
 def encode(ev: TurnEvent) -> dict[str, Any]:
@@ -59,6 +62,15 @@ def started(p: PendingTurn) -> dict[str, Any]:
 
 def error(exc: SemanticError, kind: str = "error", names: list[str] | None = None) -> dict[str, Any]:
     return {"event": "error", "kind": kind, "message": exc.message, "exit_code": exc.exit_code, "names": names or []}
+
+
+def other_version(theirs: object, pid: int) -> dict[str, Any]:
+    """The answer to a client of another wire version: a server left running across an upgrade."""
+    message = (
+        f"the running semantic server (pid {pid}) is from another release (wire version {WIRE_VERSION}, this client's"
+        f" {theirs}); restart it (stop it, then `semantic serve`) to use it again"
+    )
+    return {"event": "error", "kind": "wire_version", "message": message, "exit_code": 1, "names": []}
 
 
 def line(obj: dict[str, Any]) -> bytes:
