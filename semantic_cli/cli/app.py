@@ -12,12 +12,11 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-import click
 import typer
 from typer.core import TyperGroup
 
 from .. import __version__
-from ..errors import EXIT_INTERRUPTED, EXIT_USAGE, SemanticError
+from ..errors import EXIT_INTERRUPTED, SemanticError
 
 
 class _Group(TyperGroup):
@@ -125,17 +124,23 @@ def register(argv: list[str] | None = None) -> None:
     app.registered_groups.sort(key=lambda g: order.index(g.name or ""))
 
 
-# typer >= 0.2x vendors its own click: its usage errors are not click's classes.
-_CLICK_ERRORS: tuple[type[Exception], ...] = (click.ClickException,)
-_BAD_VALUES: tuple[type[Exception], ...] = (click.BadParameter,)
-try:
-    from typer._click.exceptions import BadParameter as _TyperBadParameter
-    from typer._click.exceptions import ClickException as _TyperClickException
+def _click_errors() -> tuple[tuple[type[Exception], ...], tuple[type[Exception], ...], tuple[type[BaseException], ...]]:
+    """(usage errors, bad flag values, aborts) of click and of the click typer >= 0.26 vendors:
+    imported only when a command fails, since click's import costs every call ~10 ms."""
+    import click
 
-    _CLICK_ERRORS += (_TyperClickException,)
-    _BAD_VALUES += (_TyperBadParameter,)
-except ImportError:  # older typer raises click's own
-    pass
+    errors: tuple[type[Exception], ...] = (click.ClickException,)
+    bad_values: tuple[type[Exception], ...] = (click.BadParameter,)
+    aborts: tuple[type[BaseException], ...] = (click.exceptions.Abort, typer.Abort)
+    try:
+        from typer._click.exceptions import BadParameter as _TyperBadParameter
+        from typer._click.exceptions import ClickException as _TyperClickException
+
+        errors += (_TyperClickException,)
+        bad_values += (_TyperBadParameter,)
+    except ImportError:  # older typer raises click's own
+        pass
+    return errors, bad_values, aborts
 
 
 def _fail(message: str, code: int) -> None:
@@ -157,30 +162,28 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         _fail(exc.message, exc.exit_code)
-    except (click.exceptions.Abort, typer.Abort):
-        sys.stderr.write("\n")
-        raise SystemExit(EXIT_INTERRUPTED) from None
     except KeyboardInterrupt:
         if debug:
             raise
         sys.stderr.write("\ninterrupted\n")
         raise SystemExit(EXIT_INTERRUPTED) from None
-    except click.exceptions.NoSuchOption as exc:
-        exc.show()
-        raise SystemExit(EXIT_USAGE) from exc
-    except _BAD_VALUES as exc:  # a flag's value out of its range or choices: one line, as our own usage errors
-        bad: Any = exc
-        _fail(bad.format_message(), bad.exit_code)
-    except _CLICK_ERRORS as exc:
-        usage_error: Any = exc  # click's or typer's vendored ClickException: both have show() and exit_code
-        usage_error.show()
-        raise SystemExit(usage_error.exit_code) from exc
     except BrokenPipeError:
         # The reader went away (`| head`): not an error worth a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(1) from None
-    except Exception as exc:  # the last resort: one line, unless debugging
-        if debug:
+    except Exception as exc:
+        usage_errors, bad_values, aborts = _click_errors()
+        if isinstance(exc, aborts):
+            sys.stderr.write("\n")
+            raise SystemExit(EXIT_INTERRUPTED) from None
+        if isinstance(exc, bad_values):  # a flag's value out of its range or choices: one line, as our own usage errors
+            bad: Any = exc
+            _fail(bad.format_message(), bad.exit_code)
+        if isinstance(exc, usage_errors):
+            usage_error: Any = exc  # click's or typer's vendored ClickException: both have show() and exit_code
+            usage_error.show()
+            raise SystemExit(usage_error.exit_code) from exc
+        if debug:  # the last resort: one line, unless debugging
             raise
         _fail(f"unexpected {type(exc).__name__}: {exc} (rerun with SEMANTIC_DEBUG=1 for a traceback and please report it)", 1)
 
