@@ -89,7 +89,8 @@ class Chat:
         """Lock an agent for this process (with `wait`, for at most `timeout` seconds if given;
         busy: BusyError ending with `busy_hint`, which names only options the caller has) and
         return it with the flags that apply to it (`opening.with_flags`): an unknown name is
-        created, and a flag's change saved, by its first recorded turn, never before."""
+        created, and a flag's change saved, by its first recorded turn, never before. A
+        /retry a killed process left unfinished is resolved first (`recover`)."""
         if name not in self.locks:
             self.locks[name] = AgentLock(name).acquire(wait=wait, timeout=timeout, hint=busy_hint)
             said = self.recover(name)

@@ -152,7 +152,7 @@ def test_agents_show_and_ls_recover_an_agent_no_process_holds(store):
     retry_cut(store)
     with AgentLock("a"):  # a process has it open (and so recovers it itself): shown as it is
         busy = run_cli("agents", "show", "a", "--json")
-        assert busy.returncode == 0 and busy.stderr == b"", busy.stderr
+        assert busy.returncode == 0 and busy.stderr.decode() == "a: a /retry is running: its previous reply is set aside until it ends\n"
         assert len(json.loads(busy.stdout)["messages"]) == 2
     shown = run_cli("agents", "show", "a", "--json")
     assert shown.returncode == 0, shown.stderr
@@ -161,6 +161,36 @@ def test_agents_show_and_ls_recover_an_agent_no_process_holds(store):
     retry_cut(store)
     listed = run_cli("agents", "ls", "--json")
     assert "a: the previous reply is back" in listed.stderr.decode() and json.loads(listed.stdout)[0]["turns"] == 2
+
+
+@pytest.mark.parametrize("command", [["agents", "edit", "a", "--system", "New."], ["agents", "trim", "a", "--keep-last", "5", "-y"]])
+def test_agents_commands_that_change_an_agent_recover_it_first(store, command):
+    """Else a new persona would drop the entry, and the old exchange with it."""
+    before = two_turns(store)
+    retry_cut(store)
+    r = run_cli(*command)
+    assert r.returncode == 0 and "a: the previous reply is back" in r.stderr.decode(), r.stderr
+    assert rows(store) == before[0] and takeback.pending(store.db) == []
+
+
+def test_a_repl_whose_turns_a_server_runs_recovers_before_a_slash_command_changes_the_agent(store, capsys):
+    """Such a REPL opens no agent (it takes the lock only for a change): /undo first puts back
+    what a killed retry left, then takes the last exchange back."""
+    from semantic_cli.chat import Chat
+    from semantic_cli.cli import slash
+    from semantic_cli.cli.repl import Repl
+    from semantic_cli.turn import GenSettings
+
+    before = two_turns(store)
+    retry_cut(store)
+    chat = Chat(store)
+    try:
+        repl = Repl(chat, [chat.peek_agent("a")], GenSettings(), remote="/nonexistent.sock")
+        slash.dispatch(repl, "/undo")
+    finally:
+        chat.close()
+    assert "a: the previous reply is back: a /retry did not finish" in capsys.readouterr().err
+    assert rows(store) == before[0][:2] and takeback.pending(store.db) == []
 
 
 def test_a_server_says_what_it_recovered_with_the_agents_next_turn(tiny, home):
@@ -236,6 +266,8 @@ def test_a_repl_killed_in_the_middle_of_a_retried_reply_loses_nothing(tiny, home
     shown = run_cli("agents", "show", "a", "--json")
     assert shown.returncode == 0 and shown.stderr.decode() == "a: the previous reply is back: a /retry did not finish (its process ended)\n"
     assert (messages_of(home, "a"), log_of(home, "a")) == (before, log) and journaled(home) == []
+    with closing(KVIndex()) as index:  # the blocks of the old exchange are the agent's again (eviction, `agents ls`)
+        assert index.chain("a") == index.chain("ref") and len(index.chain("a")) == sum(map(len, log)) // 4 // 16
     nxt, ref = say("a", "why so?"), say("ref", "why so?")
     assert (nxt["reply"], nxt["prompt_tokens"]) == (ref["reply"], ref["prompt_tokens"])
     assert (nxt["cache_tier"], nxt["cached_tokens"]) == ("warm", sum(map(len, log)) // 4)  # the old exchange's cache serves again

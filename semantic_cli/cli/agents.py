@@ -24,7 +24,7 @@ from typing import Any
 
 import typer
 
-from .. import export, paths
+from .. import export, paths, takeback
 from ..errors import BadInputError, UsageError
 from ..kv.index import KVIndex, open_index
 from ..locks import AgentLock
@@ -86,7 +86,6 @@ def _recover(store: Store, kv: KVIndex, name: str) -> None:
 def _recover_free(store: Store, kv: KVIndex, names: list[str]) -> None:
     """`_recover` for reading commands, for each of these agents with a journal entry whose
     lock is free (a busy one is shown as it is: its holder recovers it, or runs the retry)."""
-    from .. import takeback
     from ..errors import BusyError
 
     for name in set(takeback.pending(store.db)) & set(names):
@@ -283,6 +282,8 @@ def show(
     with _opened() as (store, kv):
         agent = store.get_agent(name)
         _recover_free(store, kv, [name])
+        if name in takeback.pending(store.db):
+            _status(f"{name}: a /retry is running: its previous reply is set aside until it ends")
         messages = store.messages(name)
     if json_out:
         sys.stdout.write(printable(export.to_json(agent, messages), sys.stdout))  # still valid JSON: controls < 0x20 are escaped
