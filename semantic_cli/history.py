@@ -1,5 +1,6 @@
-"""Ways out of a full context, and taking a turn back: fork at a turn, trim, undo, and the
-compacted view of a transcript. The core: nothing here prints.
+"""Ways out of a full context, and taking a turn back: fork at a turn, trim, undo, the
+compacted view of a transcript, and resolving a /retry a killed process left unfinished
+(`recover_retry`; its journal is takeback.py's). The core: nothing here prints.
 
 A transcript is a list of exchanges (a user message and the reply recorded with it) and,
 after a compaction, summaries (role "summary"). A summary's meta names the last message
