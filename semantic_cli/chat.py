@@ -30,7 +30,7 @@ from typing import Any
 from . import config, faults, opening, prompting
 from .engine import Engine, Event, TokenEvent, TurnDone, TurnRequest, get_engine
 from .errors import PromptTooLongError
-from .history import too_long_advice
+from .history import recover_retry, too_long_advice
 from .kv.failures import CacheUnavailable
 from .kv.layers import CacheSpec, cache_spec
 from .kv.store import KVStore, Restored
@@ -74,6 +74,7 @@ class Chat:
         self._model_defaults: dict[str, dict[str, Any]] = {}  # model fingerprint -> its generation_config sampling
         self._warned: set[tuple[str, str]] = set()
         self._stored: dict[str, bool] = {}  # agent -> whether the transcript store has it (we hold its lock)
+        self.recovered: dict[str, str] = {}  # agent -> what `recover` did when it was opened, not yet said
 
     # ---- agents -------------------------------------------------------
     def open_agent(
@@ -88,12 +89,24 @@ class Chat:
         """Lock an agent for this process (with `wait`, for at most `timeout` seconds if given;
         busy: BusyError ending with `busy_hint`, which names only options the caller has) and
         return it with the flags that apply to it (`opening.with_flags`): an unknown name is
-        created, and a flag's change saved, by its first recorded turn, never before."""
+        created, and a flag's change saved, by its first recorded turn, never before. A
+        /retry a killed process left unfinished is resolved first (`recover`)."""
         if name not in self.locks:
             self.locks[name] = AgentLock(name).acquire(wait=wait, timeout=timeout, hint=busy_hint)
+            said = self.recover(name)
+            if said:  # for the command to say, or else the agent's next turn (a Notice: a server's client sees it)
+                self.recovered[name] = said
         agent = self.store.find_agent(name)
         self._stored[name] = agent is not None
         return opening.with_flags(name, agent, model_flag, system, agent is not None and self.store.has_messages(name))
+
+    def recover(self, name: str) -> str | None:
+        """Resolve a /retry a killed process left unfinished, the caller holding the agent
+        (`history.recover_retry`): the line that says what it did, or None."""
+        said = recover_retry(self.store, lambda: self.kv.index, name, self.kv.block_tokens)
+        if said:
+            self.kv.drop_hot(name)  # it may cover the cut reply
+        return said
 
     def peek_agent(self, name: str, model_flag: str | None = None, system: str | None = None) -> Agent:
         """The agent as `open_agent` returns it, taking no lock (a REPL whose turns a server runs)."""
@@ -159,6 +172,7 @@ class Chat:
             advice = f"shorten it, or {too_long_advice(agent.name)}" if history else "shorten it"
             raise PromptTooLongError(f"the {what} is {len(prompt)} tokens but {lm.name} has a context of {lm.context_length}; {advice}")
         request, tier, warnings = self._request(agent, engine, prompt, settings, started)
+        warnings[:0] = [self.recovered.pop(agent.name)] if agent.name in self.recovered else []
         opens = prompting.opening_len(tok, msgs + [{"role": "user", "content": user_text}], prompt)
         return PendingTurn(
             agent, user_text, engine, request, new_log, len(log), tier, is_new, warnings, started=started, changes=changes, opening=opens

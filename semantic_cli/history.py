@@ -1,5 +1,6 @@
-"""Ways out of a full context, and taking a turn back: fork at a turn, trim, undo, and the
-compacted view of a transcript. The core: nothing here prints.
+"""Ways out of a full context, and taking a turn back: fork at a turn, trim, undo, the
+compacted view of a transcript, and resolving a /retry a killed process left unfinished
+(`recover_retry`; its journal is takeback.py's). The core: nothing here prints.
 
 A transcript is a list of exchanges (a user message and the reply recorded with it) and,
 after a compaction, summaries (role "summary"). A summary's meta names the last message
@@ -17,11 +18,14 @@ whatever blocks still match by content.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from . import takeback
 from .errors import UsageError
 from .kv.index import KVIndex
-from .store import Agent, Message, Removed, Store
+from .store import Agent, Message, Store
 
 SUMMARY_ROLE = "summary"
 SUMMARY_HEADER = "Summary of the earlier conversation:\n"
@@ -188,17 +192,40 @@ def plan_undo(store: Store, name: str) -> Cut:
     return _cut(store, name, turns[:-1], len(turns), last.ids)
 
 
-def apply_cut(store: Store, cut: Cut) -> list[int]:
-    """Delete the cut's messages and log chunks (one transaction); returns the kept log,
-    whose blocks `keep_blocks` then keeps (none, and no tail, when the log went)."""
-    return take_back(store, cut)[0]
+def apply_cut(store: Store, cut: Cut, journal: bool = False) -> list[int]:
+    """Delete the cut's messages and log chunks (one transaction; with `journal`, a /retry's:
+    `takeback.put_back` restores them); returns the kept log, whose blocks `keep_blocks`
+    then keeps (none, and no tail, when the log went)."""
+    takeback.cut(store.db, cut.agent, cut.drop_ids, cut.chunks, journal)
+    return store.log_tokens(cut.agent, cut.chunks)
 
 
-def take_back(store: Store, cut: Cut) -> tuple[list[int], Removed]:
-    """`apply_cut`, and what it deleted: `Store.put_back` restores it (a /retry whose new
-    reply failed or was cut keeps the old one)."""
-    removed = store.cut(cut.agent, cut.drop_ids, cut.chunks)
-    return store.log_tokens(cut.agent, cut.chunks), removed
+RECOVERED = {
+    "restored": "the previous reply is back: a /retry did not finish (its process ended)",
+    "finished": "a /retry finished just before its process ended: the new reply stays",
+    "overtaken": "a /retry did not finish (its process ended) and turns were recorded since: they stay, the previous reply is gone",
+}
+
+
+def recover_retry(store: Store, index: Callable[[], KVIndex], name: str, block_tokens: int) -> str | None:
+    """Resolve a /retry a killed process left unfinished (`takeback.recover`), the caller
+    holding the agent's lock; the one line that says what happened, or None (no entry, or
+    the process that runs the retry is alive: a REPL whose turns a server runs holds the
+    agent's lock only between them, and its retry lock throughout). After a put-back the
+    cache chain keeps only the blocks of the restored log (`index` opens the KV index: only
+    then); the caller drops its hot copy."""
+    from .kv.failures import CacheUnavailable
+    from .locks import retry_running
+
+    if name not in takeback.pending(store.db) or retry_running(name):
+        return None
+    outcome = takeback.recover(store.db, name)
+    if outcome is None:
+        return None
+    if outcome == "restored":
+        with contextlib.suppress(CacheUnavailable):  # a cache that cannot follow costs a re-prefill
+            keep_blocks(index(), name, name, store.log_tokens(name), block_tokens)
+    return RECOVERED[outcome]
 
 
 def fork(store: Store, index: KVIndex, source: str, new: str, cut: Cut, block_tokens: int) -> int:

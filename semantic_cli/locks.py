@@ -10,6 +10,8 @@ who holds an agent can never make a starting chat fail as busy.
 A lock file is opened with O_NOFOLLOW: a symbolic link in its place is refused with
 one line (UnsafePathError, exit code 10), never written through.
 
+A /retry also holds the agent's retry lock (`retry_lock`) until it ends.
+
 Rooms take their agents' locks in one global order (sorted names): two processes
 waiting for the same agents can never each hold one the other waits for.
 """
@@ -22,6 +24,8 @@ import os
 import struct
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import paths
@@ -45,6 +49,34 @@ def _flock_type(answer: bytes) -> int:
 
 def lock_path(name: str) -> Path:
     return paths.locks_dir() / f"{name}.lock"
+
+
+def retry_lock(name: str) -> AgentLock:
+    """Held by the process that retries the agent's last reply, from its cut until its end:
+    while it is, the retry's journal (takeback.py) is that process's own, and nothing
+    recovers it, even where the agent's own lock is free (a REPL whose turns a server runs).
+    NAME.retry.lock: no agent's lock file has a dot in its name."""
+    return AgentLock(name, paths.locks_dir() / f"{name}.retry.lock")
+
+
+_RETRYING: set[str] = set()  # this process's own retries (a process need not see its own lock: flock on macOS)
+
+
+@contextmanager
+def retrying(name: str) -> Iterator[None]:
+    """Hold the agent's retry lock (busy: BusyError) while the body retries its last reply."""
+    lock = retry_lock(name).acquire(hint="another REPL is retrying its last reply; wait for it to finish")
+    _RETRYING.add(name)
+    try:
+        yield
+    finally:
+        _RETRYING.discard(name)
+        lock.release()
+
+
+def retry_running(name: str) -> bool:
+    """Whether a live process (this one included) holds the agent's retry lock."""
+    return name in _RETRYING or holder(name, retry_lock(name).path) is not None
 
 
 def _try_lock(fd: int) -> bool:

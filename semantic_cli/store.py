@@ -4,7 +4,8 @@ SQLite in the data dir, WAL mode. This is the truth; KV blocks are derived
 from it and may vanish at any time. A turn (user message, reply, the tokens
 the model saw) is committed in one transaction, so a killed process leaves
 either the whole turn or none of it. The schema is versioned: `MIGRATIONS`
-below, applied by db.connect. All SQL on this database lives here.
+below, applied by db.connect. All SQL on this database lives here, but for taking
+messages back and the /retry journal that puts them back (takeback.py).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from . import paths
+from . import paths, takeback
 from .db import Transaction, connect, statements
-from .errors import NotFoundError, SemanticError, UsageError
+from .errors import NotFoundError, UsageError
 
 # The one rule for agent and room names (rooms.py derives `@name` mentions from it).
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -68,6 +69,34 @@ CREATE TABLE IF NOT EXISTS rooms (
     # bump makes such releases refuse this store (exit 9) instead; the index serves the
     # per-role lookups (turn counts, the latest summary).
     statements("CREATE INDEX IF NOT EXISTS messages_role ON messages(agent, role, id)"),
+    # Version 3: the /retry journal (takeback.py owns its rows): what a retry's cut deleted,
+    # kept until the retry ends, so a killed process never loses the exchange it was
+    # replacing. Ids are the rows' own, put back as they were.
+    statements(
+        """
+CREATE TABLE retries (
+    agent TEXT PRIMARY KEY REFERENCES agents(name) ON DELETE CASCADE ON UPDATE CASCADE,
+    last_id INTEGER NOT NULL
+);
+CREATE TABLE retry_messages (
+    id INTEGER PRIMARY KEY,
+    agent TEXT NOT NULL REFERENCES retries(agent) ON DELETE CASCADE ON UPDATE CASCADE,
+    role TEXT NOT NULL,
+    content TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    meta TEXT NOT NULL
+);
+CREATE INDEX retry_messages_agent ON retry_messages(agent, id);
+CREATE TABLE retry_chunks (
+    id INTEGER PRIMARY KEY,
+    agent TEXT NOT NULL REFERENCES retries(agent) ON DELETE CASCADE ON UPDATE CASCADE,
+    tokenizer TEXT NOT NULL,
+    tokens BLOB NOT NULL
+);
+CREATE INDEX retry_chunks_agent ON retry_chunks(agent, id);
+"""
+    ),
 ]
 
 
@@ -96,21 +125,6 @@ class Message:
     status: str  # "complete" | "interrupted"
     created_at: float
     meta: dict
-
-
-@dataclass(frozen=True)
-class Removed:
-    """What `Store.cut` deleted, for `Store.put_back` (a /retry whose new reply never came)."""
-
-    agent: str
-    messages: list[tuple[Any, ...]]  # the deleted rows: id, role, content, status, created_at, meta
-    log: list[tuple[Any, ...]]  # the whole token log before the cut: id, tokenizer, tokens
-    last_id: int  # the agent's last message id before the cut: anything above it came later
-
-
-def _only_the_retry(since: list[tuple[str, str]], retried: list[str]) -> bool:
-    """Whether what was recorded after a cut is at most the retry's own user message and reply."""
-    return not since or len(since) <= 2 and [since[0]] == [("user", t) for t in retried] and all(r == "assistant" for r, _ in since[1:])
 
 
 def _pack(tokens: list[int]) -> bytes:
@@ -189,6 +203,7 @@ class Store:
             )
             if new.system != agent.system or new.model != agent.model:
                 self.db.execute("DELETE FROM token_chunks WHERE agent=?", (agent.name,))
+                takeback.forget(self.db, agent.name)  # a put-back would restore the old log under the new prefix
         return new
 
     def delete_agent(self, name: str) -> None:
@@ -252,50 +267,11 @@ class Store:
         rows = self.db.execute("SELECT LENGTH(tokens) / 4 AS n FROM token_chunks WHERE agent=? ORDER BY id", (name,))
         return [int(r["n"]) for r in rows]
 
-    def log_tokens(self, name: str, chunks: int) -> list[int]:
-        """The ids of the log's first `chunks` chunks, whatever their tokenizer."""
-        rows = self.db.execute("SELECT tokens FROM token_chunks WHERE agent=? ORDER BY id LIMIT ?", (name, chunks)).fetchall()
+    def log_tokens(self, name: str, chunks: int | None = None) -> list[int]:
+        """The ids of the log's first `chunks` chunks (None: all), whatever their tokenizer."""
+        limit = -1 if chunks is None else chunks
+        rows = self.db.execute("SELECT tokens FROM token_chunks WHERE agent=? ORDER BY id LIMIT ?", (name, limit)).fetchall()
         return [t for r in rows for t in _unpack(r["tokens"])]
-
-    def cut(self, name: str, drop: list[int], chunks: int) -> Removed:
-        """Delete the messages with these ids and keep only the first `chunks` chunks of the
-        token log (0: none, and the next turn re-renders the transcript), in one transaction.
-        Returns what it deleted, which `put_back` restores."""
-        with self._tx():
-            cols = "id, role, content, status, created_at, meta"
-            rows = self.db.execute(f"SELECT {cols} FROM messages WHERE agent=? ORDER BY id", (name,)).fetchall()
-            log = self.db.execute("SELECT id, tokenizer, tokens FROM token_chunks WHERE agent=? ORDER BY id", (name,)).fetchall()
-            gone = set(drop)
-            removed = Removed(name, [tuple(r) for r in rows if r["id"] in gone], [tuple(r) for r in log], rows[-1]["id"] if rows else -1)
-            self.db.executemany("DELETE FROM messages WHERE agent=? AND id=?", [(name, i) for i in drop])
-            last = log[min(chunks, len(log)) - 1]["id"] if chunks > 0 and log else -1
-            self.db.execute("DELETE FROM token_chunks WHERE agent=? AND id>?", (name, last))
-        return removed
-
-    def put_back(self, removed: Removed) -> None:
-        """Undo a `cut`: what was recorded since goes (messages after the cut's last one, the
-        whole log), and the deleted messages and the log come back as they were, ids and
-        all (ids only grow, so none was reused), in one transaction."""
-        name = removed.agent
-        with self._tx():
-            since = self.db.execute("SELECT role, content FROM messages WHERE agent=? AND id>? ORDER BY id", (name, removed.last_id))
-            retried = [m[2] for m in removed.messages if m[1] == "user"][:1]
-            if not _only_the_retry([(r["role"], r["content"]) for r in since], retried):
-                # Another process wrote since the cut (a REPL on a server holds no lock between turns): it stays.
-                raise SemanticError(f"agent {name!r} changed since the retry began; what is there now stays")
-            self.db.execute("DELETE FROM messages WHERE agent=? AND id>?", (name, removed.last_id))
-            self.db.executemany(
-                "INSERT INTO messages(id, agent, role, content, status, created_at, meta) VALUES (?,?,?,?,?,?,?)",
-                [(i, name, *rest) for i, *rest in removed.messages],
-            )
-            self.db.execute("DELETE FROM token_chunks WHERE agent=?", (name,))
-            self.db.executemany(
-                "INSERT INTO token_chunks(id, agent, tokenizer, tokens) VALUES (?,?,?,?)", [(i, name, *rest) for i, *rest in removed.log]
-            )
-
-    def removed_log(self, removed: Removed) -> list[int]:
-        """The token log `put_back` restores."""
-        return [t for *_, blob in removed.log for t in _unpack(blob)]
 
     def add_summary(self, name: str, content: str, meta: dict) -> Message:
         """Record a compaction summary and drop the token log (the prefix changed: the next
@@ -306,6 +282,7 @@ class Store:
                 (name, "summary", content, "complete", time.time(), json.dumps(meta)),
             )
             self.db.execute("DELETE FROM token_chunks WHERE agent=?", (name,))
+            takeback.forget(self.db, name)
         return next(m for m in self.messages(name) if m.id == cur.lastrowid)
 
     def reset_agent(self, name: str) -> None:
@@ -313,6 +290,7 @@ class Store:
         with self._tx():
             self.db.execute("DELETE FROM messages WHERE agent=?", (name,))
             self.db.execute("DELETE FROM token_chunks WHERE agent=?", (name,))
+            takeback.forget(self.db, name)
 
     # ---- transcript ---------------------------------------------------
     def messages(self, name: str) -> list[Message]:

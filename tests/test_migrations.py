@@ -218,7 +218,7 @@ def tokens_of(agent: str) -> list[int]:
 # ---- upgrade ----------------------------------------------------------------
 def test_old_databases_upgrade_in_place_with_every_row(old_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with closing(Store()) as store:
-        assert schema_version(store.db) == LATEST_STORE == 2
+        assert schema_version(store.db) == LATEST_STORE == 3
         assert store.list_agents() == sorted(AGENTS, key=lambda a: a.name)
         for a in AGENTS:
             got = [(m.agent, m.role, m.content, m.status, m.created_at, m.meta) for m in store.messages(a.name)]
@@ -259,7 +259,7 @@ def test_a_version_1_store_gains_summaries_without_losing_a_row(old_home: Path) 
         db.execute("PRAGMA user_version=1")
         db.commit()
     with closing(Store()) as store:
-        assert schema_version(store.db) == 2
+        assert schema_version(store.db) == LATEST_STORE
         for a in AGENTS:
             got = [(m.agent, m.role, m.content, m.status, m.created_at, m.meta) for m in store.messages(a.name)]
             assert got == [m for m in MESSAGES if m[0] == a.name]
@@ -269,6 +269,32 @@ def test_a_version_1_store_gains_summaries_without_losing_a_row(old_home: Path) 
         store.add_summary("planner", "They planned.", {"through": 2})
         assert [m.role for m in store.messages("planner")][-1] == "summary"
         assert store.token_log("planner", "tok-smol") is None  # the prefix changed: re-rendered next turn
+
+
+def test_a_version_2_store_gains_the_retry_journal_without_losing_a_row(old_home: Path) -> None:
+    """Version 3 (the /retry journal, takeback.py): a store the version-2 release wrote
+    upgrades in place, every row kept, and a retry's cut there is journaled and put back
+    whole by the recovery a killed retry leaves to the next opening."""
+    from semantic_cli import takeback
+
+    with closing(sqlite3.connect(store_path(old_home))) as db:
+        db.execute(STORE_MIGRATIONS[1][0])  # what version 2 added
+        db.execute("PRAGMA user_version=2")
+        db.commit()
+    with closing(Store()) as store:
+        assert schema_version(store.db) == LATEST_STORE == 3
+        before = {a.name: (store.messages(a.name), store.log_tokens(a.name)) for a in AGENTS}
+        for a in AGENTS:
+            got = [(m.agent, m.role, m.content, m.status, m.created_at, m.meta) for m in before[a.name][0]]
+            assert got == [m for m in MESSAGES if m[0] == a.name]
+            assert before[a.name][1] == tokens_of(a.name)
+        assert takeback.pending(store.db) == []
+        last = [m.id for m in before["planner"][0][-2:]]
+        takeback.cut(store.db, "planner", last, 1, journal=True)  # a retry of the interrupted last turn, then a kill
+        assert takeback.pending(store.db) == ["planner"] and len(store.messages("planner")) == 2
+        assert takeback.recover(store.db, "planner") == "restored"
+        assert (store.messages("planner"), store.log_tokens("planner")) == before["planner"]  # ids, times and the log too
+        assert takeback.pending(store.db) == [] and store.db.execute("SELECT COUNT(*) FROM retry_chunks").fetchone()[0] == 0
 
 
 def test_old_databases_upgrade_through_the_cli(old_home: Path) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from helpers import Session, edited_copy
 
-from semantic_cli import history, prompting
+from semantic_cli import history, prompting, takeback
 from semantic_cli.cli import slash
 from semantic_cli.cli.app import main
 from semantic_cli.cli.transcript import plain
@@ -222,6 +222,7 @@ def test_undo_and_retry_keep_the_cache_on_the_kept_prefix(tiny, blocks):
         slash.dispatch(repl, "/retry")
         msgs = state("a")[0]
         assert len(msgs) == 4 and msgs[2] == ("user", "And then?") and msgs[3][1] == t2.done.text  # one exchange, regenerated
+        assert takeback.pending(s.store.db) == []  # the retry's journal entry went with its success
         slash.dispatch(repl, "/undo")
         slash.dispatch(repl, "/undo")
         assert state("a")[0] == [] and state("a")[1] is None
@@ -272,6 +273,7 @@ def test_a_retry_that_does_not_finish_puts_the_old_exchange_back(tiny, blocks, m
                 slash.dispatch(repl, "/retry")
             assert len(steps) == 4  # cut mid-reply: the partial one was recorded, then taken out again
         assert (s.store.messages("a"), state("a")[1]) == before  # the same messages (ids too) and token log
+        assert takeback.pending(s.store.db) == []
         assert "a: the previous reply is back (the retry did not finish)" in capsys.readouterr().err
         monkeypatch.undo()
         nxt = s.say("a", "Why so?")
@@ -279,17 +281,17 @@ def test_a_retry_that_does_not_finish_puts_the_old_exchange_back(tiny, blocks, m
 
 
 def test_a_retry_whose_put_back_fails_still_reports_the_retrys_own_error(tiny, blocks, monkeypatch, capsys):
-    from semantic_cli.store import Store
+    from semantic_cli import takeback
 
     with Session() as s:
         s.say("a", LONG, model=tiny["llama"])
         repl = repl_for(s, "a", settings=GenSettings(max_tokens=50))
         fail_at_step(monkeypatch, 4, "error")
 
-        def locked(self: Any, removed: Any) -> None:
+        def locked(db: Any, name: str) -> None:
             raise OSError("database is locked")
 
-        monkeypatch.setattr(Store, "put_back", locked)
+        monkeypatch.setattr(takeback, "put_back", locked)
         with pytest.raises(RuntimeError, match="the engine failed"):  # not the put-back's OSError
             slash.dispatch(repl, "/retry")
         err = capsys.readouterr().err

@@ -24,7 +24,7 @@ from typing import Any
 
 import typer
 
-from .. import export, paths
+from .. import export, paths, takeback
 from ..errors import BadInputError, UsageError
 from ..kv.index import KVIndex, open_index
 from ..locks import AgentLock
@@ -71,6 +71,29 @@ def _locked(*names: str) -> Iterator[None]:
         for name in names:
             stack.enter_context(AgentLock(name))
         yield
+
+
+def _recover(store: Store, kv: KVIndex, name: str) -> None:
+    """Under the agent's lock, before a command changes it: resolve a /retry a killed process
+    left unfinished (history.recover_retry), saying what it did."""
+    from .. import config, history
+
+    said = history.recover_retry(store, lambda: kv, name, config.get("block_tokens"))
+    if said:
+        _status(f"{name}: {printable(said)}")
+
+
+def _recover_free(store: Store, kv: KVIndex, names: list[str]) -> None:
+    """`_recover` for reading commands, for each of these agents with a journal entry whose
+    lock is free (a busy one is shown as it is: its holder recovers it, or runs the retry)."""
+    from ..errors import BusyError
+
+    for name in set(takeback.pending(store.db)) & set(names):
+        try:
+            with AgentLock(name):
+                _recover(store, kv, name)
+        except BusyError:
+            continue
 
 
 def _status(text: str) -> None:
@@ -165,6 +188,7 @@ def ls(json_out: bool = typer.Option(False, "--json", metavar="", help="Print a 
     from ..model.loader import context_length
 
     with _opened() as (store, kv):
+        _recover_free(store, kv, [a.name for a in store.list_agents()])
         agents = store.list_agents()
         turns, tokens, cached = store.turn_counts(), store.token_counts(), kv.cached_tokens()
     contexts = {spec: context_length(spec) for spec in {a.model for a in agents}}
@@ -259,8 +283,11 @@ def show(
     """
     if json_out and markdown:
         raise UsageError("pass either --json or --markdown, not both")
-    with _opened() as (store, _):
+    with _opened() as (store, kv):
         agent = store.get_agent(name)
+        _recover_free(store, kv, [name])
+        if name in takeback.pending(store.db):
+            _status(f"{name}: a /retry is running: its previous reply is set aside until it ends")
         messages = store.messages(name)
     if json_out:
         sys.stdout.write(printable(export.to_json(agent, messages), sys.stdout))  # still valid JSON: controls < 0x20 are escaped
@@ -303,6 +330,7 @@ def edit(
     with _opened() as (store, kv):
         agent = store.get_agent(name)
         with _locked(name):
+            _recover(store, kv, name)  # a new persona would forget it
             changes: dict[str, Any] = {}
             if persona is not None and persona != agent.system:
                 changes["system"] = persona

@@ -15,7 +15,7 @@ import typer
 from .. import config, history
 from ..store import validate_name
 from . import render
-from .agents import NAME, YES, _confirm, _locked, _must_be_free, _opened, _status
+from .agents import NAME, YES, _confirm, _locked, _must_be_free, _opened, _recover, _recover_free, _status
 from .agents import app as app
 from .render import plural
 
@@ -39,6 +39,7 @@ def fork(
         with _locked(new):
             _must_be_free(store, new)
             kv.release_agent(new)  # an orphaned cache under the new name would collide
+            _recover_free(store, kv, [name])  # the copy gets the conversation as the source's next opening would
             turns = len(history.exchanges(store.messages(name)))
             if at_turn is None or at_turn == turns:
                 store.fork_agent(name, new)
@@ -66,6 +67,7 @@ def trim(
     with _opened() as (store, kv):
         store.get_agent(name)
         with _locked(name):
+            _recover(store, kv, name)
             cut = history.plan_trim(store, name, keep_last)
             turns = len(history.exchanges(store.messages(name)))
             gone = turns - len(cut.keep)
@@ -104,6 +106,9 @@ def compact(
     try:
         store.get_agent(name)
         agent = session.open_agent(name)
+        for said in session.recovered.values():
+            _status(f"{name}: {said}")
+        session.recovered.clear()
         p = compaction.plan(session, name, keep_last)
         if dry_run:
             _status(f"would summarise {plural(len(p.older), 'turn')} of {name!r} and keep {p.kept} verbatim (nothing changed)")

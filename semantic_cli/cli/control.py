@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SemanticError, UsageError
-from ..store import Removed
 from . import render
 from .render import printable
 
@@ -48,10 +47,10 @@ def _stored(repl: Any, what: str) -> bool:
     return True
 
 
-def undo_last(repl: Any) -> tuple[str, Removed]:
-    """Remove the current agent's last exchange from the transcript and its token log; the
-    cache keeps the whole blocks of what is left. Returns the removed user message, and
-    what was removed (`put_back` restores it)."""
+def undo_last(repl: Any, journal: bool = False) -> str:
+    """Remove the current agent's last exchange from the transcript and its token log (with
+    `journal`, a /retry's cut: `put_back` restores it); the cache keeps the whole blocks of
+    what is left. Returns the removed user message."""
     from .. import history
 
     name = repl.current
@@ -59,18 +58,20 @@ def undo_last(repl: Any) -> tuple[str, Removed]:
     with repl.holding(name):
         cut = history.plan_undo(store, name)
         removed_text = history.exchanges(store.messages(name))[-1].user.content
-        kept, removed = history.take_back(store, cut)
-        _cache_follows(repl, name, kept)
+        _cache_follows(repl, name, history.apply_cut(store, cut, journal))
     repl.last.pop(name, None)
-    return removed_text, removed
+    return removed_text
 
 
-def put_back(repl: Any, removed: Removed) -> None:
-    """Undo `undo_last`: whatever was recorded since goes and the exchange comes back, with
-    its token log; the cache keeps the blocks of that log that are still stored."""
-    with repl.holding(removed.agent):
-        repl.session.store.put_back(removed)
-        _cache_follows(repl, removed.agent, repl.session.store.removed_log(removed))
+def put_back(repl: Any, name: str) -> None:
+    """Undo a /retry's cut (`takeback.put_back`): whatever was recorded since goes and the
+    exchange comes back, with its token log; the cache keeps the blocks of that log that
+    are still stored."""
+    from .. import takeback
+
+    with repl.holding(name):
+        takeback.put_back(repl.session.store.db, name)
+        _cache_follows(repl, name, repl.session.store.log_tokens(name))
 
 
 def _cache_follows(repl: Any, name: str, log: list[int]) -> None:
@@ -88,39 +89,50 @@ def undo(repl: Any, arg: str) -> None:
         return
     from .agents import _excerpt
 
-    removed, _ = undo_last(repl)
+    removed = undo_last(repl)
     repl.info(f"{repl.current}: removed the last turn (you: {printable(_excerpt(removed))!r}) from the transcript and the token log")
 
 
 def retry(repl: Any, arg: str) -> None:
     """Regenerate the last reply: the last exchange is removed and its message sent again.
     All or nothing: when the new reply is not recorded whole (an error, Ctrl-C, a server
-    that goes away), the old exchange is put back as it was and the cut new one goes."""
+    that goes away), the old exchange is put back as it was and the cut new one goes. The
+    cut exchange waits in the journal (takeback.py) meanwhile, so a process killed mid-retry
+    loses nothing either: the agent's next opening puts it back (history.recover_retry)."""
+    from .. import takeback
+    from ..locks import retrying
+
     if not _stored(repl, "retry"):
         return
     if repl.remote is None:  # the model loads before the turn is taken back: a model that fails costs nothing
         with render.progress(repl.err) as progress:
             repl.session.engine_for(repl.agent(), progress)
-    text, removed = undo_last(repl)
-    try:
-        recorded = repl.turn([(repl.agent(), text)])
-    except BaseException:
-        _put_back_after_retry(repl, removed)  # the retry's own error is the one to report
-        raise
-    if not recorded or any(r.done.finish_reason == "interrupted" for r in recorded):
-        _put_back_after_retry(repl, removed)
+    name = repl.current
+    with retrying(name):  # until the retry ends, its journal entry is this process's, recovered by no one
+        text = undo_last(repl, journal=True)
+        try:
+            recorded = repl.turn([(repl.agent(), text)])
+        except BaseException:
+            _put_back_after_retry(repl, name)  # the retry's own error is the one to report
+            raise
+        if not recorded or any(r.done.finish_reason == "interrupted" for r in recorded):
+            _put_back_after_retry(repl, name)
+            return
+        # An entry this fails to drop is dropped at the next opening: the new reply is recorded whole.
+        with contextlib.suppress(Exception):
+            takeback.settle(repl.session.store.db, name)
 
 
-def _put_back_after_retry(repl: Any, removed: Removed) -> None:
+def _put_back_after_retry(repl: Any, name: str) -> None:
     from ..turn import one_line
 
     try:
-        put_back(repl, removed)
+        put_back(repl, name)
     except Exception as exc:
         why = exc.message if isinstance(exc, SemanticError) else one_line(exc)
-        repl.info(f"{removed.agent}: the previous reply could not be put back ({why}); `agents show` has what is left")
+        repl.info(f"{name}: the previous reply could not be put back ({why}); `agents show` has what is left")
         return
-    repl.info(f"{removed.agent}: the previous reply is back (the retry did not finish)")
+    repl.info(f"{name}: the previous reply is back (the retry did not finish)")
 
 
 def edit(repl: Any, arg: str) -> None:

@@ -125,6 +125,9 @@ class Repl:
 
         lock = AgentLock(name).acquire(wait=True, timeout=30)
         try:
+            said = self.session.recover(name)  # a /retry a killed process left, resolved before this change
+            if said:
+                self.info(f"{name}: {said}")
             yield
         finally:
             lock.release()
