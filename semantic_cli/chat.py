@@ -92,8 +92,13 @@ class Chat:
         created, and a flag's change saved, by its first recorded turn, never before. A
         /retry a killed process left unfinished is resolved first (`recover`)."""
         if name not in self.locks:
-            self.locks[name] = AgentLock(name).acquire(wait=wait, timeout=timeout, hint=busy_hint)
-            said = self.recover(name)
+            lock = AgentLock(name).acquire(wait=wait, timeout=timeout, hint=busy_hint)
+            try:
+                said = self.recover(name)
+            except BaseException:  # not held on a failure: the next opening recovers again
+                lock.release()
+                raise
+            self.locks[name] = lock
             if said:  # for the command to say, or else the agent's next turn (a Notice: a server's client sees it)
                 self.recovered[name] = said
         agent = self.store.find_agent(name)

@@ -74,8 +74,9 @@ def settle(db: sqlite3.Connection, name: str) -> None:
 def forget(db: sqlite3.Connection, name: str) -> None:
     """Drop the agent's entry, if any. Also for what changes the ground a put-back would
     restore onto: a reset, a new persona, a compaction (store.py)."""
-    for table in ("retry_messages", "retry_chunks", "retries"):  # not left to ON DELETE CASCADE: foreign keys are per connection
-        db.execute(f"DELETE FROM {table} WHERE agent=?", (name,))
+    with Transaction(db):  # all or nothing: a half-forgotten entry would be resolved as overtaken
+        for table in ("retry_messages", "retry_chunks", "retries"):  # not ON DELETE CASCADE: foreign keys are per connection
+            db.execute(f"DELETE FROM {table} WHERE agent=?", (name,))
 
 
 def pending(db: sqlite3.Connection) -> list[str]:

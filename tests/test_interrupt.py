@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 from conftest import SEMANTIC, run_cli
 from helpers import Session, edited_copy
 from servers import Server
@@ -113,7 +114,7 @@ def _layer_counter(model, monkeypatch, on_layer) -> list[int]:
     passes: list[int] = []
 
     def counted(self, x, *args, **kwargs):
-        if x.shape[1] >= 64:  # prefill passes only (a decode step has one row per sequence)
+        if x.shape[1] >= 16:  # prefill passes only (a decode step has one row per sequence; steps are 16+)
             if self is layers[0]:
                 passes.append(0)
             passes[-1] += 1
@@ -215,24 +216,28 @@ def test_ctrl_c_mid_prefill_in_a_room_delivers_the_other_sequences_step(tiny, ho
     assert "A" not in reading  # it had its reply under way: recorded as interrupted, not as read
 
 
-def test_a_sliding_window_model_stops_its_prefill_between_steps(tiny, home):
+@pytest.mark.parametrize(("step_seconds", "steps"), [(1e-9, [64, 16, 16]), (1e9, [64, 512])], ids=["slow-steps", "fast-steps"])
+def test_a_sliding_window_model_stops_its_prefill_between_short_steps(tiny, home, monkeypatch, step_seconds, steps):
     """A sliding-window cache cannot be rolled back: Ctrl-C waits for the end of the step,
-    and what the finished steps read is kept (as before mid-step stops)."""
-    from semantic_cli.engine import PREFILL_STEP, TurnRequest
+    so its steps are sized to take about STEP_SECONDS (a short first one, then from what
+    each took), and what the finished steps read is kept."""
+    from semantic_cli import engine as engine_module
+    from semantic_cli.engine import TurnRequest
 
+    monkeypatch.setattr(engine_module, "STEP_SECONDS", step_seconds)
     engine = get_engine(resolve(str(tiny["gemma3_text"])))
     assert not engine.stoppable_mid_step
     n_layers = len(engine.lm.model.model.layers)
-    prompt = [(i * 7) % 200 + 3 for i in range(3 * PREFILL_STEP + 40)]
+    prompt = [(i * 7) % 200 + 3 for i in range(3 * engine_module.PREFILL_STEP + 40)]
 
     def press(n: int, layer: int) -> None:
-        if n == 2 and layer == 2:
+        if n == len(steps) and layer == 2:
             os.kill(os.getpid(), signal.SIGINT)
 
     passes, _, reading = _interrupted(engine, [TurnRequest("g", prompt, None, 0, 3)], press)
-    assert passes[:2] == [n_layers, n_layers] and len(passes) == 2  # the second step ran whole, then it stopped
+    assert passes == [n_layers] * len(steps)  # the last step ran whole, then it stopped
     _, tokens = reading["g"]
-    assert tokens == prompt[: 2 * PREFILL_STEP]
+    assert tokens == prompt[: sum(steps)]
 
 
 STRICT_TEMPLATE = (  # as Gemma's and Mistral's official templates do: roles must alternate

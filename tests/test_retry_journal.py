@@ -147,6 +147,34 @@ def test_nothing_recovers_an_entry_while_its_retry_runs(store):
     assert (rows(store), store.log_tokens("a")) == before
 
 
+def test_a_recovery_that_fails_releases_the_agent_and_runs_again_at_the_next_opening(store, monkeypatch):
+    """A recovery that raises (a full disk, a locked database) must not leave the agent held
+    by this process (a server would answer "busy" for it until it exits), nor skip the
+    recovery at the next opening (turns would then be recorded over the cut)."""
+    from semantic_cli.chat import Chat
+    from semantic_cli.locks import holder
+
+    before = two_turns(store)
+    retry_cut(store)
+    real = takeback.recover
+
+    def full_disk(db: sqlite3.Connection, name: str) -> Any:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    chat = Chat(store)
+    try:
+        monkeypatch.setattr(takeback, "recover", full_disk)
+        with pytest.raises(sqlite3.OperationalError):
+            chat.open_agent("a")
+        assert "a" not in chat.locks and holder("a") is None
+        monkeypatch.setattr(takeback, "recover", real)
+        chat.open_agent("a")
+        assert chat.recovered["a"].startswith("the previous reply is back")
+        assert (rows(store), store.log_tokens("a")) == before
+    finally:
+        chat.close()
+
+
 def test_agents_show_and_ls_recover_an_agent_no_process_holds(store):
     before = two_turns(store)
     retry_cut(store)

@@ -244,6 +244,24 @@ def test_a_client_of_another_wire_version_is_told_and_runs_the_turn_in_process(t
     assert log.count("POST /semantic/v1/turns 409") == 1 and log.count("POST /semantic/v1/turns 200") == 1, log
 
 
+def test_a_server_from_before_the_wire_version_answer_is_recognised_by_its_refusal():
+    """A wire-1 server (before it answered 409 wire_version) refused another version with a
+    usage error in its own words: the CLI runs the turn in-process and says why."""
+    from semantic_cli.server import client, wire
+
+    old_servers_answer = {
+        "event": "error",
+        "kind": "error",
+        "message": "this server speaks wire version 1; upgrade the client or the server",
+        "exit_code": 2,
+        "names": [],
+    }
+    with pytest.raises(client.Unavailable) as raised:
+        client._raise(old_servers_answer)
+    said = str(raised.value)
+    assert raised.value.tell and f"older release (wire version 1, this client's {wire.WIRE_VERSION})" in said and "restart it" in said
+
+
 def test_a_client_that_disconnects_mid_stream_stops_its_own_turn_only(tiny, home):
     model = str(tiny["llama"])
     for name in ("long", "other"):

@@ -1,5 +1,6 @@
 """A small terminal model for the live region's resize tests: rows of cells, a cursor, the
 control sequences rich emits (CR, LF, cursor up, erase line, SGR and cursor visibility),
+characters two cells wide as terminals place them,
 and a resize that either re-wraps lines as tmux, VTE or iTerm2 do (`reflow=True`) or cuts
 them as xterm does; some re-wrapping terminals also drop trailing blanks (`trims`).
 Rows are never dropped (the scrollback is unbounded), so a test reads everything ever
@@ -8,8 +9,14 @@ left on screen."""
 from __future__ import annotations
 
 import re
+import unicodedata
 
 _CSI = re.compile(r"\x1b\[([0-9;?]*)([A-Za-z])")
+WIDE = ""  # the cell a two-cell character covers after its own
+
+
+def _cells(ch: str) -> int:
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
 
 
 class Terminal:
@@ -52,17 +59,18 @@ class Terminal:
             self.wrapped.append(False)
 
     def _put(self, ch: str) -> None:
-        if self.col >= self.columns:  # the pending wrap
+        width = _cells(ch)
+        if self.col + width > self.columns:  # the pending wrap (a wide character that does not fit wraps too)
+            line = self.rows[self.row]
+            line.extend(" " * (self.col - len(line)))
+            line[self.col :] = [WIDE] * (self.columns - self.col)  # the cell it left empty: no text
             self.wrapped[self.row] = True
             self.col = 0
             self._down()
         line = self.rows[self.row]
-        line.extend(" " * (self.col - len(line)))
-        if self.col < len(line):
-            line[self.col] = ch
-        else:
-            line.append(ch)
-        self.col += 1
+        line.extend(" " * (self.col + width - len(line)))
+        line[self.col : self.col + width] = [ch] + [WIDE] * (width - 1)
+        self.col += width
 
     def resize(self, columns: int, reflow: bool, trims: bool = False) -> None:
         """`trims`: the terminal drops a line's trailing blanks when it re-wraps it."""
@@ -87,12 +95,22 @@ class Terminal:
         self.columns = columns
         self.rows, self.wrapped = [], []
         for n, line in enumerate(lines):
-            chunks = [line[k : k + columns] for k in range(0, len(line), columns)] or [[]]
+            chunks: list[list[str]] = [[]]
+            at = (0, 0)  # the cursor's row and column in these chunks
+            for k, cell in enumerate(line):
+                if n == cursor[0] and k == cursor[1]:
+                    at = (len(chunks) - 1, len(chunks[-1]))
+                if cell == WIDE:
+                    continue
+                width = _cells(cell)
+                if len(chunks[-1]) + width > columns:  # a wide character is never split
+                    chunks.append([])
+                chunks[-1] += [cell] + [WIDE] * (width - 1)
             if n == cursor[0]:
-                self.row = len(self.rows) + min(cursor[1] // columns, len(chunks) - 1)
-                self.col = cursor[1] - (self.row - len(self.rows)) * columns
+                at = at if cursor[1] < len(line) else (len(chunks) - 1, len(chunks[-1]))
+                self.row, self.col = len(self.rows) + at[0], at[1]
             self.rows += chunks
             self.wrapped += [True] * (len(chunks) - 1) + [False]
 
     def text(self) -> list[str]:
-        return ["".join(r).rstrip() for r in self.rows]
+        return ["".join(c for c in r if c != WIDE).rstrip() for r in self.rows]

@@ -84,11 +84,16 @@ def _recover(store: Store, kv: KVIndex, name: str) -> None:
 
 
 def _recover_free(store: Store, kv: KVIndex, names: list[str]) -> None:
-    """`_recover` for reading commands, for each of these agents with a journal entry whose
-    lock is free (a busy one is shown as it is: its holder recovers it, or runs the retry)."""
+    """`_recover` for reading commands, for each of these agents with an entry no process
+    runs any more (left by a killed one) and no holder: only then is the agent's lock taken,
+    so a read never makes a starting chat fail as busy, except right after such a crash. A
+    busy one is shown as it is: its holder recovers it, or runs the retry."""
     from ..errors import BusyError
+    from ..locks import holder, retry_running
 
     for name in set(takeback.pending(store.db)) & set(names):
+        if retry_running(name) or holder(name) is not None:
+            continue
         try:
             with AgentLock(name):
                 _recover(store, kv, name)

@@ -4,8 +4,8 @@ rich redraws its region by moving the cursor up as many rows as its last render 
 lines. A terminal that reflows on resize (tmux, VTE, iTerm2, kitty and most others)
 re-wraps those lines: made narrower, a line of the old width takes two or more rows,
 the cursor-up count falls short, and the top of the old render stays on screen as a
-fragment. This region remembers how wide each line it drew was and, after a resize,
-erases the rows those lines take now. It also drops the trailing blank padding rich
+fragment. This region remembers each line it drew and, after a resize, erases the rows
+those lines take now. It also drops the trailing blank padding rich
 puts on a line, so that padding never wraps into rows of its own.
 
 A terminal that does not reflow (xterm, the Linux console) cuts lines instead, and
@@ -18,36 +18,53 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 
+from rich.cells import get_character_cell_size
 from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
 from rich.control import Control
 from rich.live import Live
 from rich.live_render import LiveRender
 from rich.segment import ControlType, Segment
 
-# Environment variables that only terminals which re-wrap lines on resize set.
-_REFLOWING_MARKERS = ("TMUX", "VTE_VERSION", "KITTY_WINDOW_ID", "WT_SESSION", "WEZTERM_PANE", "ALACRITTY_WINDOW_ID", "KONSOLE_VERSION")
-_REFLOWING_PROGRAMS = ("iTerm.app", "Apple_Terminal", "WezTerm", "vscode", "ghostty", "Hyper", "tmux")
-_REFLOWING_TERMS = ("xterm-kitty", "alacritty", "foot", "xterm-ghostty", "wezterm", "tmux")
+# Terminals that re-wrap lines on resize, known by the TERM they set themselves (a terminal
+# started from another sets its own TERM, where it inherits the other's variables).
+_REFLOWING_TERMS = ("xterm-kitty", "alacritty", "foot", "xterm-ghostty", "wezterm")
+# These say which terminal runs, but are inherited by any started from it: trusted only with
+# the TERM those terminals set (an xterm started from GNOME Terminal has VTE_VERSION, and TERM=xterm).
+_REFLOWING_MARKERS = ("VTE_VERSION", "KITTY_WINDOW_ID", "WT_SESSION", "WEZTERM_PANE", "KONSOLE_VERSION")
+_REFLOWING_PROGRAMS = ("iTerm.app", "Apple_Terminal", "WezTerm", "vscode", "ghostty")
 
 
 def reflows(env: Mapping[str, str] | None = None) -> bool:
     """Whether the terminal re-wraps its lines when resized. `SEMANTIC_TERMINAL_REFLOW=1`
-    or `0` overrides the guess, which is made from the variables terminals set."""
+    or `0` overrides the guess, made from the variables terminals set. Unsure means no: a
+    wrong yes erases lines above the region, a wrong no leaves a fragment of it."""
     env = os.environ if env is None else env
     forced = env.get("SEMANTIC_TERMINAL_REFLOW", "").strip()
     if forced in ("0", "1"):
         return forced == "1"
-    if any(env.get(name) for name in _REFLOWING_MARKERS):
+    term = env.get("TERM", "")
+    if term.startswith(_REFLOWING_TERMS):
         return True
-    if env.get("TERM_PROGRAM", "") in _REFLOWING_PROGRAMS:
-        return True
-    return env.get("TERM", "").startswith(_REFLOWING_TERMS)
+    if env.get("TMUX"):  # tmux re-wraps its panes; its TERM is screen*, tmux* or what its users set
+        return term.startswith(("screen", "tmux")) or term == "xterm-256color"
+    markers = any(env.get(name) for name in _REFLOWING_MARKERS) or env.get("TERM_PROGRAM", "") in _REFLOWING_PROGRAMS
+    return markers and term == "xterm-256color"
 
 
-def rows_taken(widths: Iterable[int], columns: int) -> int:
-    """How many terminal rows lines of these cell widths take once re-wrapped at `columns`."""
-    columns = max(1, columns)
-    return sum(max(1, -(-width // columns)) for width in widths)
+def rows_taken(lines: Iterable[str], columns: int) -> int:
+    """How many terminal rows these lines take once re-wrapped at `columns`: a character
+    two cells wide that does not fit at a row's end starts the next row."""
+    columns = max(2, columns)
+    total = 0
+    for line in lines:
+        rows, used = 1, 0
+        for ch in line:
+            width = get_character_cell_size(ch)
+            if used + width > columns:
+                rows, used = rows + 1, 0
+            used += width
+        total += rows
+    return total
 
 
 def _without_padding(line: list[Segment]) -> list[Segment]:
@@ -72,14 +89,14 @@ class _ReflowRender(LiveRender):
         super().__init__(renderable, vertical_overflow="ellipsis")
         self.console = console
         self.reflowing = reflowing
-        self.widths: list[int] = []
+        self.lines: list[str] = []  # the last render's lines, as drawn (without padding)
         self.drawn_at = 0  # the terminal's width when the last render was drawn
 
     def rows(self) -> int:
         """The rows the last render takes on screen now."""
         if self.reflowing and self.console.width != self.drawn_at:
-            return rows_taken(self.widths, self.console.width)
-        return len(self.widths)
+            return rows_taken(self.lines, self.console.width)
+        return len(self.lines)
 
     def position_cursor(self) -> Control:
         if self._shape is None:  # nothing drawn yet
@@ -96,7 +113,7 @@ class _ReflowRender(LiveRender):
         segments = (s for s in super().__rich_console__(console, options) if isinstance(s, Segment))  # only segments come
         drawn = list(Segment.split_lines(segments))
         lines = [_without_padding(line) for line in drawn]
-        self.widths = [Segment.get_line_length(line) for line in lines]
+        self.lines = ["".join(seg.text for seg in line if not seg.control) for line in lines]
         self.drawn_at = options.max_width
         new_line = Segment.line()
         for i, line in enumerate(lines):

@@ -175,6 +175,9 @@ def _json(body: bytes) -> dict[str, Any]:
     return obj
 
 
+_OLD_SERVERS_REFUSAL = "this server speaks wire version "  # how wire-1 servers refused another version
+
+
 def _raise(obj: dict[str, Any]) -> None:
     if "event" not in obj:  # not the wire's: an HTTP error of the app (e.g. 413)
         raise SemanticError(str(obj.get("error", {}).get("message", obj)))
@@ -182,6 +185,9 @@ def _raise(obj: dict[str, Any]) -> None:
     message = str(obj.get("message", "the server reported an error"))
     if kind in ("other_model", "shutting_down", "wire_version"):
         raise Unavailable(message, tell=kind == "wire_version")
+    if message.startswith(_OLD_SERVERS_REFUSAL):  # a server from before "wire_version" (wire 1), still running
+        theirs = message[len(_OLD_SERVERS_REFUSAL) :].split(";")[0]
+        raise Unavailable(wire.older_server(theirs), tell=True)
     if kind == "not_saved":
         exc = TurnNotSaved({name: SemanticError(message) for name in obj.get("names", [])}, others=False)
         exc.message = message

@@ -66,11 +66,17 @@ def error(exc: SemanticError, kind: str = "error", names: list[str] | None = Non
 
 def other_version(theirs: object, pid: int) -> dict[str, Any]:
     """The answer to a client of another wire version: a server left running across an upgrade."""
-    message = (
-        f"the running semantic server (pid {pid}) is from another release (wire version {WIRE_VERSION}, this client's"
-        f" {theirs}); restart it (stop it, then `semantic serve`) to use it again"
-    )
+    message = _restart(f"the running semantic server (pid {pid}) is from another release", WIRE_VERSION, theirs)
     return {"event": "error", "kind": "wire_version", "message": message, "exit_code": 1, "names": []}
+
+
+def older_server(its_version: str) -> str:
+    """What the CLI says of a server from before `other_version` (it refused in its own words)."""
+    return _restart("the running semantic server is from an older release", its_version, WIRE_VERSION)
+
+
+def _restart(what: str, server: object, client: object) -> str:
+    return f"{what} (wire version {server}, this client's {client}); restart it (stop it, then `semantic serve`) to use it again"
 
 
 def line(obj: dict[str, Any]) -> bytes:
