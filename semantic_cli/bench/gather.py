@@ -26,6 +26,8 @@ from .results import Results, summary
 
 GEOMETRY: dict[str, int] = {"layers": 30, "kv_heads": 3, "head_dim": 64}  # float32, as the CPU backend runs it
 
+TARGET_P95_OVER_COPY = 1.5  # issue 19: the restore's p95 over the like-for-like copy, both in reused memory
+
 
 def synthetic_cache(tokens: int, layers: int, kv_heads: int, head_dim: int) -> list[Any]:
     mx = runtime.mx()
@@ -112,8 +114,8 @@ def run(tokens: int = 8192, runs: int = 50, block_tokens: int = 256, on_progress
         # Headline: both in reused memory. Then both in fresh memory.
         "p95_over_copy": restore["p95"] / reused_base,
         "p95_fresh_over_fresh_copy": restore_fresh["p95"] / fresh_base,
-        "target_p95_over_copy": 2.0,
-        "meets_target": restore["p95"] <= 2.0 * reused_base,
+        "target_p95_over_copy": TARGET_P95_OVER_COPY,
+        "meets_target": restore["p95"] <= TARGET_P95_OVER_COPY * reused_base,
     }
     res.samples = {"restore_s": restore_s, "restore_fresh_s": restore_fresh_s, "copy_fresh_s": copy_fresh, "copy_reused_s": copy_reused}
     return res

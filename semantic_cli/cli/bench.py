@@ -105,7 +105,7 @@ def exp006(
     def extra(console: Any) -> None:
         console.print(
             f"{r['bytes'] / 1e6:.0f} MB in {r['blocks']} blocks · p95 / copy, both in reused memory = {r['p95_over_copy']:.2f}"
-            f" (target <= 1.5) · both in fresh memory = {r['p95_fresh_over_fresh_copy']:.2f}",
+            f" (target <= {r['target_p95_over_copy']}) · both in fresh memory = {r['p95_fresh_over_fresh_copy']:.2f}",
             markup=False,
         )
         for line in b.histogram(res.samples["restore_s"]):
