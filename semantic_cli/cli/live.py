@@ -83,12 +83,13 @@ def _without_padding(line: list[Segment]) -> list[Segment]:
 
 
 class _ReflowRender(LiveRender):
-    """LiveRender that records each drawn line's width and the terminal's width then."""
+    """LiveRender that records the lines it drew and the terminal's width then."""
 
     def __init__(self, renderable: RenderableType, console: Console, reflowing: bool) -> None:
         super().__init__(renderable, vertical_overflow="ellipsis")
         self.console = console
         self.reflowing = reflowing
+        self.drawn = False  # whether anything was drawn yet
         self.lines: list[str] = []  # the last render's lines, as drawn (without padding)
         self.drawn_at = 0  # the terminal's width when the last render was drawn
 
@@ -99,13 +100,13 @@ class _ReflowRender(LiveRender):
         return len(self.lines)
 
     def position_cursor(self) -> Control:
-        if self._shape is None:  # nothing drawn yet
+        if not self.drawn:
             return Control()
         up = ((ControlType.CURSOR_UP, 1), (ControlType.ERASE_IN_LINE, 2)) * max(0, self.rows() - 1)
         return Control(ControlType.CARRIAGE_RETURN, (ControlType.ERASE_IN_LINE, 2), *up)
 
     def restore_cursor(self) -> Control:
-        if self._shape is None:
+        if not self.drawn:
             return Control()
         return Control(ControlType.CARRIAGE_RETURN, *((ControlType.CURSOR_UP, 1), (ControlType.ERASE_IN_LINE, 2)) * self.rows())
 
@@ -114,6 +115,7 @@ class _ReflowRender(LiveRender):
         drawn = list(Segment.split_lines(segments))
         lines = [_without_padding(line) for line in drawn]
         self.lines = ["".join(seg.text for seg in line if not seg.control) for line in lines]
+        self.drawn = True
         self.drawn_at = options.max_width
         new_line = Segment.line()
         for i, line in enumerate(lines):
