@@ -101,6 +101,7 @@ class Chat:
             self.locks[name] = lock
             if said:  # for the command to say, or else the agent's next turn (a Notice: a server's client sees it)
                 self.recovered[name] = said
+                self._warned.discard((name, said))  # each recovery is said, not only a process's first
         agent = self.store.find_agent(name)
         self._stored[name] = agent is not None
         return opening.with_flags(name, agent, model_flag, system, agent is not None and self.store.has_messages(name))

@@ -234,6 +234,11 @@ def test_a_server_says_what_it_recovered_with_the_agents_next_turn(tiny, home):
         s.say("a", "why so?")
         assert s.notices == [history.RECOVERED["restored"]]
         assert rows(s.store)[:4] == before and len(rows(s.store)) == 6
+        # A second recovery in the same process (a server's life) is said too, not only the first.
+        s.chat.release("a")  # as a server does after each turn
+        retry_cut(s.store)
+        s.say("a", "and again?")
+        assert s.notices == [history.RECOVERED["restored"]] * 2
 
 
 # ---- real crashes ---------------------------------------------------------------------
