@@ -89,6 +89,7 @@ class _Live:
     first_token_at: float | None = None
     generated: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
+    read: int = 0  # prompt tokens read so far (its last PromptProgress), for `Batch._size_steps`
 
 
 class Engine:
@@ -214,7 +215,6 @@ class Batch:
         self.stop_requested = False  # Ctrl-C came during the last step (see `interrupts`)
         self.mid_step_stop = True  # Ctrl-C may stop a prompt pass between layers (not with other ranks in the same pass)
         self._read_before_stop: dict[int, tuple[list[Any], list[int]]] = {}  # see `_stopped_in_prefill`
-        self._prefilled: dict[int, int] = {}  # uid -> prompt tokens read so far, for `_size_steps`
         self._step = FIRST_STEP  # the prefill step where Ctrl-C can stop only between steps
         self._samplers: dict[tuple[float, float, int, float], Any] = {}
         args = getattr(engine.lm.model, "args", None)  # the model's logits width: its vocabulary
@@ -323,10 +323,10 @@ class Batch:
         MIN_STEP to PREFILL_STEP (the time includes any decoding in the same step)."""
         read = 0
         for pr in prompt_responses:
-            done = pr.progress[0]
-            read = max(read, done - self._prefilled.get(pr.uid, 0))
-            self._prefilled[pr.uid] = done
-        self._prefilled = {uid: n for uid, n in self._prefilled.items() if uid in self._live}
+            st = self._live.get(pr.uid)
+            if st is not None:
+                read = max(read, pr.progress[0] - st.read)
+                st.read = pr.progress[0]
         if read <= 0:
             return
         fits = STEP_SECONDS / (seconds / read)

@@ -80,18 +80,18 @@ def _recover(store: Store, kv: KVIndex, name: str) -> None:
 
     said = history.recover_retry(store, lambda: kv, name, config.get("block_tokens"))
     if said:
-        _status(f"{name}: {printable(said)}")
+        render.say_recovered({name: said})
 
 
-def _recover_free(store: Store, kv: KVIndex, names: list[str]) -> None:
-    """`_recover` for reading commands, for each of these agents with an entry no process
-    runs any more (left by a killed one) and no holder: only then is the agent's lock taken,
-    so a read never makes a starting chat fail as busy, except right after such a crash. A
-    busy one is shown as it is: its holder recovers it, or runs the retry."""
+def _recover_free(store: Store, kv: KVIndex, names: list[str] | None = None) -> None:
+    """`_recover` for reading commands, for each of these agents (None: every agent) with an
+    entry no process runs any more (left by a killed one) and no holder: only then is the
+    agent's lock taken, so a read never makes a starting chat fail as busy, except right
+    after such a crash. A busy one is shown as it is: its holder recovers it, or runs the retry."""
     from ..errors import BusyError
     from ..locks import holder, retry_running
 
-    for name in set(takeback.pending(store.db)) & set(names):
+    for name in takeback.pending(store.db) if names is None else set(takeback.pending(store.db)) & set(names):
         if retry_running(name) or holder(name) is not None:
             continue
         try:
@@ -193,7 +193,7 @@ def ls(json_out: bool = typer.Option(False, "--json", metavar="", help="Print a 
     from ..model.loader import context_length
 
     with _opened() as (store, kv):
-        _recover_free(store, kv, [a.name for a in store.list_agents()])
+        _recover_free(store, kv)
         agents = store.list_agents()
         turns, tokens, cached = store.turn_counts(), store.token_counts(), kv.cached_tokens()
     contexts = {spec: context_length(spec) for spec in {a.model for a in agents}}

@@ -106,9 +106,7 @@ def compact(
     try:
         store.get_agent(name)
         agent = session.open_agent(name)
-        for said in session.recovered.values():
-            _status(f"{name}: {said}")
-        session.recovered.clear()
+        render.say_recovered(session.recovered)
         p = compaction.plan(session, name, keep_last)
         if dry_run:
             _status(f"would summarise {plural(len(p.older), 'turn')} of {name!r} and keep {p.kept} verbatim (nothing changed)")

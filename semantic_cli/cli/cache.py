@@ -100,14 +100,15 @@ def ls(json_out: bool = typer.Option(False, "--json", metavar="", help="Print JS
         return
     terminal = render.is_terminal(sys.stdout)
     if not terminal:  # every value whole, each number in its own column
-        headers = ["agent", "model", "tokens", "context", "cached", "blocks_own", "blocks_shared", "bytes_own", "bytes_shared"]
+        headers = ["agent", "model", "tokens", "context", "cached", "blocks_own", "blocks_shared"]
+        headers += ["bytes_own", "bytes_shared", "tier", "used"]
         records = [
             [a.agent, a.model, str(a.transcript_tokens), str(contexts.get(a.model) or ""),
              *(str(n) for n in (a.cached_tokens, a.blocks_own, a.blocks_shared, a.bytes_own, a.bytes_shared)),
              a.tier, iso(a.last_used) if a.last_used else ""]
             for a in found.agents
         ]  # fmt: skip
-        render.table([Column(h) for h in [*headers, "tier", "used"]], records)
+        render.table([Column(h) for h in headers], records)
         render.stderr().print(_totals(found), markup=False)
         return
     numbers = [Column(header, right=True) for header in ("tokens", "cached", "blocks", "own", "shared")]

@@ -189,9 +189,7 @@ def _in_process(
             check_room(opened)
         else:
             opened = open_room(session, names, model, system, wait, wait_timeout)
-            for name, line in session.recovered.items():  # said now, not with the next turn
-                render.stderr().print(f"{name}: {printable(line)}", style="yellow", markup=False, highlight=False)
-            session.recovered.clear()
+            render.say_recovered(session.recovered)  # said now, not with the next turn
         if interactive:
             from .repl import Repl
 

@@ -101,6 +101,14 @@ def human_age(ts: float | None) -> str:
     return "just now"
 
 
+def say_recovered(recovered: dict[str, str]) -> None:
+    """Say on stderr, one line per agent, what opening it did to a /retry a killed process
+    left (`Chat.recovered`, `history.recover_retry`); the lines are said once: emptied."""
+    for name, line in recovered.items():
+        stderr().print(f"{name}: {printable(line)}", markup=False, highlight=False)
+    recovered.clear()
+
+
 def plural(n: int, word: str, many: str | None = None) -> str:
     """A count and its noun: "1 block", "2 blocks", "0 turns"; `many` for irregular plurals."""
     return f"{n} {word if n == 1 else many or word + 's'}"
