@@ -405,9 +405,9 @@ class Chat:
         if done.cache is not None:
             name = p.agent.name
             with self._caching(CACHE_NOT_KEPT, p.warnings, recorded=name):
-                self.kv.keep_hot(name, lm.fingerprint, done.all_tokens, done.cache)
+                self.kv.keep_hot(name, lm.fingerprint, done.cached_log, done.cache)
             with self._caching(CACHE_NOT_SAVED, p.warnings, recorded=name):
-                persisted = self.kv.persist(p.agent.name, lm.fingerprint, self.spec(p.engine), done.all_tokens, done.cache, set(self.locks))
+                persisted = self.kv.persist(p.agent.name, lm.fingerprint, self.spec(p.engine), done.cached_log, done.cache, set(self.locks))
         warnings = [w for w in p.warnings if self._first(p.agent.name, w)]
         return TurnRecorded(p.agent.name, lm.name, done, p.tier, persisted, warnings)
 

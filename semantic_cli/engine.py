@@ -72,9 +72,17 @@ class TurnDone:
     finish_reason: str  # "stop" | "length" | "interrupted"
     text: str
     generated: list[int]  # sampled ids, the final EOS included when there was one
-    cache: list[Any] | None  # the KV cache of all_tokens (None when interrupted)
-    all_tokens: list[int]  # prompt + generated: what `cache` covers
+    cache: list[Any] | None  # the KV cache of `cached_log` (None when interrupted)
+    all_tokens: list[int]  # prompt + generated: the token log the turn ends with
     stats: TurnStats
+    # How many of all_tokens `cache` covers: all, or all but the reply's last token,
+    # which the model never read on the CPU (no pass is run just to cache it: compat.batch_generator).
+    cache_covers: int = 0
+
+    @property
+    def cached_log(self) -> list[int]:
+        """The tokens `cache` covers: a prefix of `all_tokens`."""
+        return self.all_tokens[: self.cache_covers]
 
 
 Event = PromptProgress | TokenEvent | TurnDone
@@ -101,14 +109,16 @@ class Engine:
     @property
     def generator(self) -> Any:
         if self._generator is None:
-            from .backend import compat, cpu_split, interruptible
+            from .backend import compat, cpu_split, interruptible, runtime
 
+            mx = runtime.mx()
             cpu_split.install_attention()  # before the first forward pass: bit-identical, faster on 2+ cores
             interruptible.install()  # around it: Ctrl-C stops a long prefill step between layers
 
             eos = sorted(self.lm.tokenizer.eos_token_ids)
             self._generator = compat.batch_generator(
                 self.lm.model,
+                eager=mx.default_device().type == mx.cpu,  # each token out as soon as its pass is done
                 stop_tokens=[[e] for e in eos],
                 prefill_step_size=PREFILL_STEP,
                 completion_batch_size=32,
@@ -174,8 +184,11 @@ class Engine:
             batch.close()
 
 
-def _done(st: _Live, reason: str, cache: Any, all_tokens: list[int], now: float) -> TurnDone:
+def _done(st: _Live, reason: str, cache: Any, covered: list[int], now: float) -> TurnDone:
     req = st.request
+    log = list(req.prompt) + st.generated
+    if covered != log[: len(covered)] or len(covered) < len(log) - 1:
+        raise RuntimeError(f"the engine's cache covers {len(covered)} tokens that are not the turn's {len(log)}")
     first = st.first_token_at or now
     ttft = first - (req.started if req.started is not None else st.start)
     prefill_s = first - st.start  # from the insert: the prefill alone
@@ -191,7 +204,7 @@ def _done(st: _Live, reason: str, cache: Any, all_tokens: list[int], now: float)
         generation_tps=(len(st.generated) - 1) / decode_time if decode_time > 0 else 0.0,
         restore_s=req.restore_s,
     )
-    return TurnDone(req.key, reason, "".join(st.text), list(st.generated), cache, all_tokens, stats)
+    return TurnDone(req.key, reason, "".join(st.text), list(st.generated), cache, log, stats, len(covered))
 
 
 def _check(req: TurnRequest) -> None:

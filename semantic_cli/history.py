@@ -114,7 +114,7 @@ def keep_blocks(index: KVIndex, agent: str, source: str, tokens: list[int], bloc
     so this is exact. A new agent gets no tail; `source` itself keeps its own (undo): a restore
     takes only the tokens the tail shares with the next prompt, so /retry's resend of the same
     message restores it nearly whole."""
-    from .kv.store import chain_hashes
+    from .kv.index import chain_hashes
 
     model = index.chain_model(source)
     hashes: list[str] = []

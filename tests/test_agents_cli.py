@@ -91,7 +91,7 @@ def test_ls_reports_turns_tokens_and_cache(tiny, blocks32):
                       "transcript_tokens", "context_length", "cached_tokens"}  # fmt: skip
     assert a["turns"] == 2 and a["system"] == "You are terse." and a["model"] == str(tiny["llama"])
     assert a["transcript_tokens"] == len(rec.done.all_tokens)
-    assert a["cached_tokens"] == len(rec.done.all_tokens) > 5 * 32  # every block plus the tail
+    assert a["cached_tokens"] == len(rec.done.cached_log) > 5 * 32  # every block plus the tail
     assert (idle["turns"], idle["transcript_tokens"], idle["cached_tokens"]) == (0, 0, 0)
     table = ok("agents", "ls").stdout.decode()
     assert table.splitlines()[0].split()[:3] == ["NAME", "MODEL", "PERSONA"]
@@ -322,14 +322,14 @@ def test_fork_shares_every_block_and_resumes_warm(tiny, blocks32):
     assert [(m.role, m.content) for m in messages("copy")] == [(m.role, m.content) for m in messages("src")]
     assert agent("copy").system == "Shared persona."
     rec = talk("copy", "and what next?")
-    assert rec.tier == "warm" and rec.done.stats.cached_tokens == len(first.done.all_tokens)
+    assert rec.tier == "warm" and rec.done.stats.cached_tokens == len(first.done.cached_log)
     assert len(messages("src")) == 2  # the source is untouched
     # Removing the source frees nothing: its blocks are the forks', its tail is copy2's too.
     r = ok("agents", "rm", "src", "--yes")
     assert "0 B of KV cache freed" in r.stderr.decode()
     assert {f"{h}.kv" for h in chain("copy") + chain("copy2")} <= block_files()
     rec2 = talk("copy2", "something else entirely")
-    assert rec2.tier == "warm" and rec2.done.stats.cached_tokens == len(first.done.all_tokens)
+    assert rec2.tier == "warm" and rec2.done.stats.cached_tokens == len(first.done.cached_log)
 
 
 def test_fork_errors(home):

@@ -91,3 +91,98 @@ def test_a_restored_cache_starts_generating_without_a_copy(tiny):
     batch.close()
     extra = mx.get_peak_memory() - base
     assert extra < cache_bytes / 2, f"{extra} bytes over the {cache_bytes}-byte cache: it was copied"
+
+
+class _CountedModel:
+    """The model, counting its forward passes (everything else passes through)."""
+
+    def __init__(self, model: object) -> None:
+        self.model, self.passes = model, 0
+
+    def __call__(self, *args, **kwargs):
+        self.passes += 1
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+
+def _counted_engine(tiny, monkeypatch=None, eager: bool = True):
+    import dataclasses
+
+    from semantic_cli.backend import compat
+    from semantic_cli.engine import Engine
+    from semantic_cli.model import loader
+
+    if not eager:  # mlx-lm's own generation batch, as on a GPU
+        stock = compat.batch_generator
+        monkeypatch.setattr(compat, "batch_generator", lambda model, eager=False, **kw: stock(model, eager=False, **kw))
+    lm = loader.load(loader.resolve(str(tiny["llama"])))
+    counted = _CountedModel(lm.model)
+    return Engine(dataclasses.replace(lm, model=counted)), counted
+
+
+@pytest.mark.parametrize("eager", [True, False])
+def test_on_the_cpu_each_token_comes_out_after_its_own_pass(tiny, monkeypatch, eager):
+    """mlx-lm queues the pass over a token before handing the token out (on a GPU the two
+    overlap; on the CPU async_eval runs most of the pass first), so every token came one
+    pass late and a reply's last token got a pass nobody needs. On the CPU the engine hands
+    each token out once its own pass is done and never reads the last one: a one-token
+    turn is two passes (the prompt but its last token, then that token), not three. The
+    cache then covers the turn but its last token, which the next turn's prefill reads.
+    `eager=False` is mlx-lm's stock batch, as on a GPU: the pass counts there show what the
+    first case saves, and that this test tells the two apart."""
+    from semantic_cli.engine import TokenEvent, TurnDone, TurnRequest
+
+    assert runtime.info().backend == "cpu"
+    engine, counted = _counted_engine(tiny, monkeypatch, eager)
+    late = 0 if eager else 1
+    prompt = [3 + (i * 7) % 900 for i in range(40)]
+    seen: list[int] = []
+    done = None
+    for ev in engine.generate([TurnRequest("a", prompt, None, 0, max_tokens=5)]):
+        if isinstance(ev, TokenEvent) and ev.token is not None:
+            seen.append(counted.passes)
+        if isinstance(ev, TurnDone):
+            done = ev
+    assert seen == [k + 2 + late for k in range(5)]  # the k-th token after the prompt's 2 passes and k more
+    assert done is not None and counted.passes == 6 + late
+    assert done.all_tokens == prompt + done.generated
+    assert done.cache_covers == len(done.all_tokens) - 1 + late
+    assert {c.offset for c in done.cache} == {done.cache_covers}
+    counted.passes = 0
+    one = [ev for ev in engine.generate([TurnRequest("b", prompt, None, 0, max_tokens=1)]) if isinstance(ev, TurnDone)]
+    assert counted.passes == 2 + late and one[0].cache_covers == len(prompt) + late
+
+
+def test_the_cpu_batch_samples_what_mlx_lms_own_batch_samples(tiny, monkeypatch):
+    """Sequences joining mid-decode and leaving at different steps (an EOS or a length):
+    the engine on the CPU batch gives every sequence the tokens mlx-lm's stock batch gives."""
+    from semantic_cli.engine import TurnDone, TurnRequest
+
+    def run(engine) -> dict[str, list[int]]:
+        batch = engine.batch()
+        prompts = {k: [5 + (i * p) % 700 for i in range(n)] for k, p, n in (("a", 3, 30), ("b", 11, 9), ("c", 13, 50), ("d", 17, 4))}
+        limits = {"a": 12, "b": 3, "c": 9, "d": 7}
+        out: dict[str, list[int]] = {}
+        batch.add(TurnRequest("a", prompts["a"], None, 0, max_tokens=limits["a"]))
+        batch.add(TurnRequest("b", prompts["b"], None, 0, max_tokens=limits["b"]))
+        steps = 0
+        while batch.live:
+            steps += 1
+            if steps == 4:  # joins while a and b decode
+                batch.add(TurnRequest("c", prompts["c"], None, 0, max_tokens=limits["c"]))
+            if steps == 6:
+                batch.add(TurnRequest("d", prompts["d"], None, 0, max_tokens=limits["d"]))
+            for ev in batch.step():
+                if isinstance(ev, TurnDone):
+                    out[ev.key] = ev.generated
+        batch.close()
+        return out
+
+    eager, _ = _counted_engine(tiny)
+    got = run(eager)
+    stock, _ = _counted_engine(tiny, monkeypatch, eager=False)
+    want = run(stock)
+    assert sorted(got) == ["a", "b", "c", "d"] and all(got.values())
+    assert got == want

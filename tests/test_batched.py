@@ -70,5 +70,5 @@ def test_batched_replies_equal_sequential_ones(tiny, tmp_path, monkeypatch, kind
             assert b_round[name].tier == s_round[name].tier == ["cold", "warm", "hot"][i]
     # Each agent resumed its own conversation (a mixed-up cache would not cover its prompt).
     for name in NAMES:
-        assert batched[1][name].done.stats.cached_tokens == len(batched[0][name].done.all_tokens)
-        assert batched[2][name].done.stats.cached_tokens == len(batched[1][name].done.all_tokens)
+        assert batched[1][name].done.stats.cached_tokens == len(batched[0][name].done.cached_log)
+        assert batched[2][name].done.stats.cached_tokens == len(batched[1][name].done.cached_log)

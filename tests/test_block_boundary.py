@@ -26,4 +26,4 @@ def test_conversation_ending_on_a_block_boundary_persists_and_resumes(tiny, home
     assert len(first.done.all_tokens) % B == 0 and first.persisted is not None
     with Session() as s:
         again = s.say("b", "again", max_tokens=2)
-    assert again.tier == "warm" and again.done.stats.cached_tokens == len(first.done.all_tokens)
+    assert again.tier == "warm" and again.done.stats.cached_tokens == len(first.done.cached_log)

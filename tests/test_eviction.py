@@ -34,4 +34,4 @@ def test_blocks_that_gained_a_user_since_the_scan_are_kept(tiny, home, monkeypat
         store.close()
     with Session() as s:
         again = s.say("c2", "and then?", max_tokens=2)
-    assert again.tier == "warm" and again.done.stats.cached_tokens == len(c2.done.all_tokens)
+    assert again.tier == "warm" and again.done.stats.cached_tokens == len(c2.done.cached_log)

@@ -412,7 +412,7 @@ def test_the_next_turn_after_a_crafted_file_succeeds_with_one_warning(tiny, home
 def test_an_object_dtype_array_in_a_tail_no_longer_crashes_every_turn(tiny, home):
     """The issue's segfault (exit 139 on every later turn), in a real `semantic chat`."""
     env = {"SEMANTIC_BLOCK_TOKENS": "32"}
-    first = run_cli("chat", "-a", "o", "--model", str(tiny["llama"]), "--max-tokens", "4", "-m", LONG, env=env)
+    first = run_cli("chat", "-a", "o", "--model", str(tiny["llama"]), "--max-tokens", "5", "-m", LONG, env=env)
     assert first.returncode == 0, first.stderr
     craft(tails_dir() / KVIndex().tail("o").file, _object_array)
     turns = [run_cli("chat", "-a", "o", "--max-tokens", "2", "--json", "-m", f"turn {i}", env=env, timeout=120) for i in range(2)]
@@ -466,7 +466,7 @@ def test_a_tail_row_naming_a_path_never_reaches_the_file(tiny, home):
     transcript database. Evict, repair, a chat turn and `agents rm` must all leave it be."""
     env = {"SEMANTIC_BLOCK_TOKENS": "16"}
     for name in ("x", "y"):
-        assert run_cli("chat", "-a", name, "--model", str(tiny["llama"]), "--max-tokens", "2", "-m", "hello " * 20, env=env).returncode == 0
+        assert run_cli("chat", "-a", name, "--model", str(tiny["llama"]), "--max-tokens", "3", "-m", "hello " * 20, env=env).returncode == 0
     database = home / "data" / "semantic.db"
 
     _point_tail_at_the_database("x")

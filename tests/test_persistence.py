@@ -83,7 +83,7 @@ def test_sliding_window_model_resumes_past_a_wrapped_window(tiny, home, monkeypa
     assert tail is not None
     with Session() as s:
         again = s.say("g", "continue")
-    assert again.tier == "warm" and again.done.stats.cached_tokens == len(first.done.all_tokens)
+    assert again.tier == "warm" and again.done.stats.cached_tokens == len(first.done.cached_log)
 
 
 def test_cold_turn_reports_zero_cached_and_full_prefill(tiny, home):
@@ -92,6 +92,26 @@ def test_cold_turn_reports_zero_cached_and_full_prefill(tiny, home):
     assert rec.tier == "cold"
     assert rec.done.stats.cached_tokens == 0
     assert rec.done.stats.prefilled_tokens == rec.done.stats.prompt_tokens
+
+
+def test_a_hot_copy_older_than_the_files_gives_way_to_them(tiny, home, monkeypatch):
+    """A server (one process, its hot copy kept between turns) and a `--no-server` turn
+    (another process) on one agent: the files the other process wrote go further than the
+    hot copy, so the next turn reads them instead of re-reading that turn's tokens."""
+    monkeypatch.setenv("SEMANTIC_BLOCK_TOKENS", "16")
+    server = Session()
+    try:
+        server.say("a", "hello there", model=tiny["llama"])
+        server.chat.release("a")  # as the server does between turns
+        with Session() as other:
+            later = other.say("a", "tell me more about it")
+        rec = server.say("a", "and then?")
+        assert rec.tier == "warm" and rec.done.stats.cached_tokens == len(later.done.cached_log)
+        server.chat.release("a")
+        again = server.say("a", "ok")  # nobody else wrote: the hot copy, which is the newest
+        assert again.tier == "hot" and again.done.stats.cached_tokens == len(rec.done.cached_log)
+    finally:
+        server.close()
 
 
 def test_identical_system_prompts_are_stored_once(tiny, home, monkeypatch):

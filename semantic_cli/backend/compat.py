@@ -7,6 +7,15 @@
   to generation without a copy when every sequence moves on at once (mlx-lm's
   `PromptProcessingBatch.split` deep-copies the whole cache first: at 4K tokens of
   SmolLM2, 190 MB copied into freshly faulted pages before the first token).
+- `batch_generator(eager=True)` (the CPU): a generation batch that returns each sampled
+  token as soon as its pass is done. mlx-lm's `GenerationBatch` queues the pass over a
+  token before it hands that token out, which overlaps the two on a GPU; on the CPU
+  `async_eval` itself runs most of the pass (48 of its 64 ms here), so every token,
+  the first included, came one whole pass late, and a reply's last token got a pass
+  nobody needs. Here the pass over the tokens handed out runs at the start of the next
+  step, for the sequences that go on: the same passes in the same order for them (the
+  same values), one pass sooner. A finished sequence's cache and token list then end
+  before its last token (`Response.all_tokens` still says what the cache covers).
 - `batch_generator`'s prompt batch also rolls a prompt pass that Ctrl-C stopped between two
   layers (`interruptible`) back to where it began: the layers' caches trimmed to their
   write position before it (`BatchKVCache._idx` and `_right_padding`, which mlx-lm keeps
@@ -63,10 +72,10 @@ def restored_kv_cache(keys: Any, values: Any, offset: int) -> Any:
     return cache
 
 
-_MOVING_SPLIT: Any = None
+_PROMPT_BATCH: dict[bool, Any] = {}  # eager -> the prompt batch class
 
 
-def _moving_split_class() -> type:
+def _moving_split_class(generation_class: Any) -> type:
     from mlx_lm.generate import PromptProcessingBatch
 
     class MovingSplitBatch(PromptProcessingBatch):
@@ -101,18 +110,123 @@ def _moving_split_class() -> type:
             self.filter([])
             return moved
 
+        def generate(self, tokens: list[list[int]]) -> Any:
+            if generation_class is None:
+                return super().generate(tokens)
+            # mlx-lm's, with the generation batch class chosen (it names its own)
+            if any(len(t) > 1 for t in tokens):
+                self.prompt([t[:-1] for t in tokens])
+            generation = generation_class(
+                self.model,
+                self.uids,
+                _mx().array([t[-1] for t in tokens]),
+                self.prompt_cache,
+                self.tokens,
+                self.samplers,
+                self.fallback_sampler,
+                self.logits_processors,
+                self.stop_sequences,
+                self.max_tokens,
+            )
+            self.uids, self.prompt_cache, self.tokens = [], [], []
+            self.samplers, self.logits_processors, self.max_tokens = [], [], []
+            return generation
+
     return MovingSplitBatch
 
 
-def batch_generator(model: Any, **kwargs: Any) -> Any:
-    """mlx-lm's BatchGenerator(model, **kwargs), with the no-copy hand-over to generation."""
-    global _MOVING_SPLIT
+_EAGER: Any = None
+
+
+def _eager_generation_class() -> type:
+    from mlx_lm.generate import GenerationBatch
+
+    runtime_mx = _mx()
+
+    class EagerGenerationBatch(GenerationBatch):
+        owed = False  # the pass over the tokens the last `next` handed out is still to run
+
+        def next(self) -> list[Any]:
+            if not self.uids:
+                self.owed = False
+                return []
+            if self.owed:
+                self._step()  # the pass over the last tokens handed out: it samples this step's
+            self.owed = False
+            tokens_mx, logprobs = self._next_tokens, list(self._next_logprobs)
+            runtime_mx.eval(tokens_mx, logprobs)
+            tokens: list[int] = tokens_mx.tolist()  # type: ignore[assignment]  # one id per sequence
+            keep: list[int] = []
+            responses = []
+            for i in range(len(self.uids)):
+                finish_reason = None
+                self._num_tokens[i] += 1
+                if self._num_tokens[i] >= self.max_tokens[i]:
+                    finish_reason = "length"
+                if self._matchers[i].advance(tokens[i]):
+                    finish_reason = "stop"
+                done = finish_reason is not None
+                if not done:
+                    keep.append(i)
+                responses.append(
+                    self.Response(
+                        uid=self.uids[i],
+                        token=tokens[i],
+                        logprobs=logprobs[i],
+                        finish_reason=finish_reason,
+                        prompt_cache=self.extract_cache(i) if done else None,
+                        all_tokens=list(self.tokens[i]) if done else None,  # what the cache covers: not this token
+                    )
+                )
+            if len(keep) < len(self.uids):
+                self.filter(keep)
+            self.owed = bool(self.uids)
+            return responses
+
+        def extend(self, batch: Any) -> None:
+            if self.owed and self.uids:
+                self._step()  # the joining sequences' next tokens are sampled, not handed out: so are ours
+            self.owed = False
+            super().extend(batch)
+
+        @classmethod
+        def empty(cls, model: Any, fallback_sampler: Any) -> Any:
+            return cls(
+                model=model,
+                fallback_sampler=fallback_sampler,
+                uids=[],
+                inputs=runtime_mx.array([], dtype=runtime_mx.uint32),
+                prompt_cache=[],
+                tokens=[],
+                samplers=[],
+                logits_processors=[],
+                max_tokens=[],
+                stop_sequences=[],
+            )
+
+    return EagerGenerationBatch
+
+
+def _mx() -> Any:
+    from . import runtime
+
+    return runtime.mx()
+
+
+def batch_generator(model: Any, eager: bool = False, **kwargs: Any) -> Any:
+    """mlx-lm's BatchGenerator(model, **kwargs), with the no-copy hand-over to generation;
+    `eager` (for the CPU): each token handed out as soon as its pass is done (see above)."""
+    global _EAGER
     from mlx_lm.generate import BatchGenerator
 
-    if _MOVING_SPLIT is None:
-        _MOVING_SPLIT = _moving_split_class()
+    if eager and _EAGER is None:
+        _EAGER = _eager_generation_class()
+    if eager not in _PROMPT_BATCH:
+        _PROMPT_BATCH[eager] = _moving_split_class(_EAGER if eager else None)
     gen = BatchGenerator(model, **kwargs)
-    gen._prompt_batch = _MOVING_SPLIT.empty(model, gen.sampler, prefill_step_size=gen.prefill_step_size)
+    gen._prompt_batch = _PROMPT_BATCH[eager].empty(model, gen.sampler, prefill_step_size=gen.prefill_step_size)
+    if eager:
+        gen._generation_batch = _EAGER.empty(model, gen.sampler)
     return gen
 
 

@@ -24,8 +24,8 @@ def write_cost(engine: Engine, store: Store, turns: int = 10) -> dict[str, Any]:
         assert rec.done.cache is not None and rec.persisted is not None, "a finished turn is cached and persisted"
         if per_token is None:
             per_token = sum(c.keys.nbytes // c.keys.shape[2] * 2 for c in rec.done.cache if hasattr(c, "keys") and c.keys is not None)
-        added = len(rec.done.all_tokens) - prev
-        prev = len(rec.done.all_tokens)
+        added = len(rec.done.cached_log) - prev
+        prev = len(rec.done.cached_log)
         bound = added * per_token + chat.kv.block_tokens * per_token
         rows.append(
             {

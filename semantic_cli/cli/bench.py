@@ -25,13 +25,14 @@ def _engine(model: str | None) -> Any:
     from ..model.loader import resolve
 
     err = render.stderr()
-    with render.progress(err, enabled=err.is_terminal) as progress:
+    with render.progress(err if err.is_terminal else None) as progress:
         return get_engine(resolve(model, progress))
 
 
 def _progress() -> Any:
     """A benchmark's progress bar on stderr, drawn only on a terminal."""
-    return render.progress(render.stderr(), enabled=render.stderr().is_terminal)
+    err = render.stderr()
+    return render.progress(err if err.is_terminal else None)
 
 
 def _counts(text: str, option: str, minimum: int) -> tuple[int, ...]:

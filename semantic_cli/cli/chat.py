@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
@@ -253,13 +254,13 @@ def say_opened(store: Store, names: list[str], model: str | None, system: str | 
     a persona set or left by --system."""
     from ..opening import describe, with_flags
 
-    err = render.stderr()
+    err = functools.cache(render.stderr)  # most turns have nothing to say: no console then
     for name in names:
         stored = store.find_agent(name)
         agent = with_flags(name, stored, model, system, stored is not None and store.has_messages(name))
         near = store.near_names(name) if stored is None else []
         for line in describe(agent, stored, system, near):
-            err.print(printable(line), style="dim" if stored is not None else "yellow", markup=False, highlight=False)
+            err().print(printable(line), style="dim" if stored is not None else "yellow", markup=False, highlight=False)
 
 
 def _targets(names: list[str], text: str, to_all: bool) -> list[tuple[str, str]]:
@@ -291,7 +292,7 @@ def one_shot(
     def stopped() -> list[TurnRecorded]:  # the turns Ctrl-C cut, as the core recorded them
         return [TurnRecorded(p.agent.name, p.engine.lm.name, p.done, p.tier, None, []) for p in pendings if p.recorded and p.done]
 
-    with render.progress(render.stderr(), enabled=verbose) as progress:
+    with render.progress(render.stderr() if verbose else None) as progress:
         pendings = [session.prepare(a, text, settings, progress) for a, text in targets]
         if announce is not None:
             announce()
@@ -321,7 +322,7 @@ def remote_one_shot(
     targets = _targets(names, text, to_all)
     payload = {"targets": targets, "model": model, "system": system, **turn}
     seen = client.Received()  # what Ctrl-C's output is made of: the turns as received so far
-    with render.progress(render.stderr(), enabled=verbose) as progress:
+    with render.progress(render.stderr() if verbose else None) as progress:
         events = client.start_turn(socket_path, payload, seen)  # Unavailable is raised here, before any output
         announce()
         show_turns(events, [a for a, _ in targets], json_out, verbose, progress, seen.stopped, contexts=seen.contexts)

@@ -14,11 +14,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from rich.cells import cell_len
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+if TYPE_CHECKING:  # imported where used: a piped turn through a server never builds a console
+    from rich.console import Console
 
 _color_mode = "auto"
 
@@ -35,6 +36,8 @@ def _color_system(stream: Any) -> Literal["auto", "standard"] | None:
 
 
 def _console(stream: Any) -> Console:
+    from rich.console import Console
+
     system = _color_system(stream)
     return Console(
         file=stream,
@@ -232,11 +235,13 @@ ProgressFn = Callable[[str, int, int], None]
 
 
 @contextmanager
-def progress(console: Console, enabled: bool = True) -> Iterator[ProgressFn]:
-    """A progress callback (stage, done, total) drawing rich bars on `console`."""
-    if not enabled:
+def progress(console: Console | None) -> Iterator[ProgressFn]:
+    """A progress callback (stage, done, total) drawing rich bars on `console` (None: no bars)."""
+    if console is None:
         yield lambda stage, done, total: None
         return
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
     bars = Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),

@@ -4,6 +4,7 @@ Ctrl-C cut, the same whether the turn ran in this process or in the server."""
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -33,10 +34,10 @@ def show_turns(
     cut (`stopped`, once the core has recorded them) are printed as the finished ones are
     (JSON with finish_reason "interrupted"), and the output still ends with a newline.
     `contexts`: each agent's context length, for --verbose's footer (a full context)."""
-    from ..chat import Notice, TurnNotSaved, TurnRecorded
     from ..engine import PromptProgress, TokenEvent
+    from ..turn import Notice, TurnNotSaved, TurnRecorded
 
-    err = render.stderr()
+    err = functools.cache(render.stderr)  # built when first needed: a plain piped reply never loads rich's console
     out = sys.stdout
     single = len(order) == 1 and not room  # a room whose other agents were left out still prints its headers
     finished: dict[str, TurnRecorded] = {}
@@ -52,7 +53,8 @@ def show_turns(
                 _emit(rec, out, single, json_out)
                 if verbose:
                     context = (contexts or {}).get(rec.key)
-                    err.print(render.footer(rec.done.stats, rec.tier, rec.done.finish_reason, context, rec.key), style="dim", markup=False)
+                    footer = render.footer(rec.done.stats, rec.tier, rec.done.finish_reason, context, rec.key)
+                    err().print(footer, style="dim", markup=False)
             elif single and streamed:
                 out.write("\n")  # the reply streamed: end its line before the error
                 out.flush()
@@ -62,7 +64,7 @@ def show_turns(
         for ev in events:
             if isinstance(ev, Notice):
                 where = f"{ev.key}: " if ev.key else ""
-                err.print(f"warning: {where}{printable(ev.text)}", style="yellow", markup=False)
+                err().print(f"warning: {where}{printable(ev.text)}", style="yellow", markup=False)
             elif isinstance(ev, PromptProgress) and verbose and ev.total > 256:
                 progress(f"prefill {ev.key}", ev.done, ev.total)
             elif isinstance(ev, TokenEvent) and single and not json_out:
@@ -72,7 +74,7 @@ def show_turns(
             elif isinstance(ev, TurnRecorded):
                 finished[ev.key] = ev
                 for w in ev.warnings:
-                    err.print(f"warning: {ev.key}: {printable(w)}", style="yellow", markup=False)
+                    err().print(f"warning: {ev.key}: {printable(w)}", style="yellow", markup=False)
                 emit_ready(set())
     except TurnNotSaved as exc:
         emit_ready(set(exc.errors))  # every other reply is recorded: print it before the error

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING
 
 from ..backend import runtime
 from ..errors import ModelError, SemanticError
-from ..model.loader import LoadedModel, ModelRef
 from .link import LOAD, QUIT, Link, launched_rank, versions
 
 if TYPE_CHECKING:
     from ..backend.sharding import Layout
+    from ..model.loader import LoadedModel, ModelRef
 
 
 @dataclass(frozen=True)

@@ -170,8 +170,8 @@ def follow(link: Link, load: Any) -> None:
 
 def _persist(kv: Any, engine: Engine, spec: Any, done: TurnDone) -> None:
     with contextlib.suppress(CacheUnavailable):  # costs a re-prefill next time, like rank 0's
-        kv.keep_hot(done.key, engine.lm.fingerprint, done.all_tokens, done.cache)
-        kv.persist(done.key, engine.lm.fingerprint, spec, done.all_tokens, done.cache, set())
+        kv.keep_hot(done.key, engine.lm.fingerprint, done.cached_log, done.cache)
+        kv.persist(done.key, engine.lm.fingerprint, spec, done.cached_log, done.cache, set())
 
 
 __all__ = ["LockstepEngine", "follow", "agree", "LOAD", "QUIT"]

@@ -93,6 +93,15 @@ def block_name(model: str, parent: str, tokens: list[int]) -> str:
     return hashlib.blake2b(model.encode() + parent.encode() + array("I", tokens).tobytes(), digest_size=16).hexdigest()
 
 
+def chain_hashes(model_fp: str, tokens: list[int], block_tokens: int) -> list[str]:
+    """The names of the whole blocks of `tokens`, each chained to the one before it."""
+    out, parent = [], model_fp
+    for i in range(len(tokens) // block_tokens):
+        parent = block_name(model_fp, parent, tokens[i * block_tokens : (i + 1) * block_tokens])
+        out.append(parent)
+    return out
+
+
 def open_index() -> KVIndex:
     """The index, for commands that manage the cache: one that cannot be opened (damaged,
     unreadable) is one clear error. It holds only derived data, so the remedy is to move

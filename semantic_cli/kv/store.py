@@ -23,28 +23,19 @@ as "re-prefill next time", never as a lost message.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..backend import runtime
 from . import blockfile, fileread
 from .blockfile import block_path, tail_path
 from .failures import CACHE_ERRORS, CacheUnavailable, failure_reason
-from .index import BlockRow, KVIndex, TailRow, block_name
-from .layers import CacheSpec, cache_mismatch, cache_nbytes, snapshot_state
+from .index import BlockRow, KVIndex, TailRow, chain_hashes
+from .layers import CacheSpec, cache_nbytes
+from .persist import write_cache
 from .restore import CacheFile, read_cache
 from .stats import PersistStats
-
-
-def chain_hashes(model_fp: str, tokens: list[int], block_tokens: int) -> list[str]:
-    out, parent = [], model_fp
-    for i in range(len(tokens) // block_tokens):
-        parent = block_name(model_fp, parent, tokens[i * block_tokens : (i + 1) * block_tokens])
-        out.append(parent)
-    return out
 
 
 @dataclass
@@ -178,9 +169,33 @@ class KVStore:
     def _restore(self, agent: str, model: str, spec: CacheSpec, prompt: list[int], capacity: int) -> Restored:
         limit = len(prompt) - 1
         hot = self._hot.get(agent)
-        if hot is not None and hot.model == model and 0 < len(hot.tokens) <= limit and prompt[: len(hot.tokens)] == hot.tokens:
+        if hot is not None and not (hot.model == model and 0 < len(hot.tokens) <= limit and prompt[: len(hot.tokens)] == hot.tokens):
+            hot = None
+        # The hot copy, unless the files go further: another process (`--no-server`, a second
+        # REPL) recorded a later turn since, and reading it back beats re-reading its tokens.
+        if hot is not None and not self._disk_passes(agent, model, hot):
             self._hot.move_to_end(agent)
             return Restored(hot.cache, len(hot.tokens), "hot")
+        warm = self._from_disk(agent, model, spec, prompt, capacity)
+        if hot is not None and warm.matched <= len(hot.tokens):  # the files diverge earlier
+            self._hot.move_to_end(agent)
+            return Restored(hot.cache, len(hot.tokens), "hot", warm.warnings)
+        return warm
+
+    def _disk_passes(self, agent: str, model: str, hot: _Hot) -> bool:
+        """Whether the agent's files cover more tokens than its hot copy (their index rows say)."""
+        if self._down is not None:
+            return False
+        try:
+            tail = self.index.tail(agent)
+            if tail is not None:
+                return tail.model == model and tail.start + tail.n_tokens > len(hot.tokens)
+            return len(self.index.chain(agent)) * self.block_tokens > len(hot.tokens)
+        except (CacheUnavailable, *CACHE_ERRORS):  # an index that cannot be read: the hot copy still serves
+            return False
+
+    def _from_disk(self, agent: str, model: str, spec: CacheSpec, prompt: list[int], capacity: int) -> Restored:
+        limit = len(prompt) - 1
         if limit <= 0 or not spec.persistable:
             return Restored(None, 0, "cold")
         warnings: list[str] = []
@@ -286,95 +301,9 @@ class KVStore:
         evict down to the disk budget, sparing the agents in `protect`."""
         self._check_up()
         with self._failures():
-            return self._persist(agent, model, spec, tokens, cache, protect)
-
-    def _persist(self, agent: str, model: str, spec: CacheSpec, tokens: list[int], cache: list[Any], protect: set[str]) -> PersistStats:
-        mx = runtime.mx()
-        import numpy as np
-
-        if not spec.persistable:
-            return PersistStats(0, 0, 0)
-        mismatch = cache_mismatch(spec, cache, len(tokens))
-        if mismatch is not None:  # its files would only ever be found damaged
-            raise CacheUnavailable(f"the cache does not match the model's cache spec: {mismatch}")
-        B = self.block_tokens
-        hashes = chain_hashes(model, tokens, B)
-        existing = self.index.blocks(hashes)
-        arrays_np: dict[int, tuple[Any, Any]] = {}
-        kv_dtype = spec.dtype if spec.kv_layers else None
-        for layer in spec.kv_layers:
-            c = cache[layer]
-            if c.offset != len(tokens):
-                raise ValueError(f"cache covers {c.offset} tokens, log has {len(tokens)}")
-            k, v = c.keys[..., : c.offset, :], c.values[..., : c.offset, :]
-            mx.eval(k, v)
-            arrays_np[layer] = (_as_numpy(np, mx, k)[0], _as_numpy(np, mx, v)[0])
-
-        def kv_arrays(start: int, end: int) -> list[tuple[str, str, tuple[int, ...], list[memoryview]]]:
-            out: list[tuple[str, str, tuple[int, ...], list[memoryview]]] = []
-            for layer, (k, v) in arrays_np.items():
-                for name, a in ((f"k{layer}", k), (f"v{layer}", v)):
-                    out.append(
-                        (
-                            name,
-                            a.dtype.name,
-                            (a.shape[0], end - start, a.shape[2]),
-                            [memoryview(a[h, start:end]) for h in range(a.shape[0])],
-                        )
-                    )
-            return out
-
-        written = reused = nbytes = 0
-        parent = model
-        for i, h in enumerate(hashes):
-            if h in existing and block_path(h).exists():
-                reused += 1
-            else:
-                start = i * B
-                header = {
-                    "kind": "block",
-                    "hash": h,
-                    "model": model,
-                    "parent": parent,
-                    "start": start,
-                    "tokens": tokens[start : start + B],
-                    "kv_dtype": kv_dtype,
-                }
-                size, checksum = blockfile.write_block(h, header, kv_arrays(start, start + B))
-                with self.index.transaction():
-                    self.index.add_block(BlockRow(h, model, parent, B, size, checksum, time.time()))
-                written += 1
-                nbytes += size
-            parent = h
-        # The tail: the partial block plus whole-layer snapshots, always rewritten.
-        start = len(hashes) * B
-        snap_headers: dict[str, dict] = {}
-        snap_arrays: list[tuple[str, str, tuple[int, ...], list[memoryview]]] = []
-        for layer in spec.snapshot_layers:
-            cls, arrays, scalars = snapshot_state(cache[layer])
-            snap_headers[str(layer)] = {"class": cls, "scalars": scalars, "dtypes": {key: runtime.dtype_name(a.dtype) for key, a in arrays}}
-            for key, a in arrays:
-                mx.eval(a)
-                npa = np.ascontiguousarray(_as_numpy(np, mx, a))
-                snap_arrays.append((f"s{layer}:{key}", npa.dtype.name, npa.shape, [npa.data.cast("B")]))
-        tail_row = None
-        if start < len(tokens) or snap_arrays:
-            header = {
-                "kind": "tail",
-                "agent": agent,
-                "model": model,
-                "parent": parent,  # the chain hash of every token before `start`: its KV depends on them
-                "start": start,
-                "tokens": tokens[start:],
-                "snapshots": snap_headers,
-                "kv_dtype": kv_dtype,
-            }
-            name, size, checksum = blockfile.write_tail(agent, header, kv_arrays(start, len(tokens)) + snap_arrays)
-            tail_row = TailRow(agent, model, start, len(tokens) - start, name, size, checksum, time.time())
-            nbytes += size
-        self.index.set_agent_cache(agent, model, hashes, tail_row)
-        self.enforce_budget(protect | {agent})
-        return PersistStats(nbytes, written, reused)
+            stats = write_cache(self.index, self.block_tokens, agent, model, spec, tokens, cache)
+            self.enforce_budget(protect | {agent})
+            return stats
 
     def enforce_budget(self, protect: set[str]) -> list[str]:
         """Evict down to the disk budget: stale blocks first, then least recently used agents."""
@@ -399,10 +328,3 @@ class KVStore:
 
 def _damaged(reason: str) -> str:
     return f"a cached KV block was damaged ({reason}) and was dropped: re-prefilling from there"
-
-
-def _as_numpy(np: Any, mx: Any, a: Any) -> Any:
-    if a.dtype == mx.bfloat16:  # numpy has no bfloat16: move the raw bits
-        a = a.view(mx.uint16)
-        mx.eval(a)
-    return np.asarray(a)
