@@ -58,3 +58,12 @@ def edited_copy(model: Path, dest: Path, file: str, **changes: Any) -> Path:
     config = json.loads((dest / file).read_text())
     (dest / file).write_text(json.dumps({**config, **changes}))
     return dest
+
+
+def uncached_reply_end() -> int:
+    """How many of a finished turn's last tokens its cache leaves out: 1 on the CPU, where no
+    forward pass reads a reply's last token (backend/compat.py), 0 on a GPU."""
+    from semantic_cli.backend import runtime
+
+    mx = runtime.mx()
+    return 1 if mx.default_device().type == mx.cpu else 0

@@ -134,7 +134,8 @@ def test_on_the_cpu_each_token_comes_out_after_its_own_pass(tiny, monkeypatch, e
     first case saves, and that this test tells the two apart."""
     from semantic_cli.engine import TokenEvent, TurnDone, TurnRequest
 
-    assert runtime.info().backend == "cpu"
+    if runtime.info().backend != "cpu":
+        pytest.skip("a GPU keeps mlx-lm's own generation batch")
     engine, counted = _counted_engine(tiny, monkeypatch, eager)
     late = 0 if eager else 1
     prompt = [3 + (i * 7) % 900 for i in range(40)]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import quiet, run_cli
+from helpers import uncached_reply_end
 
 from semantic_cli.faults import EVICTION_POINTS, POINTS
 
@@ -70,14 +71,14 @@ def test_sigkill_at_a_write_point_loses_no_turn_and_resumes_from_what_the_index_
     model = str(tiny["llama"])
     first = run_cli("chat", "-a", "f", "--model", model, "--max-tokens", "4", "--json", "-m", "hello there", env=ENV)
     assert first.returncode == 0 and quiet(first.stderr), first.stderr
-    l1 = _log_length(home, "f") - 1  # what the cache covers: all but the reply's last token, which no pass read
+    l1 = _log_length(home, "f") - uncached_reply_end()  # what the cache covers: all but the reply's last token on the CPU
     killed = run_cli(
         "chat", "-a", "f", "--max-tokens", "4", "--json", "-m", "tell me about blocks " * 6, env={**ENV, "SEMANTIC_FAULT": point}
     )
     assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr)
     # Every point comes after the transcript commit: both turns are there, complete.
     assert _messages(home, "f") == [("user", "complete"), ("assistant", "complete")] * 2
-    l2 = _log_length(home, "f") - 1
+    l2 = _log_length(home, "f") - uncached_reply_end()
     assert l2 // B > l1 // B, "the second turn must add a full block for the block points to be reached"
     leftovers, restored = EXPECTED[point]
     assert _leftovers(home) == leftovers
@@ -101,7 +102,7 @@ def test_sigkill_during_an_eviction_never_leaves_the_index_naming_missing_files(
     model = str(tiny["llama"])
     first = run_cli("chat", "-a", "a", "--model", model, "--max-tokens", "4", "--json", "-m", "tell me about blocks " * 4, env=ENV)
     assert first.returncode == 0 and quiet(first.stderr), first.stderr
-    a_log = _log_length(home, "a") - 1  # what the cache covers: all but the reply's last token
+    a_log = _log_length(home, "a") - uncached_reply_end()  # what the cache covers
     budget = {**ENV, "SEMANTIC_CACHE_BUDGET": "1"}  # any turn must evict every other agent
     killed = run_cli(
         "chat", "-a", "b", "--model", model, "--max-tokens", "4", "--json", "-m", "hi", env={**budget, "SEMANTIC_FAULT": point}

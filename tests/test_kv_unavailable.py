@@ -35,6 +35,33 @@ def test_an_index_that_cannot_be_opened_costs_a_re_prefill_and_one_warning(tiny,
     assert [m.role for m in Store().messages("a")] == ["user", "assistant"] * 2
 
 
+@pytest.mark.parametrize("fault", ["nonsense-row", "unreadable-files"])
+def test_a_hot_copy_serves_whatever_the_index_says(tiny, home, monkeypatch, fault):
+    """Before using its hot copy a process asks the index whether the files go further
+    (another process wrote a later turn). Rows that make no sense, or files that cannot
+    be read once they claim to go further, must not cost the hot copy or the store."""
+    from semantic_cli.kv.index import KVIndex
+
+    monkeypatch.setenv("SEMANTIC_BLOCK_TOKENS", "16")
+    with Session() as s:
+        first = s.say("a", "hello there", model=tiny["llama"])
+        index = KVIndex()
+        value = "'x'" if fault == "nonsense-row" else "1000000"  # start as text; or a tail claiming far more tokens
+        index.db.execute(f"UPDATE tails SET n_tokens={value} WHERE agent='a'")
+        index.db.commit()
+        index.close()
+        if fault == "unreadable-files":
+
+            def failing_blocks(self: KVIndex, hashes: list[str]) -> dict:
+                raise sqlite3.OperationalError("disk I/O error")
+
+            monkeypatch.setattr(KVIndex, "blocks", failing_blocks)
+        second = s.say("a", "and again")
+        assert s.chat.kv.down is None
+    assert second.tier == "hot" and second.done.stats.cached_tokens == len(first.done.cached_log)
+    assert [m.role for m in Store().messages("a")] == ["user", "assistant"] * 2
+
+
 def test_a_cache_that_cannot_be_written_warns_and_is_tried_again(tiny, home, monkeypatch):
     tries: list[str] = []
 

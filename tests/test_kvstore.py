@@ -95,6 +95,31 @@ def test_restored_buffers_hold_the_saved_tokens_and_room_to_grow(home, restore_c
         assert after.offset == 300 and mx.array_equal(after.values[..., :300, :], before.values[..., :300, :]).item()
 
 
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_a_later_turn_writes_its_new_blocks_from_the_right_tokens(home, dtype_name):
+    """A persist copies out only the tokens from the first block it writes (not the whole
+    conversation): the blocks a later turn adds must still hold their own tokens' KV."""
+    from mlx_lm.models.cache import KVCache
+
+    mx = runtime.mx()
+    spec = CacheSpec.uniform(("kv", "kv"), heads=2, head_dim=8, dtype=dtype_name)
+    cache = [_kv_cache(mx, 600, getattr(mx, dtype_name)) for _ in range(2)]
+    earlier = []  # the same conversation 300 tokens ago
+    for c in cache:
+        earlier.append(KVCache())
+        earlier[-1].update_and_fetch(c.keys[..., :300, :], c.values[..., :300, :])
+    ids = list(range(600))
+    store = KVStore(128, 1 << 40, 0)
+    store.persist("a", "fp", spec, ids[:300], earlier, protect=set())
+    stats = store.persist("a", "fp", spec, ids, cache, protect=set())
+    assert (stats.blocks_reused, stats.blocks_written) == (2, 2)  # blocks 0-1 were on disk; 2-3 start at token 256
+    restored = KVStore(128, 1 << 40, 0).restore("a", "fp", spec, ids + [1], capacity=700)
+    assert restored.matched == 600
+    for before, after in zip(cache, restored.cache, strict=True):
+        assert mx.array_equal(after.keys[..., :600, :], before.keys[..., :600, :]).item()
+        assert mx.array_equal(after.values[..., :600, :], before.values[..., :600, :]).item()
+
+
 def test_empty_arrays_are_separate_writable_buffers_of_the_asked_shapes(restore_code):
     mx = runtime.mx()
     specs = [((2, 3, 5), dtype) for dtype in ("float32", "float16", "int32", "bfloat16", "uint16")] + [((4, 6), "float32")] * 2

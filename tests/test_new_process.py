@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import quiet, run_cli
-from helpers import Session
+from helpers import Session, uncached_reply_end
 
 from semantic_cli.store import Store
 
@@ -57,7 +57,7 @@ def _check(model: Path, turns: list[str], max_tokens: int, tmp_path: Path, monke
         # Resumed from disk: the previous turn's whole KV came from the blocks and tail.
         assert obj["cache_tier"] == "warm"
         # (all but the reply's last token, which no pass read on the CPU: backend/compat.py)
-        assert obj["cached_tokens"] == prev["prompt_tokens"] + prev["generated_tokens"] - 1 > 0
+        assert obj["cached_tokens"] == prev["prompt_tokens"] + prev["generated_tokens"] - uncached_reply_end() > 0
         assert obj["prefilled_tokens"] == obj["prompt_tokens"] - obj["cached_tokens"]
     assert [o["reply"] for o in objs] == [text for text, _ in reference]
     # Token-identical: the logs hold every prompt and generated id of both conversations.

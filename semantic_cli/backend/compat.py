@@ -13,8 +13,9 @@
   `async_eval` itself runs most of the pass (48 of its 64 ms here), so every token,
   the first included, came one whole pass late, and a reply's last token got a pass
   nobody needs. Here the pass over the tokens handed out runs at the start of the next
-  step, for the sequences that go on: the same passes in the same order for them (the
-  same values), one pass sooner. A finished sequence's cache and token list then end
+  step, for the sequences that go on: a sequence alone runs the same passes in the same
+  order (the same values), one token sooner; in a batch a finished sequence leaves one
+  pass earlier (greedy tokens unchanged, tests/test_backend.py). A finished sequence's cache and token list then end
   before its last token (`Response.all_tokens` still says what the cache covers).
 - `batch_generator`'s prompt batch also rolls a prompt pass that Ctrl-C stopped between two
   layers (`interruptible`) back to where it began: the layers' caches trimmed to their

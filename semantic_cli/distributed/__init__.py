@@ -47,7 +47,11 @@ def join() -> Session | None:
     if group.size() == 1:
         return None
     link = Link(group)
-    link.check_same("version of semantic, mlx or mlx-lm", versions(), "install the same versions on every host")
+    link.check_same(
+        "version of semantic, mlx or mlx-lm, or kind of device",
+        versions(),
+        "install the same versions on every host, and run every rank on the same kind of device (all CPU or all GPU)",
+    )
     return Session(link)
 
 

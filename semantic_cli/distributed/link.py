@@ -118,12 +118,14 @@ def _stream() -> Any:
 
 
 def versions() -> str:
-    """What must match on every rank for them to compute the same thing."""
+    """What must match on every rank for them to compute the same thing, in the same passes
+    (on the CPU the engine runs no pass over a reply's last token, on a GPU it does)."""
     from importlib.metadata import version
 
     from .. import __version__
 
-    return f"semantic {__version__}, mlx {version('mlx')}, mlx-lm {version('mlx-lm')}"
+    device = runtime.mx().default_device().type
+    return f"semantic {__version__}, mlx {version('mlx')}, mlx-lm {version('mlx-lm')}, device {device}"
 
 
 def launched_rank() -> int | None:

@@ -176,8 +176,13 @@ class KVStore:
         if hot is not None and not self._disk_passes(agent, model, hot):
             self._hot.move_to_end(agent)
             return Restored(hot.cache, len(hot.tokens), "hot")
-        warm = self._from_disk(agent, model, spec, prompt, capacity)
-        if hot is not None and warm.matched <= len(hot.tokens):  # the files diverge earlier
+        if hot is None:
+            return self._from_disk(agent, model, spec, prompt, capacity)
+        try:
+            warm = self._from_disk(agent, model, spec, prompt, capacity)
+        except (CacheUnavailable, *CACHE_ERRORS):  # the files cannot be read now: the hot copy still serves
+            warm = Restored(None, 0, "cold")
+        if warm.matched <= len(hot.tokens):  # the files diverge earlier
             self._hot.move_to_end(agent)
             return Restored(hot.cache, len(hot.tokens), "hot", warm.warnings)
         return warm
@@ -189,9 +194,9 @@ class KVStore:
         try:
             tail = self.index.tail(agent)
             if tail is not None:
-                return tail.model == model and tail.start + tail.n_tokens > len(hot.tokens)
-            return len(self.index.chain(agent)) * self.block_tokens > len(hot.tokens)
-        except (CacheUnavailable, *CACHE_ERRORS):  # an index that cannot be read: the hot copy still serves
+                return tail.model == model and int(tail.start) + int(tail.n_tokens) > len(hot.tokens)
+            return self.index.chain_model(agent) == model and len(self.index.chain(agent)) * self.block_tokens > len(hot.tokens)
+        except Exception:  # an index that cannot be read, or rows that make no sense: the hot copy serves
             return False
 
     def _from_disk(self, agent: str, model: str, spec: CacheSpec, prompt: list[int], capacity: int) -> Restored:
