@@ -40,6 +40,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from . import runtime
+
 _RESTORED: type | None = None
 
 
@@ -120,7 +122,7 @@ def _moving_split_class(generation_class: Any) -> type:
             generation = generation_class(
                 self.model,
                 self.uids,
-                _mx().array([t[-1] for t in tokens]),
+                runtime.mx().array([t[-1] for t in tokens]),
                 self.prompt_cache,
                 self.tokens,
                 self.samplers,
@@ -142,7 +144,7 @@ _EAGER: Any = None
 def _eager_generation_class() -> type:
     from mlx_lm.generate import GenerationBatch
 
-    runtime_mx = _mx()
+    mx = runtime.mx()
 
     class EagerGenerationBatch(GenerationBatch):
         owed = False  # the pass over the tokens the last `next` handed out is still to run
@@ -155,7 +157,7 @@ def _eager_generation_class() -> type:
                 self._step()  # the pass over the last tokens handed out: it samples this step's
             self.owed = False
             tokens_mx, logprobs = self._next_tokens, list(self._next_logprobs)
-            runtime_mx.eval(tokens_mx, logprobs)
+            mx.eval(tokens_mx, logprobs)
             tokens: list[int] = tokens_mx.tolist()  # type: ignore[assignment]  # one id per sequence
             keep: list[int] = []
             responses = []
@@ -190,28 +192,7 @@ def _eager_generation_class() -> type:
             self.owed = False
             super().extend(batch)
 
-        @classmethod
-        def empty(cls, model: Any, fallback_sampler: Any) -> Any:
-            return cls(
-                model=model,
-                fallback_sampler=fallback_sampler,
-                uids=[],
-                inputs=runtime_mx.array([], dtype=runtime_mx.uint32),
-                prompt_cache=[],
-                tokens=[],
-                samplers=[],
-                logits_processors=[],
-                max_tokens=[],
-                stop_sequences=[],
-            )
-
-    return EagerGenerationBatch
-
-
-def _mx() -> Any:
-    from . import runtime
-
-    return runtime.mx()
+    return EagerGenerationBatch  # mlx-lm's `empty` builds `cls`: this class
 
 
 def batch_generator(model: Any, eager: bool = False, **kwargs: Any) -> Any:
