@@ -30,7 +30,7 @@ XXHASH_DIRS = ("/usr/include", "/usr/local/include", "/opt/homebrew/include")
 # What the built module must do before it replaces the old one: hand back
 # mlx arrays (so its nanobind shares mlx's type registry) that are writable
 # and separate, for the mlx it was built against, and refuse a size that
-# overflows; read a file into views in order with python-xxhash's digest, and
+# overflows; read files into views in order with python-xxhash's digest, and
 # report a file that ends too soon.
 SMOKE_TEST = """
 import os, tempfile, xxhash
@@ -46,17 +46,21 @@ try:  # a size product that overflows raises, never allocates a smaller buffer
     raise AssertionError("empty_arrays has no overflow check")
 except ValueError:
     pass
-if hasattr(_native, "read_hashed"):
+if hasattr(_native, "Reader"):
     data = os.urandom(300_000)
-    with tempfile.TemporaryFile() as f:
+    with tempfile.TemporaryFile() as f, tempfile.TemporaryFile() as g:
         f.write(b"head" + data)
         f.flush()
+        g.write(data[:1000])
+        g.flush()
         views = [memoryview(bytearray(n)) for n in (100_000, 150_000, 50_000)]
-        status, digest = _native.read_hashed(f.fileno(), 4, views, b"head", 65536)
+        reader = _native.Reader(65536, 2)
+        reader.submit(f.fileno(), 4, views, b"head")
+        reader.submit(g.fileno(), 0, [memoryview(bytearray(1001))], b"")
+        (status, digest), (ended, _) = reader.finish()
         assert status == 0 and b"".join(views) == data, status
         assert digest == xxhash.xxh3_64(b"head" + data).hexdigest(), digest
-        status, _ = _native.read_hashed(f.fileno(), 4, views + [memoryview(bytearray(1))], b"", 65536)
-        assert status == -1, status
+        assert ended == -1, ended
 """
 
 

@@ -185,7 +185,7 @@ def _reading(path: Path, read):
 
 def test_native_reads_match_pythons_bytes_checksum_and_end_of_file(tmp_path):
     native = buffers.native()
-    if native is None or not hasattr(native, "read_hashed"):
+    if native is None or not hasattr(native, "Reader"):
         pytest.skip("the native restore loops are not built here")
     payload = np.random.default_rng(3).integers(0, 256, 3_000_000, dtype=np.uint8).tobytes()
     path = tmp_path / "f"
@@ -193,7 +193,13 @@ def test_native_reads_match_pythons_bytes_checksum_and_end_of_file(tmp_path):
     sizes = [65536] * 40 + [3_000_000 - 65536 * 40]  # several read groups, one long view
 
     def read_native(views):
-        return _reading(path, lambda fd: native.read_hashed(fd, 6, views, b"prefix", fileread.GROUP_BYTES))
+        def read(fd):
+            reader = native.Reader(fileread.GROUP_BYTES, 2)
+            reader.submit(fd, 6, views, b"prefix")
+            (result,) = reader.finish()
+            return result
+
+        return _reading(path, read)
 
     views = [memoryview(bytearray(n)) for n in sizes]
     status, native_digest = read_native(views)
@@ -235,7 +241,9 @@ def test_arrays_without_a_plain_byte_view_are_written_in_c_order(tmp_path):
     arrays = [("t", "float32", transposed.shape, [transposed]), ("e", "float32", empty.shape, [empty])]
     _, checksum = blockfile.write(path, {"kind": "test"}, arrays)
     back = np.empty(transposed.shape, np.float32)
-    header = fileread.read_into(path, checksum, path.stat().st_size, lambda header: [back.data.cast("B"), memoryview(bytearray())])
+    (header,) = fileread.read_files(
+        [fileread.FileRead(path, checksum, path.stat().st_size, lambda header: [back.data.cast("B"), memoryview(bytearray())])]
+    )
     assert np.array_equal(back, transposed)
     assert [(a["name"], a["shape"], a["nbytes"]) for a in header["arrays"]] == [("t", [4, 3], 48), ("e", [0, 4], 0)]
 

@@ -74,7 +74,7 @@ def restore_code() -> str:
     compiled = native()
     if compiled is None:
         return "python"
-    return "native" if hasattr(compiled, "read_hashed") else "native allocation"
+    return "native" if hasattr(compiled, "Reader") else "native allocation"
 
 
 def stream_empty_arrays(specs: list[tuple[tuple[int, ...], str]]) -> list[Any]:

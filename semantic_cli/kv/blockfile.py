@@ -84,10 +84,17 @@ def is_tail_name(name: Any) -> bool:
 
 def block_path(block_hash: str) -> Path:
     """The path of a block named `block_hash` (BadName if that is not a block's name)."""
-    if not is_block_name(block_hash):
-        raise BadName(f"not a block name: {block_hash!r}")
-    # Creates nothing (a restore names dozens of blocks); `write_block` creates the directories.
-    return paths.blocks_dir(create=False) / block_hash[:2] / f"{block_hash}.kv"
+    return block_paths([block_hash])[0]
+
+
+def block_paths(block_hashes: list[str]) -> list[Path]:
+    """The paths of these blocks (BadName for a name that is not a block's): a restore names
+    dozens, so the directory is looked up once. Creates nothing; `write_block` creates the directories."""
+    for block_hash in block_hashes:
+        if not is_block_name(block_hash):
+            raise BadName(f"not a block name: {block_hash!r}")
+    blocks = paths.blocks_dir(create=False)
+    return [blocks / block_hash[:2] / f"{block_hash}.kv" for block_hash in block_hashes]
 
 
 def tails_dir(create: bool = True) -> Path:

@@ -5,7 +5,7 @@ the size the index records before a byte is read (a symlink, FIFO or device is
 damage, never a hang); its header is parsed within a bound, and any failure to
 parse it is a BlockFileError. Array bytes go from the file straight into the
 caller's preallocated destination buffers (`preadv`), one copy, hashed on the way
-(natively where backend/_native.cpp is built).
+(natively, all of a restore's files in one call, where backend/_native.cpp is built).
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import json
 import os
 import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,43 +86,111 @@ def _read_header_at(fd: int, size: int, limit: int | None = None) -> tuple[dict,
         raise BlockFileError(f"corrupt header ({type(exc).__name__})") from exc
     if not isinstance(header, dict):
         raise BlockFileError("corrupt header (not an object)")
-    return header, data[:prefix_len]  # short if the file ends in the padding: read_into's size check says so
+    return header, data[:prefix_len]  # short if the file ends in the padding: the size check says so
 
 
-# Arrays are read in groups of about this many bytes: one syscall (one GIL
-# release) per group, small enough that its bytes are still in cache when
-# hashed. Per-array reads cost ~15% more on the 2-core dev VM, whole-block
-# reads (hashed from RAM) ~20% more: GIL hand-offs between reader threads.
-GROUP_BYTES = 768 << 10
+# Arrays are read in groups of about this many bytes, each hashed right after its
+# read while still in cache (8K-token SmolLM2 restore, 2-core VM: 256 KB groups
+# ~10% faster than 768 KB; per-array reads cost more syscalls).
+GROUP_BYTES = 256 << 10
 _HEAD_READ = 64 << 10  # one read covers the magic, header and padding of a typical file
+READERS = min(4, os.cpu_count() or 1)  # the kernel's copy out of the page cache scales with cores
+_OPEN_AT_ONCE = 64  # files held open by one native Reader: well under any descriptor limit
 
 
-def read_into(path: Path, checksum: str, size: int, plan: Callable[[dict], list[memoryview]], limit: int | None = None) -> dict:
-    """Read a file straight into the caller's buffers: it must be a regular file of `size`
-    bytes (what the index records); `plan(header)` checks the header is the one wanted
-    (raising if not) and returns byte views whose lengths, in order, cover the file's
-    arrays. The checksum is checked last; on any mismatch BlockFileError is raised and the
-    caller must discard what was written into its buffers."""
-    fd = open_regular(path, size)
+@dataclass(frozen=True)
+class FileRead:
+    """A cache file to read straight into the caller's buffers: it must be a regular file
+    of `size` bytes (what the index records) whose checksum is `checksum`; `plan(header)`
+    checks the header is the one wanted (raising if not) and returns byte views whose
+    lengths, in order, cover the file's arrays."""
+
+    path: Path
+    checksum: str
+    size: int
+    plan: Callable[[dict], list[memoryview]]
+    limit: int | None = None  # the longest header it may have (header_limit)
+
+
+def read_files(reads: Sequence[FileRead]) -> list[dict | Exception]:
+    """Read each file into its planned views, checksum checked: its header, or the exception
+    (from the file or its plan) that marks it damaged. The list ends at the first damaged
+    file, whose views the caller must discard; the files after it are not read.
+
+    Natively (backend/_native.cpp) each file's header is read and planned here, then its
+    reads and hashing run on one of READERS threads without the GIL while the next file
+    is planned; else a Python thread per file runs the same loop."""
+    compiled = buffers.native()
+    if compiled is None or not hasattr(compiled, "Reader"):
+        with ThreadPoolExecutor(max_workers=READERS) as pool:
+            results = list(pool.map(_read_one, reads))
+        return _upto_damage(results)
+    out: list[dict | Exception] = []
+    for first in range(0, len(reads), _OPEN_AT_ONCE):
+        batch = reads[first : first + _OPEN_AT_ONCE]
+        reader = compiled.Reader(GROUP_BYTES, READERS)
+        headers: list[dict] = []
+        failure: Exception | None = None
+        opened: list[int] = []
+        try:
+            for read in batch:
+                try:
+                    fd = open_regular(read.path, read.size)
+                    opened.append(fd)
+                    header, prefix = _read_header_at(fd, read.size, read.limit)
+                    views = read.plan(header)
+                    _check_adds_up(prefix, views, read.size)
+                except Exception as exc:  # a damaged file may hold anything: whatever the plan raises, it is damaged
+                    failure = exc
+                    break
+                reader.submit(fd, len(prefix), views, prefix)  # read on a reader thread while the next is planned
+                headers.append(header)
+            done = reader.finish()
+        finally:
+            del reader  # joins its threads if finish() was never reached, before the files close
+            for fd in opened:
+                os.close(fd)
+        for read, header, (status, digest) in zip(batch, headers, done, strict=False):
+            error = _status_error(status) or (BlockFileError("checksum mismatch") if digest != read.checksum else None)
+            out.append(error or header)
+            if error:
+                return out
+        if failure is not None:
+            return [*out, failure]
+    return out
+
+
+def _read_one(read: FileRead) -> dict | Exception:
     try:
-        header, prefix = _read_header_at(fd, size, limit)
-        views = plan(header)
-        if len(prefix) + sum(len(v) for v in views) != size:
-            raise BlockFileError("arrays do not add up to the file")
-        compiled = buffers.native()
-        if compiled is not None and hasattr(compiled, "read_hashed"):
-            status, digest = compiled.read_hashed(fd, len(prefix), views, prefix, GROUP_BYTES)  # the same loop, without the GIL
-            if status == -1:
-                raise BlockFileError("truncated data")
-            if status:
-                raise BlockFileError(f"cannot read ({os.strerror(status)})")
-        else:
+        fd = open_regular(read.path, read.size)
+        try:
+            header, prefix = _read_header_at(fd, read.size, read.limit)
+            views = read.plan(header)
+            _check_adds_up(prefix, views, read.size)
             digest = _read_hashed(fd, views, prefix)
-    finally:
-        os.close(fd)
-    if digest != checksum:
-        raise BlockFileError("checksum mismatch")
-    return header
+        finally:
+            os.close(fd)
+    except Exception as exc:  # whatever a damaged file (or its plan) raises, it is damaged
+        return exc
+    return header if digest == read.checksum else BlockFileError("checksum mismatch")
+
+
+def _upto_damage(results: list[dict | Exception]) -> list[dict | Exception]:
+    for i, result in enumerate(results):
+        if isinstance(result, Exception):
+            return results[: i + 1]
+    return results
+
+
+def _check_adds_up(prefix: bytes, views: list[memoryview], size: int) -> None:
+    if len(prefix) + sum(map(len, views)) != size:
+        raise BlockFileError("arrays do not add up to the file")
+
+
+def _status_error(status: int) -> BlockFileError | None:
+    if status == -1:
+        return BlockFileError("truncated data")
+    return BlockFileError(f"cannot read ({os.strerror(status)})") if status else None
 
 
 def _read_hashed(fd: int, views: list[memoryview], prefix: bytes) -> str:

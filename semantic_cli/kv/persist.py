@@ -10,7 +10,7 @@ from typing import Any
 
 from ..backend import runtime
 from . import blockfile
-from .blockfile import block_path
+from .blockfile import block_paths
 from .failures import CacheUnavailable
 from .index import BlockRow, KVIndex, TailRow, chain_hashes
 from .layers import CacheSpec, cache_mismatch, snapshot_state
@@ -33,7 +33,7 @@ def write_cache(
     B = block_tokens
     hashes = chain_hashes(model, tokens, B)
     existing = index.blocks(hashes)
-    on_disk = [h in existing and block_path(h).exists() for h in hashes]
+    on_disk = [h in existing and path.exists() for h, path in zip(hashes, block_paths(hashes), strict=True)]
     # Only the tokens from the first block to write on are copied out of the cache (a
     # turn adds a few tokens to a conversation of thousands: not a copy of all of it).
     first = on_disk.index(False) * B if False in on_disk else len(hashes) * B

@@ -20,14 +20,14 @@ Where the time goes (SmolLM2, 2-core dev VM, new process): ~80% of the CPU is
 the kernel (page faults on fresh memory, the copy out of the page cache), as in
 mlx-lm's own load; the rest is mostly the checksum mlx-lm does not have.
 Where semantic_cli/backend/_native.cpp is built, the 60 buffers are allocated in ~0.3 ms
-(~7 ms from Python: see buffers.empty_arrays), and each file's reads and xxh3 run
-without the GIL (fileread.read_into): ~7% less wall time at 8K tokens.
+(~7 ms from Python: see buffers.empty_arrays), and the files' reads and xxh3 run on
+native threads that never take the GIL, each file as soon as its header is planned
+(fileread.read_files): an 8K-token restore in reused memory ~45 ms against ~55 ms
+with a Python thread per file.
 """
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,6 @@ from . import fileread
 from .blockfile import BlockFileError
 from .layers import CACHE_DTYPES, ITEMSIZE, CacheSpec, check_snapshot, check_snapshot_array, from_snapshot, snapshot_nbytes
 
-_READERS = min(4, os.cpu_count() or 1)
 STEP = 256  # KVCache's growth step: restored buffers get spare capacity in these units
 
 
@@ -60,13 +59,6 @@ class CacheFile:
 class Damage:
     file: CacheFile
     reason: str
-
-
-@dataclass(frozen=True)
-class _Read:
-    header: dict | None
-    snapshots: dict[str, Any]  # "s{layer}:{key}" -> numpy array, for whole-layer snapshots
-    error: str | None = None
 
 
 def read_cache(spec: CacheSpec, files: list[CacheFile], prompt: list[int], capacity: int) -> tuple[list[Any] | None, int, Damage | None]:
@@ -108,8 +100,22 @@ def read_cache(spec: CacheSpec, files: list[CacheFile], prompt: list[int], capac
     snapshot_arrays = {f"s{layer}:{a.key}": (layer, a) for layer in spec.snapshot_layers for a in spec.layers[layer].arrays}
     n_layers = len(spec.layers)
 
-    def read_one(file: CacheFile) -> _Read:
-        snapshots: dict[str, Any] = {}
+    every_row = [(row, token_bytes[name]) for name in names for row in rows[name]]  # in the order persist writes them
+    known_entries: dict[int, list[dict]] = {}
+
+    def kv_entries(n: int) -> list[dict]:
+        """The array list of a file of `n` tokens with no snapshots, as persist writes it."""
+        if n not in known_entries:
+            entries, offset = [], 0
+            for name in names:
+                heads, dim = geometry[name]
+                nbytes = heads * n * dim * itemsize
+                entries.append({"name": name, "dtype": stored, "shape": [heads, n, dim], "offset": offset, "nbytes": nbytes})
+                offset += nbytes
+            known_entries[n] = entries
+        return known_entries[n]
+
+    def planned(file: CacheFile, snapshots: dict[str, Any]) -> fileread.FileRead:
         n, start, keep = file.n_tokens, file.start, file.kept
         tail = file.block_hash is None
         # The bytes of the tokens past `keep` are read (the checksum covers them) into scratch.
@@ -132,6 +138,9 @@ def read_cache(spec: CacheSpec, files: list[CacheFile], prompt: list[int], capac
             entries = header.get("arrays")
             if not isinstance(entries, list):
                 raise BlockFileError("no array list")
+            if keep == n and not (tail and snapshot_arrays) and entries == kv_entries(n):
+                # Exactly the list persist writes (every check below holds): the views in one pass.
+                return [row[start * width : (start + n) * width] for row, width in every_row]
             views: list[memoryview] = []
             seen: set[str] = set()
             shapes: dict[int, dict[str, tuple[int, ...]]] = {}
@@ -178,30 +187,20 @@ def read_cache(spec: CacheSpec, files: list[CacheFile], prompt: list[int], capac
                 _check_snapshots(spec, header.get("snapshots"), shapes, total)
             return views
 
-        try:
-            header = fileread.read_into(file.path, file.checksum, file.nbytes, plan, fileread.header_limit(n, n_layers))
-            return _Read(header, snapshots)
-        except Exception as exc:  # a damaged file may hold anything: whatever it raises, it is damaged
-            return _Read(None, {}, _reason(exc))
+        return fileread.FileRead(file.path, file.checksum, file.nbytes, plan, fileread.header_limit(n, n_layers))
 
-    # Reads and hashing release the GIL: a few threads fault in fresh pages and
-    # copy out of the page cache side by side. (POSIX_FADV_WILLNEED on every file
-    # first, from a dropped page cache at 4K tokens, made the restore slower:
-    # 0.158 s against 0.123 s, p50 of 6 alternating.) (The native reads map fresh rows'
-    # pages first with MADV_POPULATE_WRITE, ~10% faster at 8K in a new process;
-    # from Python, via ctypes, it measured no faster.)
-    with ThreadPoolExecutor(max_workers=_READERS) as pool:
-        results = list(pool.map(read_one, files))
+    file_snapshots: list[dict[str, Any]] = [{} for _ in files]  # "s{layer}:{key}" -> numpy array, filled by a tail's plan
+    results = fileread.read_files([planned(file, snaps) for file, snaps in zip(files, file_snapshots, strict=True)])
     snapshots: dict[int, Any] = {}
     matched = 0
     damage = None
-    for file, read in zip(files, results, strict=True):
-        if read.header is None:
-            damage = Damage(file, read.error or "unreadable")
+    for file, result, snaps in zip(files, results, file_snapshots, strict=False):  # results stop at the first damage
+        if isinstance(result, Exception):
+            damage = Damage(file, _reason(result))
             break
         if file.block_hash is None and spec.snapshot_layers:
             try:
-                snapshots = _snapshot_caches(mx, spec, read.header["snapshots"], read.snapshots)
+                snapshots = _snapshot_caches(mx, spec, result["snapshots"], snaps)
             except Exception as exc:
                 damage = Damage(file, _reason(exc))
                 break

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import blockfile, fileread
-from .blockfile import block_path, tail_path
+from .blockfile import block_paths, tail_path
 from .failures import CACHE_ERRORS, CacheUnavailable, failure_reason
 from .index import BlockRow, KVIndex, TailRow, chain_hashes
 from .layers import CacheSpec, cache_nbytes
@@ -287,7 +287,8 @@ class KVStore:
         prompt: list[int],
     ) -> tuple[list[Any] | None, int, list[str]]:
         B = self.block_tokens
-        files = [CacheFile(block_path(h), rows[h].checksum, rows[h].nbytes, i * B, B, h) for i, h in enumerate(hashes)]
+        located = zip(hashes, block_paths(hashes), strict=True)
+        files = [CacheFile(path, rows[h].checksum, rows[h].nbytes, i * B, B, h) for i, (h, path) in enumerate(located)]
         if tail is not None:
             files.append(CacheFile(tail_path(tail.file), tail.checksum, tail.nbytes, tail.start, tail.n_tokens, None, keep))
         cache, matched, damage = read_cache(spec, files, prompt, capacity)
