@@ -10,10 +10,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .model import loader
-from .model.loader import LoadedModel, ModelRef
+if TYPE_CHECKING:  # a client through the server takes only this module's records
+    from .model.loader import LoadedModel, ModelRef
 
 PREFILL_STEP = 512  # small enough for a live progress bar, large enough for BLAS
 # Where Ctrl-C can stop a prefill only between steps (a sliding-window or SSM cache, a GPU),
@@ -405,6 +405,8 @@ factory: Callable[[ModelRef], Engine] | None = None
 
 def get_engine(ref: ModelRef | None = None) -> Engine:
     """The engine for a model, loading it once per process."""
+    from .model import loader
+
     ref = ref or loader.resolve(None)
     engine = _engines.get(ref.path)
     if engine is None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from .model.loader import requested_spec
 from .store import Agent
 
 
@@ -25,6 +24,8 @@ def with_flags(name: str, stored: Agent | None, model_flag: str | None, system: 
     """The agent as this command uses it: as stored (or as it would be created), with
     the flags that apply to it (see the module's rule)."""
     if stored is None:
+        from .model.loader import requested_spec  # a new agent's model: the config and the loader, only then
+
         now = time.time()
         return Agent(name, requested_spec(model_flag), system or "", {}, now, now)
     agent = stored

@@ -11,7 +11,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import config
 from .engine import Engine, PromptProgress, TokenEvent, TurnDone, TurnRequest, TurnStats
 from .errors import SemanticError, UsageError
 from .kv.stats import PersistStats
@@ -166,6 +165,8 @@ def sampling(settings: GenSettings, agent: Agent, model: dict[str, Any]) -> Call
     """Each setting from the first that has it: the turn's flag, the agent's settings, the
     config (environment or file), the model's generation_config.json (`model`), the
     built-in default."""
+    from . import config
+
     configured = config.effective()  # the file read once per turn, not once per setting
 
     def value(key: str) -> Any:

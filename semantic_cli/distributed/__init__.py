@@ -19,13 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..backend import runtime
 from ..errors import ModelError, SemanticError
-from .link import LOAD, QUIT, Link, launched_rank, versions
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # a plain process asks only `launched_rank`: the rest is imported when a group is joined
     from ..backend.sharding import Layout
     from ..model.loader import LoadedModel, ModelRef
+    from .link import Link
 
 
 @dataclass(frozen=True)
@@ -37,11 +36,24 @@ class Session:
         return self.link.rank
 
 
+def launched_rank() -> int | None:
+    """This process's rank when mlx.launch (or mpirun) started it, from the environment alone
+    (nothing imported); None in a plain process."""
+    for var in ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return None
+
+
 def join() -> Session | None:
     """The distributed group this process was started in, checked (every rank runs the same
     versions); None in a plain process or a group of one."""
     if launched_rank() is None:
         return None
+    from ..backend import runtime
+    from .link import Link, versions
+
     mx = runtime.mx()
     group = mx.distributed.init(strict=True)  # the backend mlx.launch configured
     if group.size() == 1:
@@ -98,6 +110,7 @@ def lead(session: Session, announce: Callable[[str], None]) -> None:
     """Rank 0: engines from now on keep the other ranks in step; `announce` gets the one line
     that says how the model was split. The other ranks are told to quit at exit."""
     from .. import engine
+    from .link import LOAD
     from .lockstep import LockstepEngine
 
     link = session.link
@@ -117,6 +130,8 @@ def lead(session: Session, announce: Callable[[str], None]) -> None:
 
 
 def _quit(link: Link) -> None:
+    from .link import QUIT
+
     with contextlib.suppress(Exception):  # a rank already gone: nothing to tell it
         link.send(QUIT)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -127,12 +126,3 @@ def versions() -> str:
     device = runtime.mx().default_device().type
     return f"semantic {__version__}, mlx {version('mlx')}, mlx-lm {version('mlx-lm')}, device {device}"
 
-
-def launched_rank() -> int | None:
-    """This process's rank when mlx.launch (or mpirun) started it, from the environment alone
-    (nothing imported); None in a plain process."""
-    for var in ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
-        value = os.environ.get(var, "")
-        if value.isdigit():
-            return int(value)
-    return None
