@@ -125,4 +125,3 @@ def versions() -> str:
 
     device = runtime.mx().default_device().type
     return f"semantic {__version__}, mlx {version('mlx')}, mlx-lm {version('mlx-lm')}, device {device}"
-
