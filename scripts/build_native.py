@@ -61,6 +61,7 @@ if hasattr(_native, "Reader"):
         assert status == 0 and b"".join(views) == data, status
         assert digest == xxhash.xxh3_64(b"head" + data).hexdigest(), digest
         assert ended == -1, ended
+        reader.abort()  # after finish: nothing left to do
 """
 
 

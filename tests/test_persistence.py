@@ -164,6 +164,33 @@ def _damage(path: Path, how: str) -> None:
         path.write_bytes(bytes(data))
 
 
+@pytest.mark.parametrize("damaged", [None, 3])
+def test_a_restore_reads_its_files_in_batches_of_open_files(tiny, tmp_path, monkeypatch, damaged):
+    """More files than one native Reader holds open at once: every batch is read, in order,
+    and a damaged block in a later batch still keeps the blocks before it."""
+    from semantic_cli.kv import fileread
+
+    monkeypatch.setenv("SEMANTIC_BLOCK_TOKENS", "32")
+    monkeypatch.setattr(fileread, "_OPEN_AT_ONCE", 2)
+    turns = [LONG, "tell me more about the fox"]
+    monkeypatch.setenv("SEMANTIC_HOME", str(tmp_path / "hot"))
+    hot, hot_ids = _conversation(tiny["llama"], turns, restart_before_last=False)
+    monkeypatch.setenv("SEMANTIC_HOME", str(tmp_path / "warm"))
+    with Session() as s:
+        s.say("a", turns[0], model=tiny["llama"], max_tokens=12)
+    index = KVIndex()
+    assert len(index.chain("a")) >= 6  # three batches and more
+    if damaged is not None:
+        _damage(block_path(index.chain("a")[damaged]), "bitflip")  # the second file of the second batch
+    with Session() as s:
+        rec = s.say("a", turns[1], max_tokens=12)
+    if damaged is None:
+        assert rec.tier == "warm" and rec.done.stats.cached_tokens == hot[-1].done.stats.cached_tokens
+        assert rec.done.generated == hot_ids
+    else:
+        assert rec.done.stats.cached_tokens == damaged * 32
+
+
 @pytest.mark.parametrize("how", ["truncate", "bitflip"])
 @pytest.mark.parametrize("target", ["block", "tail"])
 def test_damaged_cache_file_is_dropped_and_the_reply_is_still_right(tiny, tmp_path, monkeypatch, how, target):

@@ -183,7 +183,7 @@ void run_job(Job& job, size_t group_bytes) {
     }
     map_if_fresh(&iov[first], last - first);
     pending.assign(iov.begin() + first, iov.begin() + last);
-    job.status = read_fully(job.fd, pending.data(), static_cast<int>(pending.size()), offset);
+    job.status = bytes == 0 ? 0 : read_fully(job.fd, pending.data(), static_cast<int>(pending.size()), offset);
     for (size_t i = first; i < last && job.status == 0; ++i) {
       XXH3_64bits_update(&state, iov[i].iov_base, iov[i].iov_len);
     }
@@ -202,13 +202,17 @@ void run_job(Job& job, size_t group_bytes) {
 // xxh3-64 hex of prefix + bytes) per file, in order. The descriptors must stay
 // open until then; the views are held here. (A Python thread per file instead:
 // the GIL's hand-offs cost more than the Python work, 8K-token SmolLM2 restore,
-// 2-core VM: ~55 ms against ~45 ms.)
+// 2-core VM: ~55 ms against ~45 ms.) One Python thread uses a Reader: a restore's own.
 class Reader {
  public:
   Reader(size_t group_bytes, int threads) : group_bytes_(group_bytes), threads_(std::max(threads, 1)) {}
   Reader(const Reader&) = delete;
   Reader& operator=(const Reader&) = delete;
-  ~Reader() {  // with the GIL held (the threads never take it); finish() never came: skip what is not started
+  ~Reader() { abort(); }  // with the GIL held: the threads never take it
+
+  // Skip the files no thread has started, wait for the others: for a caller that gives
+  // up (before it closes its descriptors). After finish() there is nothing left to do.
+  void abort() {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       next_ = jobs_.size();
@@ -327,6 +331,7 @@ NB_MODULE(_native, m) {
            nb::arg("views"),
            nb::arg("prefix"),
            "Fill the views from the file at offset, in order, on a reader thread.")
+      .def("abort", &Reader::abort, "Skip the files not started, wait for the others (before their descriptors close).")
       .def("finish",
            &Reader::finish,
            "Wait for every file submitted: a (0, errno or -1 at end of file, xxh3-64 hex of prefix + bytes) each.");

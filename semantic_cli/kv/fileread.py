@@ -140,14 +140,14 @@ def read_files(reads: Sequence[FileRead]) -> list[dict | Exception]:
                     header, prefix = _read_header_at(fd, read.size, read.limit)
                     views = read.plan(header)
                     _check_adds_up(prefix, views, read.size)
+                    reader.submit(fd, len(prefix), views, prefix)  # read on a reader thread while the next is planned
                 except Exception as exc:  # a damaged file may hold anything: whatever the plan raises, it is damaged
                     failure = exc
                     break
-                reader.submit(fd, len(prefix), views, prefix)  # read on a reader thread while the next is planned
                 headers.append(header)
             done = reader.finish()
         finally:
-            del reader  # joins its threads if finish() was never reached, before the files close
+            reader.abort()  # finish() never reached: no thread reads a file after it is closed
             for fd in opened:
                 os.close(fd)
         for read, header, (status, digest) in zip(batch, headers, done, strict=False):
