@@ -36,7 +36,7 @@ native: $(STAMP)
 	@$(BIN)/python -m compileall -q semantic_cli >/dev/null
 
 # OpenBLAS makes float32 matmul on the CPU backend ~30x faster (see docs/benchmarks.md);
-# a C++ compiler and xxhash.h build the native restore loops (`make native`).
+# a C++ compiler and xxhash.h build the native module: restore loops, batched matmul (`make native`).
 system-deps:
 	@if [ "$$(uname -s)" = Linux ] && command -v apt-get >/dev/null 2>&1; then \
 		pkgs=""; \

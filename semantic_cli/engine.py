@@ -276,15 +276,14 @@ class Batch:
 
     def step(self) -> list[Event]:
         from . import interrupts
-        from .backend import compat, cpu_split, interruptible
+        from .backend import compat, fewrows, interruptible
 
         events: list[Event] = []
         if not self._live or self._gen is None:  # nothing to run, or stopped in a prefill step
             return events
         try:
-            # Left on between steps (switching waits for the step in flight, which would undo
-            # BatchGenerator's overlap of one step with the next); off again in `close`.
-            cpu_split.set_batched(len(self._live) >= 2)
+            # Native matmuls for the decode steps of two or more sequences; off again in `close`.
+            fewrows.set_batched(len(self._live) >= 2)
             # Ctrl-C waits for the step's end (its state stays whole), or, in a long prefill
             # step, stops its prompt pass between two layers (`_stopped_in_prefill`).
             with interrupts.deferred() as sigint:
@@ -300,7 +299,7 @@ class Batch:
         except BaseException:
             self.engine._generator = None  # possibly mid-step: never reused
             self._live.clear()
-            cpu_split.set_batched(False)
+            fewrows.set_batched(False)
             raise
         for pr in prompt_responses:
             if pr.uid in self._live:
@@ -352,7 +351,7 @@ class Batch:
         delivered): what the sequences still reading had read before that pass is kept for
         `reading`, and the generator, whose bookkeeping counted the pass, is dropped (the
         next batch starts a fresh one)."""
-        from .backend import cpu_split
+        from .backend import fewrows
 
         reading = [uid for uid, st in self._live.items() if not st.generated]
         try:
@@ -362,7 +361,7 @@ class Batch:
         self.engine._generator = None
         self._gen = None
         self.stop_requested = True
-        cpu_split.set_batched(False)
+        fewrows.set_batched(False)
 
     def reading(self) -> dict[str, tuple[list[Any], list[int]]]:
         """The sequences still reading their prompt, past their restored cache: key -> (the
@@ -378,8 +377,8 @@ class Batch:
         return out
 
     def close(self) -> None:
-        """Remove the sequences still running, so the generator stays usable; split matmuls off."""
-        from .backend import cpu_split
+        """Remove the sequences still running, so the generator stays usable; batched matmuls off."""
+        from .backend import fewrows
 
         try:
             if self._live:
@@ -387,7 +386,7 @@ class Batch:
                 self._live.clear()
                 self._remove(uids)
         finally:
-            cpu_split.set_batched(False)
+            fewrows.set_batched(False)
 
     def _remove(self, uids: list[int]) -> None:
         if self._gen is None or self.engine._generator is not self._gen:

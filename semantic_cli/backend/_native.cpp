@@ -1,5 +1,6 @@
 // semantic_cli._native: the two hot loops of a warm restore, where Python's
-// overhead is a visible share of the time (SmolLM2, 2-core dev VM).
+// overhead is a visible share of the time (SmolLM2, 2-core dev VM), and the
+// matmul of a batch's decode step on the CPU (few_rows_matmul, further down).
 //
 // empty_arrays: MLX arrays straight from MLX's allocator, contents undefined.
 //   A size product that overflows raises ValueError, a failed allocation
@@ -22,10 +23,14 @@
 #include <nanobind/stl/vector.h>
 
 #include <algorithm>
+#include <memory>
+#include <stdexcept>
+#include <atomic>
 #include <cerrno>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <deque>
 #include <mutex>
 #include <new>
@@ -41,6 +46,9 @@
 
 #include "mlx/allocator.h"
 #include "mlx/array.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
 
 #ifdef SEMANTIC_HAVE_XXHASH
 #define XXH_INLINE_ALL
@@ -81,6 +89,191 @@ static std::vector<mx::array> empty_arrays(
     arrays.emplace_back(std::move(data), mx::Shape(shapes[i].begin(), shapes[i].end()), dtypes[i]);
   }
   return arrays;
+}
+
+// few_rows_matmul: x @ w.T for a batch's decode step on the CPU (see
+//   backend/fewrows.py), as an MLX primitive: it runs in the step's graph on the
+//   CPU stream. OpenBLAS's sgemm packs all of w for every call, even for the 2-16
+//   rows of a batch's decode step: twice the weights' memory traffic of a
+//   matrix-vector product. This reads each row of w once and takes every row of
+//   x's dot product with it, split over w's rows on a small pool of threads.
+namespace {
+
+using Lanes = float __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register, two AVX2
+constexpr size_t kLanes = 16;
+constexpr size_t kRowsAtOnce = 8;  // x's rows per pass over w: their accumulators stay in registers
+constexpr size_t kRowsPerPart = 64;  // w's rows per unit of work handed to a thread
+
+struct Operands {
+  const float* x;
+  size_t ldx;  // elements between x's rows
+  const float* w;
+  size_t ldw;
+  float* y;  // rows x n, row-major
+  size_t rows, k_len, n_len;
+};
+
+template <size_t M>
+void dot_rows(const Operands& o, const float* x, float* y, size_t n0, size_t n1) {
+  for (size_t n = n0; n < n1; ++n) {
+    const float* wn = o.w + n * o.ldw;
+    Lanes acc[M] = {};
+    size_t k = 0;
+    for (; k + kLanes <= o.k_len; k += kLanes) {
+      Lanes wv;
+      std::memcpy(&wv, wn + k, sizeof wv);
+      for (size_t m = 0; m < M; ++m) {
+        Lanes xv;
+        std::memcpy(&xv, x + m * o.ldx + k, sizeof xv);
+        acc[m] += xv * wv;
+      }
+    }
+    for (size_t m = 0; m < M; ++m) {
+      float sum = 0.0f;
+      for (size_t lane = 0; lane < kLanes; ++lane) {
+        sum += acc[m][lane];
+      }
+      for (size_t kk = k; kk < o.k_len; ++kk) {
+        sum += x[m * o.ldx + kk] * wn[kk];
+      }
+      y[m * o.n_len + n] = sum;
+    }
+  }
+}
+
+void dot_part(const Operands& o, size_t n0, size_t n1) {
+  using Kernel = void (*)(const Operands&, const float*, float*, size_t, size_t);
+  static constexpr Kernel kernels[kRowsAtOnce] = {
+      dot_rows<1>, dot_rows<2>, dot_rows<3>, dot_rows<4>, dot_rows<5>, dot_rows<6>, dot_rows<7>, dot_rows<8>};
+  for (size_t m = 0; m < o.rows; m += kRowsAtOnce) {
+    size_t here = std::min(kRowsAtOnce, o.rows - m);
+    kernels[here - 1](o, o.x + m * o.ldx, o.y + m * o.n_len, n0, n1);
+  }
+}
+
+// Helper threads that live as long as the process (never joined: nothing to wait
+// for at exit). A call hands out parts through an atomic counter and takes
+// parts itself; helpers spin briefly between calls, since a decode step makes
+// ~200 calls a few microseconds apart, and sleep otherwise.
+class Pool {
+ public:
+  explicit Pool(int helpers) {
+    for (int i = 0; i < helpers; ++i) {
+      std::thread(&Pool::serve, this).detach();
+    }
+  }
+
+  void run(const Operands& o, size_t parts) {
+    std::lock_guard<std::mutex> one_call(calls_);  // calls from several streams take turns
+    op_ = o;
+    parts_ = parts;
+    next_.store(0, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    wake_.notify_all();
+    work();
+    while (done_.load(std::memory_order_acquire) < parts) {
+      std::this_thread::yield();
+    }
+  }
+
+ private:
+  void work() {
+    size_t part;
+    while ((part = next_.fetch_add(1, std::memory_order_acq_rel)) < parts_) {
+      size_t n0 = part * kRowsPerPart, n1 = std::min(op_.n_len, n0 + kRowsPerPart);
+      dot_part(op_, n0, n1);
+      done_.fetch_add(1, std::memory_order_acq_rel);
+    }
+  }
+
+  void serve() {
+    uint64_t seen = 0;
+    for (;;) {
+      for (int spin = 0; spin < 20000 && generation_.load(std::memory_order_acquire) == seen; ++spin) {
+      }
+      if (generation_.load(std::memory_order_acquire) == seen) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+      }
+      seen = generation_.load(std::memory_order_acquire);
+      work();
+    }
+  }
+
+  std::mutex calls_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<size_t> next_{0};
+  std::atomic<size_t> done_{0};
+  Operands op_{};
+  size_t parts_ = 0;
+};
+
+Pool& pool(int threads) {
+  static Pool* shared = new Pool(std::max(0, threads - 1));  // the caller is the other thread
+  return *shared;
+}
+
+class FewRowsMatmul : public mx::UnaryPrimitive {
+ public:
+  FewRowsMatmul(mx::Stream stream, int threads) : mx::UnaryPrimitive(stream), threads_(threads) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const mx::array& x = inputs[0];
+    const mx::array& w = inputs[1];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(x);
+    encoder.set_input_array(w);
+    encoder.set_output_array(out);
+    encoder.dispatch([x = mx::array::unsafe_weak_copy(x),
+                      w = mx::array::unsafe_weak_copy(w),
+                      out = mx::array::unsafe_weak_copy(out),
+                      threads = threads_]() mutable {
+      Operands o{x.data<float>(), static_cast<size_t>(x.strides(0)), w.data<float>(), static_cast<size_t>(w.strides(0)),
+                 out.data<float>(), static_cast<size_t>(x.shape(0)), static_cast<size_t>(x.shape(1)),
+                 static_cast<size_t>(w.shape(0))};
+      size_t parts = (o.n_len + kRowsPerPart - 1) / kRowsPerPart;
+      if (threads <= 1 || parts <= 1) {
+        dot_part(o, 0, o.n_len);
+      } else {
+        pool(threads).run(o, parts);
+      }
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("few_rows_matmul runs on the CPU only");
+  }
+
+  const char* name() const override {
+    return "FewRowsMatmul";
+  }
+
+ private:
+  int threads_;
+};
+
+}  // namespace
+
+static mx::array few_rows_matmul(const mx::array& x, const mx::array& w, int threads) {
+  if (x.ndim() != 2 || w.ndim() != 2 || x.shape(1) != w.shape(1)) {
+    throw nb::value_error("few_rows_matmul: x must be (rows, k) and w (n, k)");
+  }
+  if (x.dtype() != mx::float32 || w.dtype() != mx::float32) {
+    throw nb::value_error("few_rows_matmul: float32 only");
+  }
+  // Rows may be strided, their elements not: x comes through mx.contiguous, and w is
+  // a weight as loaded (checked again once evaluated).
+  mx::Stream cpu = mx::default_stream(mx::Device::cpu);
+  mx::array xc = mx::contiguous(x, false, cpu);
+  mx::array wc = mx::contiguous(w, false, cpu);
+  return mx::array(mx::Shape{x.shape(0), w.shape(0)}, mx::float32, std::make_shared<FewRowsMatmul>(cpu, threads), {xc, wc});
 }
 
 #ifdef SEMANTIC_HAVE_XXHASH
@@ -321,6 +514,12 @@ NB_MODULE(_native, m) {
       nb::arg("shapes"),
       nb::arg("dtypes"),
       "Evaluated arrays of these shapes and dtypes, each its own allocation, contents undefined.");
+  m.def("few_rows_matmul",
+        &few_rows_matmul,
+        nb::arg("x"),
+        nb::arg("w"),
+        nb::arg("threads"),
+        "x @ w.T (lazily, on the CPU stream) for a few rows of x, float32: each row of w read once.");
 #ifdef SEMANTIC_HAVE_XXHASH
   nb::class_<Reader>(m, "Reader", "A restore's file reads and their xxh3-64, on threads without the GIL.")
       .def(nb::init<size_t, int>(), nb::arg("group_bytes"), nb::arg("threads"))

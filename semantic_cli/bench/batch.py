@@ -45,10 +45,10 @@ def _run(engine: Engine, requests: list[TurnRequest]) -> dict[str, Any]:
 
 
 def run(engine: Engine, agents: tuple[int, ...] = (1, 2, 4, 8), max_tokens: int = 64, on_progress: Any = None) -> Results:
-    from ..backend import cpu_split
+    from ..backend import fewrows
 
-    # split_matmuls: whether batches of 2+ ran their matmuls on two CPU streams (see cpu_split).
-    config = {"agents": list(agents), "max_tokens": max_tokens, "split_matmuls": cpu_split.available()}
+    # few_rows_matmul: whether decode steps of 2+ sequences ran the native matmul (see backend/fewrows).
+    config = {"agents": list(agents), "max_tokens": max_tokens, "few_rows_matmul": fewrows.available()}
     res = Results("batch", model_info(engine.lm), config)
     _run(engine, _requests(engine, 1, 4))  # warm-up: first-call allocations
     rows = []
