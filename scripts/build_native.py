@@ -136,7 +136,9 @@ def main(argv: list[str]) -> int:
         shutil.copyfile(built, partial)
         os.chmod(partial, 0o755)
         os.replace(partial, TARGET)
-    reads = "allocation, hashed reads, batched matmul" if xxhash_dir else "allocation, batched matmul (no xxhash.h: install libxxhash-dev for hashed reads)"
+    reads = "allocation, hashed reads, batched matmul"
+    if xxhash_dir is None:
+        reads = "allocation, batched matmul (no xxhash.h: install libxxhash-dev for hashed reads)"
     print(f"native module: built {TARGET.name} for mlx {mlx.core.__version__}: {reads}")
     return 0
 

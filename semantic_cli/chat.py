@@ -33,8 +33,9 @@ from .errors import PromptTooLongError
 from .history import recover_retry, too_long_advice
 from .kv.failures import CacheUnavailable
 from .kv.layers import CacheSpec, cache_spec
+from .kv.stats import PersistStats
 from .kv.store import KVStore, Restored
-from .locks import AgentLock
+from .locks import GRACE_S, AgentLock
 from .model.loader import ModelRef, Progress, resolve
 from .store import Agent, Store
 from .turn import (
@@ -66,15 +67,18 @@ def make_kvstore() -> KVStore:
 class Chat:
     """A process's conversations: holds the agents' locks, the hot tier and the engines."""
 
-    def __init__(self, store: Store, kv: KVStore | None = None) -> None:
+    def __init__(self, store: Store, kv: KVStore | None = None, lock_grace: float = GRACE_S) -> None:
         self.store = store
         self.kv = kv if kv is not None else make_kvstore()
+        self.lock_grace = lock_grace  # how long a busy agent's lock is waited for without `wait`
         self.locks: dict[str, AgentLock] = {}
         self._specs: dict[str, CacheSpec] = {}
         self._model_defaults: dict[str, dict[str, Any]] = {}  # model fingerprint -> its generation_config sampling
         self._warned: set[tuple[str, str]] = set()
         self._stored: dict[str, bool] = {}  # agent -> whether the transcript store has it (we hold its lock)
         self.recovered: dict[str, str] = {}  # agent -> what `recover` did when it was opened, not yet said
+        self.unwritten: dict[str, PendingTurn] = {}  # agent -> its recorded turn whose cache `write_cache` writes
+        self.untold: dict[str, list[str]] = {}  # agent -> what writing its last cache ran into, said at its next turn
 
     # ---- agents -------------------------------------------------------
     def open_agent(
@@ -92,7 +96,7 @@ class Chat:
         created, and a flag's change saved, by its first recorded turn, never before. A
         /retry a killed process left unfinished is resolved first (`recover`)."""
         if name not in self.locks:
-            lock = AgentLock(name).acquire(wait=wait, timeout=timeout, hint=busy_hint)
+            lock = AgentLock(name).acquire(wait=wait, timeout=timeout, hint=busy_hint, grace=self.lock_grace)
             try:
                 said = self.recover(name)
             except BaseException:  # not held on a failure: the next opening recovers again
@@ -178,7 +182,7 @@ class Chat:
             advice = f"shorten it, or {too_long_advice(agent.name)}" if history else "shorten it"
             raise PromptTooLongError(f"the {what} is {len(prompt)} tokens but {lm.name} has a context of {lm.context_length}; {advice}")
         request, tier, warnings = self._request(agent, engine, prompt, settings, started)
-        warnings[:0] = [self.recovered.pop(agent.name)] if agent.name in self.recovered else []
+        warnings[:0] = ([self.recovered.pop(agent.name)] if agent.name in self.recovered else []) + self.untold.pop(agent.name, [])
         opens = prompting.opening_len(tok, msgs + [{"role": "user", "content": user_text}], prompt)
         return PendingTurn(
             agent, user_text, engine, request, new_log, len(log), tier, is_new, warnings, started=started, changes=changes, opening=opens
@@ -273,10 +277,12 @@ class Chat:
         if not_saved:
             raise TurnNotSaved(not_saved, others=len(pendings) > len(not_saved))
 
-    def take(self, p: PendingTurn, ev: Event) -> Iterator[TurnEvent]:
+    def take(self, p: PendingTurn, ev: Event, write_later: bool = False) -> Iterator[TurnEvent]:
         """One engine event of `p`'s sequence, for any driver (`run`, the server's loop):
         tokens are collected on `p`; a `TurnDone` is recorded and cached, then followed by its
-        `TurnRecorded`. A failed transcript write raises `TurnNotSaved` for this agent alone."""
+        `TurnRecorded`. A failed transcript write raises `TurnNotSaved` for this agent alone.
+        `write_later`: the cache is kept hot now and written to disk by `write_cache`, which
+        the caller runs once the reply is out, holding the agent's lock until then."""
         if isinstance(ev, TokenEvent):
             if ev.token is not None:
                 if not p.tokens:
@@ -287,7 +293,7 @@ class Chat:
             p.done = ev
             yield ev
             self._record_or_raise(p, ev)
-            yield self._cache_turn(p, ev)
+            yield self._cache_turn(p, ev, write_later)
             return
         yield ev
 
@@ -397,19 +403,40 @@ class Chat:
         p.recorded = True
         faults.point("after-transcript-commit")
 
-    def _cache_turn(self, p: PendingTurn, done: TurnDone) -> TurnRecorded:
-        """Cache a recorded turn (hot, then on disk). Nothing here can cost the reply: it is
-        in the transcript already, so a failure is a warning and a re-prefill next time."""
+    def _cache_turn(self, p: PendingTurn, done: TurnDone, write_later: bool = False) -> TurnRecorded:
+        """Cache a recorded turn (hot, then on disk, or on disk by `write_cache`). Nothing here
+        can cost the reply: it is in the transcript already, so a failure is a warning and a
+        re-prefill next time."""
         lm = p.engine.lm
         persisted = None
         if done.cache is not None:
             name = p.agent.name
             with self._caching(CACHE_NOT_KEPT, p.warnings, recorded=name):
                 self.kv.keep_hot(name, lm.fingerprint, done.cached_log, done.cache)
-            with self._caching(CACHE_NOT_SAVED, p.warnings, recorded=name):
-                persisted = self.kv.persist(p.agent.name, lm.fingerprint, self.spec(p.engine), done.cached_log, done.cache, set(self.locks))
+            if write_later:
+                self.unwritten[name] = p
+            else:
+                persisted = self._persist(p, done, p.warnings)
         warnings = [w for w in p.warnings if self._first(p.agent.name, w)]
         return TurnRecorded(p.agent.name, lm.name, done, p.tier, persisted, warnings)
+
+    def _persist(self, p: PendingTurn, done: TurnDone, warnings: list[str]) -> PersistStats | None:
+        name = p.agent.name
+        if done.cache is None:
+            return None
+        with self._caching(CACHE_NOT_SAVED, warnings, recorded=name):
+            return self.kv.persist(name, p.engine.lm.fingerprint, self.spec(p.engine), done.cached_log, done.cache, set(self.locks))
+        return None
+
+    def write_cache(self, name: str) -> None:
+        """Write to disk the cache of the turn `take(..., write_later=True)` left to it; what
+        went wrong is said with the agent's next turn (its reply has gone out already)."""
+        p = self.unwritten.pop(name, None)
+        if p is None or p.done is None:
+            return
+        warnings: list[str] = []
+        self._persist(p, p.done, warnings)
+        self.untold.setdefault(name, []).extend(f"after the last reply, {w}" for w in warnings)
 
     def notices(self, pendings: list[PendingTurn]) -> Iterator[Notice]:
         for p in pendings:

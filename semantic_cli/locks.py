@@ -32,6 +32,9 @@ from . import paths
 from .errors import BusyError
 
 _OFD = hasattr(fcntl, "F_OFD_SETLK") and hasattr(fcntl, "F_OFD_GETLK")
+# How long a chat process waits, even without --wait, for an agent's lock that may be freed
+# in a moment: `semantic serve` holds it just after a reply, while it writes the turn's cache.
+GRACE_S = 0.5
 
 
 def _flock_struct(lock_type: int) -> bytes:
@@ -107,14 +110,21 @@ class AgentLock:
         self.path: Path = path if path is not None else lock_path(name)
         self._fd: int | None = None
 
-    def acquire(self, wait: bool = False, timeout: float | None = None, hint: str = "wait for it to finish, then try again") -> AgentLock:
-        """Lock the agent; busy -> BusyError (ending with `hint`: what the command can do about
-        it, naming only options it has), or with `wait` poll until it is free (for at most
-        `timeout` seconds when one is given, then BusyError)."""
+    def acquire(
+        self, wait: bool = False, timeout: float | None = None, hint: str = "wait for it to finish, then try again", grace: float = 0.0
+    ) -> AgentLock:
+        """Lock the agent; busy (still, after `grace` seconds) -> BusyError (ending with `hint`:
+        what the command can do about it, naming only options it has), or with `wait` poll
+        until it is free (for at most `timeout` seconds when one is given, then BusyError)."""
         fd = paths.open_nofollow(self.path, os.O_RDWR | os.O_CREAT, "lock file")
-        deadline = None if timeout is None else time.monotonic() + timeout
+        now = time.monotonic()
+        deadline = None if timeout is None else now + timeout
+        grace_until = now + grace
         try:
             while not _try_lock(fd):
+                if not wait and time.monotonic() < grace_until:
+                    time.sleep(0.02)
+                    continue
                 if not wait or (deadline is not None and time.monotonic() >= deadline):
                     owner = _read_pid(fd)
                     who = f" (pid {owner})" if owner else ""

@@ -9,12 +9,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .engine import Engine, PromptProgress, TokenEvent, TurnDone, TurnRequest, TurnStats
 from .errors import SemanticError, UsageError
 from .kv.stats import PersistStats
-from .store import Agent
+
+if TYPE_CHECKING:  # the piped client imports this module, and needs no transcript store (sqlite3)
+    from .store import Agent
 
 
 @dataclass(frozen=True)

@@ -134,7 +134,8 @@ def chat(
             else:
                 if save_room:
                     store.save_room(save_room, names)
-                return
+                store.close()
+                render.exit_now()
         _in_process(
             store,
             names,

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 from rich.cells import cell_len
 
@@ -51,6 +51,15 @@ def _console(stream: Any) -> Console:
 
 def stdout() -> Console:
     return _console(sys.stdout)
+
+
+def exit_now() -> NoReturn:
+    """End a command that succeeded without loading MLX (a turn a server ran) at once: its
+    output flushed, the interpreter's teardown skipped (~10 ms of a ~0.27 s piped turn).
+    The caller has closed what it opened; nothing else in such a process needs a finalizer."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def stderr() -> Console:

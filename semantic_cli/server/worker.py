@@ -9,7 +9,10 @@ turn is recorded and cached by `Chat.take`, exactly as `semantic chat` does in-p
 
 An agent's lock is held only while its turn runs, so the CLI without the server, and the
 server's own other requests, wait for it (turns of one agent are serialized); the hot tier
-keeps the agent's cache in memory between requests under `hot_budget`.
+keeps the agent's cache in memory between requests under `hot_budget`. A finished turn's
+cache is written to disk after its reply has gone out (at the top of the next pass, before
+any other turn starts), and the agent's lock released then: a client's wait for its reply
+never includes that write.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class Worker:
         self._thread = threading.Thread(target=self._main, name="semantic-engine", daemon=True)
         self._waiting: list[Job] = []
         self._running: dict[str, Job] = {}  # engine key -> its job
+        self._unwritten: list[str] = []  # agents whose turns ended: their caches to write, then their locks to release
         self._grace_until: float | None = None
 
     # ---- the handlers' side (any thread) -------------------------------------
@@ -75,7 +79,7 @@ class Worker:
     # ---- the engine thread ---------------------------------------------------
     def _main(self) -> None:
         try:
-            self.chat = Chat(Store())
+            self.chat = Chat(Store(), lock_grace=0.0)  # the loop never waits on a lock: it polls between steps
             self.engine: Engine = get_engine(self.ref)
             self.model_name = self.engine.lm.name
             self.batch = self.engine.batch()
@@ -90,6 +94,7 @@ class Worker:
         finally:
             with contextlib.suppress(Exception):
                 self.batch.close()
+            self._write_caches()
             self.chat.close()
             self.chat.store.close()
 
@@ -106,6 +111,7 @@ class Worker:
 
     def _loop(self) -> None:
         while True:
+            self._write_caches()
             self._take(block=not self._running and not self._waiting)
             if self.stopping.is_set():
                 for job in self._waiting:
@@ -136,6 +142,16 @@ class Worker:
                     self.batch.close()  # idle: split matmuls off until two sequences run again
             elif self._waiting and not self._running:
                 time.sleep(0.05)  # only busy agents are waiting: poll their locks
+
+    def _write_caches(self) -> None:
+        """The caches of the turns that ended since the last pass, their replies gone out: written
+        now, each agent's lock released after its own."""
+        while self._unwritten:
+            name = self._unwritten.pop(0)
+            try:
+                self.chat.write_cache(name)  # a failure is a warning for the agent's next turn
+            finally:
+                self.chat.release(name)
 
     def _take(self, block: bool) -> None:
         try:
@@ -302,7 +318,7 @@ class Worker:
             safe = len(text) - stop_prefix(job.stop, text)
             shown = job.shown.get(ev.key, 0)
             try:
-                list(self.chat.take(p, ev))  # collects the token on p
+                list(self.chat.take(p, ev, write_later=True))  # collects the token on p
             except TurnNotSaved as exc:
                 job.failed.update(exc.errors)
             if safe > shown:
@@ -314,7 +330,7 @@ class Worker:
             if len(ev.text) > shown:
                 job.emit(TokenEvent(ev.key, None, ev.text[shown:]))
         try:
-            for out in self.chat.take(p, ev):
+            for out in self.chat.take(p, ev, write_later=True):
                 if not isinstance(out, TurnDone) and not (job.stop and isinstance(out, TokenEvent)):  # held-back text went above
                     job.emit(out)
         except TurnNotSaved as exc:
@@ -331,7 +347,7 @@ class Worker:
         self.batch.cancel(p.agent.name)
         done = ended(p, "stop", text[:cut])
         try:
-            for out in self.chat.take(p, done):
+            for out in self.chat.take(p, done, write_later=True):
                 if not isinstance(out, TurnDone):
                     job.emit(out)
         except TurnNotSaved as exc:
@@ -357,7 +373,10 @@ class Worker:
     def _finish(self, job: Job, key: str) -> None:
         self._running.pop(key, None)
         job.left.discard(key)
-        self.chat.release(key)
+        if key in self.chat.unwritten:
+            self._unwritten.append(key)  # released once its cache is written (`_write_caches`)
+        else:
+            self.chat.release(key)
         if not job.left:
             if job.failed:
                 errors = {k: e for k, e in job.failed.items() if not isinstance(e, SemanticError) or isinstance(e, TurnNotSaved)}

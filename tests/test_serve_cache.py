@@ -1,0 +1,98 @@
+"""A served turn's cache is written after its reply has gone out: the agent's lock is held
+until it is on disk, a chat process waits a moment for that lock, and what the write ran
+into is said with the agent's next turn."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+from servers import Server
+
+from semantic_cli.errors import EXIT_BUSY
+from semantic_cli.locks import GRACE_S, AgentLock
+from semantic_cli.turn import CACHE_NOT_SAVED as NOT_SAVED
+
+ENV = {"SEMANTIC_BLOCK_TOKENS": "16"}
+
+
+def _chat(*args: str, env: dict[str, str] | None = None) -> tuple[int, dict, list[str]]:
+    r = run_cli("chat", *args, "--json", timeout=120, env={**ENV, **(env or {})})
+    out = json.loads(r.stdout) if r.returncode == 0 else {}
+    return r.returncode, out, r.stderr.decode().strip().splitlines()
+
+
+def test_the_cli_right_after_a_served_turn_resumes_its_cache_from_disk(tiny, home):
+    model = str(tiny["llama"])
+    with Server(home, model, env=ENV):
+        for i in range(3):
+            code, served, err = _chat("-a", "w", "--model", model, "--max-tokens", "4", "-m", f"tell me about blocks, part {i}")
+            assert code == 0, err
+            # at once, in a process of its own: the server may still hold the agent while it writes
+            code, alone, err = _chat("-a", "w", "--no-server", "--max-tokens", "4", "-m", "and in a word?")
+            assert code == 0, err
+            assert alone["cache_tier"] == "warm" and alone["cached_tokens"] >= served["prompt_tokens"], alone
+
+
+def test_a_lock_freed_within_the_grace_is_waited_for_and_one_held_longer_is_busy(tiny, home):
+    assert GRACE_S >= 0.5
+    model = str(tiny["llama"])
+    code, _, err = _chat("-a", "g", "--model", model, "--max-tokens", "2", "-m", "hello")
+    assert code == 0, err
+    lock = AgentLock("g").acquire()
+    # Freed 0.45 s from now: a new chat process asks for it sooner than that (~0.2 s here)
+    # and, within its grace, waits; were it later, it would find the lock free.
+    threading.Timer(0.45, lock.release).start()
+    code, _, err = _chat("-a", "g", "--no-server", "--max-tokens", "2", "-m", "again")
+    assert code == 0, err
+    with AgentLock("g"):
+        started = time.monotonic()
+        code, _, err = _chat("-a", "g", "--no-server", "--max-tokens", "2", "-m", "and again")
+        assert code == EXIT_BUSY and len(err) == 1 and "busy" in err[0], err
+        assert time.monotonic() - started >= GRACE_S
+
+
+@pytest.fixture
+def cache_on_tmpfs(home: Path):
+    """The cache dir on a 16 MB tmpfs, so it can be filled up for real."""
+    cache = home / "cache"
+    cache.mkdir(parents=True)
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(cache)], capture_output=True).returncode
+    ):
+        pytest.skip("needs root to mount a small tmpfs for a real full disk")
+    yield cache
+    subprocess.run(["umount", "-l", str(cache)], check=False)
+
+
+def test_a_cache_the_server_could_not_write_is_said_with_the_next_turn(tiny, home, cache_on_tmpfs):
+    model = str(tiny["llama"])
+    with Server(home, model, env=ENV) as server:
+        code, _, err = _chat("-a", "f", "--model", model, "--max-tokens", "4", "-m", "hello")
+        assert code == 0 and len(err) == 1 and err[0].startswith("new agent 'f'"), err
+        filler = cache_on_tmpfs / "filler"
+        with open(filler, "wb", buffering=0) as f:  # fill the disk to the last byte
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+        code, second, err = _chat("-a", "f", "--max-tokens", "8", "-m", "a longer message " * 20)
+        assert code == 0 and err == [], err  # its reply went out before the write failed
+        filler.unlink()
+        code, third, err = _chat("-a", "f", "--max-tokens", "4", "-m", "and now?")
+        assert code == 0, err
+        assert err == ["warning: f: after the last reply, " + NOT_SAVED.format(reason="the disk is full")], err
+        assert third["cache_tier"] == "hot" and third["cached_tokens"] > second["prompt_tokens"]  # memory still had it
+        code, _, err = _chat("-a", "f", "--max-tokens", "4", "-m", "and again?")
+        assert code == 0 and err == [], err  # said once
+        _, log = server.stop()
+    assert log.count("POST /semantic/v1/turns 200") == 4
+    assert not list(cache_on_tmpfs.rglob(".tmp-*"))
