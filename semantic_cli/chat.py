@@ -3,7 +3,7 @@
 prepare (transcript -> token ids) -> restore (hot/warm KV) -> generate (engine)
 -> record (transcript, one transaction) -> keep hot -> persist (KV blocks).
 The transcript is written before the cache: a failure while caching costs a
-re-prefill later, never a message (`Chat._caching` is the one place the KV
+re-prefill later, never a message (`TurnCache.guard` is the one place the KV
 layer's `CacheUnavailable` is handled; after the transcript commit, any error
 at all from the cache is handled there the same way).
 
@@ -28,19 +28,15 @@ from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 from . import config, faults, opening, prompting
-from .engine import Engine, Event, TokenEvent, TurnDone, TurnRequest, get_engine
+from .engine import Engine, get_engine
 from .errors import PromptTooLongError
+from .events import Event, TokenEvent, TurnDone, TurnRequest
 from .history import recover_retry, too_long_advice
-from .kv.failures import CacheUnavailable
-from .kv.layers import CacheSpec, cache_spec
-from .kv.stats import PersistStats
 from .kv.store import KVStore, Restored
 from .locks import GRACE_S, AgentLock
 from .model.loader import ModelRef, Progress, resolve
 from .store import Agent, Store
 from .turn import (
-    CACHE_NOT_KEPT,
-    CACHE_NOT_SAVED,
     CACHE_UNAVAILABLE,
     GenSettings,
     Notice,
@@ -54,8 +50,8 @@ from .turn import (
     one_line,
     sampling,
     transcript_rows,
-    unanswered_tokens,
 )
+from .turncache import TurnCache
 
 
 def make_kvstore() -> KVStore:
@@ -72,13 +68,11 @@ class Chat:
         self.kv = kv if kv is not None else make_kvstore()
         self.lock_grace = lock_grace  # how long a busy agent's lock is waited for without `wait`
         self.locks: dict[str, AgentLock] = {}
-        self._specs: dict[str, CacheSpec] = {}
         self._model_defaults: dict[str, dict[str, Any]] = {}  # model fingerprint -> its generation_config sampling
         self._warned: set[tuple[str, str]] = set()
         self._stored: dict[str, bool] = {}  # agent -> whether the transcript store has it (we hold its lock)
         self.recovered: dict[str, str] = {}  # agent -> what `recover` did when it was opened, not yet said
-        self.unwritten: dict[str, PendingTurn] = {}  # agent -> its recorded turn whose cache `write_cache` writes
-        self.untold: dict[str, list[str]] = {}  # agent -> what writing its last cache ran into, said at its next turn
+        self.cache = TurnCache(self.kv, lambda: set(self.locks))
 
     # ---- agents -------------------------------------------------------
     def open_agent(
@@ -144,12 +138,6 @@ class Chat:
     def _ref(self, spec: str, on_progress: Progress | None) -> ModelRef:
         return resolve(spec, on_progress)
 
-    def spec(self, engine: Engine) -> CacheSpec:
-        fp = engine.lm.fingerprint
-        if fp not in self._specs:
-            self._specs[fp] = cache_spec(engine.lm.model)
-        return self._specs[fp]
-
     def _is_stored(self, name: str) -> bool:
         """Whether the store has the agent: known since `open_agent` (its lock keeps other
         processes from creating or deleting it), asked once otherwise."""
@@ -182,7 +170,7 @@ class Chat:
             advice = f"shorten it, or {too_long_advice(agent.name)}" if history else "shorten it"
             raise PromptTooLongError(f"the {what} is {len(prompt)} tokens but {lm.name} has a context of {lm.context_length}; {advice}")
         request, tier, warnings = self._request(agent, engine, prompt, settings, started)
-        warnings[:0] = ([self.recovered.pop(agent.name)] if agent.name in self.recovered else []) + self.untold.pop(agent.name, [])
+        warnings[:0] = ([self.recovered.pop(agent.name)] if agent.name in self.recovered else []) + self.cache.untold.pop(agent.name, [])
         opens = prompting.opening_len(tok, msgs + [{"role": "user", "content": user_text}], prompt)
         return PendingTurn(
             agent, user_text, engine, request, new_log, len(log), tier, is_new, warnings, started=started, changes=changes, opening=opens
@@ -211,8 +199,8 @@ class Chat:
         max_tokens = min(int(value("max_tokens")), lm.context_length - len(prompt))
         restored = Restored(None, 0, "cold")
         t = time.perf_counter()
-        with self._caching(CACHE_UNAVAILABLE, restored.warnings):
-            restored = self.kv.restore(agent.name, lm.fingerprint, self.spec(engine), prompt, capacity=len(prompt) + max_tokens)
+        with self.cache.guard(CACHE_UNAVAILABLE, restored.warnings):
+            restored = self.kv.restore(agent.name, lm.fingerprint, self.cache.spec(engine), prompt, capacity=len(prompt) + max_tokens)
         restore_s = time.perf_counter() - t
         request = TurnRequest(
             agent.name,
@@ -305,9 +293,9 @@ class Chat:
         done = p.done = p.done or interrupted(p)
         self._record_or_raise(p, done)
         if not done.generated and reading and p.agent.name in reading:
-            self._keep_read(p, *reading[p.agent.name])
+            self.cache.keep_read(p, *reading[p.agent.name])
         else:
-            self._mark_used(p)
+            self.cache.mark_used(p)
         return TurnRecorded(p.agent.name, p.engine.lm.name, done, p.tier, None, [w for w in p.warnings if self._first(p.agent.name, w)])
 
     def record_unfinished(
@@ -320,21 +308,6 @@ class Chat:
                 self.interrupt(p, reading)
             except TurnNotSaved as exc:
                 note(cause, f"{p.agent.name}'s reply could not be saved to the transcript ({one_line(exc.errors[p.agent.name])})")
-
-    def _keep_read(self, p: PendingTurn, cache: list[Any], tokens: list[int]) -> None:
-        """Cache what a stopped prefill read, up to the user's message (not the assistant's opening)."""
-        from .kv.layers import trim_cache
-
-        keep = unanswered_tokens(p)
-        if keep is None or tokens[: len(keep)] != keep[: len(tokens)]:
-            return
-        name, lm = p.agent.name, p.engine.lm
-        with self._caching(CACHE_NOT_SAVED, p.warnings, recorded=name):
-            if len(tokens) > len(keep) and not trim_cache(cache, len(tokens) - len(keep)):
-                return
-            tokens = tokens[: len(keep)]
-            self.kv.keep_hot(name, lm.fingerprint, tokens, cache)
-            self.kv.persist(name, lm.fingerprint, self.spec(p.engine), tokens, cache, set(self.locks))
 
     def _record_or_raise(self, p: PendingTurn, done: TurnDone) -> None:
         """`_record`, or, when the transcript write fails, clean up and raise `TurnNotSaved`
@@ -353,32 +326,6 @@ class Chat:
                 self.store.db.rollback()
         with contextlib.suppress(Exception):
             self.kv.drop_hot(p.agent.name)
-
-    @contextlib.contextmanager
-    def _caching(self, say: str | None = None, warnings: list[str] | None = None, recorded: str | None = None) -> Iterator[None]:
-        """The one place a KV cache failure is handled: the turn goes on without the cache
-        (a re-prefill, now or next time), and `say` tells the user why in `warnings`, unless
-        the cache already failed earlier in this process and said so then. Once the turn of
-        agent `recorded` is in the transcript, any error at all (a bug, MemoryError, a
-        ValueError) is handled the same way, since nothing but the cache is at stake, and
-        that agent's hot copy, suspect too, is dropped. KeyboardInterrupt and SystemExit
-        still propagate (the caller records what is left)."""
-        try:
-            yield
-        except CacheUnavailable as exc:
-            if say is not None and warnings is not None and not exc.already_down:
-                warnings.append(say.format(reason=exc.reason))
-        except Exception as exc:
-            if recorded is None:
-                raise
-            if say is not None and warnings is not None:
-                warnings.append(say.format(reason=f"unexpected {one_line(exc)}"))
-            with contextlib.suppress(Exception):
-                self.kv.drop_hot(recorded)
-
-    def _mark_used(self, p: PendingTurn) -> None:
-        with self._caching(recorded=p.agent.name):  # only the eviction order is lost
-            self.kv.mark_used(p.agent.name)
 
     def _record(self, p: PendingTurn, done: TurnDone) -> None:
         """Commit the turn to the transcript: one transaction, the truth."""
@@ -404,39 +351,11 @@ class Chat:
         faults.point("after-transcript-commit")
 
     def _cache_turn(self, p: PendingTurn, done: TurnDone, write_later: bool = False) -> TurnRecorded:
-        """Cache a recorded turn (hot, then on disk, or on disk by `write_cache`). Nothing here
-        can cost the reply: it is in the transcript already, so a failure is a warning and a
-        re-prefill next time."""
-        lm = p.engine.lm
-        persisted = None
-        if done.cache is not None:
-            name = p.agent.name
-            with self._caching(CACHE_NOT_KEPT, p.warnings, recorded=name):
-                self.kv.keep_hot(name, lm.fingerprint, done.cached_log, done.cache)
-            if write_later:
-                self.unwritten[name] = p
-            else:
-                persisted = self._persist(p, done, p.warnings)
+        """Cache a recorded turn (`TurnCache.keep`). Nothing there can cost the reply: it is in
+        the transcript already, so a failure is a warning and a re-prefill next time."""
+        persisted = self.cache.keep(p, done, write_later)
         warnings = [w for w in p.warnings if self._first(p.agent.name, w)]
-        return TurnRecorded(p.agent.name, lm.name, done, p.tier, persisted, warnings)
-
-    def _persist(self, p: PendingTurn, done: TurnDone, warnings: list[str]) -> PersistStats | None:
-        name = p.agent.name
-        if done.cache is None:
-            return None
-        with self._caching(CACHE_NOT_SAVED, warnings, recorded=name):
-            return self.kv.persist(name, p.engine.lm.fingerprint, self.spec(p.engine), done.cached_log, done.cache, set(self.locks))
-        return None
-
-    def write_cache(self, name: str) -> None:
-        """Write to disk the cache of the turn `take(..., write_later=True)` left to it; what
-        went wrong is said with the agent's next turn (its reply has gone out already)."""
-        p = self.unwritten.pop(name, None)
-        if p is None or p.done is None:
-            return
-        warnings: list[str] = []
-        self._persist(p, p.done, warnings)
-        self.untold.setdefault(name, []).extend(f"after the last reply, {w}" for w in warnings)
+        return TurnRecorded(p.agent.name, p.engine.lm.name, done, p.tier, persisted, warnings)
 
     def notices(self, pendings: list[PendingTurn]) -> Iterator[Notice]:
         for p in pendings:

@@ -17,8 +17,8 @@ from dataclasses import dataclass, replace
 
 from . import history, prompting
 from .chat import Chat
-from .engine import TurnDone
 from .errors import SemanticError, UsageError
+from .events import TurnDone
 from .kv.failures import CacheUnavailable
 from .model.loader import Progress
 from .store import Agent, Message

@@ -12,7 +12,9 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # a client through the server takes only this module's records
+from .events import Event, PromptProgress, TokenEvent, TurnDone, TurnRequest, TurnStats
+
+if TYPE_CHECKING:
     from .model.loader import LoadedModel, ModelRef
 
 PREFILL_STEP = 512  # small enough for a live progress bar, large enough for BLAS
@@ -21,71 +23,6 @@ PREFILL_STEP = 512  # small enough for a live progress bar, large enough for BLA
 # MIN_STEP tokens. Prefill throughput on the CPU is flat from 64 to 512 tokens a step.
 STEP_SECONDS = 0.4
 MIN_STEP, FIRST_STEP = 16, 64  # the first step is short: nothing is measured yet
-
-
-@dataclass(frozen=True)
-class TurnRequest:
-    key: str  # who is asking (the agent name); events carry it back
-    prompt: list[int]  # the whole token sequence the reply continues
-    cache: list[Any] | None  # a KV cache covering prompt[:cached], or None
-    cached: int
-    max_tokens: int
-    temp: float = 0.0
-    top_p: float = 1.0
-    started: float | None = None  # perf_counter() when the turn began (before its restore); default: when inserted
-    top_k: int = 0
-    min_p: float = 0.0
-    repeat_penalty: float = 1.0  # 1: none
-    repeat_last_n: int = 64
-    restore_s: float = 0.0  # how long restoring `cache` took (part of the TTFT), for the stats
-
-
-@dataclass(frozen=True)
-class TurnStats:
-    ttft_s: float  # from the turn's start (its restore included) to the first token
-    prompt_tokens: int
-    cached_tokens: int
-    prefilled_tokens: int
-    generated_tokens: int
-    prompt_tps: float
-    generation_tps: float
-    restore_s: float = 0.0  # of the TTFT, the KV cache restore (hot: ~0)
-
-
-@dataclass(frozen=True)
-class PromptProgress:
-    key: str
-    done: int
-    total: int
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    key: str
-    token: int | None  # the sampled id; None for text flushed at the end
-    text: str  # the newly decodable text (may be empty mid-character)
-
-
-@dataclass(frozen=True)
-class TurnDone:
-    key: str
-    finish_reason: str  # "stop" | "length" | "interrupted"
-    text: str
-    generated: list[int]  # sampled ids, the final EOS included when there was one
-    cache: list[Any] | None  # the KV cache of `cached_log` (None when interrupted)
-    all_tokens: list[int]  # prompt + generated: the token log the turn ends with
-    stats: TurnStats
-    # How many of all_tokens `cache` covers: all, or all but the reply's last token,
-    # which the model never read on the CPU (no pass is run just to cache it: compat.batch_generator).
-    cache_covers: int = 0
-
-    @property
-    def cached_log(self) -> list[int]:
-        """The tokens `cache` covers: a prefix of `all_tokens`."""
-        return self.all_tokens[: self.cache_covers]
-
-
-Event = PromptProgress | TokenEvent | TurnDone
 
 
 @dataclass

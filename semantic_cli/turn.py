@@ -11,11 +11,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .engine import Engine, PromptProgress, TokenEvent, TurnDone, TurnRequest, TurnStats
 from .errors import SemanticError, UsageError
+from .events import PromptProgress, TokenEvent, TurnDone, TurnRequest, TurnStats
 from .kv.stats import PersistStats
 
-if TYPE_CHECKING:  # the piped client imports this module, and needs no transcript store (sqlite3)
+if TYPE_CHECKING:  # the piped client imports this module, and needs neither the engine nor the store
+    from .engine import Engine
     from .store import Agent
 
 

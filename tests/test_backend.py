@@ -57,7 +57,8 @@ def test_a_restored_cache_starts_generating_without_a_copy(tiny):
     whole KV cache (at 4K tokens of SmolLM2: 190 MB, into fresh pages, before the first
     token). The engine's batch moves it when every sequence moves on at once."""
     from semantic_cli.backend import compat
-    from semantic_cli.engine import Engine, TokenEvent, TurnRequest
+    from semantic_cli.engine import Engine
+    from semantic_cli.events import TokenEvent, TurnRequest
     from semantic_cli.model import loader
 
     mx = runtime.mx()
@@ -132,7 +133,7 @@ def test_on_the_cpu_each_token_comes_out_after_its_own_pass(tiny, monkeypatch, e
     cache then covers the turn but its last token, which the next turn's prefill reads.
     `eager=False` is mlx-lm's stock batch, as on a GPU: the pass counts there show what the
     first case saves, and that this test tells the two apart."""
-    from semantic_cli.engine import TokenEvent, TurnDone, TurnRequest
+    from semantic_cli.events import TokenEvent, TurnDone, TurnRequest
 
     if runtime.info().backend != "cpu":
         pytest.skip("a GPU keeps mlx-lm's own generation batch")
@@ -159,7 +160,7 @@ def test_on_the_cpu_each_token_comes_out_after_its_own_pass(tiny, monkeypatch, e
 def test_the_cpu_batch_samples_what_mlx_lms_own_batch_samples(tiny, monkeypatch):
     """Sequences joining mid-decode and leaving at different steps (an EOS or a length):
     the engine on the CPU batch gives every sequence the tokens mlx-lm's stock batch gives."""
-    from semantic_cli.engine import TurnDone, TurnRequest
+    from semantic_cli.events import TurnDone, TurnRequest
 
     def run(engine) -> dict[str, list[int]]:
         batch = engine.batch()

@@ -83,7 +83,7 @@ def test_wait_for_a_busy_agent(tiny, home):
 def test_last_use_is_recorded_by_every_turn_even_an_interrupted_one(tiny, home, monkeypatch):
     """Restores commit nothing (it would delay the first token): the turn's end records the use."""
     from semantic_cli.chat import GenSettings
-    from semantic_cli.engine import TokenEvent
+    from semantic_cli.events import TokenEvent
 
     monkeypatch.setenv("SEMANTIC_BLOCK_TOKENS", "16")
     with Session() as s:

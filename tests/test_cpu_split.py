@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from semantic_cli.backend import cpu_split, runtime
-from semantic_cli.engine import TurnDone, TurnRequest, get_engine
+from semantic_cli.engine import get_engine
+from semantic_cli.events import TurnDone, TurnRequest
 from semantic_cli.model.loader import ModelRef
 
 needs_split = pytest.mark.skipif(not cpu_split.available(), reason="needs the CPU backend with OpenBLAS and 2+ cores")

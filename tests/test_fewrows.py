@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from semantic_cli.backend import buffers, fewrows, runtime
-from semantic_cli.engine import TokenEvent, TurnDone, TurnRequest, get_engine
+from semantic_cli.engine import get_engine
+from semantic_cli.events import TokenEvent, TurnDone, TurnRequest
 from semantic_cli.model.loader import ModelRef
 
 needs_kernel = pytest.mark.skipif(not fewrows.available(), reason="needs the CPU backend and the native module")

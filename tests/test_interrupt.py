@@ -131,7 +131,8 @@ def test_ctrl_c_stops_a_prefill_step_between_layers_and_keeps_what_was_read(tiny
     an uninterrupted first step leaves them, and the engine serves the next turn normally."""
     import mlx.core as mx
 
-    from semantic_cli.engine import PREFILL_STEP, TurnRequest
+    from semantic_cli.engine import PREFILL_STEP
+    from semantic_cli.events import TurnRequest
 
     engine = get_engine(resolve(str(tiny["llama"])))
     prompt = [(i * 7) % 200 + 3 for i in range(3 * PREFILL_STEP + 40)]
@@ -196,7 +197,8 @@ def _interrupted(engine, requests, press) -> tuple[list[int], list, dict]:
 def test_ctrl_c_mid_prefill_in_a_room_delivers_the_other_sequences_step(tiny, home):
     """A decodes while B reads a long message; Ctrl-C inside B's third prefill pass: the step's
     token for A still arrives, and B keeps the two passes it had read."""
-    from semantic_cli.engine import PREFILL_STEP, TokenEvent, TurnRequest
+    from semantic_cli.engine import PREFILL_STEP
+    from semantic_cli.events import TokenEvent, TurnRequest
 
     engine = get_engine(resolve(str(tiny["llama"])))
     n_layers = len(engine.lm.model.model.layers)
@@ -222,7 +224,7 @@ def test_a_sliding_window_model_stops_its_prefill_between_short_steps(tiny, home
     so its steps are sized to take about STEP_SECONDS (a short first one, then from what
     each took), and what the finished steps read is kept."""
     from semantic_cli import engine as engine_module
-    from semantic_cli.engine import TurnRequest
+    from semantic_cli.events import TurnRequest
 
     monkeypatch.setattr(engine_module, "STEP_SECONDS", step_seconds)
     engine = get_engine(resolve(str(tiny["gemma3_text"])))

@@ -24,8 +24,8 @@ import pytest
 from test_repl import FOOTER, Term, rows
 
 from semantic_cli.chat import Chat, GenSettings, TurnNotSaved, TurnRecorded
-from semantic_cli.engine import TokenEvent, TurnDone
 from semantic_cli.errors import SemanticError
+from semantic_cli.events import TokenEvent, TurnDone
 from semantic_cli.kv import blockfile
 from semantic_cli.store import Store
 

@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from semantic_cli.chat import Chat, TurnRecorded
-from semantic_cli.engine import Engine, TokenEvent
+from semantic_cli.engine import Engine
+from semantic_cli.events import TokenEvent
 
 
 def render(tok: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:

@@ -7,7 +7,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ..engine import Engine, TokenEvent, TurnDone, TurnRequest
+from ..engine import Engine
+from ..events import TokenEvent, TurnDone, TurnRequest
 from .results import Results, model_info
 
 QUESTIONS = [

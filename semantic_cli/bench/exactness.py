@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..backend import runtime
-from ..engine import PREFILL_STEP, Engine, TurnDone, TurnRequest
+from ..engine import PREFILL_STEP, Engine
+from ..events import TurnDone, TurnRequest
 from ..kv.layers import cache_spec
 from .results import Results, filler_tokens, model_info
 

@@ -129,7 +129,7 @@ def measure_size(
     log = store.token_log(name, lm.tokenizer_fingerprint)
     assert log is not None, "the turns above wrote a token log"
     prompt_probe = log + [0]
-    restored = chat.kv.restore(name, lm.fingerprint, chat.spec(engine), prompt_probe, capacity=len(prompt_probe))
+    restored = chat.kv.restore(name, lm.fingerprint, chat.cache.spec(engine), prompt_probe, capacity=len(prompt_probe))
     matched = restored.matched
     del restored
     path = os.path.join(home, f"mlx-lm-{n}.safetensors")
@@ -140,7 +140,7 @@ def measure_size(
 
     def restore_once() -> float:
         t = time.perf_counter()
-        restored = chat.kv.restore(name, lm.fingerprint, chat.spec(engine), prompt_probe, capacity=len(prompt_probe))
+        restored = chat.kv.restore(name, lm.fingerprint, chat.cache.spec(engine), prompt_probe, capacity=len(prompt_probe))
         seconds = time.perf_counter() - t
         assert restored.tier == "warm", restored.tier
         return seconds
@@ -159,7 +159,7 @@ def measure_size(
         "op": "restore",
         "agent": name,
         "model_fp": lm.fingerprint,
-        "spec": chat.spec(engine).to_json(),
+        "spec": chat.cache.spec(engine).to_json(),
         "prompt": prompt_probe,
         "block_tokens": chat.kv.block_tokens,
     }

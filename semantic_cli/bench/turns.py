@@ -19,7 +19,7 @@ from typing import Any
 
 from .. import paths
 from ..chat import Chat, GenSettings, TurnRecorded
-from ..engine import TokenEvent, TurnDone
+from ..events import TokenEvent, TurnDone
 
 QUESTION = "In one word: is this about caching?"
 

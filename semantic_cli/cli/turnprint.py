@@ -34,7 +34,7 @@ def show_turns(
     cut (`stopped`, once the core has recorded them) are printed as the finished ones are
     (JSON with finish_reason "interrupted"), and the output still ends with a newline.
     `contexts`: each agent's context length, for --verbose's footer (a full context)."""
-    from ..engine import PromptProgress, TokenEvent
+    from ..events import PromptProgress, TokenEvent
     from ..turn import Notice, TurnNotSaved, TurnRecorded
 
     err = functools.cache(render.stderr)  # built when first needed: a plain piped reply never loads rich's console

@@ -24,7 +24,8 @@ from typing import Any
 
 from .. import faults
 from ..backend import runtime
-from ..engine import Batch, Engine, Event, TurnDone, TurnRequest
+from ..engine import Batch, Engine
+from ..events import Event, TurnDone, TurnRequest
 from ..kv.failures import CacheUnavailable
 from ..model.loader import LoadedModel
 from .link import ADD, BATCH, CANCEL, CLOSE, LOAD, QUIT, SEED, STEP, Link, rank_gone

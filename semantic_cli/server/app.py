@@ -28,8 +28,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..engine import TokenEvent
 from ..errors import BadInputError, BusyError, NotFoundError, PromptTooLongError, SemanticError, UsageError
+from ..events import TokenEvent
 from ..store import Store
 from ..turn import GenSettings, TurnNotSaved, TurnRecorded
 from . import openai_api, wire

@@ -16,8 +16,8 @@ from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine import TokenEvent, TurnDone, TurnStats
 from ..errors import SemanticError, ServerGoneError, error_for
+from ..events import TokenEvent, TurnDone, TurnStats
 from ..turn import TurnEvent, TurnNotSaved, TurnRecorded
 from . import runtime, wire
 

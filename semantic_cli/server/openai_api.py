@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..engine import TurnStats
 from ..errors import BadInputError, SemanticError
+from ..events import TurnStats
 from ..store import Agent, Message
 from ..turn import GenSettings, TurnRecorded
 

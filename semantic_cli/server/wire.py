@@ -11,8 +11,8 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from ..engine import PromptProgress, TokenEvent, TurnDone, TurnStats
 from ..errors import SemanticError
+from ..events import PromptProgress, TokenEvent, TurnDone, TurnStats
 from ..kv.stats import PersistStats
 from ..turn import GenSettings, Notice, PendingTurn, TurnEvent, TurnRecorded
 

@@ -26,8 +26,9 @@ import time
 from typing import Any
 
 from ..chat import Chat, check_room
-from ..engine import Engine, TokenEvent, TurnDone, get_engine
+from ..engine import Engine, get_engine
 from ..errors import BusyError, NotFoundError, SemanticError
+from ..events import TokenEvent, TurnDone
 from ..model.loader import ModelRef
 from ..store import Agent, Store
 from ..turn import Notice, PendingTurn, TurnNotSaved, ended, one_line
@@ -101,7 +102,7 @@ class Worker:
     def _warm_up(self) -> None:
         """One short throwaway generation at start, so that the first request does not pay
         the engine's one-time costs (first kernels, buffers) in its time to first token."""
-        from ..engine import TurnRequest
+        from ..events import TurnRequest
 
         tokens = list(self.engine.lm.tokenizer.encode("warm up", add_special_tokens=False)) or [0]
         self.batch.add(TurnRequest(f"{SLOT_PREFIX}warm-up", tokens * 8, None, 0, 2))
@@ -149,7 +150,7 @@ class Worker:
         while self._unwritten:
             name = self._unwritten.pop(0)
             try:
-                self.chat.write_cache(name)  # a failure is a warning for the agent's next turn
+                self.chat.cache.write(name)  # a failure is a warning for the agent's next turn
             finally:
                 self.chat.release(name)
 
@@ -373,7 +374,7 @@ class Worker:
     def _finish(self, job: Job, key: str) -> None:
         self._running.pop(key, None)
         job.left.discard(key)
-        if key in self.chat.unwritten:
+        if key in self.chat.cache.unwritten:
             self._unwritten.append(key)  # released once its cache is written (`_write_caches`)
         else:
             self.chat.release(key)
