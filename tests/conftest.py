@@ -80,3 +80,29 @@ def run_cli(*args: str, input: bytes | str | None = None, timeout: float = 300, 
     full_env = dict(os.environ, **(env or {}))
     data = input.encode() if isinstance(input, str) else input
     return subprocess.run([SEMANTIC, *args], input=data if data is not None else b"", capture_output=True, timeout=timeout, env=full_env)
+
+
+@pytest.fixture
+def tiny_cache_disk(home: Path):
+    """The cache dir on a 16 MB tmpfs, so it can be filled up for real."""
+    cache = home / "cache"
+    cache.mkdir(parents=True)
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(cache)], capture_output=True).returncode
+    ):
+        pytest.skip("needs root to mount a small tmpfs for a real full disk")
+    yield cache
+    subprocess.run(["umount", "-l", str(cache)], check=False)
+
+
+def fill_up(disk: Path) -> Path:
+    """Fill a small disk (`tiny_cache_disk`) to the last byte; the file that fills it."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    return filler

@@ -11,8 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-from conftest import SEMANTIC, quiet, run_cli
+from conftest import SEMANTIC, fill_up, quiet, run_cli
 
 
 def _transcript(home: Path, agent: str) -> list[tuple[str, str, str]]:
@@ -95,32 +94,12 @@ def test_sigkill_loop_loses_nothing_and_never_serves_bad_blocks(tiny, home):
     assert run_cli("cache", "verify").returncode == 0
 
 
-@pytest.fixture
-def tiny_cache_disk(home: Path):
-    """The cache dir on a 16 MB tmpfs, so it can be filled up for real."""
-    cache = home / "cache"
-    cache.mkdir(parents=True)
-    if (
-        os.geteuid() != 0
-        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(cache)], capture_output=True).returncode
-    ):
-        pytest.skip("needs root to mount a small tmpfs for a real full disk")
-    yield cache
-    subprocess.run(["umount", "-l", str(cache)], check=False)
-
-
 def test_full_disk_while_writing_blocks_keeps_the_reply_and_the_transcript(tiny, home, tiny_cache_disk):
     env = {"SEMANTIC_BLOCK_TOKENS": "16"}
     model = str(tiny["llama"])
     first = run_cli("chat", "-a", "f", "--model", model, "--max-tokens", "4", "--json", "-m", "hello", env=env)
     assert first.returncode == 0 and quiet(first.stderr), first.stderr
-    filler = tiny_cache_disk / "filler"
-    with open(filler, "wb", buffering=0) as f:  # fill the disk to the last byte
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError:
-            pass
+    filler = fill_up(tiny_cache_disk)
     r = run_cli("chat", "-a", "f", "--max-tokens", "8", "--json", "-m", "a longer message " * 20, env=env)
     assert r.returncode == 0, r.stderr
     reply = json.loads(r.stdout)["reply"]

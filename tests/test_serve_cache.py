@@ -5,14 +5,10 @@ into is said with the agent's next turn."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import threading
 import time
-from pathlib import Path
 
-import pytest
-from conftest import run_cli
+from conftest import fill_up, run_cli
 from servers import Server
 
 from semantic_cli.errors import EXIT_BUSY
@@ -58,34 +54,15 @@ def test_a_lock_freed_within_the_grace_is_waited_for_and_one_held_longer_is_busy
         assert time.monotonic() - started >= GRACE_S
 
 
-@pytest.fixture
-def cache_on_tmpfs(home: Path):
-    """The cache dir on a 16 MB tmpfs, so it can be filled up for real."""
-    cache = home / "cache"
-    cache.mkdir(parents=True)
-    if (
-        os.geteuid() != 0
-        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(cache)], capture_output=True).returncode
-    ):
-        pytest.skip("needs root to mount a small tmpfs for a real full disk")
-    yield cache
-    subprocess.run(["umount", "-l", str(cache)], check=False)
-
-
-def test_a_cache_the_server_could_not_write_is_said_with_the_next_turn(tiny, home, cache_on_tmpfs):
+def test_a_cache_the_server_could_not_write_is_said_with_the_next_turn(tiny, home, tiny_cache_disk):
     model = str(tiny["llama"])
     with Server(home, model, env=ENV) as server:
         code, _, err = _chat("-a", "f", "--model", model, "--max-tokens", "4", "-m", "hello")
         assert code == 0 and len(err) == 1 and err[0].startswith("new agent 'f'"), err
-        filler = cache_on_tmpfs / "filler"
-        with open(filler, "wb", buffering=0) as f:  # fill the disk to the last byte
-            try:
-                while True:
-                    f.write(b"\0" * 4096)
-            except OSError:
-                pass
+        filler = fill_up(tiny_cache_disk)
         code, second, err = _chat("-a", "f", "--max-tokens", "8", "-m", "a longer message " * 20)
         assert code == 0 and err == [], err  # its reply went out before the write failed
+        AgentLock("f").acquire(wait=True, timeout=30).release()  # the server holds it until the write is over
         filler.unlink()
         code, third, err = _chat("-a", "f", "--max-tokens", "4", "-m", "and now?")
         assert code == 0, err
@@ -95,4 +72,4 @@ def test_a_cache_the_server_could_not_write_is_said_with_the_next_turn(tiny, hom
         assert code == 0 and err == [], err  # said once
         _, log = server.stop()
     assert log.count("POST /semantic/v1/turns 200") == 4
-    assert not list(cache_on_tmpfs.rglob(".tmp-*"))
+    assert not list(tiny_cache_disk.rglob(".tmp-*"))
