@@ -25,7 +25,7 @@ from prompt_toolkit.document import Document
 from rich.console import Console
 
 from semantic_cli.cli import slash
-from semantic_cli.cli.repl import block_open, unblock
+from semantic_cli.cli.repl_input import block_open, unblock
 from semantic_cli.cli.slash import printable
 from semantic_cli.cli.turnview import Reply, TurnView
 from semantic_cli.errors import UsageError

@@ -16,7 +16,8 @@ from conftest import SEMANTIC
 from helpers import Session
 
 from semantic_cli.cli import slash
-from semantic_cli.cli.repl import Repl, block_open
+from semantic_cli.cli.repl import Repl
+from semantic_cli.cli.repl_input import block_open
 from semantic_cli.errors import NotFoundError, UsageError
 from semantic_cli.kv.index import KVIndex
 from semantic_cli.store import Store

@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +24,9 @@ import typer
 
 from .. import export, paths, takeback
 from ..errors import BadInputError, UsageError
-from ..kv.index import KVIndex, open_index
-from ..locks import AgentLock
-from ..store import Store, validate_name
+from ..store import validate_name
 from . import render, transcript
+from .agents_access import _locked, _must_be_free, _opened, _recover, _recover_free
 from .render import Column, fullness, human_age, human_bytes, printable, turns_cell
 
 app = typer.Typer(help="Manage agents: named personas with their own conversation and cache.", no_args_is_help=True)
@@ -49,58 +46,6 @@ YES = typer.Option(False, "--yes", "-y", metavar="", help="Do not ask for confir
 
 
 # ---- helpers ----------------------------------------------------------
-@contextmanager
-def _opened() -> Iterator[tuple[Store, KVIndex]]:
-    store = Store()
-    try:
-        kv = open_index()
-    except BaseException:
-        store.close()
-        raise
-    try:
-        yield store, kv
-    finally:
-        kv.close()
-        store.close()
-
-
-@contextmanager
-def _locked(*names: str) -> Iterator[None]:
-    """Hold the agents' locks: a chat running them elsewhere makes us refuse (BusyError)."""
-    with ExitStack() as stack:
-        for name in names:
-            stack.enter_context(AgentLock(name))
-        yield
-
-
-def _recover(store: Store, kv: KVIndex, name: str) -> None:
-    """Under the agent's lock, before a command changes it: resolve a /retry a killed process
-    left unfinished (history.recover_retry), saying what it did."""
-    from .. import config, history
-
-    said = history.recover_retry(store, lambda: kv, name, config.get("block_tokens"))
-    if said:
-        render.say_recovered({name: said})
-
-
-def _recover_free(store: Store, kv: KVIndex, names: list[str] | None = None) -> None:
-    """`_recover` for reading commands, for each of these agents (None: every agent) with an
-    entry no process runs any more (left by a killed one) and no holder: only then is the
-    agent's lock taken, so a read never makes a starting chat fail as busy, except right
-    after such a crash. A busy one is shown as it is: its holder recovers it, or runs the retry."""
-    from ..errors import BusyError
-    from ..locks import holder, retry_running
-
-    for name in takeback.pending(store.db) if names is None else set(takeback.pending(store.db)) & set(names):
-        if retry_running(name) or holder(name) is not None:
-            continue
-        try:
-            with AgentLock(name):
-                _recover(store, kv, name)
-        except BusyError:
-            continue
-
-
 def _status(text: str) -> None:
     render.stderr().print(text, markup=False)
 
@@ -161,12 +106,6 @@ def _confirm(question: str, yes: bool) -> None:
 def _excerpt(text: str, width: int = 40) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= width else flat[: width - 1] + "…"
-
-
-def _must_be_free(store: Store, name: str) -> None:
-    """Checked under the name's lock, so no chat can create it between check and write."""
-    if store.find_agent(name):
-        raise UsageError(f"agent {name!r} already exists; pick another name or `semantic agents rm {name}`")
 
 
 def _history(name: str) -> Path:

@@ -15,8 +15,9 @@ import typer
 from .. import config, history
 from ..store import validate_name
 from . import render
-from .agents import NAME, YES, _confirm, _locked, _must_be_free, _opened, _recover, _recover_free, _status
+from .agents import NAME, YES, _confirm, _status
 from .agents import app as app
+from .agents_access import _locked, _must_be_free, _opened, _recover, _recover_free
 from .render import plural
 
 if TYPE_CHECKING:  # the core loads mlx: imported when compact runs

@@ -73,7 +73,7 @@ def _agents(repl: Any, arg: str) -> None:
 
 
 def _system(repl: Any, arg: str) -> None:
-    from .repl import unblock
+    from .repl_input import unblock
 
     agent = repl.agent()
     arg = unblock(arg)[0].strip()
