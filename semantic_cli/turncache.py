@@ -78,7 +78,8 @@ class TurnCache:
             return
         warnings: list[str] = []
         self._persist(p, p.done, warnings)
-        self.untold.setdefault(name, []).extend(f"after the last reply, {w}" for w in warnings)
+        if warnings and not p.stateless:  # an API slot has no next turn to say it with
+            self.untold.setdefault(name, []).extend(f"after the last reply, {w}" for w in warnings)
 
     def _persist(self, p: PendingTurn, done: TurnDone, warnings: list[str]) -> PersistStats | None:
         name = p.agent.name

@@ -3,8 +3,11 @@ engine) against the same turns run one at a time, each in its own Chat.run.
 
 Measured first on all four tiny models (greedy, 24 tokens, 4 agents, cold, warm and
 hot rounds): the replies were token-identical in every position. Batching pads the
-prompts and stacks the sequences, but each sequence's attention and matmul sums run
-over its own tokens in the same order, so nothing allows a looser check here.
+prompts and stacks the sequences; each sequence's attention sums run over its own tokens
+in the same order, and a batch's decode-step matmuls (backend/fewrows.py) sum the same
+products in another order, which moves a logit in its last bits only. Measured again
+with that kernel: still identical on all four, so the check stays exact; a near-tie of
+two logits in a future model would show up here first.
 """
 
 from __future__ import annotations

@@ -56,6 +56,42 @@ def test_the_kernel_refuses_what_it_cannot_compute():
 
 
 @needs_kernel
+def test_the_kernel_gives_the_same_bits_under_load_from_two_streams():
+    """Thousands of back-to-back calls from two threads, each on its own CPU stream (so two
+    MLX stream threads share the native pool), with more parts than threads: every result
+    is the one a lone call gives, and none hangs."""
+    import threading
+
+    mx = runtime.mx()
+    native = buffers.native()
+    mx.random.seed(11)
+    x = mx.random.normal((4, 96))
+    ws = [mx.random.normal((n, 96)) for n in (64, 130, 700)]
+    mx.eval(x, *ws)
+    want = [native.few_rows_matmul(x, w, 4) for w in ws]
+    mx.eval(*want)
+    bad: list[str] = []
+
+    def hammer() -> None:
+        stream = mx.new_stream(mx.cpu)
+        with mx.stream(stream):
+            for i in range(600):
+                got = [native.few_rows_matmul(x, w, 4) for w in ws]
+                mx.eval(*got)
+                for g, r in zip(got, want, strict=True):
+                    if not mx.array_equal(g, r).item():
+                        bad.append(f"call {i}")
+
+    threads = [threading.Thread(target=hammer, daemon=True) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a call never returned"
+    assert bad == []
+
+
+@needs_kernel
 def test_batched_mode_routes_decode_steps_of_two_or_more_rows_only():
     """On, a decode step of 2+ sequences (x of shape (b, 1, k)) takes the kernel's bits,
     while a prefill chunk and a single row keep MLX's own; off, nothing changes."""

@@ -8,6 +8,7 @@ import json
 import threading
 import time
 
+import pytest
 from conftest import fill_up, run_cli
 from servers import Server
 
@@ -54,11 +55,32 @@ def test_a_lock_freed_within_the_grace_is_waited_for_and_one_held_longer_is_busy
         assert time.monotonic() - started >= GRACE_S
 
 
+def test_acquire_waits_out_a_lock_freed_within_its_grace_and_no_longer(home):
+    """In one process (another open file of the lock is another holder): refused at once
+    without a grace, refused once a grace of 0.3 s runs out while it is still held, and
+    taken, freed 0.2 s in, within a grace of GRACE_S."""
+    from semantic_cli.errors import BusyError
+
+    held = AgentLock("h").acquire()
+    started = time.monotonic()
+    with pytest.raises(BusyError):
+        AgentLock("h").acquire()
+    assert time.monotonic() - started < 0.1
+    with pytest.raises(BusyError):
+        AgentLock("h").acquire(grace=0.3)
+    assert time.monotonic() - started >= 0.3
+    threading.Timer(0.2, held.release).start()
+    started = time.monotonic()
+    AgentLock("h").acquire(grace=GRACE_S).release()
+    assert 0.15 <= time.monotonic() - started < GRACE_S
+
+
 def test_a_cache_the_server_could_not_write_is_said_with_the_next_turn(tiny, home, tiny_cache_disk):
     model = str(tiny["llama"])
     with Server(home, model, env=ENV) as server:
         code, _, err = _chat("-a", "f", "--model", model, "--max-tokens", "4", "-m", "hello")
         assert code == 0 and len(err) == 1 and err[0].startswith("new agent 'f'"), err
+        AgentLock("f").acquire(wait=True, timeout=30).release()  # its cache written: the disk fills after
         filler = fill_up(tiny_cache_disk)
         code, second, err = _chat("-a", "f", "--max-tokens", "8", "-m", "a longer message " * 20)
         assert code == 0 and err == [], err  # its reply went out before the write failed

@@ -46,9 +46,12 @@
 
 #include "mlx/allocator.h"
 #include "mlx/array.h"
+#if __has_include("mlx/backend/cpu/encoder.h")  // the batched matmul needs MLX's CPU encoder (mlx >= 0.22)
+#define SEMANTIC_HAVE_CPU_ENCODER
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
+#endif
 
 #ifdef SEMANTIC_HAVE_XXHASH
 #define XXH_INLINE_ALL
@@ -91,6 +94,7 @@ static std::vector<mx::array> empty_arrays(
   return arrays;
 }
 
+#ifdef SEMANTIC_HAVE_CPU_ENCODER
 // few_rows_matmul: x @ w.T for a batch's decode step on the CPU (see
 //   backend/fewrows.py), as an MLX primitive: it runs in the step's graph on the
 //   CPU stream. OpenBLAS's sgemm packs all of w for every call, even for the 2-16
@@ -152,55 +156,78 @@ void dot_part(const Operands& o, size_t n0, size_t n1) {
 }
 
 // Helper threads that live as long as the process (never joined: nothing to wait
-// for at exit). A call hands out parts through an atomic counter and takes
-// parts itself; helpers spin briefly between calls, since a decode step makes
-// ~200 calls a few microseconds apart, and sleep otherwise.
+// for at exit). One call at a time: it publishes its parts (`Call`, on the
+// caller's stack), takes parts itself, and returns only once every part is done
+// and no helper is still looking at the call. Helpers spin briefly between
+// calls, since a decode step makes ~200 calls a few microseconds apart, and
+// sleep otherwise.
 class Pool {
  public:
+  static constexpr int kMaxHelpers = 7;
+
   explicit Pool(int helpers) {
-    for (int i = 0; i < helpers; ++i) {
-      std::thread(&Pool::serve, this).detach();
+    for (int i = 0; i < std::min(helpers, kMaxHelpers); ++i) {
+      try {
+        std::thread(&Pool::serve, this).detach();
+      } catch (const std::system_error&) {
+        break;  // fewer helpers: the caller takes the parts nobody else does
+      }
     }
   }
 
   void run(const Operands& o, size_t parts) {
     std::lock_guard<std::mutex> one_call(calls_);  // calls from several streams take turns
-    op_ = o;
-    parts_ = parts;
-    next_.store(0, std::memory_order_relaxed);
-    done_.store(0, std::memory_order_relaxed);
+    Call call{o, parts};
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      generation_.fetch_add(1, std::memory_order_release);
+      current_.store(&call);
+      generation_.fetch_add(1);
     }
     wake_.notify_all();
-    work();
-    while (done_.load(std::memory_order_acquire) < parts) {
+    work(call);
+    while (call.done.load() < parts) {
+      std::this_thread::yield();
+    }
+    // No helper may still hold `call` once this returns: a helper counts itself in
+    // `active_` before it reads `current_` (sequentially consistent on both sides).
+    current_.store(nullptr);
+    while (active_.load() != 0) {
       std::this_thread::yield();
     }
   }
 
  private:
-  void work() {
+  struct Call {
+    Operands op;
+    size_t parts;
+    std::atomic<size_t> next{0};
+    std::atomic<size_t> done{0};
+  };
+
+  static void work(Call& call) {
     size_t part;
-    while ((part = next_.fetch_add(1, std::memory_order_acq_rel)) < parts_) {
-      size_t n0 = part * kRowsPerPart, n1 = std::min(op_.n_len, n0 + kRowsPerPart);
-      dot_part(op_, n0, n1);
-      done_.fetch_add(1, std::memory_order_acq_rel);
+    while ((part = call.next.fetch_add(1)) < call.parts) {
+      size_t n0 = part * kRowsPerPart, n1 = std::min(call.op.n_len, n0 + kRowsPerPart);
+      dot_part(call.op, n0, n1);
+      call.done.fetch_add(1);
     }
   }
 
   void serve() {
     uint64_t seen = 0;
     for (;;) {
-      for (int spin = 0; spin < 20000 && generation_.load(std::memory_order_acquire) == seen; ++spin) {
+      for (int spin = 0; spin < 20000 && generation_.load() == seen; ++spin) {
       }
-      if (generation_.load(std::memory_order_acquire) == seen) {
+      if (generation_.load() == seen) {
         std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+        wake_.wait(lock, [&] { return generation_.load() != seen; });
       }
-      seen = generation_.load(std::memory_order_acquire);
-      work();
+      seen = generation_.load();
+      active_.fetch_add(1);
+      if (Call* call = current_.load()) {
+        work(*call);
+      }
+      active_.fetch_sub(1);
     }
   }
 
@@ -208,14 +235,13 @@ class Pool {
   std::mutex mutex_;
   std::condition_variable wake_;
   std::atomic<uint64_t> generation_{0};
-  std::atomic<size_t> next_{0};
-  std::atomic<size_t> done_{0};
-  Operands op_{};
-  size_t parts_ = 0;
+  std::atomic<Call*> current_{nullptr};
+  std::atomic<int> active_{0};
 };
 
 Pool& pool(int threads) {
-  static Pool* shared = new Pool(std::max(0, threads - 1));  // the caller is the other thread
+  // Sized by the first call (the engine passes the cores it may use); the caller is one of the threads.
+  static Pool* shared = new Pool(std::max(0, threads - 1));
   return *shared;
 }
 
@@ -231,6 +257,9 @@ class FewRowsMatmul : public mx::UnaryPrimitive {
     encoder.set_input_array(x);
     encoder.set_input_array(w);
     encoder.set_output_array(out);
+    if (x.strides(1) != 1 || w.strides(1) != 1) {  // both came through mx::contiguous
+      throw std::runtime_error("few_rows_matmul: rows must be contiguous");
+    }
     encoder.dispatch([x = mx::array::unsafe_weak_copy(x),
                       w = mx::array::unsafe_weak_copy(w),
                       out = mx::array::unsafe_weak_copy(out),
@@ -268,13 +297,15 @@ static mx::array few_rows_matmul(const mx::array& x, const mx::array& w, int thr
   if (x.dtype() != mx::float32 || w.dtype() != mx::float32) {
     throw nb::value_error("few_rows_matmul: float32 only");
   }
-  // Rows may be strided, their elements not: x comes through mx.contiguous, and w is
-  // a weight as loaded (checked again once evaluated).
+  // Rows may be strided, their elements not: both come through mx::contiguous, which
+  // copies only what is not already laid out so (checked again in eval_cpu).
   mx::Stream cpu = mx::default_stream(mx::Device::cpu);
   mx::array xc = mx::contiguous(x, false, cpu);
   mx::array wc = mx::contiguous(w, false, cpu);
   return mx::array(mx::Shape{x.shape(0), w.shape(0)}, mx::float32, std::make_shared<FewRowsMatmul>(cpu, threads), {xc, wc});
 }
+
+#endif  // SEMANTIC_HAVE_CPU_ENCODER
 
 #ifdef SEMANTIC_HAVE_XXHASH
 namespace {
@@ -514,12 +545,14 @@ NB_MODULE(_native, m) {
       nb::arg("shapes"),
       nb::arg("dtypes"),
       "Evaluated arrays of these shapes and dtypes, each its own allocation, contents undefined.");
+#ifdef SEMANTIC_HAVE_CPU_ENCODER
   m.def("few_rows_matmul",
         &few_rows_matmul,
         nb::arg("x"),
         nb::arg("w"),
         nb::arg("threads"),
         "x @ w.T (lazily, on the CPU stream) for a few rows of x, float32: each row of w read once.");
+#endif
 #ifdef SEMANTIC_HAVE_XXHASH
   nb::class_<Reader>(m, "Reader", "A restore's file reads and their xxh3-64, on threads without the GIL.")
       .def(nb::init<size_t, int>(), nb::arg("group_bytes"), nb::arg("threads"))

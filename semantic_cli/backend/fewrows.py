@@ -15,7 +15,8 @@ Only decode steps of two or more sequences use it (`set_batched`, switched by th
 engine while two or more sequences run): a prefill chunk, and a batch of one, run
 exactly as mlx-lm wrote them, so a turn alone stays byte-identical to
 mlx_lm.generate. A batch's replies may differ from the same turns run alone in
-the last bits of a logit, as mlx-lm's own batching may (DESIGN.md, pitfall 6).
+the last bits of a logit (the products sum in another order), as mlx-lm's own batching
+may: greedy replies stay the same unless two logits are that close (tests/test_batched.py).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def active() -> bool:
 
 
 def _threads() -> int:
+    """The cores this process may run on (the native pool takes at most 8 threads)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux

@@ -14,7 +14,7 @@ from contextlib import ExitStack, contextmanager
 from .. import takeback
 from ..errors import UsageError
 from ..kv.index import KVIndex, open_index
-from ..locks import AgentLock
+from ..locks import GRACE_S, AgentLock
 from ..store import Store
 from . import render
 
@@ -36,10 +36,11 @@ def _opened() -> Iterator[tuple[Store, KVIndex]]:
 
 @contextmanager
 def _locked(*names: str) -> Iterator[None]:
-    """Hold the agents' locks: a chat running them elsewhere makes us refuse (BusyError)."""
+    """Hold the agents' locks: a chat running them elsewhere makes us refuse (BusyError), after
+    the grace a server's cache write may need (`GRACE_S`)."""
     with ExitStack() as stack:
         for name in names:
-            stack.enter_context(AgentLock(name))
+            stack.callback(AgentLock(name).acquire(grace=GRACE_S).release)
         yield
 
 

@@ -95,9 +95,11 @@ class Worker:
         finally:
             with contextlib.suppress(Exception):
                 self.batch.close()
-            self._write_caches()
-            self.chat.close()
-            self.chat.store.close()
+            try:
+                self._write_caches()
+            finally:
+                self.chat.close()
+                self.chat.store.close()
 
     def _warm_up(self) -> None:
         """One short throwaway generation at start, so that the first request does not pay
