@@ -269,8 +269,8 @@ class Chat:
         """One engine event of `p`'s sequence, for any driver (`run`, the server's loop):
         tokens are collected on `p`; a `TurnDone` is recorded and cached, then followed by its
         `TurnRecorded`. A failed transcript write raises `TurnNotSaved` for this agent alone.
-        `write_later`: the cache is kept hot now and written to disk by `write_cache`, which
-        the caller runs once the reply is out, holding the agent's lock until then."""
+        `write_later`: the cache is kept hot now and written to disk by `self.cache.write`,
+        which the caller runs once the reply is out, holding the agent's lock until then."""
         if isinstance(ev, TokenEvent):
             if ev.token is not None:
                 if not p.tokens:

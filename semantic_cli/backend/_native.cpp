@@ -23,8 +23,6 @@
 #include <nanobind/stl/vector.h>
 
 #include <algorithm>
-#include <memory>
-#include <stdexcept>
 #include <atomic>
 #include <cerrno>
 #include <condition_variable>
@@ -32,8 +30,10 @@
 #include <cstdio>
 #include <cstring>
 #include <deque>
+#include <memory>
 #include <mutex>
 #include <new>
+#include <stdexcept>
 #include <string>
 #include <system_error>
 #include <thread>

@@ -27,7 +27,9 @@ from typing import Any
 from . import buffers, runtime
 
 _MAX_ROWS = 16  # sequences decoding at once; past this a GEMM's packing pays for itself
-_state: dict[str, bool] = {"active": False, "installed": False}
+# kernel: the native function, once installed; threads: what it may use. Both found once:
+# `matmul_t` runs for every linear of every decode step (~200 a step).
+_state: dict[str, Any] = {"active": False, "kernel": None, "threads": 1}
 
 
 def available() -> bool:
@@ -39,7 +41,7 @@ def available() -> bool:
 
 def set_batched(active: bool) -> None:
     """On while two or more sequences decode (the engine switches it between steps), off otherwise."""
-    if active and not available():
+    if active == _state["active"] or (active and not available()):
         return
     if active:
         _install()
@@ -68,20 +70,20 @@ def matmul_t(x: Any, weight: Any) -> Any | None:
     rows = x.size // k
     if not 2 <= rows <= _MAX_ROWS:
         return None
-    compiled = buffers.native()
-    assert compiled is not None  # available() said so when the mode went on
-    y = compiled.few_rows_matmul(x.reshape(rows, k), weight, _threads())  # lazy: a node of the step's graph
+    y = _state["kernel"](x.reshape(rows, k), weight, _state["threads"])  # lazy: a node of the step's graph
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def _install() -> None:
     """Route `nn.Linear` and a tied embedding's `as_linear` through `matmul_t` while active.
     Patched on the classes (not per instance): mlx-lm builds its layers before we run."""
-    if _state["installed"]:
+    if _state["kernel"] is not None:
         return
     import mlx.nn as nn
 
-    _state["installed"] = True
+    compiled = buffers.native()
+    assert compiled is not None  # available() said so
+    _state["kernel"], _state["threads"] = compiled.few_rows_matmul, _threads()
     linear_call = nn.Linear.__call__
     as_linear = nn.Embedding.as_linear
 

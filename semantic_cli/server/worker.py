@@ -52,7 +52,6 @@ class Worker:
         self._thread = threading.Thread(target=self._main, name="semantic-engine", daemon=True)
         self._waiting: list[Job] = []
         self._running: dict[str, Job] = {}  # engine key -> its job
-        self._unwritten: list[str] = []  # agents whose turns ended: their caches to write, then their locks to release
         self._grace_until: float | None = None
 
     # ---- the handlers' side (any thread) -------------------------------------
@@ -148,9 +147,9 @@ class Worker:
 
     def _write_caches(self) -> None:
         """The caches of the turns that ended since the last pass, their replies gone out: written
-        now, each agent's lock released after its own."""
-        while self._unwritten:
-            name = self._unwritten.pop(0)
+        now, each agent's lock released after its own. (A turn's cache waits in `chat.cache`
+        from its `TurnDone` on, and the turn is finished in that same `_deliver`.)"""
+        for name in list(self.chat.cache.unwritten):
             try:
                 self.chat.cache.write(name)  # a failure is a warning for the agent's next turn
             finally:
@@ -376,9 +375,7 @@ class Worker:
     def _finish(self, job: Job, key: str) -> None:
         self._running.pop(key, None)
         job.left.discard(key)
-        if key in self.chat.cache.unwritten:
-            self._unwritten.append(key)  # released once its cache is written (`_write_caches`)
-        else:
+        if key not in self.chat.cache.unwritten:  # else released once its cache is written (`_write_caches`)
             self.chat.release(key)
         if not job.left:
             if job.failed:
