@@ -94,6 +94,66 @@ def test_a_restored_cache_starts_generating_without_a_copy(tiny):
     assert extra < cache_bytes / 2, f"{extra} bytes over the {cache_bytes}-byte cache: it was copied"
 
 
+def _run_turn(engine, req):
+    from semantic_cli.events import TurnDone
+
+    batch = engine.batch()
+    batch.add(req)
+    done = None
+    while done is None:
+        done = next((e for e in batch.step() if isinstance(e, TurnDone)), None)
+    batch.close()
+    return done
+
+
+def test_a_turn_alone_hands_its_cache_to_the_next_without_a_copy(tiny):
+    """A sequence alone keeps the batch's own KV buffers as its cache (mlx-lm's `extract`
+    copies them, and the next turn's `merge` copies them again, into buffers of a new size
+    every turn: fresh pages, ~4,000 faults a turn at 720 tokens in the server), and the
+    next turn adopts them: its KV memory is its new tokens, not another copy of the history."""
+    from semantic_cli.events import TurnRequest
+    from semantic_cli.model import loader
+
+    mx = runtime.mx()
+    from semantic_cli.engine import Engine
+
+    engine = Engine(loader.load(loader.resolve(str(tiny["llama"]))))
+    n = 2048
+    prompt = [3 + (i * 7) % 900 for i in range(n)]
+    first = _run_turn(engine, TurnRequest("a", prompt, None, 0, max_tokens=3))
+    cache, covered = first.cache, first.cache_covers
+    assert cache is not None and all(c.offset == covered for c in cache)
+    assert all(c.keys.shape[2] > covered for c in cache), "the batch's buffers, with their spare room, were not kept"
+    cache_bytes = sum(c.keys.nbytes + c.values.nbytes for c in cache)
+    follow = first.cached_log + [5, 6, 7, 8]
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    second = _run_turn(engine, TurnRequest("a", follow, cache, covered, max_tokens=3))
+    extra = mx.get_peak_memory() - base
+    assert second.cache is not None and second.cache[0].keys is cache[0].keys  # written in place, not copied
+    assert extra < cache_bytes / 2, f"{extra} bytes over the {cache_bytes}-byte cache: it was copied"
+
+
+def test_a_sequence_that_leaves_others_running_takes_a_copy(tiny):
+    """In a batch of two, the finished sequence's cache cannot be the batch's buffers (the
+    other sequence goes on writing them)."""
+    from semantic_cli.engine import Engine
+    from semantic_cli.events import TurnDone, TurnRequest
+    from semantic_cli.model import loader
+
+    engine = Engine(loader.load(loader.resolve(str(tiny["llama"]))))
+    batch = engine.batch()
+    batch.add(TurnRequest("short", [3 + i for i in range(40)], None, 0, max_tokens=1))
+    batch.add(TurnRequest("long", [5 + i for i in range(40)], None, 0, max_tokens=8))
+    done = None
+    while done is None:
+        done = next((e for e in batch.step() if isinstance(e, TurnDone) and e.key == "short"), None)
+    assert batch.live == ["long"]
+    assert done.cache is not None and all(c.keys.shape[0] == 1 and c.keys.shape[2] == c.offset for c in done.cache)
+    batch.close()
+
+
 class _CountedModel:
     """The model, counting its forward passes (everything else passes through)."""
 

@@ -177,7 +177,7 @@ def _eager_generation_class() -> type:
                         token=tokens[i],
                         logprobs=logprobs[i],
                         finish_reason=finish_reason,
-                        prompt_cache=self.extract_cache(i) if done else None,
+                        prompt_cache=self._finished_cache(i) if done else None,
                         all_tokens=list(self.tokens[i]) if done else None,  # what the cache covers: not this token
                     )
                 )
@@ -186,6 +186,12 @@ def _eager_generation_class() -> type:
             self.owed = bool(self.uids)
             return responses
 
+        def _finished_cache(self, i: int) -> list[Any]:
+            """The cache of sequence `i`, which ends in this step: the batch's own buffers when
+            it is alone (`_adopted`), else a copy."""
+            adopted = _adopted(self.prompt_cache) if len(self.uids) == 1 else None
+            return adopted if adopted is not None else self.extract_cache(i)
+
         def extend(self, batch: Any) -> None:
             if self.owed and self.uids:
                 self._step()  # the joining sequences' next tokens are sampled, not handed out: so are ours
@@ -193,6 +199,29 @@ def _eager_generation_class() -> type:
             super().extend(batch)
 
     return EagerGenerationBatch  # mlx-lm's `empty` builds `cls`: this class
+
+
+def _adopted(layers: list[Any]) -> list[Any] | None:
+    """A batch of one's KV cache as `restored_kv_cache`s over the batch's own buffers, spare
+    capacity and all, or None where a layer is not a plain `BatchKVCache` that starts at
+    position 0. `BatchKVCache.extract` copies every layer into a new buffer of the exact
+    length, and the next turn's `merge` copies it again into another: three KV-sized
+    allocations a turn, of sizes that grow with every turn, so MLX's buffer cache (which
+    reuses a buffer only for a request within two pages of its size) never serves them
+    and they come from freshly faulted pages. At 720 tokens of history the server took
+    ~4,000 page faults a turn and its prompt step varied 130-250 ms; kept this way, the
+    next turn's batch adopts the buffers (`RestoredKVCache.merge`) and writes its tokens
+    after the cached ones in place."""
+    from mlx_lm.models.cache import BatchKVCache
+
+    out: list[Any] = []
+    for c in layers:
+        if type(c) is not BatchKVCache or c.keys is None or c._right_padding is not None:
+            return None
+        if c.left_padding.tolist() != [0]:
+            return None
+        out.append(restored_kv_cache(c.keys, c.values, c._idx))
+    return out
 
 
 def batch_generator(model: Any, eager: bool = False, **kwargs: Any) -> Any:
