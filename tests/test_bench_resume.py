@@ -25,6 +25,23 @@ def test_mlx_lm_is_given_exactly_the_tokens_the_restore_brings_back(tmp_path):
     assert mx.array_equal(loaded[0].values, live.values[..., :290, :]).item()
 
 
+def test_a_cache_the_engine_kept_saves_as_mlx_lms_own(tmp_path):
+    """A turn alone keeps the batch's buffers as the engine's `KVCache` subclass; mlx-lm's
+    loader knows only its own class names."""
+    mx = runtime.mx()
+    from mlx_lm.models.cache import KVCache, load_prompt_cache, save_prompt_cache
+
+    from semantic_cli.backend import compat
+
+    kept = compat.restored_kv_cache(mx.random.normal((1, 2, 300, 8)), mx.random.normal((1, 2, 300, 8)), 280)
+    assert type(kept) is not KVCache
+    path = str(tmp_path / "c.safetensors")
+    save_prompt_cache(path, first_tokens([kept], 280))
+    [loaded] = load_prompt_cache(path)
+    assert type(loaded) is KVCache and loaded.offset == 280
+    assert mx.array_equal(loaded.keys, kept.keys[..., :280, :]).item()
+
+
 def test_bench_resume_times_real_new_processes_in_both_page_cache_states(tiny, home):
     """Warm is a real resume: a new `semantic chat` process restoring from disk, with the files
     in the page cache and dropped from it; cold re-prefills; the figures come from their JSON."""

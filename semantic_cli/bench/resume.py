@@ -253,12 +253,14 @@ def _pairs(first: Any, second: Any, n: int) -> tuple[list[float], list[float]]:
 def first_tokens(cache: list[Any], tokens: int) -> list[Any]:
     """The cache cut to its first `tokens` tokens with no spare room. mlx-lm 0.32's
     `KVCache.state` is the whole buffer, so a live cache saved as it is holds up to
-    255 tokens more than a restore reads, and its load would have more to do."""
+    255 tokens more than a restore reads, and its load would have more to do. A turn's
+    cache may be the engine's own `KVCache` subclass (`compat.restored_kv_cache`), whose
+    name mlx-lm's loader does not know: it is saved as a plain `KVCache`."""
     from mlx_lm.models.cache import KVCache
 
     out = []
     for layer in cache:
-        if type(layer) is KVCache:
+        if isinstance(layer, KVCache):
             full: Any = layer  # mlx-lm types keys/values as optional; a filled cache has both
             layer = KVCache()
             layer.keys, layer.values, layer.offset = full.keys[..., :tokens, :], full.values[..., :tokens, :], tokens
