@@ -138,9 +138,9 @@ def main(argv: list[str]) -> int:
         shutil.copyfile(built, partial)
         os.chmod(partial, 0o755)
         os.replace(partial, TARGET)
-    reads = "allocation, hashed reads, batched matmul"
+    reads = "allocation, hashed reads, batched matmul, softmax"
     if xxhash_dir is None:
-        reads = "allocation, batched matmul (no xxhash.h: install libxxhash-dev for hashed reads)"
+        reads = "allocation, batched matmul, softmax (no xxhash.h: install libxxhash-dev for hashed reads)"
     print(f"native module: built {TARGET.name} for mlx {mlx.core.__version__}: {reads}")
     return 0
 

@@ -57,6 +57,64 @@ def test_split_attention_is_bit_identical_to_mlx(case, mask):
 
 
 @needs_split
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("mask", ["none", "bool", "additive"])
+def test_installed_attention_is_bit_identical_to_mlx(case, mask):
+    """What models call once the engine installs it: split for prefill rows, else MLX's ops on
+    one stream with the native softmax (decode steps). Equal bits either way."""
+    mx = runtime.mx()
+    batch, heads, kv_heads, dim, keys, queries = case
+    mx.random.seed(sum(case) + 1)
+    q = mx.random.normal((batch, heads, queries, dim))
+    k = mx.random.normal((batch, kv_heads, keys + 64, dim))[..., :keys, :]
+    v = mx.random.normal((batch, kv_heads, keys + 64, dim))[..., :keys, :]
+    m = {
+        "none": None,
+        "bool": mx.random.uniform(shape=(batch, 1, queries, keys)) > 0.2,
+        "additive": mx.random.normal((1, heads, queries, keys)),
+    }[mask]
+    assert cpu_split.install_attention()
+    want = cpu_split._state["sdpa"](q, k, v, scale=dim**-0.5, mask=m)
+    got = mx.fast.scaled_dot_product_attention(q, k, v, scale=dim**-0.5, mask=m)
+    assert mx.array_equal(got, want).item()
+
+
+def test_the_native_softmax_gives_mlx_softmax_bits():
+    """exact_softmax (_native.cpp) against mx.softmax(precise=True) bit for bit: rows of every
+    length (the vector loop and its scalar tail), scales up to where exp saturates, attention's
+    masked scores, NaN, +-inf, and values on the exp's rounding edges."""
+    import numpy as np
+
+    from semantic_cli.backend import buffers
+
+    compiled = buffers.native()
+    if compiled is None or not hasattr(compiled, "exact_softmax"):
+        pytest.skip("no native module with exact_softmax")
+    mx = runtime.mx()
+    stream = mx.default_stream(mx.cpu)
+    rng = np.random.default_rng(0)
+    rows_list = []
+    for trial in range(120):
+        shape = (int(rng.integers(1, 24)), int(rng.integers(1, 2600)))
+        a = (rng.standard_normal(shape) * [0.1, 1, 10, 60, 200][trial % 5]).astype(np.float32)
+        if trial % 3 == 0:
+            a[rng.random(a.shape) < 0.3] = np.finfo(np.float32).min  # mx.where's fill for masked scores
+        rows_list.append(a)
+    special = np.array([[0.49999997, -0.49999997, 0.5, -0.5, 1.5, -2.5, 88.0, 88.00001, -88.0, -88.00001, 0.0, -0.0, 1e-30]], np.float32)
+    rows_list += [special + np.float32(shift) for shift in (0.0, 5.0, -30.0, 90.0)]
+    rows_list += [np.array([[1.0, np.nan, 2.0]], np.float32), np.array([[1.0, np.inf, 2.0]], np.float32)]
+    rows_list += [np.array([[-np.inf, -np.inf]], np.float32), np.linspace(-200, 200, 4001, dtype=np.float32)[None]]
+    for a in rows_list:
+        x = mx.array(a)
+        want = np.array(mx.softmax(x, axis=-1, precise=True))
+        got = np.array(compiled.exact_softmax(x, stream))
+        same = (want.view(np.uint32) == got.view(np.uint32)) | (np.isnan(want) & np.isnan(got))
+        assert same.all(), (a.shape, want[~same][:4], got[~same][:4])
+    x3 = mx.random.normal((2, 3, 5, 70))  # any leading shape: rows of the last axis
+    assert mx.array_equal(compiled.exact_softmax(x3, stream), mx.softmax(x3, axis=-1, precise=True)).item()
+
+
+@needs_split
 def test_models_attend_through_the_split_once_installed(tiny):
     """The engine installs it; mlx-lm's models call it at each use, and the replies stay exact."""
     engine = get_engine(ModelRef(str(tiny["llama"]), str(tiny["llama"])))

@@ -1,6 +1,7 @@
 // semantic_cli._native: the two hot loops of a warm restore, where Python's
 // overhead is a visible share of the time (SmolLM2, 2-core dev VM), and the
-// matmul of a batch's decode step on the CPU (few_rows_matmul, further down).
+// matmul of a batch's decode step on the CPU (few_rows_matmul, further down),
+// and attention's softmax (exact_softmax, after it).
 //
 // empty_arrays: MLX arrays straight from MLX's allocator, contents undefined.
 //   A size product that overflows raises ValueError, a failed allocation
@@ -52,6 +53,11 @@
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 #endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+#include <cmath>
 
 #ifdef SEMANTIC_HAVE_XXHASH
 #define XXH_INLINE_ALL
@@ -305,6 +311,132 @@ static mx::array few_rows_matmul(const mx::array& x, const mx::array& w, int thr
   return mx::array(mx::Shape{x.shape(0), w.shape(0)}, mx::float32, std::make_shared<FewRowsMatmul>(cpu, threads), {xc, wc});
 }
 
+// exact_softmax: softmax over the last axis, float32, with every bit of the result
+//   MLX 0.32's CPU `Softmax` gives (mlx/backend/cpu/softmax.cpp with its scalar simd
+//   types, mlx/backend/cpu/simd/math.h's exp), so attention stays byte-identical to
+//   mlx_lm.generate. MLX's CPU build has no x86 vector types: its exp runs one float
+//   at a time through six libm fmaf calls (~11 ns a float here; at 2,400 tokens of
+//   history softmax was half of a prompt step's attention). Here the same exp runs
+//   eight floats at a time: the same IEEE operations in the same order (the rounding
+//   to the nearest integer in double, as MLX's `x + 0.5` is; fused multiply-adds,
+//   which round once either way). The row's maximum and its sum stay scalar loops in
+//   MLX's order, since a float sum depends on its order.
+namespace {
+
+inline float mlx_exp1(float x_init) {  // simd::exp<float, 1>, written out
+  float x = x_init * 1.442695f;
+  float ipart = static_cast<float>(std::floor(static_cast<double>(x) + 0.5));
+  float fpart = x - ipart;
+  x = 1.535336188319500e-4f;
+  x = std::fma(x, fpart, 1.339887440266574e-3f);
+  x = std::fma(x, fpart, 9.618437357674640e-3f);
+  x = std::fma(x, fpart, 5.550332471162809e-2f);
+  x = std::fma(x, fpart, 2.402264791363012e-1f);
+  x = std::fma(x, fpart, 6.931472028550421e-1f);
+  x = std::fma(x, fpart, 1.000000000000000f);
+  int32_t bits = (static_cast<int32_t>(ipart) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  float result = std::isnan(x_init) ? x_init : scale * x;
+  result = x_init > 88.0f ? INFINITY : result;
+  return x_init < -88.0f ? 0.0f : result;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+inline __m256 mlx_exp8(__m256 x_init) {
+  __m256 x = _mm256_mul_ps(x_init, _mm256_set1_ps(1.442695f));
+  const __m256d half = _mm256_set1_pd(0.5);
+  __m128 lo = _mm256_cvtpd_ps(_mm256_floor_pd(_mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x)), half)));
+  __m128 hi = _mm256_cvtpd_ps(_mm256_floor_pd(_mm256_add_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)), half)));
+  __m256 ipart = _mm256_set_m128(hi, lo);
+  __m256 fpart = _mm256_sub_ps(x, ipart);
+  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
+  p = _mm256_fmadd_ps(p, fpart, _mm256_set1_ps(1.339887440266574e-3f));
+  p = _mm256_fmadd_ps(p, fpart, _mm256_set1_ps(9.618437357674640e-3f));
+  p = _mm256_fmadd_ps(p, fpart, _mm256_set1_ps(5.550332471162809e-2f));
+  p = _mm256_fmadd_ps(p, fpart, _mm256_set1_ps(2.402264791363012e-1f));
+  p = _mm256_fmadd_ps(p, fpart, _mm256_set1_ps(6.931472028550421e-1f));
+  p = _mm256_fmadd_ps(p, fpart, _mm256_set1_ps(1.000000000000000f));
+  __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(ipart), _mm256_set1_epi32(127)), 23);
+  __m256 result = _mm256_mul_ps(_mm256_castsi256_ps(bits), p);
+  result = _mm256_blendv_ps(result, x_init, _mm256_cmp_ps(x_init, x_init, _CMP_UNORD_Q));
+  result = _mm256_blendv_ps(result, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x_init, _mm256_set1_ps(88.0f), _CMP_GT_OQ));
+  return _mm256_blendv_ps(result, _mm256_setzero_ps(), _mm256_cmp_ps(x_init, _mm256_set1_ps(-88.0f), _CMP_LT_OQ));
+}
+#endif
+
+void softmax_row(const float* in, float* out, size_t m) {
+  float maximum = -INFINITY;
+  for (size_t i = 0; i < m; ++i) {  // simd::maximum<float, 1>: a NaN wins and stays
+    float a = in[i];
+    maximum = std::isnan(a) ? a : (a > maximum ? a : maximum);
+  }
+  size_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 vmax = _mm256_set1_ps(maximum);
+  for (; i + 8 <= m; i += 8) {
+    _mm256_storeu_ps(out + i, mlx_exp8(_mm256_sub_ps(_mm256_loadu_ps(in + i), vmax)));
+  }
+#endif
+  for (; i < m; ++i) {
+    out[i] = mlx_exp1(in[i] - maximum);
+  }
+  float normalizer = 0.0f;
+  for (size_t j = 0; j < m; ++j) {
+    normalizer = normalizer + out[j];
+  }
+  normalizer = 1 / normalizer;
+  for (size_t j = 0; j < m; ++j) {
+    out[j] = out[j] * normalizer;
+  }
+}
+
+class ExactSoftmax : public mx::UnaryPrimitive {
+ public:
+  explicit ExactSoftmax(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const mx::array& x = inputs[0];
+    if (!x.flags().row_contiguous) {  // it came through mx::contiguous
+      throw std::runtime_error("exact_softmax: the input must be row-contiguous");
+    }
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(x);
+    encoder.set_output_array(out);
+    encoder.dispatch([x = mx::array::unsafe_weak_copy(x), out = mx::array::unsafe_weak_copy(out)]() mutable {
+      size_t m = static_cast<size_t>(x.shape(-1));
+      size_t rows = m == 0 ? 0 : x.size() / m;
+      const float* in = x.data<float>();
+      float* o = out.data<float>();
+      for (size_t r = 0; r < rows; ++r) {
+        softmax_row(in + r * m, o + r * m, m);
+      }
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("exact_softmax runs on the CPU only");
+  }
+
+  const char* name() const override {
+    return "ExactSoftmax";
+  }
+};
+
+}  // namespace
+
+static mx::array exact_softmax(const mx::array& x, mx::Stream stream) {
+  if (x.dtype() != mx::float32 || x.ndim() < 1) {
+    throw nb::value_error("exact_softmax: float32 arrays only");
+  }
+  if (stream.device != mx::Device::cpu) {
+    throw nb::value_error("exact_softmax: a CPU stream only");
+  }
+  mx::array xc = mx::contiguous(x, false, stream);
+  return mx::array(x.shape(), mx::float32, std::make_shared<ExactSoftmax>(stream), {xc});
+}
+
 #endif  // SEMANTIC_HAVE_CPU_ENCODER
 
 #ifdef SEMANTIC_HAVE_XXHASH
@@ -552,6 +684,11 @@ NB_MODULE(_native, m) {
         nb::arg("w"),
         nb::arg("threads"),
         "x @ w.T (lazily, on the CPU stream) for a few rows of x, float32: each row of w read once.");
+  m.def("exact_softmax",
+        &exact_softmax,
+        nb::arg("x"),
+        nb::arg("stream"),
+        "softmax over the last axis (lazily, on `stream`), float32: bit for bit MLX 0.32's CPU softmax.");
 #endif
 #ifdef SEMANTIC_HAVE_XXHASH
   nb::class_<Reader>(m, "Reader", "A restore's file reads and their xxh3-64, on threads without the GIL.")

@@ -8,6 +8,11 @@ for `mx.fast.scaled_dot_product_attention`, op for op, over two groups of KV hea
 (or of sequences, in a batch) on the two streams: every matmul call and softmax row is the
 one MLX would make, so the output is bit-identical (tests/test_cpu_split.py).
 
+Its softmax, and a decode step's whole attention (too short to split), go through the
+native `exact_softmax` where it is built (`_native.cpp`): MLX's CPU `exp` handles one
+float at a time, this one eight, with the same bits. At 2,400 keys and 13 query rows a
+layer's softmax took 3.3 ms, now 0.7 ms.
+
 Only the CPU backend with a loaded OpenBLAS and at least two cores uses this.
 """
 
@@ -18,10 +23,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from . import runtime
+from . import buffers, runtime
 
-# streams: the two split streams, once installed; sdpa: MLX's own attention, once replaced.
-_state: dict[str, Any] = {"streams": None, "sdpa": None}
+# streams: the two split streams, once installed; sdpa: MLX's own attention, once replaced;
+# softmax: the native exact_softmax, where built (found once, at install).
+_state: dict[str, Any] = {"streams": None, "sdpa": None, "softmax": None}
 _MIN_QUERY = 8  # a decode step's attention (one query row per sequence) is too short to split
 
 
@@ -47,12 +53,16 @@ def install_attention() -> bool:
     mx = runtime.mx()
     _streams()
     _state["sdpa"] = original = mx.fast.scaled_dot_product_attention
+    _state["softmax"] = getattr(buffers.native(), "exact_softmax", None)
 
     def sdpa(q: Any, k: Any, v: Any, *, scale: float, mask: Any = None, sinks: Any = None, **kwargs: Any) -> Any:
-        groups = _attention_groups(q, k) if sinks is None and not kwargs and _plain(q, k, v, mask) else None
-        if groups is None:
-            return original(q, k, v, scale=scale, mask=mask, sinks=sinks, **kwargs)
-        return split_attention(q, k, v, scale, mask, groups)
+        plain = sinks is None and not kwargs and _plain(q, k, v, mask)
+        groups = _attention_groups(q, k) if plain else None
+        if groups is not None:
+            return split_attention(q, k, v, scale, mask, groups)
+        if plain and _state["softmax"] is not None:  # the same ops on this stream, with the faster softmax
+            return _fallback(q, k, v, scale, mask, None)
+        return original(q, k, v, scale=scale, mask=mask, sinks=sinks, **kwargs)
 
     mx.fast.scaled_dot_product_attention = sdpa
     return True
@@ -117,6 +127,16 @@ def split_attention(q: Any, k: Any, v: Any, scale: float, mask: Any, groups: tup
     return mx.concatenate([half(0, cut, s1), half(cut, end, s2)], axis=axis)
 
 
+def _softmax(scores: Any, stream: Any) -> Any:
+    """`mx.softmax(scores, axis=-1, precise=True)` on `stream` (None: the current one), through
+    the native exact_softmax where built: the same bits (tests/test_cpu_split.py)."""
+    mx = runtime.mx()
+    kernel = _state["softmax"]
+    if kernel is None or scores.dtype != mx.float32:
+        return mx.softmax(scores, axis=-1, precise=True, stream=stream)
+    return kernel(scores, stream if stream is not None else mx.default_stream(mx.default_device()))
+
+
 def _is_array(mask: Any) -> bool:
     return mask is not None and not isinstance(mask, str)
 
@@ -144,6 +164,6 @@ def _fallback(q: Any, k: Any, v: Any, scale: float, mask: Any, stream: Any) -> A
             scores = mx.where(mask, scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype), stream=stream)
         else:
             scores = mx.add(scores, mask, stream=stream)
-    scores = mx.softmax(scores, axis=-1, precise=True, stream=stream)
+    scores = _softmax(scores, stream)
     out = mx.matmul(scores, v, stream=stream)
     return mx.flatten(out, 1, 2, stream=stream) if rep > 1 else out
