@@ -308,6 +308,15 @@ class Chat:
                 self.interrupt(p, reading)
             except TurnNotSaved as exc:
                 note(cause, f"{p.agent.name}'s reply could not be saved to the transcript ({one_line(exc.errors[p.agent.name])})")
+            if not isinstance(cause, KeyboardInterrupt | GeneratorExit):
+                self.drop_hot(p.agent.name)
+
+    def drop_hot(self, name: str) -> None:
+        """Forget an agent's hot cache after an engine error: a turn alone writes into its hot
+        cache's own buffers (backend/compat.py `_adopted`), and a step that failed may have
+        left them holding its unevaluated writes. The next turn restores from disk."""
+        with contextlib.suppress(Exception):
+            self.kv.drop_hot(name)
 
     def _record_or_raise(self, p: PendingTurn, done: TurnDone) -> None:
         """`_record`, or, when the transcript write fails, clean up and raise `TurnNotSaved`

@@ -133,6 +133,18 @@ def test_a_turn_alone_hands_its_cache_to_the_next_without_a_copy(tiny):
     extra = mx.get_peak_memory() - base
     assert second.cache is not None and second.cache[0].keys is cache[0].keys  # written in place, not copied
     assert extra < cache_bytes / 2, f"{extra} bytes over the {cache_bytes}-byte cache: it was copied"
+    # The same two turns with mlx-lm's copies: the same tokens.
+    from semantic_cli.backend import compat
+
+    stock = compat._adopted
+    compat._adopted = lambda layers: None  # type: ignore[assignment]
+    try:
+        first_copy = _run_turn(engine, TurnRequest("b", prompt, None, 0, max_tokens=3))
+        assert first_copy.cache is not None and first_copy.cache[0].keys.shape[2] == first_copy.cache_covers
+        second_copy = _run_turn(engine, TurnRequest("b", follow, first_copy.cache, covered, max_tokens=3))
+    finally:
+        compat._adopted = stock  # type: ignore[assignment]
+    assert (first_copy.generated, second_copy.generated) == (first.generated, second.generated)
 
 
 def test_a_sequence_that_leaves_others_running_takes_a_copy(tiny):

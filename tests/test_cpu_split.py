@@ -58,11 +58,14 @@ def test_split_attention_is_bit_identical_to_mlx(case, mask):
 
 @needs_split
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "x".join(map(str, c)))
-@pytest.mark.parametrize("mask", ["none", "bool", "additive"])
-def test_installed_attention_is_bit_identical_to_mlx(case, mask):
+@pytest.mark.parametrize("mask", ["none", "causal", "bool", "additive"])
+def test_installed_attention_is_bit_identical_to_mlx(case, mask, monkeypatch):
     """What models call once the engine installs it: split for prefill rows, else MLX's ops on
     one stream with the native softmax (decode steps). Equal bits either way."""
     mx = runtime.mx()
+    native = []
+    softmax = cpu_split._softmax
+    monkeypatch.setattr(cpu_split, "_softmax", lambda scores, stream: native.append(stream) or softmax(scores, stream))
     batch, heads, kv_heads, dim, keys, queries = case
     mx.random.seed(sum(case) + 1)
     q = mx.random.normal((batch, heads, queries, dim))
@@ -72,13 +75,17 @@ def test_installed_attention_is_bit_identical_to_mlx(case, mask):
         "none": None,
         "bool": mx.random.uniform(shape=(batch, 1, queries, keys)) > 0.2,
         "additive": mx.random.normal((1, heads, queries, keys)),
+        "causal": "causal",
     }[mask]
     assert cpu_split.install_attention()
     want = cpu_split._state["sdpa"](q, k, v, scale=dim**-0.5, mask=m)
     got = mx.fast.scaled_dot_product_attention(q, k, v, scale=dim**-0.5, mask=m)
     assert mx.array_equal(got, want).item()
+    if cpu_split._state["softmax"] is not None:  # x86 with the native module: every case went through it
+        assert native
 
 
+@needs_split
 def test_the_native_softmax_gives_mlx_softmax_bits():
     """exact_softmax (_native.cpp) against mx.softmax(precise=True) bit for bit: rows of every
     length (the vector loop and its scalar tail), scales up to where exp saturates, attention's
@@ -90,6 +97,9 @@ def test_the_native_softmax_gives_mlx_softmax_bits():
     compiled = buffers.native()
     if compiled is None or not hasattr(compiled, "exact_softmax"):
         pytest.skip("no native module with exact_softmax")
+    cpu_split.install_attention()
+    if cpu_split._state["softmax"] is None:
+        pytest.skip("MLX's CPU softmax here is not the scalar one exact_softmax copies (not x86, or not mlx 0.32)")
     mx = runtime.mx()
     stream = mx.default_stream(mx.cpu)
     rng = np.random.default_rng(0)
@@ -106,12 +116,12 @@ def test_the_native_softmax_gives_mlx_softmax_bits():
     rows_list += [np.array([[-np.inf, -np.inf]], np.float32), np.linspace(-200, 200, 4001, dtype=np.float32)[None]]
     for a in rows_list:
         x = mx.array(a)
-        want = np.array(mx.softmax(x, axis=-1, precise=True))
+        want = np.array(mx.softmax(x, axis=-1, precise=True, stream=stream))
         got = np.array(compiled.exact_softmax(x, stream))
         same = (want.view(np.uint32) == got.view(np.uint32)) | (np.isnan(want) & np.isnan(got))
         assert same.all(), (a.shape, want[~same][:4], got[~same][:4])
     x3 = mx.random.normal((2, 3, 5, 70))  # any leading shape: rows of the last axis
-    assert mx.array_equal(compiled.exact_softmax(x3, stream), mx.softmax(x3, axis=-1, precise=True)).item()
+    assert mx.array_equal(compiled.exact_softmax(x3, stream), mx.softmax(x3, axis=-1, precise=True, stream=stream)).item()
 
 
 @needs_split

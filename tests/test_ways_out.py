@@ -252,6 +252,22 @@ def fail_at_step(monkeypatch: pytest.MonkeyPatch, call: int, how: str) -> list[i
     return steps
 
 
+def test_an_engine_error_mid_turn_drops_the_agents_hot_cache(tiny, blocks, monkeypatch):
+    """A turn alone writes into its hot cache's own buffers (compat._adopted): an error inside
+    the step can leave them holding that step's unevaluated writes, so the hot copy goes and
+    the next turn restores from disk (Ctrl-C stops only between layers: its copy stays)."""
+    with Session() as s:
+        s.say("a", LONG, model=tiny["llama"])
+        assert "a" in s.chat.kv.hot_agents()
+        fail_at_step(monkeypatch, 2, "error")
+        with pytest.raises(RuntimeError, match="the engine failed"):
+            s.say("a", "And then?")
+        assert "a" not in s.chat.kv.hot_agents()
+        monkeypatch.undo()
+        again = s.say("a", "And then?")
+    assert again.tier == "warm" and again.done.finish_reason in ("stop", "length")
+
+
 @pytest.mark.parametrize("how", ["sigint", "error", "cut"])
 def test_a_retry_that_does_not_finish_puts_the_old_exchange_back(tiny, blocks, monkeypatch, capsys, how):
     """Ctrl-C, an error, or a reply the server cut (recorded "interrupted", no exception)."""

@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdio>
@@ -57,7 +58,6 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
-#include <cmath>
 
 #ifdef SEMANTIC_HAVE_XXHASH
 #define XXH_INLINE_ALL
@@ -321,6 +321,13 @@ static mx::array few_rows_matmul(const mx::array& x, const mx::array& w, int thr
 //   to the nearest integer in double, as MLX's `x + 0.5` is; fused multiply-adds,
 //   which round once either way). The row's maximum and its sum stay scalar loops in
 //   MLX's order, since a float sum depends on its order.
+// No contraction of a multiply and an add into one FMA: MLX rounds each separately.
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#endif
 namespace {
 
 inline float mlx_exp1(float x_init) {  // simd::exp<float, 1>, written out
@@ -400,7 +407,11 @@ class ExactSoftmax : public mx::UnaryPrimitive {
     if (!x.flags().row_contiguous) {  // it came through mx::contiguous
       throw std::runtime_error("exact_softmax: the input must be row-contiguous");
     }
-    out.set_data(mx::allocator::malloc(out.nbytes()));
+    if (x.is_donatable()) {  // in place, as MLX's Softmax (each float is read before it is written)
+      out.copy_shared_buffer(x);
+    } else {
+      out.set_data(mx::allocator::malloc(out.nbytes()));
+    }
     auto& encoder = mx::cpu::get_command_encoder(stream());
     encoder.set_input_array(x);
     encoder.set_output_array(out);
@@ -425,6 +436,9 @@ class ExactSoftmax : public mx::UnaryPrimitive {
 };
 
 }  // namespace
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
 
 static mx::array exact_softmax(const mx::array& x, mx::Stream stream) {
   if (x.dtype() != mx::float32 || x.ndim() < 1) {
@@ -688,7 +702,7 @@ NB_MODULE(_native, m) {
         &exact_softmax,
         nb::arg("x"),
         nb::arg("stream"),
-        "softmax over the last axis (lazily, on `stream`), float32: bit for bit MLX 0.32's CPU softmax.");
+        "softmax over the last axis (lazily, on `stream`), float32: bit for bit MLX 0.32's CPU softmax on x86.");
 #endif
 #ifdef SEMANTIC_HAVE_XXHASH
   nb::class_<Reader>(m, "Reader", "A restore's file reads and their xxh3-64, on threads without the GIL.")

@@ -211,7 +211,9 @@ def _adopted(layers: list[Any]) -> list[Any] | None:
     and they come from freshly faulted pages. At 720 tokens of history the server took
     ~4,000 page faults a turn and its prompt step varied 130-250 ms; kept this way, the
     next turn's batch adopts the buffers (`RestoredKVCache.merge`) and writes its tokens
-    after the cached ones in place."""
+    after the cached ones in place. So one such cache must not seed two continuations (the
+    second would write over the first's new tokens): a hot cache serves one agent, whose
+    turns take turns, and an engine error drops it (`Chat.drop_hot`)."""
     from mlx_lm.models.cache import BatchKVCache
 
     out: list[Any] = []

@@ -8,9 +8,9 @@ for `mx.fast.scaled_dot_product_attention`, op for op, over two groups of KV hea
 (or of sequences, in a batch) on the two streams: every matmul call and softmax row is the
 one MLX would make, so the output is bit-identical (tests/test_cpu_split.py).
 
-Its softmax, and a decode step's whole attention (too short to split), go through the
-native `exact_softmax` where it is built (`_native.cpp`): MLX's CPU `exp` handles one
-float at a time, this one eight, with the same bits. At 2,400 keys and 13 query rows a
+Its softmax, and every float32 attention it does not split (a decode step's, too short
+to split), go through the native `exact_softmax` where it gives MLX's bits (x86, MLX
+0.32: `_exact_softmax`): MLX's CPU `exp` handles one float at a time, this one eight. At 2,400 keys and 13 query rows a
 layer's softmax took 3.3 ms, now 0.7 ms.
 
 Only the CPU backend with a loaded OpenBLAS and at least two cores uses this.
@@ -19,6 +19,7 @@ Only the CPU backend with a loaded OpenBLAS and at least two cores uses this.
 from __future__ import annotations
 
 import os
+import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -53,15 +54,15 @@ def install_attention() -> bool:
     mx = runtime.mx()
     _streams()
     _state["sdpa"] = original = mx.fast.scaled_dot_product_attention
-    _state["softmax"] = getattr(buffers.native(), "exact_softmax", None)
+    _state["softmax"] = _exact_softmax()
 
     def sdpa(q: Any, k: Any, v: Any, *, scale: float, mask: Any = None, sinks: Any = None, **kwargs: Any) -> Any:
         plain = sinks is None and not kwargs and _plain(q, k, v, mask)
         groups = _attention_groups(q, k) if plain else None
         if groups is not None:
             return split_attention(q, k, v, scale, mask, groups)
-        if plain and _state["softmax"] is not None:  # the same ops on this stream, with the faster softmax
-            return _fallback(q, k, v, scale, mask, None)
+        if plain and q.dtype == mx.float32 and _state["softmax"] is not None:
+            return _fallback(q, k, v, scale, mask, None)  # the same ops on this stream, with the faster softmax
         return original(q, k, v, scale=scale, mask=mask, sinks=sinks, **kwargs)
 
     mx.fast.scaled_dot_product_attention = sdpa
@@ -125,6 +126,21 @@ def split_attention(q: Any, k: Any, v: Any, scale: float, mask: Any, groups: tup
 
     end = q.shape[0] if axis == 0 else k.shape[1]
     return mx.concatenate([half(0, cut, s1), half(cut, end, s2)], axis=axis)
+
+
+def _exact_softmax() -> Any:
+    """The native exact_softmax where it gives MLX's bits: it copies MLX 0.32's scalar CPU
+    softmax, which x86 builds run (ARM builds vectorise theirs, in another order), and it
+    is checked here once on rows with masked scores and values on its rounding edges."""
+    mx = runtime.mx()
+    kernel = getattr(buffers.native(), "exact_softmax", None)
+    if kernel is None or not mx.__version__.startswith("0.32.") or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    edges = [0.49999997, -0.49999997, 0.5, -1.5, 88.0, 88.00001, -88.00001, 0.0, float(mx.finfo(mx.float32).min)]
+    rows = mx.concatenate([mx.array([edges * 3]), mx.random.normal((7, 27), key=mx.random.key(0)) * 40.0])
+    cpu = mx.default_stream(mx.cpu)
+    same = mx.array_equal(kernel(rows, cpu), mx.softmax(rows, axis=-1, precise=True, stream=cpu)).item()
+    return kernel if same else None
 
 
 def _softmax(scores: Any, stream: Any) -> Any:

@@ -135,6 +135,7 @@ class Worker:
                 except Exception as exc:  # the engine failed: every running turn ends (recorded as interrupted)
                     for key in list(self._running):
                         self._interrupt(key, SemanticError(f"the engine failed: {one_line(exc)}"))
+                        self.chat.drop_hot(key)
                     self.batch = self.engine.batch()
                     self.batch.seed(int.from_bytes(os.urandom(4), "little"))  # the failed step may have left the random state unusable
                     continue
