@@ -312,9 +312,10 @@ class Chat:
                 self.drop_hot(p.agent.name)
 
     def drop_hot(self, name: str) -> None:
-        """Forget an agent's hot cache after an engine error: a turn alone writes into its hot
-        cache's own buffers (backend/compat.py `_adopted`), and a step that failed may have
-        left them holding its unevaluated writes. The next turn restores from disk."""
+        """Forget an agent's hot cache when it can no longer be trusted; the next turn restores
+        from disk. After an engine error, too: a turn alone writes into its hot cache's own
+        buffers (backend/compat.py `_adopted`), and a step that failed may have left them
+        holding its unevaluated writes."""
         with contextlib.suppress(Exception):
             self.kv.drop_hot(name)
 
@@ -333,8 +334,7 @@ class Chat:
         with contextlib.suppress(Exception):
             if self.store.db.in_transaction:
                 self.store.db.rollback()
-        with contextlib.suppress(Exception):
-            self.kv.drop_hot(p.agent.name)
+        self.drop_hot(p.agent.name)
 
     def _record(self, p: PendingTurn, done: TurnDone) -> None:
         """Commit the turn to the transcript: one transaction, the truth."""

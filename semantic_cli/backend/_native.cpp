@@ -32,6 +32,7 @@
 #include <cstdio>
 #include <cstring>
 #include <deque>
+#include <iterator>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -330,17 +331,19 @@ static mx::array few_rows_matmul(const mx::array& x, const mx::array& w, int thr
 #endif
 namespace {
 
+// 2**f on [-0.5, 0.5] by Horner's rule, highest power first: simd::exp's constants.
+constexpr float kExpPoly[] = {1.535336188319500e-4f, 1.339887440266574e-3f, 9.618437357674640e-3f,
+                              5.550332471162809e-2f, 2.402264791363012e-1f, 6.931472028550421e-1f,
+                              1.000000000000000f};
+
 inline float mlx_exp1(float x_init) {  // simd::exp<float, 1>, written out
   float x = x_init * 1.442695f;
   float ipart = static_cast<float>(std::floor(static_cast<double>(x) + 0.5));
   float fpart = x - ipart;
-  x = 1.535336188319500e-4f;
-  x = std::fma(x, fpart, 1.339887440266574e-3f);
-  x = std::fma(x, fpart, 9.618437357674640e-3f);
-  x = std::fma(x, fpart, 5.550332471162809e-2f);
-  x = std::fma(x, fpart, 2.402264791363012e-1f);
-  x = std::fma(x, fpart, 6.931472028550421e-1f);
-  x = std::fma(x, fpart, 1.000000000000000f);
+  x = kExpPoly[0];
+  for (size_t c = 1; c < std::size(kExpPoly); ++c) {
+    x = std::fma(x, fpart, kExpPoly[c]);
+  }
   int32_t bits = (static_cast<int32_t>(ipart) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
@@ -357,13 +360,10 @@ inline __m256 mlx_exp8(__m256 x_init) {
   __m128 hi = _mm256_cvtpd_ps(_mm256_floor_pd(_mm256_add_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)), half)));
   __m256 ipart = _mm256_set_m128(hi, lo);
   __m256 fpart = _mm256_sub_ps(x, ipart);
-  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
-  p = _mm256_fmadd_ps(p, fpart, _mm256_set1_ps(1.339887440266574e-3f));
-  p = _mm256_fmadd_ps(p, fpart, _mm256_set1_ps(9.618437357674640e-3f));
-  p = _mm256_fmadd_ps(p, fpart, _mm256_set1_ps(5.550332471162809e-2f));
-  p = _mm256_fmadd_ps(p, fpart, _mm256_set1_ps(2.402264791363012e-1f));
-  p = _mm256_fmadd_ps(p, fpart, _mm256_set1_ps(6.931472028550421e-1f));
-  p = _mm256_fmadd_ps(p, fpart, _mm256_set1_ps(1.000000000000000f));
+  __m256 p = _mm256_set1_ps(kExpPoly[0]);
+  for (size_t c = 1; c < std::size(kExpPoly); ++c) {
+    p = _mm256_fmadd_ps(p, fpart, _mm256_set1_ps(kExpPoly[c]));
+  }
   __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(ipart), _mm256_set1_epi32(127)), 23);
   __m256 result = _mm256_mul_ps(_mm256_castsi256_ps(bits), p);
   result = _mm256_blendv_ps(result, x_init, _mm256_cmp_ps(x_init, x_init, _CMP_UNORD_Q));
