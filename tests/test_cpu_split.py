@@ -24,6 +24,7 @@ ATTENTION_CASES = [
     (5, 4, 1, 64, 300, 1),
     (2, 4, 1, 64, 300, 9),
     (3, 8, 2, 32, 200, 16),
+    (2, 4, 1, 64, 400, 260),
 ]
 
 
@@ -47,13 +48,24 @@ def test_split_attention_is_bit_identical_to_mlx(case, mask):
     }[mask]
     original = cpu_split._state["sdpa"] or mx.fast.scaled_dot_product_attention
     want = original(q, k, v, scale=dim**-0.5, mask=m)
-    groups = cpu_split._attention_groups(q, k)
-    assert groups is not None or queries < cpu_split._MIN_QUERY or (kv_heads == 1 and batch == 1)
+    groups = cpu_split._attention_groups(q, k, min_rows=1)  # every case split, whatever its size
+    assert groups is not None or (kv_heads == 1 and batch == 1)
     if groups is None:
         return
     got = cpu_split.split_attention(q, k, v, dim**-0.5, m, groups)
     assert got.shape == want.shape and got.dtype == want.dtype
     assert mx.array_equal(got, want).item()
+
+
+def test_a_turns_attention_runs_on_one_stream_and_a_prefill_chunk_is_split():
+    """A turn's new tokens (tens of rows) gain nothing from the split once the softmax is
+    native, and pay its hand-offs (cpu_split._MIN_QUERY); a cold prefill's 512-row chunks gain."""
+    mx = runtime.mx()
+    k = mx.zeros((1, 3, 6000, 64))
+    assert cpu_split._attention_groups(mx.zeros((1, 9, 20, 64)), k) is None
+    assert cpu_split._attention_groups(mx.zeros((1, 9, 128, 64)), k) is None
+    assert cpu_split._attention_groups(mx.zeros((1, 9, 512, 64)), k) == (1, 2)
+    assert cpu_split._attention_groups(mx.zeros((2, 9, 512, 64)), k[:, :1]) == (0, 1)
 
 
 @needs_split
@@ -133,7 +145,7 @@ def test_models_attend_through_the_split_once_installed(tiny):
     split = cpu_split.split_attention
     try:
         cpu_split.split_attention = lambda *a: calls.append(a[-1]) or split(*a)  # type: ignore[assignment]
-        prompt = list(range(3, 40))
+        prompt = list(range(3, 300))
         reqs = [TurnRequest("a", prompt, None, 0, 4)]
         [done] = [ev for ev in engine.generate(reqs) if isinstance(ev, TurnDone)]
         assert cpu_split._state["sdpa"] is not None  # the engine installed it
@@ -155,9 +167,9 @@ def test_the_exactness_reference_runs_on_mlx_own_attention(tiny):
     split = cpu_split.split_attention
     try:
         cpu_split.split_attention = lambda *a: calls.append(1) or split(*a)  # type: ignore[assignment]
-        exactness.reference(engine, list(range(3, 40)), 3)
+        exactness.reference(engine, list(range(3, 300)), 3)
         assert calls == []
-        exactness.engine_run(engine, list(range(3, 40)), 3)
+        exactness.engine_run(engine, list(range(3, 300)), 3)
         assert calls
     finally:
         cpu_split.split_attention = split  # type: ignore[assignment]

@@ -29,7 +29,12 @@ from . import buffers, runtime
 # streams: the two split streams, once installed; sdpa: MLX's own attention, once replaced;
 # softmax: the native exact_softmax, where built (found once, at install).
 _state: dict[str, Any] = {"streams": None, "sdpa": None, "softmax": None}
-_MIN_QUERY = 8  # a decode step's attention (one query row per sequence) is too short to split
+# Fewer query rows (a turn's new tokens, decode steps) run on one stream: there the two
+# streams' hand-offs, and two OpenBLAS pools on two cores, cost more than the split saves
+# now that the softmax is native. Per layer on the dev VM, split vs one stream: 12 rows x
+# 600 keys 0.72 vs 0.44 ms, 20 x 6,000 6.0 vs 5.9, 128 x 2,000 9.4 vs 9.1; 256 x 4,096
+# 38.5 vs 48.1, 512 x 8,192 180 vs 197 (a cold prefill's chunks).
+_MIN_QUERY = 256
 
 
 def available() -> bool:
@@ -95,13 +100,13 @@ def _plain(q: Any, k: Any, v: Any, mask: Any) -> bool:
     return mask.ndim in (2, 4) and mask.dtype in (mx.bool_, q.dtype)
 
 
-def _attention_groups(q: Any, k: Any) -> tuple[int, int] | None:
+def _attention_groups(q: Any, k: Any, min_rows: int = _MIN_QUERY) -> tuple[int, int] | None:
     """How to cut one attention in two: (axis, where) over sequences (axis 0) or KV heads
-    (axis 1), or None when it is too small to gain."""
+    (axis 1), or None when it is too small to gain (fewer than `min_rows` query rows)."""
     if q.ndim != 4 or k.ndim != 4:
         return None
     batch, kv_heads, rows = q.shape[0], k.shape[1], q.shape[2]
-    if rows < _MIN_QUERY:  # decode steps: the hand-offs cost what the split saves (batches of 4: 0.41 vs 0.26 ms a layer)
+    if rows < min_rows:
         return None
     if batch >= 2:
         return 0, batch // 2
