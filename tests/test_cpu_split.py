@@ -57,27 +57,40 @@ def test_split_attention_is_bit_identical_to_mlx(case, mask):
     assert mx.array_equal(got, want).item()
 
 
+@needs_split
 def test_a_turns_attention_runs_on_one_stream_and_a_prefill_chunk_is_split():
-    """A turn's new tokens (tens of rows) gain nothing from the split once the softmax is
-    native, and pay its hand-offs (cpu_split._MIN_QUERY); a cold prefill's 512-row chunks gain."""
+    """With the native softmax, a turn's new tokens (tens of rows) gain nothing from the
+    split and pay its hand-offs; a cold prefill's 512-row chunks gain. With MLX's scalar
+    softmax, 8 rows and more are split (the softmax is most of their attention)."""
     mx = runtime.mx()
-    k = mx.zeros((1, 3, 6000, 64))
-    assert cpu_split._attention_groups(mx.zeros((1, 9, 20, 64)), k) is None
-    assert cpu_split._attention_groups(mx.zeros((1, 9, 128, 64)), k) is None
-    assert cpu_split._attention_groups(mx.zeros((1, 9, 512, 64)), k) == (1, 2)
-    assert cpu_split._attention_groups(mx.zeros((2, 9, 512, 64)), k[:, :1]) == (0, 1)
+    assert cpu_split.install_attention()
+    k, k1 = mx.zeros((1, 3, 6000, 64)), mx.zeros((2, 1, 6000, 64))
+    native = cpu_split._state["softmax"] is not None
+    assert cpu_split.min_query_rows() == (256 if native else 8)
+    least = cpu_split.min_query_rows()
+    for rows in (1, 4, 7, 8, 20, 64, 127, 128, 255, 256, 512):
+        alone, in_two = rows >= least, 2 * rows >= least  # a room's batch counts all its sequences' rows
+        assert cpu_split._attention_groups(mx.zeros((1, 9, rows, 64)), k) == ((1, 2) if alone else None), rows
+        assert cpu_split._attention_groups(mx.zeros((2, 4, rows, 64)), k1) == ((0, 1) if in_two else None), rows
+    if native:
+        assert cpu_split._attention_groups(mx.zeros((1, 9, 20, 64)), k) is None
+        assert cpu_split._attention_groups(mx.zeros((4, 9, 20, 64)), k) is None
+        assert cpu_split._attention_groups(mx.zeros((4, 9, 64, 64)), k) == (0, 2)
 
 
 @needs_split
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("mask", ["none", "causal", "bool", "additive"])
 def test_installed_attention_is_bit_identical_to_mlx(case, mask, monkeypatch):
-    """What models call once the engine installs it: split for prefill rows, else MLX's ops on
-    one stream with the native softmax (decode steps). Equal bits either way."""
+    """What models call once the engine installs it: split from `min_query_rows()` rows, else
+    MLX's ops on one stream with the native softmax. Equal bits either way."""
     mx = runtime.mx()
     native = []
     softmax = cpu_split._softmax
     monkeypatch.setattr(cpu_split, "_softmax", lambda scores, stream: native.append(stream) or softmax(scores, stream))
+    splits = []
+    split = cpu_split.split_attention
+    monkeypatch.setattr(cpu_split, "split_attention", lambda *a: splits.append(1) or split(*a))
     batch, heads, kv_heads, dim, keys, queries = case
     mx.random.seed(sum(case) + 1)
     q = mx.random.normal((batch, heads, queries, dim))
@@ -93,6 +106,7 @@ def test_installed_attention_is_bit_identical_to_mlx(case, mask, monkeypatch):
     want = cpu_split._state["sdpa"](q, k, v, scale=dim**-0.5, mask=m)
     got = mx.fast.scaled_dot_product_attention(q, k, v, scale=dim**-0.5, mask=m)
     assert mx.array_equal(got, want).item()
+    assert bool(splits) == (batch * queries >= cpu_split.min_query_rows() and (kv_heads > 1 or batch > 1))
     if cpu_split._state["softmax"] is not None:  # x86 with the native module: every case went through it
         assert native
 

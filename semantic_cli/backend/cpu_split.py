@@ -8,10 +8,12 @@ for `mx.fast.scaled_dot_product_attention`, op for op, over two groups of KV hea
 (or of sequences, in a batch) on the two streams: every matmul call and softmax row is the
 one MLX would make, so the output is bit-identical (tests/test_cpu_split.py).
 
-Its softmax, and every float32 attention it does not split (a decode step's, too short
-to split), go through the native `exact_softmax` where it gives MLX's bits (x86, MLX
-0.32: `_exact_softmax`): MLX's CPU `exp` handles one float at a time, this one eight. At 2,400 keys and 13 query rows a
-layer's softmax took 3.3 ms, now 0.7 ms.
+Its softmax, and every float32 attention it does not split, go through the native
+`exact_softmax` where it gives MLX's bits (x86, MLX 0.32: `_exact_softmax`): MLX's CPU
+`exp` handles one float at a time, this one eight. At 2,400 keys and 13 query rows a
+layer's softmax took 3.3 ms, now 0.7 ms. With it, only a cold prefill's long chunks
+still gain from the split (`min_query_rows`); a turn's new tokens and decode steps run
+MLX's ops on one stream.
 
 Only the CPU backend with a loaded OpenBLAS and at least two cores uses this.
 """
@@ -29,12 +31,22 @@ from . import buffers, runtime
 # streams: the two split streams, once installed; sdpa: MLX's own attention, once replaced;
 # softmax: the native exact_softmax, where built (found once, at install).
 _state: dict[str, Any] = {"streams": None, "sdpa": None, "softmax": None}
-# Fewer query rows (a turn's new tokens, decode steps) run on one stream: there the two
-# streams' hand-offs, and two OpenBLAS pools on two cores, cost more than the split saves
-# now that the softmax is native. Per layer on the dev VM, split vs one stream: 12 rows x
-# 600 keys 0.72 vs 0.44 ms, 20 x 6,000 6.0 vs 5.9, 128 x 2,000 9.4 vs 9.1; 256 x 4,096
-# 38.5 vs 48.1, 512 x 8,192 180 vs 197 (a cold prefill's chunks).
+# With the native softmax, fewer query rows in all (a turn's new tokens, a room's batch of
+# them, decode steps) run on one stream: there the two streams' hand-offs, and two OpenBLAS
+# pools on two cores, cost more than the split saves. Per layer on the dev VM, split vs one
+# stream: 12 rows x 600 keys 0.72 vs 0.44 ms, 20 x 6,000 6.0 vs 5.9, 128 x 2,000 9.4 vs
+# 9.1, 192 x 6,000 61.8 vs 61.5, 4 sequences x 20 x 2,000 10.8 vs 10.5, 8 x 20 x 2,000 21.7
+# vs 21.4; but 256 x 4,096 38.5 vs 48.1, 512 x 8,192 180 vs 197 (a cold prefill's chunks),
+# 4 x 64 x 2,000 22.3 vs 27.8, 2 x 192 x 2,000 30.8 vs 40.2.
 _MIN_QUERY = 256
+# With MLX's own scalar softmax the split pays from a few rows (1.3-1.5x at 20-512 rows);
+# a decode step's one row per sequence is too short (batches of 4: 0.41 vs 0.26 ms a layer).
+_MIN_QUERY_SCALAR_SOFTMAX = 8
+
+
+def min_query_rows() -> int:
+    """The fewest query rows (over all sequences) an attention is split for, with the softmax this process has."""
+    return _MIN_QUERY if _state["softmax"] is not None else _MIN_QUERY_SCALAR_SOFTMAX
 
 
 def available() -> bool:
@@ -100,13 +112,14 @@ def _plain(q: Any, k: Any, v: Any, mask: Any) -> bool:
     return mask.ndim in (2, 4) and mask.dtype in (mx.bool_, q.dtype)
 
 
-def _attention_groups(q: Any, k: Any, min_rows: int = _MIN_QUERY) -> tuple[int, int] | None:
+def _attention_groups(q: Any, k: Any, min_rows: int | None = None) -> tuple[int, int] | None:
     """How to cut one attention in two: (axis, where) over sequences (axis 0) or KV heads
-    (axis 1), or None when it is too small to gain (fewer than `min_rows` query rows)."""
+    (axis 1), or None when it is too small to gain (fewer than `min_rows` query rows over
+    all its sequences, by default `min_query_rows()`)."""
     if q.ndim != 4 or k.ndim != 4:
         return None
     batch, kv_heads, rows = q.shape[0], k.shape[1], q.shape[2]
-    if rows < min_rows:
+    if batch * rows < (min_query_rows() if min_rows is None else min_rows):
         return None
     if batch >= 2:
         return 0, batch // 2
