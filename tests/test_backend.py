@@ -97,12 +97,7 @@ def test_a_restored_cache_starts_generating_without_a_copy(tiny):
 def _run_turn(engine, req):
     from semantic_cli.events import TurnDone
 
-    batch = engine.batch()
-    batch.add(req)
-    done = None
-    while done is None:
-        done = next((e for e in batch.step() if isinstance(e, TurnDone)), None)
-    batch.close()
+    [done] = [e for e in engine.generate([req]) if isinstance(e, TurnDone)]
     return done
 
 
