@@ -52,6 +52,28 @@ def test_cpu_runs_models_in_float32(tiny):
     assert runtime.info().backend != "cpu" or lm.dtype == "float32"
 
 
+def test_a_loaded_model_lets_mlx_keep_freed_buffers_up_to_the_hot_budget(tiny, monkeypatch):
+    """MLX keeps only 32 MiB of freed buffers on the CPU: a second restore of an 8K cache
+    then faulted in fresh pages. Once a model is loaded, it keeps up to the hot budget."""
+    from semantic_cli.model.loader import ModelRef, load
+
+    mx = runtime.mx()
+    monkeypatch.setenv("SEMANTIC_HOT_BUDGET", "256MB")
+    try:
+        load(ModelRef(str(tiny["llama"]), str(tiny["llama"])))
+        mx.clear_cache()
+        big = mx.zeros((96 << 20) // 4)  # 96 MB, over MLX's own limit
+        mx.eval(big)
+        del big
+        assert mx.get_cache_memory() >= 96 << 20
+        monkeypatch.setenv("SEMANTIC_HOT_BUDGET", "0")  # never below MLX's own limit
+        load(ModelRef(str(tiny["llama"]), str(tiny["llama"])))
+        assert mx.set_cache_limit(32 << 20) == 32 << 20
+    finally:
+        mx.set_cache_limit(32 << 20)
+        mx.clear_cache()
+
+
 def test_a_restored_cache_starts_generating_without_a_copy(tiny):
     """mlx-lm's hand-over from prompt processing to generation deep-copies the batch's
     whole KV cache (at 4K tokens of SmolLM2: 190 MB, into fresh pages, before the first

@@ -7,6 +7,8 @@ from __future__ import annotations
 import mmap
 import os
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -192,9 +194,9 @@ def test_native_reads_match_pythons_bytes_checksum_and_end_of_file(tmp_path):
     path.write_bytes(b"prefix" + payload)
     sizes = [65536] * 40 + [3_000_000 - 65536 * 40]  # several read groups, one long view
 
-    def read_native(views):
+    def read_native(views, streamed_rows=-1):
         def read(fd):
-            reader = native.Reader(fileread.GROUP_BYTES, 2)
+            reader = native.Reader(fileread.GROUP_BYTES, 2, streamed_rows)
             reader.submit(fd, 6, views, b"prefix")
             (result,) = reader.finish()
             return result
@@ -209,27 +211,104 @@ def test_native_reads_match_pythons_bytes_checksum_and_end_of_file(tmp_path):
     assert b"".join(views) == payload
     assert native_digest == python_digest == file_checksum(path, path.stat().st_size)
     # Rows of one big buffer, as a restore hands them over: page-unaligned, with
-    # gaps that belong to other blocks, in memory already written (recycled) and
-    # in fresh anonymous memory (whose pages are mapped before each read). Nothing
-    # outside the views may change.
+    # gaps that belong to other blocks, in memory already written (recycled: its rows
+    # are copied out of a mapping of the file, where the CPU can) and in fresh
+    # anonymous memory (whose pages are mapped before each read); each way forced
+    # too (0: always read, 1: always from the mapping). Nothing outside the views may change.
     size = sum(sizes) + 4096 * len(sizes) + 16
     starts = [16 + i * 4096 + sum(sizes[:i]) for i in range(len(sizes))]
-    recycled = bytearray(b"\xa5" * size)
-    fresh = mmap.mmap(-1, size)
-    for whole, filler in ((recycled, 0xA5), (fresh, 0)):
-        rows = memoryview(whole)
-        row_views = [rows[s : s + n] for s, n in zip(starts, sizes, strict=False)]
-        assert read_native(row_views) == (0, python_digest)
-        del row_views
-        rows.release()
-        assert b"".join(whole[s : s + n] for s, n in zip(starts, sizes, strict=False)) == payload
-        gaps = [whole[:16]] + [whole[s + n : s + n + 4096] for s, n in zip(starts, sizes, strict=False)]
-        assert all(set(gap) == {filler} for gap in gaps)
-    fresh.close()
+    for streamed_rows in (-1, 0, 1):
+        recycled = bytearray(b"\xa5" * size)
+        fresh = mmap.mmap(-1, size)
+        for whole, filler in ((recycled, 0xA5), (fresh, 0)):
+            rows = memoryview(whole)
+            row_views = [rows[s : s + n] for s, n in zip(starts, sizes, strict=False)]
+            assert read_native(row_views, streamed_rows) == (0, python_digest)
+            del row_views
+            rows.release()
+            assert b"".join(whole[s : s + n] for s, n in zip(starts, sizes, strict=False)) == payload
+            gaps = [whole[:16]] + [whole[s + n : s + n + 4096] for s, n in zip(starts, sizes, strict=False)]
+            assert all(set(gap) == {filler} for gap in gaps)
+        fresh.close()
     path.write_bytes(b"prefix" + payload[:-1])  # a file that ends one byte early
     assert read_native([memoryview(bytearray(n)) for n in sizes])[0] == -1
+    assert read_native([memoryview(bytearray(n)) for n in sizes], 0)[0] == -1
     with pytest.raises(blockfile.BlockFileError, match="truncated"):
         _reading(path, lambda fd: fileread._read_hashed(fd, [memoryview(bytearray(n)) for n in sizes], b"prefix"))
+
+
+_CUT_UNDER_THE_MAPPING = """
+import faulthandler, mmap, os, sys
+faulthandler.enable()  # as under pytest: a SIGBUS handler was there first
+from semantic_cli.backend import buffers, runtime
+runtime.mx()
+native = buffers.native()
+path = sys.argv[1]
+with open(path, "wb") as f:
+    f.write(b"p" * (1 << 20))
+fd = os.open(path, os.O_RDWR)
+# The file ends 64 KB into the 1 MB the views want: its rows are read from a mapping
+# (forced), so the first row past the end faults; the reader reports a short file.
+os.ftruncate(fd, 64 << 10)
+reader = native.Reader(1 << 18, 1, 1)
+reader.submit(fd, 0, [memoryview(bytearray(1 << 18)) for _ in range(4)], b"")
+print("reader", reader.finish()[0][0], flush=True)
+# A SIGBUS that is not the reader's still ends the process (faulthandler, then the default).
+os.ftruncate(fd, 1 << 20)
+m = mmap.mmap(fd, 1 << 20, prot=mmap.PROT_READ)
+os.ftruncate(fd, 0)
+m[(1 << 20) - 1]
+print("survived", flush=True)
+"""
+
+
+def test_a_file_cut_short_under_its_mapping_is_a_short_read_and_other_faults_still_kill(tmp_path):
+    """A file truncated while its rows are copied out of a mapping raises SIGBUS in the
+    copy: the reader's handler turns it into "the file ended first" (status -1), and hands
+    every other SIGBUS on, so a real fault elsewhere still ends the process."""
+    native = buffers.native()
+    if native is None or not hasattr(native, "Reader"):
+        pytest.skip("the native restore loops are not built here")
+    out = subprocess.run([sys.executable, "-c", _CUT_UNDER_THE_MAPPING, str(tmp_path / "f")], capture_output=True, text=True, timeout=120)
+    assert "reader -1" in out.stdout, out.stderr[-2000:]
+    assert "survived" not in out.stdout
+    assert out.returncode == -signal.SIGBUS, (out.returncode, out.stderr[-2000:])
+    assert "Bus error" in out.stderr  # faulthandler's report: the handler before ours was called
+
+
+def test_a_block_file_is_written_in_one_writev_and_survives_short_writes(tmp_path, monkeypatch):
+    """One writev for a typical block file: the page cache then holds it in large folios,
+    which read back faster. A short write (a signal, a disk's last bytes) goes on after
+    what it wrote, and a write that makes no progress is an error, not a hang."""
+    rows = [np.random.default_rng(i).standard_normal((3, 256, 64)).astype(np.float32) for i in range(60)]
+    arrays = [(f"a{i}", "float32", r.shape, [r[h] for h in range(3)]) for i, r in enumerate(rows)]
+    calls: list[int] = []
+    real = os.writev
+
+    def counted(fd, buffers):
+        calls.append(len(buffers))
+        return real(fd, buffers)
+
+    monkeypatch.setattr(os, "writev", counted)
+    size, checksum = blockfile.write(tmp_path / "one.kv", {"kind": "test"}, arrays)
+    assert calls == [181]  # the header and 180 rows, in one call
+    assert file_checksum(tmp_path / "one.kv", size) == checksum
+
+    def short(fd, buffers):  # at most 100,000 bytes a call, cut anywhere
+        calls.append(len(buffers))
+        data = b"".join(bytes(b) for b in buffers)[:100_000]
+        return os.write(fd, data)
+
+    calls.clear()
+    monkeypatch.setattr(os, "writev", short)
+    size2, checksum2 = blockfile.write(tmp_path / "short.kv", {"kind": "test"}, arrays)
+    assert len(calls) > 100
+    assert (size2, checksum2) == (size, checksum)
+    assert (tmp_path / "short.kv").read_bytes() == (tmp_path / "one.kv").read_bytes()
+    monkeypatch.setattr(os, "writev", lambda fd, buffers: 0)
+    with pytest.raises(OSError, match="no progress"):
+        blockfile.write(tmp_path / "stuck.kv", {"kind": "test"}, arrays)
+    assert not list(tmp_path.glob("*stuck*")) and sorted(p.name for p in tmp_path.iterdir()) == ["one.kv", "short.kv"]
 
 
 def test_arrays_without_a_plain_byte_view_are_written_in_c_order(tmp_path):

@@ -43,7 +43,10 @@
 #include <utility>
 #include <vector>
 
+#include <csetjmp>
+#include <csignal>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -56,7 +59,7 @@
 #include "mlx/primitives.h"
 #endif
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if (defined(__AVX2__) && defined(__FMA__)) || (defined(__x86_64__) && defined(__AVX2__))
 #include <immintrin.h>
 #endif
 
@@ -526,6 +529,97 @@ void map_if_fresh(const struct iovec* rows, size_t count) {
 #endif
 }
 
+#if defined(__x86_64__) && defined(__AVX2__)
+#define SEMANTIC_HAVE_STREAMED_READS
+// Rows whose memory is already mapped (buffers MLX recycled: the server, a room, a
+// second restore in a process) are copied out of a read-only mapping of the file
+// instead, each row hashed in the mapping and then copied with non-temporal
+// stores. The kernel's copy out of the page cache runs at ~4-6 GB/s per core here,
+// and xxh3 then reads the rows back from memory; this reads each byte once and
+// writes it once (exp-006's 8K restore in reused memory, 2-core VM: ~37 against
+// ~43 ms). Fresh memory still takes preadv: non-temporal stores into pages just
+// zeroed cost more than the kernel's copy (80 against 115 ms, scripts/restore_floor.c).
+//
+// A file cut short under its mapping raises SIGBUS when a row past its new end is
+// read. A handler turns that, on the thread and in the range a guard arms, into
+// "the file ended first" (siglongjmp back to run_job); any other SIGBUS goes on to
+// the handler installed before it (Python's faulthandler, or the default).
+struct MapGuard {
+  sigjmp_buf env;
+  const char* lo = nullptr;
+  const char* hi = nullptr;
+  volatile sig_atomic_t armed = 0;
+};
+
+// initial-exec: reading it in the handler must not allocate (the module is dlopen'ed).
+__attribute__((tls_model("initial-exec"))) thread_local MapGuard* t_guard = nullptr;
+struct sigaction g_previous_bus;  // the handler a SIGBUS that is not ours goes to
+std::mutex g_bus_mutex;
+
+void on_sigbus(int sig, siginfo_t* info, void* context) {
+  MapGuard* guard = t_guard;
+  const char* addr = static_cast<const char*>(info->si_addr);
+  if (guard != nullptr && guard->armed && addr >= guard->lo && addr < guard->hi) {
+    guard->armed = 0;
+    siglongjmp(guard->env, 1);
+  }
+  if (g_previous_bus.sa_flags & SA_SIGINFO) {
+    g_previous_bus.sa_sigaction(sig, info, context);
+  } else if (g_previous_bus.sa_handler != SIG_DFL && g_previous_bus.sa_handler != SIG_IGN) {
+    g_previous_bus.sa_handler(sig);
+  } else {
+    ::signal(sig, SIG_DFL);  // returning re-runs the access, which now takes the default action
+  }
+}
+
+// Installed before a file is mapped, and again if another handler has replaced it since
+// (faulthandler.disable() puts back the one it found).
+bool bus_handler_installed() {
+  std::lock_guard<std::mutex> lock(g_bus_mutex);
+  struct sigaction current {};
+  if (::sigaction(SIGBUS, nullptr, &current) != 0) {
+    return false;
+  }
+  if ((current.sa_flags & SA_SIGINFO) && current.sa_sigaction == on_sigbus) {
+    return true;
+  }
+  struct sigaction action {};
+  action.sa_sigaction = on_sigbus;
+  action.sa_flags = SA_SIGINFO;
+  sigemptyset(&action.sa_mask);
+  struct sigaction previous {};
+  if (::sigaction(SIGBUS, &action, &previous) != 0) {
+    return false;
+  }
+  g_previous_bus = previous;  // before any fault can need it: no file of ours is mapped yet
+  return true;
+}
+
+void stream_copy(char* d, const char* s, size_t n) {
+  size_t i = std::min(n, static_cast<size_t>((64 - (reinterpret_cast<uintptr_t>(d) & 63)) & 63));
+  std::memcpy(d, s, i);
+#if defined(__AVX512F__)
+  for (; i + 64 <= n; i += 64) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(d + i), _mm512_loadu_si512(s + i));
+  }
+#else
+  for (; i + 32 <= n; i += 32) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
+  }
+#endif
+  std::memcpy(d + i, s + i, n - i);
+}
+#endif  // x86-64 with AVX2
+
+// Whether the whole first page of a view is mapped already (memory MLX recycled).
+bool first_page_mapped(const struct iovec& v) {
+  static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  uintptr_t start = reinterpret_cast<uintptr_t>(v.iov_base);
+  uintptr_t first = (start + page - 1) & ~(page - 1);
+  unsigned char resident = 0;
+  return first + page <= start + v.iov_len && ::mincore(reinterpret_cast<void*>(first), 1, &resident) == 0 && (resident & 1);
+}
+
 // One file's reads: `iov` in order from `offset`, in groups of about
 // `group_bytes`, each hashed right after its read (while in cache), after
 // `prefix`. Runs without the GIL.
@@ -538,12 +632,50 @@ struct Job {
   XXH64_hash_t digest = 0;
 };
 
-void run_job(Job& job, size_t group_bytes) {
+// How rows reach their views: from a mapping of the file where their memory is mapped
+// already (-1, what a restore uses), never (0), or always (1: even into fresh memory, and
+// whatever the file's size, so that a test can have a file end under the mapping).
+enum Streamed { kWhereMapped = -1, kNever = 0, kAlways = 1 };
+
+void run_job(Job& job, size_t group_bytes, int streamed_rows) {
   XXH3_state_t state;
   XXH3_64bits_reset(&state);
   XXH3_64bits_update(&state, job.prefix.data(), job.prefix.size());
-  std::vector<struct iovec> pending;  // read_fully consumes its iovecs
   const std::vector<struct iovec>& iov = job.iov;
+#ifdef SEMANTIC_HAVE_STREAMED_READS
+  const char* mapped = nullptr;  // the file, where rows are streamed from it
+  size_t mapped_size = static_cast<size_t>(job.offset);
+  for (const struct iovec& v : iov) {
+    mapped_size += v.iov_len;
+  }
+  MapGuard guard;
+  struct stat st {};
+  // A file already shorter than its views is read (and found short) as before: past its
+  // end, the last page of a mapping reads as zeros rather than faulting.
+  bool wanted = !iov.empty() && (streamed_rows == kAlways ||
+                                 (streamed_rows == kWhereMapped && first_page_mapped(iov[0]) && ::fstat(job.fd, &st) == 0 &&
+                                  static_cast<size_t>(st.st_size) >= mapped_size));
+  if (wanted && bus_handler_installed()) {
+    void* m = ::mmap(nullptr, mapped_size, PROT_READ, MAP_SHARED | MAP_POPULATE, job.fd, 0);
+    if (m != MAP_FAILED) {
+      mapped = static_cast<const char*>(m);
+      guard.lo = mapped;
+      guard.hi = mapped + mapped_size;
+      t_guard = &guard;
+    }
+  }
+  // Back here from the SIGBUS handler (mapped and mapped_size are not changed after this).
+  if (mapped != nullptr && sigsetjmp(guard.env, 1) != 0) {
+    t_guard = nullptr;
+    ::munmap(const_cast<char*>(mapped), mapped_size);
+    job.status = -1;
+    return;
+  }
+  bool streamed = false;
+#else
+  (void)streamed_rows;  // always read: no mapping without non-temporal stores
+#endif
+  std::vector<struct iovec> pending;  // read_fully consumes its iovecs
   off_t offset = job.offset;
   size_t first = 0;
   while (first < iov.size() && job.status == 0) {
@@ -551,6 +683,22 @@ void run_job(Job& job, size_t group_bytes) {
     while (last < iov.size() && (last == first || bytes < group_bytes) && last - first < IOV_MAX) {
       bytes += iov[last++].iov_len;
     }
+#ifdef SEMANTIC_HAVE_STREAMED_READS
+    if (mapped != nullptr && (streamed_rows == kAlways || first_page_mapped(iov[first]))) {
+      const char* src = mapped + offset;
+      guard.armed = 1;
+      for (size_t i = first; i < last; ++i) {
+        XXH3_64bits_update(&state, src, iov[i].iov_len);
+        stream_copy(static_cast<char*>(iov[i].iov_base), src, iov[i].iov_len);
+        src += iov[i].iov_len;
+      }
+      guard.armed = 0;
+      streamed = true;
+      offset += static_cast<off_t>(bytes);
+      first = last;
+      continue;
+    }
+#endif
     map_if_fresh(&iov[first], last - first);
     pending.assign(iov.begin() + first, iov.begin() + last);
     job.status = bytes == 0 ? 0 : read_fully(job.fd, pending.data(), static_cast<int>(pending.size()), offset);
@@ -560,6 +708,15 @@ void run_job(Job& job, size_t group_bytes) {
     offset += static_cast<off_t>(bytes);
     first = last;
   }
+#ifdef SEMANTIC_HAVE_STREAMED_READS
+  if (streamed) {
+    _mm_sfence();  // the streamed rows are visible before the job is seen to be done
+  }
+  if (mapped != nullptr) {
+    t_guard = nullptr;
+    ::munmap(const_cast<char*>(mapped), mapped_size);
+  }
+#endif
   job.digest = XXH3_64bits_digest(&state);
 }
 
@@ -575,7 +732,8 @@ void run_job(Job& job, size_t group_bytes) {
 // 2-core VM: ~55 ms against ~45 ms.) One Python thread uses a Reader: a restore's own.
 class Reader {
  public:
-  Reader(size_t group_bytes, int threads) : group_bytes_(group_bytes), threads_(std::max(threads, 1)) {}
+  Reader(size_t group_bytes, int threads, int streamed_rows)
+      : group_bytes_(group_bytes), threads_(std::max(threads, 1)), streamed_rows_(streamed_rows) {}
   Reader(const Reader&) = delete;
   Reader& operator=(const Reader&) = delete;
   ~Reader() { abort(); }  // with the GIL held: the threads never take it
@@ -648,7 +806,7 @@ class Reader {
         }
         job = &jobs_[next_++];  // a deque: later pushes leave it in place
       }
-      run_job(*job, group_bytes_);
+      run_job(*job, group_bytes_, streamed_rows_);
     }
   }
 
@@ -671,6 +829,7 @@ class Reader {
 
   size_t group_bytes_;
   int threads_;
+  int streamed_rows_;
   Buffers held_;  // released after the threads are joined (members go in reverse order)
   std::deque<Job> jobs_;
   size_t next_ = 0;
@@ -706,7 +865,7 @@ NB_MODULE(_native, m) {
 #endif
 #ifdef SEMANTIC_HAVE_XXHASH
   nb::class_<Reader>(m, "Reader", "A restore's file reads and their xxh3-64, on threads without the GIL.")
-      .def(nb::init<size_t, int>(), nb::arg("group_bytes"), nb::arg("threads"))
+      .def(nb::init<size_t, int, int>(), nb::arg("group_bytes"), nb::arg("threads"), nb::arg("streamed_rows") = -1)
       .def("submit",
            &Reader::submit,
            nb::arg("fd"),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from .. import config
 from ..backend import runtime
 from ..kv.layers import CacheSpec
 from .results import Results, summary
@@ -64,7 +65,7 @@ def run(tokens: int = 8192, runs: int = 50, block_tokens: int = 256, on_progress
     stats = store.persist("exp-006", model_fp, spec, ids, cache, protect=set())
     persist_s = time.perf_counter() - t
     del cache
-    runtime.freeze_startup_objects()  # the state a chat process is in once its model is loaded
+    runtime.settle(config.parse_bytes(config.get("hot_budget")))  # the state a chat process is in once its model is loaded
     mx = runtime.mx()
     prompt = ids + [1]
 

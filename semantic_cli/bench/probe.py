@@ -17,6 +17,7 @@ from typing import Any
 
 
 def probe(job: dict[str, Any]) -> float:
+    from .. import config
     from ..backend import runtime
     from ..kv.layers import CacheSpec
     from ..kv.store import KVStore
@@ -24,7 +25,7 @@ def probe(job: dict[str, Any]) -> float:
     mx = runtime.mx()
     from mlx_lm.models.cache import load_prompt_cache
 
-    runtime.freeze_startup_objects()
+    runtime.settle(config.parse_bytes(config.get("hot_budget")))  # as a chat process once its model is loaded
     if job["op"] == "restore":
         store = KVStore(job["block_tokens"], disk_budget=1 << 62, hot_budget=0)
         prompt = job["prompt"]

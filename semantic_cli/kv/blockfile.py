@@ -32,6 +32,7 @@ renames or unlinks cache files; the index (kv/index.py) decides when.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -168,18 +169,39 @@ def _write_temp(directory: Path, header: dict, arrays: Arrays) -> tuple[str, int
     # The writer's pid in the name: `cache verify --repair` leaves a live writer's file alone.
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=".kv")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(prefix)
-            for views in chunks_all:
-                for c in views:
-                    f.write(c)
-                    digest.update(c)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            views = [memoryview(prefix)] + [c for views in chunks_all for c in views]
+            for c in views[1:]:
+                digest.update(c)
+            _write_all(fd, views)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except BaseException:
         _discard(tmp)
         raise
     return tmp, len(prefix) + offset, digest.hexdigest()
+
+
+# Most iovecs one writev takes (POSIX guarantees 16; Linux and macOS take 1,024).
+_IOV_MAX = max(16, min(1024, os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16))
+
+
+def _write_all(fd: int, views: list[memoryview]) -> None:
+    """Write the views in order in as few system calls as the OS allows: a block file in one
+    `writev`, so that the page cache holds it in large folios, which read back faster
+    (exp-006's 8K restore, 2-core VM: ~48 against ~53 ms; 64 KB writes left 4 KB pages)."""
+    pending = [v for v in views if len(v)]
+    while pending:
+        written = os.writev(fd, pending[:_IOV_MAX])
+        if written == 0:
+            raise OSError(errno.EIO, "the write made no progress")
+        while written:  # a short write (a signal, a full disk's last bytes): go on after it
+            if written >= len(pending[0]):
+                written -= len(pending.pop(0))
+            else:
+                pending[0] = pending[0][written:]
+                written = 0
 
 
 def _byte_view(chunk: Any) -> memoryview:
