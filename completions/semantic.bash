@@ -171,8 +171,8 @@ _semantic() {
         " agents trim:0") __semantic_values "agent" ;;
         " agents compact:0") __semantic_values "agent" ;;
         " cache evict":*) __semantic_values "agent" ;;
-        " config get:0") __semantic_values "key:model block_tokens cache_budget hot_budget temp top_p max_tokens top_k min_p repeat_penalty repeat_last_n round_cap" ;;
-        " config set:0") __semantic_values "key:model block_tokens cache_budget hot_budget temp top_p max_tokens top_k min_p repeat_penalty repeat_last_n round_cap" ;;
+        " config get:0") __semantic_values "key:model block_tokens cache_budget hot_budget buffer_cache temp top_p max_tokens top_k min_p repeat_penalty repeat_last_n round_cap" ;;
+        " config set:0") __semantic_values "key:model block_tokens cache_budget hot_budget buffer_cache temp top_p max_tokens top_k min_p repeat_penalty repeat_last_n round_cap" ;;
         " rooms rm:0") __semantic_values "agent" ;;
     esac
 }

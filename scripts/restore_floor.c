@@ -6,7 +6,7 @@
 // 256 tokens x 64 floats) into DIR, reads them once so they sit in the page cache,
 // then times, in memory that is already mapped (as exp-006's reused state):
 //   - each way of landing the rows in their places in 60 arrays of (3, 8192, 64)
-//     floats, with the whole of each file hashed (xxh3-64), on 1 and on 2 threads;
+//     floats, every row hashed (xxh3-64) on the way, on 1 and on 2 threads;
 //   - exp-006's baseline: one contiguous copy of the same bytes on one thread.
 // With --fresh, the destination is new memory for every run (a warm turn's new
 // process), each row's pages mapped with MADV_POPULATE_WRITE before it is written.

@@ -138,6 +138,13 @@ SETTINGS: dict[str, Setting] = {
         Setting("block_tokens", 256, _positive_int, "SEMANTIC_BLOCK_TOKENS", "tokens per KV block"),
         Setting("cache_budget", "10GB", _size, "SEMANTIC_CACHE_BUDGET", "disk budget for KV blocks"),
         Setting("hot_budget", "2GB", _size, "SEMANTIC_HOT_BUDGET", "memory budget for in-process caches"),
+        Setting(
+            "buffer_cache",
+            "1GB",
+            _size,
+            "SEMANTIC_BUFFER_CACHE",
+            "freed memory MLX keeps for reuse on the CPU (a process's next restore then needs no new pages)",
+        ),
         Setting("temp", 0.0, _temp, None, "default sampling temperature (0 = greedy)"),
         Setting("top_p", 1.0, _top_p, None, "default nucleus sampling threshold"),
         Setting("max_tokens", 512, _positive_int, None, "default maximum tokens per reply"),

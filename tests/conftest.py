@@ -65,7 +65,15 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private SEMANTIC_HOME: every file the tool writes goes under it."""
     path = tmp_path / "home"
     monkeypatch.setenv("SEMANTIC_HOME", str(path))
-    for var in ("SEMANTIC_MODEL", "SEMANTIC_BLOCK_TOKENS", "SEMANTIC_CACHE_BUDGET", "SEMANTIC_HOT_BUDGET", "SEMANTIC_DEBUG", "NO_COLOR"):
+    for var in (
+        "SEMANTIC_MODEL",
+        "SEMANTIC_BLOCK_TOKENS",
+        "SEMANTIC_CACHE_BUDGET",
+        "SEMANTIC_HOT_BUDGET",
+        "SEMANTIC_BUFFER_CACHE",
+        "SEMANTIC_DEBUG",
+        "NO_COLOR",
+    ):
         monkeypatch.delenv(var, raising=False)
     return path
 

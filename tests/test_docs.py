@@ -79,6 +79,7 @@ def test_man_page_renders_every_command_and_option(tree):
         "SEMANTIC_BLOCK_TOKENS",
         "SEMANTIC_CACHE_BUDGET",
         "SEMANTIC_HOT_BUDGET",
+        "SEMANTIC_BUFFER_CACHE",
         "SEMANTIC_DEBUG",
         "NO_COLOR",
     ):

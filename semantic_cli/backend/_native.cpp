@@ -59,7 +59,7 @@
 #include "mlx/primitives.h"
 #endif
 
-#if (defined(__AVX2__) && defined(__FMA__)) || (defined(__x86_64__) && defined(__AVX2__))
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -529,21 +529,27 @@ void map_if_fresh(const struct iovec* rows, size_t count) {
 #endif
 }
 
-#if defined(__x86_64__) && defined(__AVX2__)
+#if defined(__linux__) && defined(__x86_64__) && defined(__AVX2__)
 #define SEMANTIC_HAVE_STREAMED_READS
 // Rows whose memory is already mapped (buffers MLX recycled: the server, a room, a
 // second restore in a process) are copied out of a read-only mapping of the file
-// instead, each row hashed in the mapping and then copied with non-temporal
-// stores. The kernel's copy out of the page cache runs at ~4-6 GB/s per core here,
-// and xxh3 then reads the rows back from memory; this reads each byte once and
-// writes it once (exp-006's 8K restore in reused memory, 2-core VM: ~37 against
-// ~43 ms). Fresh memory still takes preadv: non-temporal stores into pages just
-// zeroed cost more than the kernel's copy (80 against 115 ms, scripts/restore_floor.c).
+// instead, 16 KB at a time: hashed in the mapping, then copied from cache with
+// non-temporal stores. The kernel's copy out of the page cache runs at ~4-6 GB/s
+// per core here and leaves the rows out of cache, so xxh3 read them back from
+// memory; this way each byte comes from memory once and goes to it once (exp-006's
+// 8K restore in reused memory, 2-core VM: ~37 against ~43 ms). Fresh memory still
+// takes preadv: into pages just zeroed, the non-temporal copy took 115 ms where
+// preadv took 80 (scripts/restore_floor.c --fresh).
+//
+// The bytes hashed are the bytes copied, unless something writes into the file in
+// place between the two (within one 16 KB chunk): semantic never does (a file is
+// written under a temp name and renamed), and the hash covers what was read.
 //
 // A file cut short under its mapping raises SIGBUS when a row past its new end is
 // read. A handler turns that, on the thread and in the range a guard arms, into
 // "the file ended first" (siglongjmp back to run_job); any other SIGBUS goes on to
-// the handler installed before it (Python's faulthandler, or the default).
+// the handler installed before it (Python's faulthandler, or the default). It is
+// installed once; if another handler replaces it later, files are read, not mapped.
 struct MapGuard {
   sigjmp_buf env;
   const char* lo = nullptr;
@@ -551,10 +557,12 @@ struct MapGuard {
   volatile sig_atomic_t armed = 0;
 };
 
-// initial-exec: reading it in the handler must not allocate (the module is dlopen'ed).
+// initial-exec: reading it in the handler must not allocate (the module is dlopen'ed;
+// 8 bytes of glibc's static TLS reserve).
 __attribute__((tls_model("initial-exec"))) thread_local MapGuard* t_guard = nullptr;
 struct sigaction g_previous_bus;  // the handler a SIGBUS that is not ours goes to
-std::mutex g_bus_mutex;
+std::once_flag g_bus_once;
+bool g_bus_ours = false;  // installed (else files are always read)
 
 void on_sigbus(int sig, siginfo_t* info, void* context) {
   MapGuard* guard = t_guard;
@@ -563,36 +571,29 @@ void on_sigbus(int sig, siginfo_t* info, void* context) {
     guard->armed = 0;
     siglongjmp(guard->env, 1);
   }
-  if (g_previous_bus.sa_flags & SA_SIGINFO) {
+  void (*plain)(int) = g_previous_bus.sa_handler;
+  if (plain == SIG_DFL || plain == SIG_IGN) {
+    ::signal(sig, SIG_DFL);  // a fault's access runs again on return and now takes the default action
+  } else if (g_previous_bus.sa_flags & SA_SIGINFO) {
     g_previous_bus.sa_sigaction(sig, info, context);
-  } else if (g_previous_bus.sa_handler != SIG_DFL && g_previous_bus.sa_handler != SIG_IGN) {
-    g_previous_bus.sa_handler(sig);
   } else {
-    ::signal(sig, SIG_DFL);  // returning re-runs the access, which now takes the default action
+    plain(sig);
   }
 }
 
-// Installed before a file is mapped, and again if another handler has replaced it since
-// (faulthandler.disable() puts back the one it found).
-bool bus_handler_installed() {
-  std::lock_guard<std::mutex> lock(g_bus_mutex);
+// Whether our handler is the one SIGBUS reaches now: installed on first use (the
+// handler before it saved for every other SIGBUS), never installed over another again.
+bool bus_handler_ours() {
+  std::call_once(g_bus_once, [] {
+    struct sigaction action {};
+    action.sa_sigaction = on_sigbus;
+    action.sa_flags = SA_SIGINFO;
+    sigemptyset(&action.sa_mask);
+    g_bus_ours = ::sigaction(SIGBUS, &action, &g_previous_bus) == 0;
+  });
   struct sigaction current {};
-  if (::sigaction(SIGBUS, nullptr, &current) != 0) {
-    return false;
-  }
-  if ((current.sa_flags & SA_SIGINFO) && current.sa_sigaction == on_sigbus) {
-    return true;
-  }
-  struct sigaction action {};
-  action.sa_sigaction = on_sigbus;
-  action.sa_flags = SA_SIGINFO;
-  sigemptyset(&action.sa_mask);
-  struct sigaction previous {};
-  if (::sigaction(SIGBUS, &action, &previous) != 0) {
-    return false;
-  }
-  g_previous_bus = previous;  // before any fault can need it: no file of ours is mapped yet
-  return true;
+  return g_bus_ours && ::sigaction(SIGBUS, nullptr, &current) == 0 && (current.sa_flags & SA_SIGINFO) &&
+         current.sa_sigaction == on_sigbus;
 }
 
 void stream_copy(char* d, const char* s, size_t n) {
@@ -609,7 +610,17 @@ void stream_copy(char* d, const char* s, size_t n) {
 #endif
   std::memcpy(d + i, s + i, n - i);
 }
-#endif  // x86-64 with AVX2
+
+constexpr size_t kStreamChunk = 16 << 10;  // hashed, then copied while still in L1/L2
+
+// Hash `n` bytes of the mapping at `s` and copy them to `d`, chunk by chunk.
+void hash_and_stream(XXH3_state_t& state, char* d, const char* s, size_t n) {
+  for (size_t done = 0; done < n; done += kStreamChunk) {
+    size_t chunk = std::min(kStreamChunk, n - done);
+    XXH3_64bits_update(&state, s + done, chunk);
+    stream_copy(d + done, s + done, chunk);
+  }
+}
 
 // Whether the whole first page of a view is mapped already (memory MLX recycled).
 bool first_page_mapped(const struct iovec& v) {
@@ -619,6 +630,7 @@ bool first_page_mapped(const struct iovec& v) {
   unsigned char resident = 0;
   return first + page <= start + v.iov_len && ::mincore(reinterpret_cast<void*>(first), 1, &resident) == 0 && (resident & 1);
 }
+#endif  // Linux on x86-64 with AVX2
 
 // One file's reads: `iov` in order from `offset`, in groups of about
 // `group_bytes`, each hashed right after its read (while in cache), after
@@ -642,6 +654,7 @@ void run_job(Job& job, size_t group_bytes, int streamed_rows) {
   XXH3_64bits_reset(&state);
   XXH3_64bits_update(&state, job.prefix.data(), job.prefix.size());
   const std::vector<struct iovec>& iov = job.iov;
+  std::vector<struct iovec> pending;  // read_fully consumes its iovecs
 #ifdef SEMANTIC_HAVE_STREAMED_READS
   const char* mapped = nullptr;  // the file, where rows are streamed from it
   size_t mapped_size = static_cast<size_t>(job.offset);
@@ -655,27 +668,28 @@ void run_job(Job& job, size_t group_bytes, int streamed_rows) {
   bool wanted = !iov.empty() && (streamed_rows == kAlways ||
                                  (streamed_rows == kWhereMapped && first_page_mapped(iov[0]) && ::fstat(job.fd, &st) == 0 &&
                                   static_cast<size_t>(st.st_size) >= mapped_size));
-  if (wanted && bus_handler_installed()) {
+  if (wanted && bus_handler_ours()) {
     void* m = ::mmap(nullptr, mapped_size, PROT_READ, MAP_SHARED | MAP_POPULATE, job.fd, 0);
     if (m != MAP_FAILED) {
       mapped = static_cast<const char*>(m);
       guard.lo = mapped;
       guard.hi = mapped + mapped_size;
-      t_guard = &guard;
     }
   }
-  // Back here from the SIGBUS handler (mapped and mapped_size are not changed after this).
-  if (mapped != nullptr && sigsetjmp(guard.env, 1) != 0) {
-    t_guard = nullptr;
-    ::munmap(const_cast<char*>(mapped), mapped_size);
-    job.status = -1;
-    return;
+  if (mapped != nullptr) {
+    // Back here from the SIGBUS handler (mapped and mapped_size are not changed after this).
+    if (sigsetjmp(guard.env, 1) != 0) {
+      t_guard = nullptr;
+      ::munmap(const_cast<char*>(mapped), mapped_size);
+      job.status = -1;
+      return;
+    }
+    t_guard = &guard;
   }
   bool streamed = false;
 #else
-  (void)streamed_rows;  // always read: no mapping without non-temporal stores
+  (void)streamed_rows;  // always read: no mapping here
 #endif
-  std::vector<struct iovec> pending;  // read_fully consumes its iovecs
   off_t offset = job.offset;
   size_t first = 0;
   while (first < iov.size() && job.status == 0) {
@@ -687,11 +701,12 @@ void run_job(Job& job, size_t group_bytes, int streamed_rows) {
     if (mapped != nullptr && (streamed_rows == kAlways || first_page_mapped(iov[first]))) {
       const char* src = mapped + offset;
       guard.armed = 1;
+      std::atomic_signal_fence(std::memory_order_seq_cst);  // no read of the mapping moves above
       for (size_t i = first; i < last; ++i) {
-        XXH3_64bits_update(&state, src, iov[i].iov_len);
-        stream_copy(static_cast<char*>(iov[i].iov_base), src, iov[i].iov_len);
+        hash_and_stream(state, static_cast<char*>(iov[i].iov_base), src, iov[i].iov_len);
         src += iov[i].iov_len;
       }
+      std::atomic_signal_fence(std::memory_order_seq_cst);  // nor below
       guard.armed = 0;
       streamed = true;
       offset += static_cast<off_t>(bytes);
@@ -844,6 +859,11 @@ class Reader {
 NB_MODULE(_native, m) {
   nb::module_::import_("mlx.core");  // registers the array and Dtype types converted here
   m.attr("mlx_version") = SEMANTIC_MLX_VERSION;
+#ifdef SEMANTIC_HAVE_STREAMED_READS
+  m.attr("streamed_reads") = true;  // Reader can copy recycled rows out of a mapping of the file
+#else
+  m.attr("streamed_reads") = false;
+#endif
   m.def(
       "empty_arrays",
       &empty_arrays,

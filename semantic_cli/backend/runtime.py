@@ -106,27 +106,40 @@ def apply_dtype_policy(model: Any) -> str:
     return target
 
 
-# MLX's own limit on the CPU (32 MiB): more than that of freed buffers goes back to the OS.
-_MLX_CPU_CACHE_LIMIT = 32 << 20
-
-
-def settle(keep_bytes: int) -> None:
+def settle(buffer_cache: int) -> None:
     """The state a process is in once its model is loaded: what is alive is frozen out of
-    garbage collection, and MLX may keep `keep_bytes` of freed buffers (the hot budget)."""
+    garbage collection, and MLX may keep `buffer_cache` bytes of freed buffers on the CPU."""
     freeze_startup_objects()
-    keep_freed_buffers(keep_bytes)
+    keep_freed_buffers(buffer_cache)
 
 
 def keep_freed_buffers(nbytes: int) -> None:
-    """Let MLX keep up to `nbytes` of freed buffers for reuse (at least its own 32 MiB).
+    """On the CPU, let MLX keep up to `nbytes` of freed buffers for reuse; never less than it
+    keeps already (32 MiB by default there). A GPU's limit (its memory limit) is left alone.
 
-    A process that restores a KV cache more than once (the server, a room, a REPL
-    switching agents) then reads into memory it already mapped. With MLX's CPU limit, the
-    buffers of an 8K-token SmolLM2 cache (377 MB) mostly went back to the OS when freed, and
-    every other restore paid ~9,400 new pages (exp-006, 2-core VM: 48-53 against 43-44 ms).
-    The hot budget bounds it: memory the user gave this process for caches.
+    A process that restores KV caches more than once (the server, a room, a REPL
+    switching agents) then reads into memory it has mapped already: with 32 MiB, most of
+    an 8K-token SmolLM2 cache's buffers (377 MB) went back to the OS when freed, and every
+    other restore in exp-006 faulted in ~9,400 new pages (2-core VM: 48-53 against 43-44 ms).
     """
-    mx().set_cache_limit(max(_MLX_CPU_CACHE_LIMIT, nbytes))
+    if info().backend != "cpu":
+        return
+    core = mx()
+    previous = core.set_cache_limit(nbytes)
+    if previous > nbytes:
+        core.set_cache_limit(previous)
+
+
+def release_freed_memory() -> None:
+    """Hand every freed buffer back to the OS: MLX's cache, then what the C allocator keeps
+    (glibc's `malloc_trim`, where there is one), so that the next allocations are new pages."""
+    mx().clear_cache()
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+    trim(ctypes.c_size_t(0))
 
 
 def freeze_startup_objects() -> None:

@@ -25,7 +25,7 @@ def probe(job: dict[str, Any]) -> float:
     mx = runtime.mx()
     from mlx_lm.models.cache import load_prompt_cache
 
-    runtime.settle(config.parse_bytes(config.get("hot_budget")))  # as a chat process once its model is loaded
+    runtime.settle(config.parse_bytes(config.get("buffer_cache")))  # as a chat process once its model is loaded
     if job["op"] == "restore":
         store = KVStore(job["block_tokens"], disk_budget=1 << 62, hot_budget=0)
         prompt = job["prompt"]

@@ -94,14 +94,15 @@ def exp006(
         res = b.run(tokens=tokens, runs=runs, on_progress=progress)
     r = res.results
     ms = lambda s: f"{s * 1000:.1f} ms"  # noqa: E731
-    rows = [("", "p50", "p95", "p99")]
+    rows = [("", "p50", "p95", "p99", "page faults")]
     for label, key in (
-        ("restore, reused memory", "restore_s"),
-        ("plain copy, reused buffer", "copy_reused_s"),
-        ("restore, fresh memory", "restore_fresh_s"),
-        ("plain copy, fresh buffer", "copy_fresh_s"),
+        ("restore, reused memory", "restore"),
+        ("plain copy, reused buffer", "copy_reused"),
+        ("restore, fresh memory", "restore_fresh"),
+        ("plain copy, fresh buffer", "copy_fresh"),
     ):
-        rows.append((label, ms(r[key]["p50"]), ms(r[key]["p95"]), ms(r[key]["p99"])))
+        t = r[f"{key}_s"]
+        rows.append((label, ms(t["p50"]), ms(t["p95"]), ms(t["p99"]), f"{r['minor_faults_p50'][key]:,}"))
 
     def extra(console: Any) -> None:
         console.print(

@@ -192,15 +192,17 @@ def _write_all(fd: int, views: list[memoryview]) -> None:
     `writev`, so that the page cache holds it in large folios, which read back faster
     (exp-006's 8K restore, 2-core VM: ~48 against ~53 ms; 64 KB writes left 4 KB pages)."""
     pending = [v for v in views if len(v)]
-    while pending:
-        written = os.writev(fd, pending[:_IOV_MAX])
+    first = 0
+    while first < len(pending):
+        written = os.writev(fd, pending[first : first + _IOV_MAX])
         if written == 0:
             raise OSError(errno.EIO, "the write made no progress")
         while written:  # a short write (a signal, a full disk's last bytes): go on after it
-            if written >= len(pending[0]):
-                written -= len(pending.pop(0))
+            if written >= len(pending[first]):
+                written -= len(pending[first])
+                first += 1
             else:
-                pending[0] = pending[0][written:]
+                pending[first] = pending[first][written:]
                 written = 0
 
 

@@ -189,7 +189,7 @@ def load(ref: ModelRef, split: Callable[[Any], str] | None = None) -> LoadedMode
     if layout:  # each rank's blocks hold its own shard: never read under another layout
         fp = hashlib.sha256(f"{fp}|{layout}".encode()).hexdigest()[:32]
     name = Path(ref.path).name if ref.spec == DEFAULT or Path(ref.path).exists() else ref.spec
-    runtime.settle(config.parse_bytes(config.get("hot_budget")))
+    runtime.settle(config.parse_bytes(config.get("buffer_cache")))
     return LoadedModel(ref, model, tokenizer, dtype, fp, tok_fp, _context_length(model_dir), name, layout, base_fp)
 
 
