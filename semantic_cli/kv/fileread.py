@@ -4,8 +4,10 @@ A file is opened with O_NOFOLLOW | O_NONBLOCK and must be a regular file of exac
 the size the index records before a byte is read (a symlink, FIFO or device is
 damage, never a hang); its header is parsed within a bound, and any failure to
 parse it is a BlockFileError. Array bytes go from the file straight into the
-caller's preallocated destination buffers (`preadv`), one copy, hashed on the way
-(natively, all of a restore's files in one call, where backend/_native.cpp is built).
+caller's preallocated destination buffers, one copy, hashed on the way: natively, all of
+a restore's files in one call, where backend/_native.cpp is built (`preadv` into fresh
+memory; rows whose memory is mapped already are copied out of a mapping of the file, a
+file cut short under it being a short read), else `preadv` from Python.
 """
 
 from __future__ import annotations
