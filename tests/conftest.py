@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from semantic_cli import config
 from semantic_cli.backend import runtime
 
 # A suite started in the background by a non-interactive shell inherits SIGINT ignored, and
@@ -65,15 +66,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private SEMANTIC_HOME: every file the tool writes goes under it."""
     path = tmp_path / "home"
     monkeypatch.setenv("SEMANTIC_HOME", str(path))
-    for var in (
-        "SEMANTIC_MODEL",
-        "SEMANTIC_BLOCK_TOKENS",
-        "SEMANTIC_CACHE_BUDGET",
-        "SEMANTIC_HOT_BUDGET",
-        "SEMANTIC_BUFFER_CACHE",
-        "SEMANTIC_DEBUG",
-        "NO_COLOR",
-    ):
+    for var in [s.env for s in config.SETTINGS.values() if s.env] + ["SEMANTIC_DEBUG", "NO_COLOR"]:
         monkeypatch.delenv(var, raising=False)
     return path
 

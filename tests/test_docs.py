@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from semantic_cli import config
+
 ROOT = Path(__file__).resolve().parent.parent
 GEN = ROOT / "scripts" / "gen_docs.py"
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -73,17 +75,8 @@ def test_man_page_renders_every_command_and_option(tree):
         assert section in text
     for code, _, _ in gen_docs.exit_codes():
         assert re.search(rf"^\s+{code}\b", text, re.M), f"exit status {code} missing"
-    for var in (
-        "SEMANTIC_HOME",
-        "SEMANTIC_MODEL",
-        "SEMANTIC_BLOCK_TOKENS",
-        "SEMANTIC_CACHE_BUDGET",
-        "SEMANTIC_HOT_BUDGET",
-        "SEMANTIC_BUFFER_CACHE",
-        "SEMANTIC_DEBUG",
-        "NO_COLOR",
-    ):
-        assert var in text
+    for var in [s.env for s in config.SETTINGS.values() if s.env] + ["SEMANTIC_HOME", "SEMANTIC_DEBUG", "NO_COLOR"]:
+        assert var in text, f"{var} missing from the man page"
 
 
 def test_exit_codes_come_from_errors_py():
