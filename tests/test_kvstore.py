@@ -286,6 +286,34 @@ def test_a_file_cut_short_under_its_mapping_is_a_short_read_and_other_faults_sti
     assert "Bus error" in out.stderr  # faulthandler's report: the handler before ours was called
 
 
+_KILL_BUS = """
+import os, signal, sys
+from semantic_cli.backend import buffers, runtime
+runtime.mx()
+native = buffers.native()
+path = os.path.join(sys.argv[1], "f")
+with open(path, "wb") as f:
+    f.write(b"p" * (1 << 16))
+reader = native.Reader(1 << 18, 1, 1)  # the handler is installed over the default one
+reader.submit(os.open(path, os.O_RDONLY), 0, [memoryview(bytearray(1 << 16))], b"")
+print("reader", reader.finish()[0][0], flush=True)
+os.kill(os.getpid(), signal.SIGBUS)
+print("survived", flush=True)
+"""
+
+
+def test_a_sigbus_sent_to_the_process_still_ends_it(tmp_path):
+    """`kill -BUS` is no fault: returning from the handler would run nothing again, so the
+    handler, finding the default action before it, sends the signal again to end the process."""
+    native = buffers.native()
+    if native is None or not hasattr(native, "Reader") or not native.streamed_reads:
+        pytest.skip("rows are never copied out of a mapping here")
+    out = subprocess.run([sys.executable, "-c", _KILL_BUS, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert "reader 0" in out.stdout, out.stderr[-2000:]
+    assert "survived" not in out.stdout
+    assert out.returncode == -signal.SIGBUS
+
+
 def test_the_native_module_says_whether_it_can_copy_rows_out_of_a_mapping():
     native = buffers.native()
     if native is None:

@@ -576,6 +576,9 @@ void on_sigbus(int sig, siginfo_t* info, void* context) {
   void (*plain)(int) = g_previous_bus.sa_handler;
   if (plain == SIG_DFL || plain == SIG_IGN) {
     ::signal(sig, SIG_DFL);  // a fault's access runs again on return and now takes the default action
+    if (info->si_code <= 0) {
+      ::raise(sig);  // sent (kill, tgkill): nothing runs again, so send it again, delivered on return
+    }
   } else if (g_previous_bus.sa_flags & SA_SIGINFO) {
     g_previous_bus.sa_sigaction(sig, info, context);
   } else {
