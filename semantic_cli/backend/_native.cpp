@@ -506,18 +506,31 @@ int read_fully(int fd, struct iovec* iov, int count, off_t offset) {
 // it again only costs (~10 ms at 8K), so each read group asks mincore whether its
 // first row is mapped. Only pages wholly inside a view are named, so memory
 // outside it is never touched; before Linux 5.14 the pages just fault as before.
+#ifdef __linux__
+// The first and end addresses of the pages wholly inside a view (equal if there is none).
+std::pair<uintptr_t, uintptr_t> whole_pages(const struct iovec& v) {
+  static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  uintptr_t start = reinterpret_cast<uintptr_t>(v.iov_base);
+  uintptr_t first = (start + page - 1) & ~(page - 1);
+  return {first, std::max(first, (start + v.iov_len) & ~(page - 1))};
+}
+
+// Whether the first page wholly inside a view is mapped already (memory MLX recycled):
+// 1 mapped, 0 not, -1 unknown (no whole page, or mincore failed).
+int first_page_mapped(const struct iovec& v) {
+  auto [first, end] = whole_pages(v);
+  unsigned char resident = 0;
+  if (end == first || ::mincore(reinterpret_cast<void*>(first), 1, &resident) != 0) {
+    return -1;
+  }
+  return resident & 1;
+}
+#endif
+
 void map_if_fresh(const struct iovec* rows, size_t count) {
 #ifdef MADV_POPULATE_WRITE
-  static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
-  auto whole_pages = [](const struct iovec& v) {
-    uintptr_t start = reinterpret_cast<uintptr_t>(v.iov_base);
-    uintptr_t first = (start + page - 1) & ~(page - 1);
-    return std::pair{first, std::max(first, (start + v.iov_len) & ~(page - 1))};
-  };
-  auto [first, end] = whole_pages(rows[0]);
-  unsigned char resident = 1;
-  if (end == first || ::mincore(reinterpret_cast<void*>(first), 1, &resident) != 0 || (resident & 1)) {
-    return;
+  if (first_page_mapped(rows[0]) != 0) {
+    return;  // recycled memory, or nothing to tell
   }
   for (size_t i = 0; i < count; ++i) {
     auto [row_first, row_end] = whole_pages(rows[i]);
@@ -626,15 +639,6 @@ void hash_and_stream(XXH3_state_t& state, char* d, const char* s, size_t n) {
     stream_copy(d + done, s + done, chunk);
   }
 }
-
-// Whether the whole first page of a view is mapped already (memory MLX recycled).
-bool first_page_mapped(const struct iovec& v) {
-  static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
-  uintptr_t start = reinterpret_cast<uintptr_t>(v.iov_base);
-  uintptr_t first = (start + page - 1) & ~(page - 1);
-  unsigned char resident = 0;
-  return first + page <= start + v.iov_len && ::mincore(reinterpret_cast<void*>(first), 1, &resident) == 0 && (resident & 1);
-}
 #endif  // Linux on x86-64 with AVX2
 
 // One file's reads: `iov` in order from `offset`, in groups of about
@@ -671,7 +675,7 @@ void run_job(Job& job, size_t group_bytes, int streamed_rows) {
   // A file already shorter than its views is read (and found short) as before: past its
   // end, the last page of a mapping reads as zeros rather than faulting.
   bool wanted = !iov.empty() && (streamed_rows == kAlways ||
-                                 (streamed_rows == kWhereMapped && first_page_mapped(iov[0]) && ::fstat(job.fd, &st) == 0 &&
+                                 (streamed_rows == kWhereMapped && first_page_mapped(iov[0]) == 1 && ::fstat(job.fd, &st) == 0 &&
                                   static_cast<size_t>(st.st_size) >= mapped_size));
   if (wanted && bus_handler_ours()) {
     void* m = ::mmap(nullptr, mapped_size, PROT_READ, MAP_SHARED | MAP_POPULATE, job.fd, 0);
@@ -703,7 +707,7 @@ void run_job(Job& job, size_t group_bytes, int streamed_rows) {
       bytes += iov[last++].iov_len;
     }
 #ifdef SEMANTIC_HAVE_STREAMED_READS
-    if (mapped != nullptr && (streamed_rows == kAlways || first_page_mapped(iov[first]))) {
+    if (mapped != nullptr && (streamed_rows == kAlways || first_page_mapped(iov[first]) == 1)) {
       const char* src = mapped + offset;
       guard.armed = 1;
       std::atomic_signal_fence(std::memory_order_seq_cst);  // no read of the mapping moves above

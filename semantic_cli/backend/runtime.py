@@ -106,13 +106,6 @@ def apply_dtype_policy(model: Any) -> str:
     return target
 
 
-def settle(buffer_cache: int) -> None:
-    """The state a process is in once its model is loaded: what is alive is frozen out of
-    garbage collection, and MLX may keep `buffer_cache` bytes of freed buffers on the CPU."""
-    freeze_startup_objects()
-    keep_freed_buffers(buffer_cache)
-
-
 def keep_freed_buffers(nbytes: int) -> None:
     """On the CPU, let MLX keep up to `nbytes` of freed buffers for reuse; never less than it
     keeps already (32 MiB by default there). A GPU's limit (its memory limit) is left alone.

@@ -21,9 +21,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .. import config
 from ..backend import runtime
 from ..kv.layers import CacheSpec
+from ..model import loader
 from .results import Results, summary
 
 GEOMETRY: dict[str, int] = {"layers": 30, "kv_heads": 3, "head_dim": 64}  # float32, as the CPU backend runs it
@@ -66,7 +66,7 @@ def run(tokens: int = 8192, runs: int = 50, block_tokens: int = 256, on_progress
     stats = store.persist("exp-006", model_fp, spec, ids, cache, protect=set())
     persist_s = time.perf_counter() - t
     del cache
-    runtime.settle(config.parse_bytes(config.get("buffer_cache")))  # the state a chat process is in once its model is loaded
+    loader.settle()  # the state a chat process is in once its model is loaded
     prompt = ids + [1]
 
     faults: dict[str, list[int]] = {}  # minor page faults per timed call: which memory state each really had

@@ -17,15 +17,15 @@ from typing import Any
 
 
 def probe(job: dict[str, Any]) -> float:
-    from .. import config
     from ..backend import runtime
     from ..kv.layers import CacheSpec
     from ..kv.store import KVStore
+    from ..model import loader
 
     mx = runtime.mx()
     from mlx_lm.models.cache import load_prompt_cache
 
-    runtime.settle(config.parse_bytes(config.get("buffer_cache")))  # as a chat process once its model is loaded
+    loader.settle()  # as a chat process once its model is loaded
     if job["op"] == "restore":
         store = KVStore(job["block_tokens"], disk_budget=1 << 62, hot_budget=0)
         prompt = job["prompt"]

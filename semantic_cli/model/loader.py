@@ -189,8 +189,17 @@ def load(ref: ModelRef, split: Callable[[Any], str] | None = None) -> LoadedMode
     if layout:  # each rank's blocks hold its own shard: never read under another layout
         fp = hashlib.sha256(f"{fp}|{layout}".encode()).hexdigest()[:32]
     name = Path(ref.path).name if ref.spec == DEFAULT or Path(ref.path).exists() else ref.spec
-    runtime.settle(config.parse_bytes(config.get("buffer_cache")))
+    settle()
     return LoadedModel(ref, model, tokenizer, dtype, fp, tok_fp, _context_length(model_dir), name, layout, base_fp)
+
+
+def settle() -> None:
+    """The state a process is in once its model is loaded: what is alive is frozen out of
+    garbage collection, and MLX may keep `buffer_cache` bytes of freed buffers on the CPU."""
+    from ..backend import runtime
+
+    runtime.freeze_startup_objects()
+    runtime.keep_freed_buffers(config.parse_bytes(config.get("buffer_cache")))
 
 
 def _hf_download(repo: str) -> Path:
