@@ -10,6 +10,8 @@ around the process.
   page cache), and dropped from the page cache first (POSIX_FADV_DONTNEED on every cache
   file: the "a day later" read from disk; the model's own weights are not dropped).
 - hot: the turn right after a turn in this process: the cache never left memory.
+The three are measured in rounds whose order alternates (`_rounds`), so that none runs
+at a longer history than the others.
 Also, in the same run: mlx-lm's own save_prompt_cache/load_prompt_cache of the same cache,
 timed against the restore alone, in this process and each in a fresh process, the order
 alternating within each pair so neither always runs second.
@@ -49,7 +51,7 @@ def _expect(records: list[dict[str, Any]], tier: str) -> None:
 def run(
     engine: Engine,
     sizes: tuple[int, ...] = (1024, 2048, 4096, 8192),
-    repeats: int = 3,
+    repeats: int = 4,
     on_progress: Any = None,
     cold_repeats: int = 3,
     pairs: int = FRESH_PAIRS,
@@ -101,26 +103,12 @@ def measure_size(
         evict(name)
         cold.append(cli_turn(name, spec))
     _expect(cold, "cold")
-    warm = [cli_turn(name, spec) for _ in range(repeats)]  # the files as the last turn left them
-    _expect(warm, "warm")
-    can_drop, dropped_bytes = drop_page_cache()
-    warm_disk = []
-    if can_drop:
-        for _ in range(repeats):
-            if not drop_page_cache()[0]:
-                raise RuntimeError("the kernel kept the cache files in the page cache after POSIX_FADV_DONTNEED")
-            warm_disk.append(cli_turn(name, spec))
-        _expect(warm_disk, "warm")
+    warm, warm_disk, hot_s, hot_tokens = _rounds(store, name, spec, repeats)
+    can_drop, dropped_bytes = drop_page_cache() if warm_disk else (False, 0)  # the files as the rounds left them
     read_s, read_bytes = disk_read_seconds() if can_drop else (float("nan"), 0)
     agent_bytes = store_usage_bytes(name)  # what a warm turn of this agent reads
-    # Hot, in this process: a (warm) turn, then turns whose cache never left memory.
     chat = Chat(store)
-    timed_turn(chat, name, QUESTION, spec)
-    hot_s = []
-    for _ in range(repeats):
-        h, rec_h = timed_turn(chat, name, QUESTION, spec)
-        assert rec_h.tier == "hot", rec_h.tier
-        hot_s.append(h)
+    _, rec_h = timed_turn(chat, name, QUESTION, spec)  # a turn in this process: its cache, for mlx-lm's file below
     # mlx-lm's own prompt-cache file of the same cache, holding exactly the tokens a restore brings back.
     cache = rec_h.done.cache
     assert cache is not None, "a finished turn carries its cache"
@@ -178,6 +166,9 @@ def measure_size(
         "warm_speedup": cold_ttft / warm_ttft,
         "hot_speedup": cold_ttft / hot_ttft,
         "warm_over_hot": warm_ttft / hot_ttft,
+        # Where in the history each kind ran (mean prompt tokens): the rounds keep them level.
+        "warm_prompt_tokens": sum(t["prompt_tokens"] for t in warm) / len(warm),
+        "hot_prompt_tokens": sum(hot_tokens) / len(hot_tokens),
         "cold_wall_s": cold_wall,
         "warm_wall_s": warm_wall,
         "warm_wall_speedup": cold_wall / warm_wall,
@@ -203,6 +194,7 @@ def measure_size(
             "warm_disk_ttft_s": disk_ttft,
             "warm_disk_wall_s": _p50(warm_disk, "wall_s"),
             "warm_disk_over_hot": disk_ttft / hot_ttft,
+            "warm_disk_prompt_tokens": sum(t["prompt_tokens"] for t in warm_disk) / len(warm_disk),
             "cache_bytes_dropped": dropped_bytes,
             "disk_read_s": read_s,
             "disk_read_mb_s": read_bytes / read_s / 1e6 if read_s > 0 else None,
@@ -217,12 +209,61 @@ def measure_size(
         "warm": warm,
         "warm_disk": warm_disk,
         "hot_ttft_s": hot_s,
+        "hot_prompt_tokens": hot_tokens,
         "restore": restore_s,
         "mlx_lm_load": load_s,
         "fresh_process_restore": fresh_restore_s,
         "fresh_process_mlx_lm_load": fresh_load_s,
     }
     return row, samples
+
+
+def _rounds(store: Store, name: str, spec: str, repeats: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[float], list[int]]:
+    """`repeats` rounds of the three measured turns: warm (a new process, the files as the last
+    turn left them), warm from disk (a new process, the files dropped from the page cache
+    first) and hot (in this process, right after an unmeasured turn here). Every turn adds
+    its exchange to the history, so the rounds alternate their order, (warm, disk, prime,
+    hot) then (prime, hot, disk, warm): over each pair of rounds the three sit at nearly the
+    same history length (hot half a turn later), where measuring each kind in a batch of
+    its own had the hot turns ~8 turns (~170 tokens) later than the warm ones. A `Chat` in
+    this process lives for one prime and hot turn: it holds the agent, which the new
+    processes' turns need. Where the page cache cannot be dropped, there are no disk turns."""
+    warm: list[dict[str, Any]] = []
+    warm_disk: list[dict[str, Any]] = []
+    hot_s: list[float] = []
+    hot_tokens: list[int] = []
+    dropped = {"can": True}
+
+    def new_process(from_disk: bool) -> None:
+        if from_disk:
+            if not drop_page_cache()[0]:
+                if warm_disk:
+                    raise RuntimeError("the kernel kept the cache files in the page cache after POSIX_FADV_DONTNEED")
+                dropped["can"] = False  # not on this platform or file system: no disk turns
+                return
+            warm_disk.append(cli_turn(name, spec))
+        else:
+            warm.append(cli_turn(name, spec))
+
+    def in_process() -> None:
+        chat = Chat(store)
+        try:
+            timed_turn(chat, name, QUESTION, spec)  # restores from disk: the files moved on since this process's last turn
+            seconds, rec = timed_turn(chat, name, QUESTION, spec)
+        finally:
+            chat.close()
+        if rec.tier != "hot":
+            raise RuntimeError(f"expected a hot turn, got {rec.tier}")
+        hot_s.append(seconds)
+        hot_tokens.append(rec.done.stats.prompt_tokens)
+
+    for r in range(repeats):
+        steps = [lambda: new_process(False), lambda: new_process(True) if dropped["can"] else None, in_process]
+        for step in steps if r % 2 == 0 else steps[::-1]:
+            step()
+    _expect(warm, "warm")
+    _expect(warm_disk, "warm")
+    return warm, warm_disk, hot_s, hot_tokens
 
 
 def store_usage_bytes(name: str) -> int:

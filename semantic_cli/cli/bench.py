@@ -120,7 +120,9 @@ def exp006(
 def resume(
     model: str | None = MODEL,
     sizes: str = typer.Option("1024,2048,4096,8192", "--sizes", help="History lengths in tokens."),
-    repeats: int = typer.Option(3, "--repeats", min=1, help="Warm (in each page-cache state) and hot measurements per size."),
+    repeats: int = typer.Option(
+        4, "--repeats", min=1, help="Rounds per size of one warm (in each page-cache state) and one hot turn; their order alternates."
+    ),
     cold_repeats: int = typer.Option(3, "--cold-repeats", min=1, help="Cold (re-prefill) measurements per size."),
     pairs: int = typer.Option(12, "--pairs", min=2, help="Restore vs mlx-lm load pairs, in this process and in fresh ones."),
     out: Path | None = OUT,
