@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from semantic_cli.backend import runtime
-from semantic_cli.bench.resume import first_tokens
 from semantic_cli.bench.results import summary
+from semantic_cli.bench.resume import first_tokens
 
 
 def test_mlx_lm_is_given_exactly_the_tokens_the_restore_brings_back(tmp_path):
