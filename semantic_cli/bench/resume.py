@@ -87,8 +87,8 @@ def measure_size(
     lm = engine.lm
     spec = lm.ref.path
     name = f"resume-{n}"
-    # Leave room for the template, the question and the measured turns.
-    history = min(n, lm.context_length - 32 * (cold_repeats + 3 * repeats + 4)) - 40
+    # Leave room for the template, the question and the turns: cold, four per round, and the last ones here.
+    history = min(n, lm.context_length - 32 * (cold_repeats + 4 * repeats + 4)) - 40
     # The history goes straight into the transcript with no KV cache.
     store.create_agent(name, spec)
     store.record_turn(
