@@ -186,7 +186,7 @@ complete -c semantic -n '__semantic_at "bench exp-006"' -l json -d 'Print the re
 complete -c semantic -n '__semantic_at "bench exp-006"' -s h -l help -d 'Show this message and exit.'
 complete -c semantic -n '__semantic_at "bench resume"' -l model -r -F -d 'Model to benchmark (default: the configured model).'
 complete -c semantic -n '__semantic_at "bench resume"' -l sizes -x -d 'History lengths in tokens. [default: 1024,2048,4096,8192]'
-complete -c semantic -n '__semantic_at "bench resume"' -l repeats -x -d 'Rounds per size of one warm (in each page-cache state) and one hot turn; their order alternates. [default: 4; x>=1]'
+complete -c semantic -n '__semantic_at "bench resume"' -l repeats -x -d 'Rounds per size of one warm (in each page-cache state) and one hot turn; even: their order alternates. [default: 4; x>=2]'
 complete -c semantic -n '__semantic_at "bench resume"' -l cold-repeats -x -d 'Cold (re-prefill) measurements per size. [default: 3; x>=1]'
 complete -c semantic -n '__semantic_at "bench resume"' -l pairs -x -d 'Restore vs mlx-lm load pairs, in this process and in fresh ones. [default: 12; x>=2]'
 complete -c semantic -n '__semantic_at "bench resume"' -l out -r -F -d 'Where to write the results JSON (default: the data dir\'s bench/).'

@@ -5,7 +5,7 @@ has never touched, where first-touch page faults cost as much as the reads. So
 the restore and mlx-lm's `load_prompt_cache` are each timed here, in their own
 process, after the imports (which a chat process has done by then).
 
-    python -m semantic_cli.bench.probe '{"op": "restore", ...}'   ->   {"seconds": 0.21}
+    python -m semantic_cli.bench.probe '{"op": "restore", ...}'   ->   {"seconds": 0.21, "tokens": 4096}
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import time
 from typing import Any
 
 
-def probe(job: dict[str, Any]) -> float:
+def probe(job: dict[str, Any]) -> dict[str, Any]:
+    """{"seconds": the load's time, "tokens": how many it brought back (0 for mlx-lm's file)}."""
     from ..backend import runtime
     from ..kv.layers import CacheSpec
     from ..kv.store import KVStore
@@ -34,22 +35,28 @@ def probe(job: dict[str, Any]) -> float:
         seconds = time.perf_counter() - t
         if restored.tier != "warm":
             raise RuntimeError(f"expected a warm restore, got {restored.tier}: {restored.warnings}")
-        return seconds
+        return {"seconds": seconds, "tokens": restored.matched}
     t = time.perf_counter()
     loaded = load_prompt_cache(job["path"])
     mx.eval([c.state for c in loaded])
-    return time.perf_counter() - t
+    return {"seconds": time.perf_counter() - t, "tokens": 0}
 
 
-def run_probe(job: dict[str, Any]) -> float:
-    """Run `probe(job)` in a fresh interpreter (same SEMANTIC_HOME); its seconds."""
+def probe_record(job: dict[str, Any]) -> dict[str, Any]:
+    """Run `probe(job)` in a fresh interpreter (same SEMANTIC_HOME); what it returned."""
     import subprocess
 
     out = subprocess.run([sys.executable, "-m", "semantic_cli.bench.probe", json.dumps(job)], capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"bench probe failed: {out.stderr.strip().splitlines()[-1:]}")
-    return float(json.loads(out.stdout)["seconds"])
+    record: dict[str, Any] = json.loads(out.stdout)
+    return record
+
+
+def run_probe(job: dict[str, Any]) -> float:
+    """The seconds of `probe(job)` in a fresh interpreter."""
+    return float(probe_record(job)["seconds"])
 
 
 if __name__ == "__main__":
-    print(json.dumps({"seconds": probe(json.loads(sys.argv[1]))}))
+    print(json.dumps(probe(json.loads(sys.argv[1]))))

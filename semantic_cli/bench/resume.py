@@ -22,13 +22,14 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..backend import runtime
 from ..chat import Chat
 from ..engine import Engine
 from ..store import Store
-from .probe import run_probe
+from .probe import probe_record, run_probe
 from .results import Results, filler_tokens, model_info, summary
 from .storage import dedup, write_cost
 from .turns import QUESTION, cli_turn, disk_read_seconds, drop_page_cache, evict, scratch_home, timed_turn
@@ -103,10 +104,17 @@ def measure_size(
         evict(name)
         cold.append(cli_turn(name, spec))
     _expect(cold, "cold")
-    warm, warm_disk, hot_s, hot_tokens = _rounds(store, name, spec, repeats)
-    can_drop, dropped_bytes = drop_page_cache() if warm_disk else (False, 0)  # the files as the rounds left them
-    read_s, read_bytes = disk_read_seconds() if can_drop else (float("nan"), 0)
-    agent_bytes = store_usage_bytes(name)  # what a warm turn of this agent reads
+    chat = Chat(store)
+    restore_job = {
+        "op": "restore",
+        "agent": name,
+        "model_fp": lm.fingerprint,
+        "spec": chat.cache.spec(engine).to_json(),
+        "block_tokens": chat.kv.block_tokens,
+    }
+    chat.close()
+    rounds = _rounds(store, name, spec, repeats, restore_job, lm.tokenizer_fingerprint)
+    warm, warm_disk = rounds.warm, rounds.warm_disk
     chat = Chat(store)
     _, rec_h = timed_turn(chat, name, QUESTION, spec)  # a turn in this process: its cache, for mlx-lm's file below
     # mlx-lm's own prompt-cache file of the same cache, holding exactly the tokens a restore brings back.
@@ -143,18 +151,11 @@ def measure_size(
     # by the other are reused: no page faults); the order alternates within the pairs.
     restore_s, load_s = _pairs(restore_once, load_once, pairs)
     # The same two loads, each in a fresh process: what a new invocation pays.
-    restore_job = {
-        "op": "restore",
-        "agent": name,
-        "model_fp": lm.fingerprint,
-        "spec": chat.cache.spec(engine).to_json(),
-        "prompt": prompt_probe,
-        "block_tokens": chat.kv.block_tokens,
-    }
-    fresh_restore_s, fresh_load_s = _pairs(lambda: run_probe(restore_job), lambda: run_probe({"op": "mlx_lm_load", "path": path}), pairs)
+    final_job = restore_job | {"prompt": prompt_probe}
+    fresh_restore_s, fresh_load_s = _pairs(lambda: run_probe(final_job), lambda: run_probe({"op": "mlx_lm_load", "path": path}), pairs)
     os.unlink(path)
     chat.close()
-    cold_ttft, warm_ttft, hot_ttft = _p50(cold, "ttft_s"), _p50(warm, "ttft_s"), summary(hot_s)["p50"]
+    cold_ttft, warm_ttft, hot_ttft = _p50(cold, "ttft_s"), _p50(warm, "ttft_s"), summary(rounds.hot_s)["p50"]
     cold_wall, warm_wall = _p50(cold, "wall_s"), _p50(warm, "wall_s")
     r50, l50, fr50, fl50 = (summary(x)["p50"] for x in (restore_s, load_s, fresh_restore_s, fresh_load_s))
     row: dict[str, Any] = {
@@ -168,11 +169,11 @@ def measure_size(
         "warm_over_hot": warm_ttft / hot_ttft,
         # Where in the history each kind ran (mean prompt tokens): the rounds keep them level.
         "warm_prompt_tokens": sum(t["prompt_tokens"] for t in warm) / len(warm),
-        "hot_prompt_tokens": sum(hot_tokens) / len(hot_tokens),
+        "hot_prompt_tokens": sum(rounds.hot_tokens) / len(rounds.hot_tokens),
         "cold_wall_s": cold_wall,
         "warm_wall_s": warm_wall,
         "warm_wall_speedup": cold_wall / warm_wall,
-        "page_cache_dropped": can_drop,
+        "page_cache_dropped": bool(warm_disk),
         "warm_restore_s": r50,
         "mlx_lm_load_s": l50,
         "mlx_lm_save_s": save_s,
@@ -183,33 +184,38 @@ def measure_size(
         # Each pair ran back to back: the median of their ratios cancels the VM's drift.
         "fresh_process_paired_ratio_p50": summary([r / load for r, load in zip(fresh_restore_s, fresh_load_s, strict=True)])["p50"],
         # The restore as a warm turn's new process timed it, against the same restore timed
-        # alone in a new process (like with like: fresh memory both) and in this one.
+        # alone in a new process just before that turn (like with like: fresh memory both, the
+        # same files and tokens), and against the restore in this process.
         "warm_restore_in_turn_s": _p50(warm, "restore_s"),
-        "restore_in_turn_over_fresh_alone": _p50(warm, "restore_s") / fr50,
+        "restore_alone_before_warm_s": summary(rounds.alone_s)["p50"],
+        "restore_in_turn_over_fresh_alone": _p50(warm, "restore_s") / summary(rounds.alone_s)["p50"],
         "restore_in_turn_over_alone": _p50(warm, "restore_s") / r50,
     }
-    if can_drop:
+    if warm_disk:
         disk_ttft = _p50(warm_disk, "ttft_s")
+        # Each disk turn's budget: what reading the agent's files as they were then took at the
+        # disk speed measured just before it (all the cache files, dropped first, read once).
+        read_cost = [t["agent_cache_bytes"] * t["disk_read_s"] / t["disk_read_bytes"] for t in warm_disk]
         row |= {
             "warm_disk_ttft_s": disk_ttft,
             "warm_disk_wall_s": _p50(warm_disk, "wall_s"),
             "warm_disk_over_hot": disk_ttft / hot_ttft,
             "warm_disk_prompt_tokens": sum(t["prompt_tokens"] for t in warm_disk) / len(warm_disk),
-            "cache_bytes_dropped": dropped_bytes,
-            "disk_read_s": read_s,
-            "disk_read_mb_s": read_bytes / read_s / 1e6 if read_s > 0 else None,
+            "cache_bytes_dropped": max(t["cache_bytes_dropped"] for t in warm_disk),
+            "disk_read_mb_s": summary([t["disk_read_bytes"] / t["disk_read_s"] / 1e6 for t in warm_disk])["p50"],
+            "agent_cache_bytes": _p50(warm_disk, "agent_cache_bytes"),
+            "agent_read_s": summary(read_cost)["p50"],
             # The target: hot TTFT plus 1.2x the time this disk takes to read the agent's files.
-            "agent_cache_bytes": agent_bytes,
-            "warm_disk_budget_s": hot_ttft + 1.2 * agent_bytes * read_s / read_bytes if read_bytes else None,
+            "warm_disk_budget_s": hot_ttft + 1.2 * summary(read_cost)["p50"],
         }
-        if row["warm_disk_budget_s"]:
-            row["warm_disk_over_budget"] = disk_ttft / row["warm_disk_budget_s"]
+        row["warm_disk_over_budget"] = disk_ttft / row["warm_disk_budget_s"]
     samples = {
         "cold": cold,
         "warm": warm,
         "warm_disk": warm_disk,
-        "hot_ttft_s": hot_s,
-        "hot_prompt_tokens": hot_tokens,
+        "hot_ttft_s": rounds.hot_s,
+        "hot_prompt_tokens": rounds.hot_tokens,
+        "restore_alone_before_warm": rounds.alone_s,
         "restore": restore_s,
         "mlx_lm_load": load_s,
         "fresh_process_restore": fresh_restore_s,
@@ -218,32 +224,54 @@ def measure_size(
     return row, samples
 
 
-def _rounds(store: Store, name: str, spec: str, repeats: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[float], list[int]]:
+@dataclass
+class Rounds:
+    warm: list[dict[str, Any]] = field(default_factory=list)  # the new processes' JSON records
+    warm_disk: list[dict[str, Any]] = field(default_factory=list)  # the same, plus what their budget needs
+    hot_s: list[float] = field(default_factory=list)
+    hot_tokens: list[int] = field(default_factory=list)  # each hot turn's prompt tokens
+    alone_s: list[float] = field(default_factory=list)  # the restore alone in a new process, before each warm turn
+
+
+def _rounds(store: Store, name: str, spec: str, repeats: int, restore_job: dict[str, Any], tokenizer_fp: str) -> Rounds:
     """`repeats` rounds of the three measured turns: warm (a new process, the files as the last
     turn left them), warm from disk (a new process, the files dropped from the page cache
     first) and hot (in this process, right after an unmeasured turn here). Every turn adds
     its exchange to the history, so the rounds alternate their order, (warm, disk, prime,
     hot) then (prime, hot, disk, warm): over each pair of rounds the three sit at nearly the
-    same history length (hot half a turn later), where measuring each kind in a batch of
-    its own had the hot turns ~8 turns (~170 tokens) later than the warm ones. A `Chat` in
-    this process lives for one prime and hot turn: it holds the agent, which the new
-    processes' turns need. Where the page cache cannot be dropped, there are no disk turns."""
-    warm: list[dict[str, Any]] = []
-    warm_disk: list[dict[str, Any]] = []
-    hot_s: list[float] = []
-    hot_tokens: list[int] = []
-    dropped = {"can": True}
+    same history length (hot half a turn later; `repeats` is even), where measuring each
+    kind in a batch of its own had the warm turns 7 turns (~150 tokens) before the hot ones.
+    A `Chat` in this process lives for one prime and hot turn: it holds the agent, which the
+    new processes' turns need. Where the page cache cannot be dropped, there are no disk
+    turns. Just before each warm turn, the same restore runs alone in a new process; before
+    each disk turn, the disk's read speed and the agent's bytes on disk are measured."""
+    out = Rounds()
+    can_drop = [True]
 
-    def new_process(from_disk: bool) -> None:
-        if from_disk:
-            if not drop_page_cache()[0]:
-                if warm_disk:
-                    raise RuntimeError("the kernel kept the cache files in the page cache after POSIX_FADV_DONTNEED")
-                dropped["can"] = False  # not on this platform or file system: no disk turns
-                return
-            warm_disk.append(cli_turn(name, spec))
-        else:
-            warm.append(cli_turn(name, spec))
+    def warm_turn() -> None:
+        log = store.token_log(name, tokenizer_fp)
+        assert log is not None, "the cold turns wrote a token log"
+        alone = probe_record(restore_job | {"prompt": log + [0]})  # restores what the warm turn will
+        turn = cli_turn(name, spec)
+        if alone["tokens"] != turn["cached_tokens"]:
+            raise RuntimeError(f"the restore alone brought back {alone['tokens']} tokens, the warm turn {turn['cached_tokens']}")
+        out.alone_s.append(alone["seconds"])
+        out.warm.append(turn)
+
+    def disk_turn() -> None:
+        if not can_drop[0] or not drop_page_cache()[0]:
+            if out.warm_disk:
+                raise RuntimeError("the kernel kept the cache files in the page cache after POSIX_FADV_DONTNEED")
+            can_drop[0] = False  # not on this platform or file system: no disk turns
+            return
+        read_s, read_bytes = disk_read_seconds()
+        agent_bytes = store_usage_bytes(name)  # what this turn reads (the index, opened here, stays cached)
+        dropped, named = drop_page_cache()
+        if not dropped:
+            raise RuntimeError("the kernel kept the cache files in the page cache after POSIX_FADV_DONTNEED")
+        turn = cli_turn(name, spec)
+        turn |= {"disk_read_s": read_s, "disk_read_bytes": read_bytes, "agent_cache_bytes": agent_bytes, "cache_bytes_dropped": named}
+        out.warm_disk.append(turn)
 
     def in_process() -> None:
         chat = Chat(store)
@@ -254,16 +282,16 @@ def _rounds(store: Store, name: str, spec: str, repeats: int) -> tuple[list[dict
             chat.close()
         if rec.tier != "hot":
             raise RuntimeError(f"expected a hot turn, got {rec.tier}")
-        hot_s.append(seconds)
-        hot_tokens.append(rec.done.stats.prompt_tokens)
+        out.hot_s.append(seconds)
+        out.hot_tokens.append(rec.done.stats.prompt_tokens)
 
     for r in range(repeats):
-        steps = [lambda: new_process(False), lambda: new_process(True) if dropped["can"] else None, in_process]
+        steps = [warm_turn, disk_turn, in_process]
         for step in steps if r % 2 == 0 else steps[::-1]:
             step()
-    _expect(warm, "warm")
-    _expect(warm_disk, "warm")
-    return warm, warm_disk, hot_s, hot_tokens
+    _expect(out.warm, "warm")
+    _expect(out.warm_disk, "warm")
+    return out
 
 
 def store_usage_bytes(name: str) -> int:
@@ -339,7 +367,7 @@ def table(res: Results) -> Sequence[tuple[str, ...]]:
             f"{r['warm_wall_s']:.2f}s",
             f"{r['warm_wall_speedup']:.1f}x",
             f"{r['warm_disk_over_budget']:.2f}" if "warm_disk_over_budget" in r else "n/a",
-            f"{r['warm_restore_in_turn_s'] * 1000:.0f}/{r['fresh_process_restore_s'] * 1000:.0f}ms"
+            f"{r['warm_restore_in_turn_s'] * 1000:.0f}/{r['restore_alone_before_warm_s'] * 1000:.0f}ms"
             f" = {r['restore_in_turn_over_fresh_alone']:.2f}",
             f"{r['warm_restore_s'] * 1000:.0f}/{r['mlx_lm_load_s'] * 1000:.0f}ms = {r['restore_over_mlx_lm_load']:.2f}",
             f"{r['fresh_process_restore_s'] * 1000:.0f}/{r['fresh_process_mlx_lm_load_s'] * 1000:.0f}ms"

@@ -121,7 +121,7 @@ def resume(
     model: str | None = MODEL,
     sizes: str = typer.Option("1024,2048,4096,8192", "--sizes", help="History lengths in tokens."),
     repeats: int = typer.Option(
-        4, "--repeats", min=1, help="Rounds per size of one warm (in each page-cache state) and one hot turn; their order alternates."
+        4, "--repeats", min=2, help="Rounds per size of one warm (in each page-cache state) and one hot turn; even: their order alternates."
     ),
     cold_repeats: int = typer.Option(3, "--cold-repeats", min=1, help="Cold (re-prefill) measurements per size."),
     pairs: int = typer.Option(12, "--pairs", min=2, help="Restore vs mlx-lm load pairs, in this process and in fresh ones."),
@@ -132,6 +132,8 @@ def resume(
     from ..bench import resume as b
 
     history_sizes = _counts(sizes, "--sizes", minimum=64)
+    if repeats % 2:
+        raise UsageError(f"--repeats must be even: the rounds alternate their order, so no kind runs later in the history (got {repeats})")
     engine = _engine(model)
     with _progress() as progress:
         res = b.run(engine, history_sizes, repeats, progress, cold_repeats=cold_repeats, pairs=pairs)
