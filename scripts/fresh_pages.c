@@ -2,11 +2,10 @@
 // restore, which reads an agent's cache into such memory (docs/benchmarks.md, issue 19).
 //
 // It maps 377 MB (an 8K-token SmolLM2-135M cache) and has the kernel populate it
-// with MADV_POPULATE_WRITE on two threads, as the restore's two readers do: first
-// as this new process's first large mapping (a warm turn's case), then again
-// after unmapping it, ROUNDS times. Run it several times: on the 2-vCPU VM of
-// docs/benchmarks.md the first mapping took 80-90 ms in most new processes and
-// ~45 ms in some, the later ones 46-60 ms.
+// with MADV_POPULATE_WRITE (Linux 5.14+) on two threads, as the restore's two
+// readers do: first as this new process's first large mapping (a warm turn's
+// case), then ROUNDS more times, each after unmapping the one before. Run it
+// several times: see docs/benchmarks.md for what it measured on the dev VM.
 //
 // Build and run:
 //   cc -O2 -pthread -o /tmp/fresh_pages scripts/fresh_pages.c
@@ -34,7 +33,10 @@ static double now(void) {
 
 static void* populate(void* arg) {
   size_t part = CACHE_BYTES / THREADS, i = (size_t)arg;
-  if (madvise(region + i * part, part, MADV_POPULATE_WRITE) != 0) perror("madvise");
+  if (madvise(region + i * part, part, MADV_POPULATE_WRITE) != 0) {
+    perror("madvise(MADV_POPULATE_WRITE)");  // a time without the mapping would mean nothing
+    exit(1);
+  }
   return NULL;
 }
 
@@ -46,7 +48,12 @@ static double map_fresh(void) {
   }
   double t = now();
   pthread_t threads[THREADS];
-  for (size_t i = 0; i < THREADS; i++) pthread_create(&threads[i], NULL, populate, (void*)i);
+  for (size_t i = 0; i < THREADS; i++) {
+    if (pthread_create(&threads[i], NULL, populate, (void*)i) != 0) {
+      fprintf(stderr, "pthread_create failed\n");
+      exit(1);
+    }
+  }
   for (size_t i = 0; i < THREADS; i++) pthread_join(threads[i], NULL);
   t = now() - t;
   munmap(region, CACHE_BYTES);
@@ -54,7 +61,7 @@ static double map_fresh(void) {
 }
 
 int main(void) {
-  printf("%zu MB of fresh memory on %d threads: first mapping %.1f ms, then", CACHE_BYTES >> 20, THREADS, map_fresh());
+  printf("%zu MB of fresh memory on %d threads: first mapping %.1f ms, then", CACHE_BYTES / 1000000, THREADS, map_fresh());
   for (int r = 0; r < ROUNDS; r++) printf(" %.1f", map_fresh());
   printf(" ms\n");
   return 0;

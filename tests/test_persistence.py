@@ -253,3 +253,26 @@ def test_a_stale_tail_is_not_reported_as_damage(tiny, home, monkeypatch):
     with Session() as s:
         rec = s.say("t", "again")
         assert rec.tier == "cold" and not s.notices
+
+
+def test_a_warm_turns_restore_time_is_the_restore_alone(tiny, home, monkeypatch):
+    """`restore_s` (the JSON, bench resume's "restore in turn") times the restore, not the
+    model's cache spec, which a new process traces before its first restore: both are in
+    the TTFT."""
+    import time
+
+    from semantic_cli import turncache
+
+    with Session() as s:
+        s.say("a", LONG, model=tiny["llama"])
+    traced = turncache.cache_spec
+
+    def slow_spec(model):
+        time.sleep(0.3)
+        return traced(model)
+
+    monkeypatch.setattr(turncache, "cache_spec", slow_spec)
+    with Session() as s:  # a new process: no spec yet
+        rec = s.say("a", "and then?", model=tiny["llama"])
+    assert rec.tier == "warm"
+    assert rec.done.stats.ttft_s > 0.3 > rec.done.stats.restore_s > 0
