@@ -200,7 +200,7 @@ class Chat:
         restored = Restored(None, 0, "cold")
         t = time.perf_counter()
         with self.cache.guard(CACHE_UNAVAILABLE, restored.warnings):
-            spec = self.cache.spec(engine)  # traced once per model and process: in the TTFT, not in the restore's time
+            spec = self.cache.spec(engine)  # traced once per model and Chat: in the TTFT, not in the restore's time
             t = time.perf_counter()
             restored = self.kv.restore(agent.name, lm.fingerprint, spec, prompt, capacity=len(prompt) + max_tokens)
         restore_s = time.perf_counter() - t

@@ -245,6 +245,8 @@ def _rounds(store: Store, name: str, spec: str, repeats: int, restore_job: dict[
     new processes' turns need. Where the page cache cannot be dropped, there are no disk
     turns. Just before each warm turn, the same restore runs alone in a new process; before
     each disk turn, the disk's read speed and the agent's bytes on disk are measured."""
+    if repeats % 2:
+        raise ValueError(f"the rounds alternate their order: an even number of them, not {repeats}")
     out = Rounds()
     can_drop = [True]
 
@@ -265,7 +267,7 @@ def _rounds(store: Store, name: str, spec: str, repeats: int, restore_job: dict[
             can_drop[0] = False  # not on this platform or file system: no disk turns
             return
         read_s, read_bytes = disk_read_seconds()
-        agent_bytes = store_usage_bytes(name)  # what this turn reads (the index, opened here, stays cached)
+        agent_bytes = store_usage_bytes(name)  # what this turn reads (the drop below drops the index too)
         dropped, named = drop_page_cache()
         if not dropped:
             raise RuntimeError("the kernel kept the cache files in the page cache after POSIX_FADV_DONTNEED")
