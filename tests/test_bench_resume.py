@@ -113,6 +113,7 @@ def test_dropping_the_page_cache_is_checked_not_assumed(tmp_path, monkeypatch):
     (cache / "f.kv").read_bytes()
     monkeypatch.setattr(os, "posix_fadvise", lambda *args: None)  # a kernel that ignores the advice
     assert turns.drop_page_cache() == (False, 1 << 20)
+    assert turns.disk_read_seconds() is None  # no speed read from the page cache as if from disk
 
 
 def test_bench_lists_are_checked_before_anything_loads(home):

@@ -57,6 +57,8 @@ def run(
     cold_repeats: int = 3,
     pairs: int = FRESH_PAIRS,
 ) -> Results:
+    if repeats % 2:
+        raise ValueError(f"the rounds alternate their order: an even number of them, not {repeats}")
     lm = engine.lm
     res = Results(
         "resume",
@@ -245,10 +247,8 @@ def _rounds(store: Store, name: str, spec: str, repeats: int, restore_job: dict[
     new processes' turns need. Where the page cache cannot be dropped, there are no disk
     turns. Just before each warm turn, the same restore runs alone in a new process; before
     each disk turn, the disk's read speed and the agent's bytes on disk are measured."""
-    if repeats % 2:
-        raise ValueError(f"the rounds alternate their order: an even number of them, not {repeats}")
     out = Rounds()
-    can_drop = [True]
+    can_drop = True
 
     def warm_turn() -> None:
         log = store.token_log(name, tokenizer_fp)
@@ -261,12 +261,14 @@ def _rounds(store: Store, name: str, spec: str, repeats: int, restore_job: dict[
         out.warm.append(turn)
 
     def disk_turn() -> None:
-        if not can_drop[0] or not drop_page_cache()[0]:
+        nonlocal can_drop
+        measured = disk_read_seconds() if can_drop else None
+        if measured is None:
             if out.warm_disk:
                 raise RuntimeError("the kernel kept the cache files in the page cache after POSIX_FADV_DONTNEED")
-            can_drop[0] = False  # not on this platform or file system: no disk turns
+            can_drop = False  # not on this platform or file system: no disk turns
             return
-        read_s, read_bytes = disk_read_seconds()
+        read_s, read_bytes = measured
         agent_bytes = store_usage_bytes(name)  # what this turn reads (the drop below drops the index too)
         dropped, named = drop_page_cache()
         if not dropped:

@@ -132,9 +132,11 @@ def resident_bytes() -> int | None:
     return total
 
 
-def disk_read_seconds() -> tuple[float, int]:
-    """Read every cache file once from disk (after dropping it from the page cache): the disk's speed here."""
-    drop_page_cache()
+def disk_read_seconds() -> tuple[float, int] | None:
+    """Read every cache file once from disk, after dropping them from the page cache: the
+    seconds and bytes, the disk's speed here; None (nothing read) where the drop failed."""
+    if not drop_page_cache()[0]:
+        return None
     total = 0
     t = time.perf_counter()
     for root, _, files in os.walk(paths.cache_dir()):
