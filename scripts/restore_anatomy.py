@@ -11,10 +11,10 @@ reader threads included), minor page faults, the machine's steal time, and the C
 ticks of the process's other threads alive after it (the readers have exited by then:
 their time is in user and kernel; so has any other thread that ended meanwhile). Ticks
 are 10 ms: over a read of ~100 ms, 0 means less than about one. The read is timed
-alone, without the index lookups a turn's `restore_s` includes. A restore twice as slow with the same faults and
-twice the kernel time, no steal and no other thread busy points below the process:
-at what each new page costs the kernel (and, in a VM, its host). docs/benchmarks.md
-has what it measured on the dev VM.
+alone, without the index lookups a turn's `restore_s` includes. A restore twice as
+slow with the same faults and twice the kernel time, no steal and no other thread
+busy points below the process: at what each new page costs the kernel (and, in a VM,
+its host). docs/benchmarks.md has what it measured on the dev VM.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import sys
 import time
 from typing import Any
 
-QUESTION = "In one word: is this about caching?"
 MARK = "restore-anatomy: "
 
 
@@ -87,6 +86,8 @@ def child(argv: list[str]) -> None:
 
 
 def run(agent: str, turns: int, sleep: float) -> None:
+    from semantic_cli.bench.turns import QUESTION  # the bench's own question
+
     print("turn  restore_ms  tokens  user_ms  sys_ms  minor_faults  steal_ticks  other_threads_ticks  ttft_s")
     for i in range(turns):
         time.sleep(sleep)
@@ -99,8 +100,9 @@ def run(agent: str, turns: int, sleep: float) -> None:
         if not restores:
             sys.exit("the turn restored nothing: give an agent whose cache is on disk")
         keys = ("restore_ms", "tokens", "user_ms", "sys_ms", "minor_faults", "steal_ticks", "other_threads_ticks")
+        ttft = json.loads(out.stdout)["ttft_s"]
         for seen in restores:  # one, unless the turn restored twice
-            print(f"{i:4d}  " + "  ".join(f"{seen[k]:>{len(k)}}" for k in keys) + f"  {json.loads(out.stdout)['ttft_s']:>6}")
+            print(f"{i:4d}  " + "  ".join(f"{seen[k]:>{len(k)}}" for k in keys) + f"  {ttft:>6}")
 
 
 def main() -> None:
