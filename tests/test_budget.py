@@ -50,6 +50,25 @@ def test_disk_budget_moves_least_recently_used_agents_to_cold(tiny, home, monkey
     assert rec.done.stats.cached_tokens <= 32 and rec.done.stats.prompt_tokens > len(first.done.all_tokens)
 
 
+def test_the_disk_budget_picks_the_least_recently_used_of_the_agents_it_may_evict(tiny, home, monkeypatch):
+    """Two agents the writing process does not hold: the one used longer ago goes, the other stays."""
+    monkeypatch.setenv("SEMANTIC_BLOCK_TOKENS", "16")
+    for name, text in (("older", TEXT), ("newer", TEXT.upper())):  # each in its own session: nothing held after
+        with Session() as s:
+            s.say(name, text, model=tiny["llama"])
+        time.sleep(0.01)
+    index = KVIndex()
+    older, newer = index.tail("older"), index.tail("newer")
+    assert older is not None and newer is not None and older.last_used < newer.last_used
+    # No room for more: a third agent's short turn pushes out one of the two (either would make room).
+    monkeypatch.setenv("SEMANTIC_CACHE_BUDGET", str(index.total_bytes()))
+    with Session() as s:
+        s.say("third", "hi", model=tiny["llama"])
+    index = KVIndex()
+    assert not _cached(index, "older")
+    assert _cached(index, "newer") and _cached(index, "third")
+
+
 def test_evict_older_than_and_max_bytes(tiny, home):
     env = {"SEMANTIC_BLOCK_TOKENS": "16"}
     for name in ("e1", "e2", "e3"):

@@ -563,6 +563,57 @@ def test_an_untracked_tail_of_a_busy_agent_is_in_progress(home):
     assert [p.name for p in report.problems] == [str(untracked)] and not untracked.exists()
 
 
+def test_an_untracked_block_is_in_progress_while_any_agent_is_busy(home):
+    """A block is written before its index row, by whichever agent's turn: while any agent's
+    lock is held a young one is left alone; with none held it is an orphan at any age."""
+    from semantic_cli.locks import AgentLock
+
+    _persisted(KV2)
+    known = KVIndex().chain("a")[0]
+    untracked = block_path(("f" if known[0] != "f" else "e") + known[1:])
+    untracked.parent.mkdir(parents=True, exist_ok=True)
+    untracked.write_bytes(b"being written")
+    with AgentLock("someone-else"):
+        report = admin.verify(KVIndex(), repair=True)
+        assert [p.name for p in report.in_progress] == [str(untracked)] and report.problems == []
+        assert untracked.exists()
+    report = admin.verify(KVIndex(), repair=True)
+    assert [p.name for p in report.problems] == [str(untracked)] and not untracked.exists()
+
+
+def test_a_file_the_index_names_after_the_scan_is_not_removed(home, monkeypatch):
+    """A turn may commit a block's row between the repair's scan and its execution: the
+    repair looks again under the index's write lock, and keeps the file its plan meant to remove."""
+    import dataclasses
+    import shutil
+
+    _persisted(KV2)
+    row = KVIndex().blocks(KVIndex().chain("a")[:1]).popitem()[1]
+    late = dataclasses.replace(row, hash=("f" if row.hash[0] != "f" else "e") + row.hash[1:])
+    path = block_path(late.hash)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(block_path(row.hash), path)
+    when = time.time() - admin.GRACE_S - 60
+    os.utime(path, (when, when))  # old and untracked, no agent busy: an orphan to the scan
+    real_plan = admin.plan_repair
+
+    def plan_then_a_turn_commits(*args):
+        actions = real_plan(*args)
+        assert [a.name for a in actions if a.what == "remove-file"] == [str(path)]
+        other = KVIndex()  # another process's turn
+        with other.transaction():
+            other.add_block(late)
+        other.close()
+        return actions
+
+    monkeypatch.setattr(admin, "plan_repair", plan_then_a_turn_commits)
+    report = admin.verify(KVIndex(), repair=True)
+    assert [p.name for p in report.problems] == [str(path)]  # what the scan saw
+    assert path.exists() and late.hash in {b.hash for b in KVIndex().all_blocks()}
+    monkeypatch.setattr(admin, "plan_repair", real_plan)
+    assert "orphan" not in {p.what for p in admin.verify(KVIndex()).problems}  # tracked now
+
+
 def test_a_repair_whose_problems_overlap_completes(home):
     """Block 1 is damaged (its repair cuts the chain from 1) and block 2's row is gone
     (a chain problem at 2): the second repair finds its chain already cut. It used to

@@ -574,6 +574,17 @@ def test_weights_memo_is_written_atomically_never_through_a_link(tiny, home, tmp
     memo = paths.data_dir() / "fingerprints.json"
     fixed_tmp = memo.with_suffix(".tmp")  # the old fixed temp name
     fixed_tmp.symlink_to(victim)
+    other = tmp_path / "other"
+    other.write_text("precious too")
+    memo.symlink_to(other)  # a link at the memo itself: replaced, never followed
     loader._weights_fingerprint(tiny["llama"])
-    assert victim.read_text() == "precious" and json.loads(memo.read_text())
+    assert victim.read_text() == "precious" and other.read_text() == "precious too"
+    assert not memo.is_symlink() and json.loads(memo.read_text())
     assert _mode(memo) == 0o600
+    # A new entry replaces the file (a new inode, the old entries kept): never a rewrite in place.
+    model = tmp_path / "model"
+    shutil.copytree(tiny["llama"], model)
+    inode, entries = memo.stat().st_ino, json.loads(memo.read_text())
+    loader._weights_fingerprint(model)
+    after = json.loads(memo.read_text())
+    assert memo.stat().st_ino != inode and entries.items() <= after.items() and len(after) == len(entries) + 1

@@ -418,3 +418,23 @@ def test_a_tail_is_used_only_after_the_prefix_it_was_computed_on(home, restore_c
     assert store.restore("a", "fp", KV2, first + rest + [1], capacity=200).matched == 168  # its own prefix: the tail serves
     swapped = store.restore("a", "fp", KV2, other + rest + [1], capacity=200)
     assert swapped.matched == 128 and swapped.warnings == []  # b's block, then a re-prefill of the tail's tokens
+
+
+def test_the_hot_tier_keeps_the_most_recently_used_caches_within_its_budget(home):
+    """In-process caches beyond `hot_budget` bytes go least recently used first; one cache
+    larger than the whole budget still stays, as the only one."""
+    from semantic_cli.kv.layers import cache_nbytes
+
+    mx = runtime.mx()
+    caches = {name: [_kv_cache(mx, 40, mx.float32), _kv_cache(mx, 40, mx.float32)] for name in "abcxy"}
+    each = cache_nbytes(caches["a"])
+    assert each > 0 and all(cache_nbytes(c) == each for c in caches.values())
+    store = KVStore(16, 1 << 40, hot_budget=2 * each)
+    for name in ("a", "b", "a", "c"):  # "a" used again after "b": "b" is the least recent when "c" comes
+        store.keep_hot(name, "fp", list(range(40)), caches[name])
+    assert list(store.hot_agents()) == ["a", "c"]
+    small = KVStore(16, 1 << 40, hot_budget=each // 2)
+    small.keep_hot("x", "fp", list(range(40)), caches["x"])
+    assert list(small.hot_agents()) == ["x"]
+    small.keep_hot("y", "fp", list(range(40)), caches["y"])
+    assert list(small.hot_agents()) == ["y"]

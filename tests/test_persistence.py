@@ -244,7 +244,9 @@ def test_files_are_private(tiny, home):
 
 
 def test_a_stale_tail_is_not_reported_as_damage(tiny, home, monkeypatch):
-    """After the log is re-rendered (persona change), the old tail no longer matches: no warning."""
+    """After the log is re-rendered (persona change), the old cache no longer matches from its
+    first block: the turn is cold, and nothing is reported as damage. (A tail whose own tokens
+    or prefix no longer match: tests/test_kvstore.py, test_a_tail_is_used_only_after_the_prefix_it_was_computed_on.)"""
     monkeypatch.setenv("SEMANTIC_BLOCK_TOKENS", "64")
     with Session() as s:
         s.say("t", "short", model=tiny["llama"])
