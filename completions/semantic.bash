@@ -36,10 +36,10 @@ _semantic() {
                 --color) __semantic_values "choice:auto always never"; return ;;
             esac ;;
         " serve")
-            opts="--model --host --port --no-tcp --socket --no-socket --api-key --max-body --max-tokens --max-queue --hosts --hostfile --backend -h --help"; subs=""; valopts=" --model --host --port --socket --api-key --max-body --max-tokens --max-queue --hosts --hostfile --backend "
+            opts="--model --host --port --no-tcp --socket --no-socket --api-key --max-body --max-tokens --max-queue --body-timeout --hosts --hostfile --backend -h --help"; subs=""; valopts=" --model --host --port --socket --api-key --max-body --max-tokens --max-queue --body-timeout --hosts --hostfile --backend "
             case "$prev" in
                 --model|--socket) __semantic_values "file"; return ;;
-                --host|--port|--api-key|--max-body|--max-tokens|--max-queue|--hosts|--hostfile|--backend) __semantic_values ""; return ;;
+                --host|--port|--api-key|--max-body|--max-tokens|--max-queue|--body-timeout|--hosts|--hostfile|--backend) __semantic_values ""; return ;;
             esac ;;
         " doctor")
             opts="--json -h --help"; subs=""; valopts="  " ;;

@@ -71,6 +71,7 @@ complete -c semantic -n '__semantic_at "serve"' -l api-key -x -d 'Require `Autho
 complete -c semantic -n '__semantic_at "serve"' -l max-body -x -d 'Largest request body, in bytes (413 above). [default: 4194304; x>=1024]'
 complete -c semantic -n '__semantic_at "serve"' -l max-tokens -x -d 'Largest max_tokens a request may ask for. [default: 8192; x>=1]'
 complete -c semantic -n '__semantic_at "serve"' -l max-queue -x -d 'Requests that may wait for the engine (503 beyond). [default: 64; x>=1]'
+complete -c semantic -n '__semantic_at "serve"' -l body-timeout -x -d 'Seconds a client may take to send its request body (408 beyond). [default: 30.0; 0.1<=x<=3600]'
 complete -c semantic -n '__semantic_at "serve"' -l hosts -x -d 'Run over several ranks with mlx.launch: comma-separated hosts (127.0.0.1,127.0.0.1: two ranks here).'
 complete -c semantic -n '__semantic_at "serve"' -l hostfile -x -d 'Run over the ranks an mlx.launch hostfile (JSON) names.'
 complete -c semantic -n '__semantic_at "serve"' -l backend -x -d 'Distributed backend: ring, jaccl, mpi, nccl or any (mlx.launch picks). [default: any]'

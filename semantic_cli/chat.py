@@ -196,7 +196,7 @@ class Chat:
         the longest cached prefix that can be restored."""
         lm = engine.lm
         value = self._sampling(agent, engine, settings)
-        max_tokens = min(int(value("max_tokens")), lm.context_length - len(prompt))
+        max_tokens = min(int(value("max_tokens")), lm.context_length - len(prompt), settings.max_tokens_limit or lm.context_length)
         restored = Restored(None, 0, "cold")
         t = time.perf_counter()
         with self.cache.guard(CACHE_UNAVAILABLE, restored.warnings):

@@ -23,6 +23,7 @@ PREFILL_STEP = 512  # small enough for a live progress bar, large enough for BLA
 # MIN_STEP tokens. Prefill throughput on the CPU is flat from 64 to 512 tokens a step.
 STEP_SECONDS = 0.4
 MIN_STEP, FIRST_STEP = 16, 64  # the first step is short: nothing is measured yet
+GREEDY_BELOW = 1e-6  # a temperature under this samples greedily (see Batch.add)
 
 
 @dataclass
@@ -186,10 +187,13 @@ class Batch:
         # One sampler object per setting: BatchGenerator samples the whole
         # batch in one call only when every sequence shares the same object.
         top_k = req.top_k if 0 < req.top_k < self._vocab else 0  # k at or above the vocabulary cuts nothing (and mlx would fail)
-        key = (req.temp, req.top_p, top_k, req.min_p)
+        # Below GREEDY_BELOW mlx-lm's logits / temp overflows float32 (1e-300 sampled garbage),
+        # and far above it sampling already picks the top token: greedy is what was meant.
+        temp = req.temp if req.temp >= GREEDY_BELOW else 0.0
+        key = (temp, req.top_p, top_k, req.min_p)
         if key not in self._samplers:
             top_p = req.top_p if req.top_p < 1.0 else 0.0
-            self._samplers[key] = self._make_sampler(temp=req.temp, top_p=top_p, top_k=top_k, min_p=req.min_p)
+            self._samplers[key] = self._make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=req.min_p)
         processors = []
         if req.repeat_penalty != 1.0 and req.repeat_last_n > 0:  # per sequence: each keeps its own token context
             processors = self._make_processors(repetition_penalty=req.repeat_penalty, repetition_context_size=req.repeat_last_n)

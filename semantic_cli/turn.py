@@ -33,6 +33,7 @@ class GenSettings:
     min_p: float | None = None
     repeat_penalty: float | None = None
     repeat_last_n: int | None = None
+    max_tokens_limit: int | None = None  # a ceiling on max_tokens however it resolves (the server's --max-tokens)
 
 
 @dataclass(frozen=True)

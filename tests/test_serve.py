@@ -481,3 +481,61 @@ def test_the_repl_sends_its_turns_to_the_server_and_holds_no_agent_between_them(
         assert store.get_agent("rp").system == "be brief"
     finally:
         store.close()
+
+
+def _raw(server: Server, request: bytes, then_close: bool = False, timeout: float = 20) -> bytes:
+    """Send bytes as they are over TCP; the server's answer (b"" if it sent none before we hung up)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    where = urlsplit(server.info["url"])
+    with socket.create_connection((where.hostname, where.port), timeout=timeout) as conn:
+        conn.sendall(request)
+        if then_close:
+            return b""
+        chunks = []
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def test_limits_hold_without_asking_and_every_refusal_is_openai_shaped(tiny, home):
+    """--max-tokens caps a request that names no max_tokens; a body sent too slowly gets 408
+    and one cut off leaves no traceback; unknown routes, wrong methods and trailing slashes
+    answer in OpenAI's error shape (never a redirect built from the Host header); the CLI's
+    own route refuses malformed fields; a temperature too small to divide by is greedy."""
+    model = str(tiny["llama"])
+    with Server(home, model, "--max-tokens", "3", "--body-timeout", "1") as server:
+        client = openai_client(server)
+        msgs = [{"role": "user", "content": "hi"}]
+        capped = client.chat.completions.create(model="llama", messages=msgs)
+        assert capped.usage.completion_tokens == 3 and capped.choices[0].finish_reason == "length"
+        greedy = client.chat.completions.create(model="llama", messages=msgs, temperature=0)
+        tiny_temp = client.chat.completions.create(model="llama", messages=msgs, temperature=1e-300, seed=1)
+        assert tiny_temp.choices[0].message.content == greedy.choices[0].message.content
+
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n"
+        started = time.monotonic()
+        slow = _raw(server, head + b'{"a":')
+        assert slow.startswith(b"HTTP/1.1 408") and b'"error"' in slow and time.monotonic() - started < 15, slow[:200]
+        _raw(server, head + b'{"a":', then_close=True)  # the client hangs up mid-body
+        time.sleep(0.5)
+
+        for method, path, status in (("GET", "/v1/completions", 404), ("GET", "/v1/chat/completions", 405), ("DELETE", "/v1/models", 405)):
+            r = httpx.request(method, server.info["url"] + path)
+            assert r.status_code == status and r.json()["error"]["message"], (method, path, r.text)
+        assert "POST" in httpx.get(server.url + "/chat/completions").headers["allow"]
+        slash = httpx.post(server.url + "/chat/completions/", json={"model": "llama", "messages": msgs}, headers={"host": "evil.example"})
+        assert slash.status_code in (403, 404) and "location" not in slash.headers, slash.text
+        slash = httpx.post(server.url + "/chat/completions/", json={"model": "llama", "messages": msgs})
+        assert slash.status_code == 404 and slash.json()["error"], slash.text
+
+        with httpx.Client(transport=httpx.HTTPTransport(uds=server.socket)) as own:
+            for bad in ({"targets": [["zz", "hi"]], "settings": [1]}, {"targets": {"zz": "hi"}}, {"targets": [["zz", 5]]}):
+                r = own.post("http://semantic/semantic/v1/turns", json={"wire": 2, **bad})
+                assert r.status_code == 400 and r.json()["error"]["message"], (bad, r.text)
+        assert [a["name"] for a in json.loads(run_cli("agents", "ls", "--json").stdout)] == []
+        code, log = server.stop()
+    assert code == 0 and "Traceback" not in log, log[-3000:]
+    r = run_cli("serve", "--model", model, "--port", "0", "--api-key", "  ", timeout=60)
+    assert r.returncode == EXIT_USAGE and len(r.stderr.splitlines()) == 1 and b"--api-key" in r.stderr, r.stderr

@@ -28,6 +28,9 @@ def serve(
     max_body: int = typer.Option(4 << 20, "--max-body", min=1024, help="Largest request body, in bytes (413 above)."),
     max_tokens: int = typer.Option(8192, "--max-tokens", min=1, help="Largest max_tokens a request may ask for."),
     max_queue: int = typer.Option(64, "--max-queue", min=1, help="Requests that may wait for the engine (503 beyond)."),
+    body_timeout: float = typer.Option(
+        30.0, "--body-timeout", min=0.1, max=3600, help="Seconds a client may take to send its request body (408 beyond)."
+    ),
     hosts: str | None = ranks.HOSTS,
     hostfile: Path | None = ranks.HOSTFILE,
     backend: str = ranks.BACKEND,
@@ -36,14 +39,15 @@ def serve(
     ranks.relaunch(hosts, hostfile, backend)
     ranks.join()  # under mlx.launch: the ranks after 0 follow rank 0's engine and exit there
     from .. import paths
+    from ..errors import UsageError
     from ..server.app import Limits
     from ..server.serve import ServeOptions
     from ..server.serve import serve as run
 
     if no_tcp and no_socket:
-        from ..errors import UsageError
-
         raise UsageError("--no-tcp and --no-socket leave nothing to listen on")
+    if api_key and not api_key.strip():
+        raise UsageError("--api-key: a key of only spaces would refuse every request (a client's key is stripped); give a real key")
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     log = logging.getLogger("semantic.serve")
@@ -56,7 +60,7 @@ def serve(
         port=port,
         socket_path=None if no_socket else (socket_path or paths.server_socket()),
         api_key=api_key or None,
-        limits=Limits(max_body=max_body, max_tokens=max_tokens, max_queue=max_queue),
+        limits=Limits(max_body=max_body, max_tokens=max_tokens, max_queue=max_queue, body_timeout=body_timeout),
     )
     err = render.stderr()
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -23,8 +24,9 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -44,6 +46,7 @@ class Limits:
     max_body: int = 4 << 20  # bytes
     max_tokens: int = 8192  # per reply
     max_queue: int = 64  # requests waiting for the engine (503 beyond)
+    body_timeout: float = 30.0  # seconds a client may take to send its body (408 beyond)
 
 
 @dataclass(frozen=True)
@@ -184,9 +187,11 @@ def build(worker: Worker, settings: Settings) -> Starlette:
         return None
 
     def checked(gen: GenSettings) -> GenSettings:
+        """A request's settings within the server's limits: one that asks for more tokens is
+        refused, and one that asks for none gets the agent's or config's default, capped."""
         if gen.max_tokens is not None and gen.max_tokens > settings.limits.max_tokens:
             raise BadInputError(f"max_tokens: at most {settings.limits.max_tokens} on this server")
-        return gen
+        return dataclasses.replace(gen, max_tokens_limit=settings.limits.max_tokens)
 
     async def models(request: Request) -> Response:
         if (no := refused(request)) is not None:
@@ -215,7 +220,7 @@ def build(worker: Worker, settings: Settings) -> Starlette:
         if (no := refused(request)) is not None:
             return no
         try:
-            body = await read_body(request)
+            body = await asyncio.wait_for(read_body(request), settings.limits.body_timeout)
             req = openai_api.parse(body)
             text = req.new_message()
             gen = checked(req.settings())
@@ -233,6 +238,10 @@ def build(worker: Worker, settings: Settings) -> Starlette:
             await sub.start(request)
         except _TooLarge:
             return _error(413, f"request body over {settings.limits.max_body} bytes")
+        except asyncio.TimeoutError:  # a body sent too slowly (or never finished) holds nothing longer
+            return _error(408, f"the request body did not arrive within {settings.limits.body_timeout:g} s")
+        except ClientDisconnect:  # the client hung up while sending: nobody reads the answer
+            return _error(400, "the client disconnected before its request body ended")
         except SemanticError as exc:
             return _from_exc(exc)
         cid = openai_api.completion_id()
@@ -268,6 +277,14 @@ def build(worker: Worker, settings: Settings) -> Starlette:
             return JSONResponse(wire.error(exc, _kind(exc)), status_code=status_of(exc)[0])
         return StreamingResponse(_ndjson(sub), media_type="application/x-ndjson")
 
+    async def no_route(request: Request, exc: Exception) -> Response:
+        """Unknown paths and methods answer in OpenAI's error shape too."""
+        assert isinstance(exc, HTTPException)
+        what = "no such route" if exc.status_code == 404 else f"{request.method} is not allowed here"
+        response = _error(exc.status_code, f"{what}: {request.method} {request.url.path} (see GET /v1/models)")
+        response.headers.update(exc.headers or {})  # 405's Allow
+        return response
+
     routes = [
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/models/{name:path}", model, methods=["GET"]),
@@ -275,7 +292,11 @@ def build(worker: Worker, settings: Settings) -> Starlette:
         Route("/semantic/v1/turns", turns, methods=["POST"]),
         Route("/semantic/v1/status", status, methods=["GET"]),
     ]
-    return Starlette(routes=routes, middleware=[Middleware(AccessLog)])
+    app = Starlette(routes=routes, middleware=[Middleware(AccessLog)], exception_handlers={404: no_route, 405: no_route})
+    # A trailing slash is a 404, not a redirect: the redirect's Location is built from the
+    # request's Host header, before any key or Host check.
+    app.router.redirect_slashes = False
+    return app
 
 
 class AccessLog:

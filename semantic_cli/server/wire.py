@@ -133,7 +133,13 @@ def turn_job(body: dict[str, Any]) -> dict[str, Any]:
 
     from ..store import validate_name
 
-    targets = [(validate_name(str(a)), str(t)) for a, t in body["targets"]]
+    raw_targets, raw_settings = body["targets"], body.get("settings") or {}
+    pairs = isinstance(raw_targets, list) and all(isinstance(p, list) and len(p) == 2 for p in raw_targets)
+    if not pairs or not all(isinstance(x, str) for p in raw_targets for x in p):
+        raise TypeError("targets: a list of [agent, message] pairs of strings")
+    if not isinstance(raw_settings, dict):
+        raise TypeError("settings: an object of `semantic chat`'s settings")
+    targets = [(validate_name(a), t) for a, t in raw_targets]
     names = [a for a, _ in targets]
     if not targets or len(set(names)) != len(names) or any(not t.strip() for _, t in targets):
         raise ValueError("targets: one or more distinct agents, each with a non-empty message")
@@ -144,7 +150,7 @@ def turn_job(body: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(model, (str, type(None))) or not isinstance(system, (str, type(None))):
         raise TypeError("model and system are strings")
     return {
-        "settings": settings(body.get("settings") or {}),
+        "settings": settings(raw_settings),
         "targets": targets,
         "model": model,
         "system": system,
