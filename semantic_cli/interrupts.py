@@ -39,3 +39,37 @@ def deferred() -> Iterator[Deferred]:
         yield state
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+_terminating: int | None = None  # SIGTERM or SIGHUP arrived: the command stops as for Ctrl-C, then ends
+
+
+def stop_on_termination() -> None:
+    """SIGTERM and SIGHUP (the terminal closed) stop a command as Ctrl-C does: the reply being
+    written is kept, marked interrupted, and nothing half-written is left; then the command
+    ends (exit 128 + the signal: `terminating`). Before, either signal killed the process
+    mid-turn and the turn was lost. Only where nothing else handles them (a server installs
+    its own; a rank under mlx.launch is left to the launcher, which stops ranks stuck in a
+    collective by killing them)."""
+    import os
+
+    if os.environ.get("MLX_RANK") is not None or threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, _terminate)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    global _terminating
+    _terminating = signum
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)  # a step notes it and stops at its end; elsewhere KeyboardInterrupt
+    else:
+        raise KeyboardInterrupt
+
+
+def terminating() -> int | None:
+    """The signal (SIGTERM, SIGHUP) that is ending this command, if one is."""
+    return _terminating

@@ -307,3 +307,26 @@ def test_sigint_with_json_through_the_server_prints_the_interrupted_turn(tiny, h
     assert reply.status == "interrupted" and reply.content.startswith(turn["reply"]) and turn["reply"]
     assert (turn["prompt_tokens"], turn["cached_tokens"]) == (reply.meta["prompt_tokens"], reply.meta["cached_tokens"])
     assert err.decode().count("interrupted") == 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_or_sighup_mid_reply_keeps_the_turn_as_ctrl_c_does(tiny, home, sig):
+    """`kill` or a closed terminal stops a one-shot chat as Ctrl-C does: a new agent and its
+    cut reply are recorded (interrupted), then the command ends with 128 + the signal."""
+    proc = subprocess.Popen(
+        [SEMANTIC, "chat", "-a", "fresh", "--model", str(tiny["llama"]), "--max-tokens", "4000", "-m", "go on forever"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert os.read(proc.stdout.fileno(), 1)  # the reply is streaming
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    store = Store()
+    try:
+        [user, reply] = store.messages("fresh")
+        assert user.content == "go on forever" and reply.status == "interrupted" and 0 < reply.meta["generated_tokens"] < 4000
+    finally:
+        store.close()

@@ -257,6 +257,22 @@ def test_ctrl_c_stops_a_reply_keeps_it_interrupted_and_chat_goes_on(term, home):
     assert t.exit_code() == 0
 
 
+def test_sigterm_mid_reply_keeps_it_interrupted_and_ends_the_repl(term, home):
+    """`kill` stops a REPL's reply as Ctrl-C does (kept, marked interrupted), and then the
+    REPL ends (143) instead of waiting at its prompt."""
+    import signal
+
+    t = term("--agent", "a", "--max-tokens", "1000", "--no-markdown")
+    t.prompt()
+    t.send("tell me a long story")
+    t.expect("thinking")
+    t.until(lambda s: len(re.sub(r"\s|[\u2800-\u28ff] thinking", "", s)) > 80, "a streaming reply")
+    t.child.kill(signal.SIGTERM)
+    assert t.exit_code() == 143, t.text[-2000:]
+    [user, cut] = rows(home, "a")
+    assert user["content"] == "tell me a long story" and cut["status"] == "interrupted" and cut["content"].strip()
+
+
 def test_multiline_input_history_and_search(term, home):
     t = term("--agent", "a", "--max-tokens", "6")
     t.prompt()

@@ -7,10 +7,11 @@ Tracebacks only with SEMANTIC_DEBUG=1.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 from typer.core import TyperGroup
@@ -149,14 +150,30 @@ def _fail(message: str, code: int) -> None:
     raise SystemExit(code)
 
 
+def _interrupted(newline: str = "") -> NoReturn:
+    """Ctrl-C's end of a command (130); SIGTERM's or SIGHUP's (128 + it), whose terminal may be gone."""
+    from .. import interrupts
+
+    with contextlib.suppress(OSError):
+        sys.stderr.write(f"{newline}interrupted\n")
+        sys.stderr.flush()
+    signum = interrupts.terminating()
+    raise SystemExit(EXIT_INTERRUPTED if signum is None else 128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("SEMANTIC_DEBUG") == "1"
     os.umask(0o077)  # everything this tool writes is private to the user
     try:
+        from .. import interrupts
+
+        interrupts.stop_on_termination()
         register(sys.argv[1:] if argv is None else argv)
         result = app(args=argv, standalone_mode=False, prog_name="semantic")
         if result == EXIT_INTERRUPTED:  # typer's answer to Ctrl-C in a command: say it, once
-            sys.stderr.write("interrupted\n")
+            _interrupted()
+        if (signum := interrupts.terminating()) is not None:  # a REPL that said so and left
+            raise SystemExit(128 + signum)
         raise SystemExit(result if isinstance(result, int) else 0)
     except SemanticError as exc:
         if debug:
@@ -165,8 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         if debug:
             raise
-        sys.stderr.write("\ninterrupted\n")
-        raise SystemExit(EXIT_INTERRUPTED) from None
+        _interrupted("\n")
     except BrokenPipeError:
         # The reader went away (`| head`): not an error worth a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -22,7 +22,7 @@ from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .. import paths
+from .. import interrupts, paths
 from ..errors import SemanticError
 from ..rooms import address
 from . import render, slash
@@ -148,7 +148,7 @@ class Repl:
             else f"chatting with {self.current} ({printable(model)})"
         )
         self.err.print(f"{who} · /help for commands · Ctrl-D to leave", style="dim", markup=False, highlight=False)
-        while True:
+        while interrupts.terminating() is None:  # SIGTERM or SIGHUP: the cut turn is kept, then the REPL ends
             try:
                 raw = self.read()
             except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at an empty prompt
