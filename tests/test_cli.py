@@ -92,6 +92,11 @@ def test_system_persona_is_stored_on_first_use(tiny, home):
         (["--agent", "a", "--model", "{llama}"], b"\xff\xfe bad", EXIT_BAD_INPUT, b"not valid UTF-8"),
         (["--agent", "a", "--agent", "a", "-m", "hi"], None, EXIT_USAGE, b"named twice"),
         (["--agent", "a", "--color", "purple", "-m", "hi"], None, EXIT_USAGE, b"--color"),
+        (["--agent", "a", "--temp", "nan", "-m", "hi"], None, EXIT_USAGE, b"--temp must be a finite number"),
+        (["--agent", "a", "--temp", "1e309", "-m", "hi"], None, EXIT_USAGE, b"--temp must be a finite number"),
+        (["--agent", "a", "--top-p", "nan", "-m", "hi"], None, EXIT_USAGE, b"--top-p must be"),
+        (["--agent", "a", "--repeat-penalty", "inf", "-m", "hi"], None, EXIT_USAGE, b"--repeat-penalty must be"),
+        (["--agent", "a", "--wait-timeout", "nan", "-m", "hi"], None, EXIT_USAGE, b"--wait-timeout"),
     ],
 )
 def test_bad_input_is_one_line_an_exit_code_and_nothing_written(tiny, home, tmp_path, args, stdin, code, needle):
@@ -112,6 +117,24 @@ def test_message_longer_than_the_context_says_the_numbers(tiny, home):
     line = r.stderr.decode()
     assert "4096" in line and "tokens" in line and line.count("\n") == 1
     assert _db_rows(home, "SELECT COUNT(*) FROM agents") == [(0,)]
+
+
+@pytest.mark.parametrize("command", [["chat", "-a", "endless"], ["agents", "new", "endless", "--system-file", "-"]])
+def test_an_endless_input_is_refused_at_its_cap_not_read_into_memory(tiny, home, command):
+    """`yes | semantic chat` used to read until memory ran out; now at most 8 MiB is read."""
+    import subprocess
+
+    from conftest import SEMANTIC
+
+    yes = subprocess.Popen(["yes"], stdout=subprocess.PIPE)
+    try:
+        r = subprocess.run([SEMANTIC, *command, "--model", str(tiny["llama"])], stdin=yes.stdout, capture_output=True, timeout=120)
+    finally:
+        yes.kill()
+        yes.wait()
+    assert r.returncode == EXIT_TOO_LONG, r.stderr
+    assert b"over 8 MiB" in r.stderr and r.stderr.count(b"\n") == 1
+    assert not (home / "data" / "semantic.db").exists() or _db_rows(home, "SELECT COUNT(*) FROM agents") == [(0,)]
 
 
 def test_second_process_on_the_same_agent_is_refused(tiny, home):

@@ -55,8 +55,14 @@ def _read_system(system: str | None, system_file: Path | None) -> str | None:
         raise UsageError("pass either --system or --system-file, not both")
     if system_file is None:
         return system
+    from .chat import read_input
+
     try:
-        data = sys.stdin.buffer.read() if str(system_file) == "-" else system_file.read_bytes()
+        if str(system_file) == "-":
+            data = read_input(sys.stdin.buffer, "--system-file -")
+        else:
+            with system_file.open("rb") as f:
+                data = read_input(f, f"--system-file {system_file}")
     except OSError as exc:
         raise UsageError(f"cannot read --system-file {system_file}: {exc.strerror or exc}") from exc
     try:

@@ -8,11 +8,11 @@ from collections.abc import Callable
 from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import typer
 
-from ..errors import BadInputError, UsageError
+from ..errors import BadInputError, PromptTooLongError, UsageError
 from . import ranks, render
 from .render import printable
 from .turnprint import show_turns
@@ -28,6 +28,18 @@ class ColorMode(str, Enum):
     auto = "auto"
     always = "always"
     never = "never"
+
+
+MAX_INPUT = 8 << 20  # bytes of a message or persona read from stdin or a file: more than any context holds
+
+
+def read_input(stream: BinaryIO, what: str = "input") -> bytes:
+    """At most MAX_INPUT bytes of `stream`: an endless or huge input (`yes |`, /dev/zero) is
+    refused at once instead of filling memory."""
+    data = stream.read(MAX_INPUT + 1)
+    if len(data) > MAX_INPUT:
+        raise PromptTooLongError(f"{what} is over {MAX_INPUT >> 20} MiB, more than a model's context holds: send less")
+    return data
 
 
 def decode_message(data: bytes) -> str:
@@ -99,8 +111,7 @@ def chat(
     from ..turn import GenSettings
 
     render.set_color(ColorMode(color).value)
-    if repeat_penalty is not None and repeat_penalty <= 0:
-        raise UsageError("--repeat-penalty must be above 0 (1 = no penalty)")
+    _check_numbers({"--temp": temp, "--top-p": top_p, "--min-p": min_p, "--repeat-penalty": repeat_penalty}, wait_timeout)
     sampling = GenSettings(max_tokens, temp, top_p, seed, top_k, min_p, repeat_penalty, repeat_last_n)
     waits = wait or wait_timeout is not None
     interactive = message is None and sys.stdin.isatty()
@@ -158,8 +169,27 @@ def chat(
         store.close()
 
 
+def _check_numbers(sampling: dict[str, float | None], wait_timeout: float | None) -> None:
+    """The float flags as `config set` checks the same settings: NaN and infinity pass a
+    flag's range check (every comparison with NaN is false) and would reach the sampler."""
+    import math
+
+    from .. import config
+
+    for flag, value in sampling.items():
+        if value is not None:
+            try:
+                config.SETTINGS[flag[2:].replace("-", "_")].parse(repr(value))
+            except ValueError as exc:
+                raise UsageError(f"{flag} {exc}") from None
+    if wait_timeout is not None and not math.isfinite(wait_timeout):
+        raise UsageError("--wait-timeout must be a finite number of seconds")
+
+
 def _read(message: str | None) -> str:
-    return decode_message(message.encode("utf-8", "surrogateescape") if message is not None else sys.stdin.buffer.read())
+    if message is not None:
+        return decode_message(message.encode("utf-8", "surrogateescape"))
+    return decode_message(read_input(sys.stdin.buffer, "the message"))
 
 
 def _in_process(
