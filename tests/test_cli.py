@@ -97,6 +97,7 @@ def test_system_persona_is_stored_on_first_use(tiny, home):
         (["--agent", "a", "--top-p", "nan", "-m", "hi"], None, EXIT_USAGE, b"--top-p must be"),
         (["--agent", "a", "--repeat-penalty", "inf", "-m", "hi"], None, EXIT_USAGE, b"--repeat-penalty must be"),
         (["--agent", "a", "--wait-timeout", "nan", "-m", "hi"], None, EXIT_USAGE, b"--wait-timeout"),
+        (["-a", "a", "-a", "b", "--model", "{llama}", "--save-room", "bad name!", "--all", "-m", "hi"], None, EXIT_USAGE, b"invalid room"),
     ],
 )
 def test_bad_input_is_one_line_an_exit_code_and_nothing_written(tiny, home, tmp_path, args, stdin, code, needle):

@@ -126,6 +126,10 @@ def chat(
     said = False  # the lines of `say_opened` are out
     try:
         names = room_agents(agent, room, store)
+        if save_room:  # refused before any turn runs: a failed command changes nothing
+            from ..store import validate_name
+
+            validate_name(save_room, "room")
         if socket_path is not None and not interactive:
             text = _read(message)
             turn = {"settings": asdict(sampling), "wait": waits, "wait_timeout": wait_timeout}
