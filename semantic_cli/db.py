@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import paths
-from .errors import StoreVersionError
+from .errors import StoreDamagedError, StoreVersionError
 
 Migration = Sequence[str]  # the SQL statements of one schema step, run in one transaction
 
@@ -51,6 +51,22 @@ def connect(path: Path, synchronous: str, migrations: Sequence[Migration], what:
         db.close()
         raise
     return db
+
+
+def unusable(path: Path, what: str, exc: sqlite3.Error) -> StoreDamagedError:
+    """Why `what` at `path` cannot be used, and what to do: one line."""
+    text = str(exc)
+    if "not a database" in text or "malformed" in text:
+        hint = "it is damaged: restore it from a backup, or move it aside to start a new one (semantic never overwrites it)"
+    elif "readonly" in text or "read-only" in text:
+        hint = "it is read-only: make it and its directory writable (or point SEMANTIC_HOME elsewhere)"
+    elif "disk I/O" in text or "full" in text:
+        hint = "the disk may be full: free some space and try again"
+    elif "unable to open" in text:
+        hint = "check that its directory exists and is writable by you"
+    else:
+        hint = "check the file and its directory"
+    return StoreDamagedError(f"{what} {path} cannot be used ({text}): {hint}")
 
 
 def _enter_wal(db: sqlite3.Connection, timeout: float = 30.0) -> None:

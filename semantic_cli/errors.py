@@ -74,6 +74,11 @@ class UnsafePathError(SemanticError):
     exit_code = EXIT_UNSAFE
 
 
+class StoreDamagedError(SemanticError):
+    """A database semantic cannot read or write (damaged, read-only, on a full disk): never
+    overwritten or "repaired" by guesswork; the message names the file and what to do."""
+
+
 class ServerGoneError(SemanticError):
     """The `semantic serve` this command was using stopped answering mid-turn."""
 

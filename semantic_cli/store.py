@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from . import paths, takeback
-from .db import Transaction, connect, statements
-from .errors import NotFoundError, UsageError
+from .db import Transaction, connect, statements, unusable
+from .errors import NotFoundError, StoreDamagedError, UsageError
 
 # The one rule for agent and room names (rooms.py derives `@name` mentions from it).
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -132,17 +132,31 @@ def _pack(tokens: list[int]) -> bytes:
 
 
 def _unpack(blob: bytes) -> list[int]:
+    """A token chunk's ids (ValueError for a blob that cannot be one: damaged)."""
     out = array("I")
     out.frombytes(blob)
     return out.tolist()
+
+
+def _loads(text: str | None, default: Any) -> Any:
+    """A JSON column's value, or `default` where the row is damaged: a setting or a message's
+    figures falling back to defaults costs less than a store that no command can read."""
+    try:
+        value = json.loads(text or "null")
+    except ValueError:
+        return default
+    return value if isinstance(value, type(default)) else default
 
 
 class Store:
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or paths.db_file()
         # The truth: durable on every commit.
-        self.db = connect(self.path, "FULL", MIGRATIONS, "the transcript database")
-        self.db.execute("PRAGMA foreign_keys=ON")
+        try:
+            self.db = connect(self.path, "FULL", MIGRATIONS, "the transcript database")
+            self.db.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.Error as exc:  # the KV index's failures cost a re-prefill; the transcript's stop the command
+            raise unusable(self.path, "the transcript database", exc) from exc
 
     def close(self) -> None:
         self.db.close()
@@ -152,7 +166,7 @@ class Store:
 
     # ---- agents -------------------------------------------------------
     def _agent(self, row: sqlite3.Row) -> Agent:
-        return Agent(row["name"], row["model"], row["system"], json.loads(row["settings"]), row["created_at"], row["last_active"])
+        return Agent(row["name"], row["model"], row["system"], _loads(row["settings"], {}), row["created_at"], row["last_active"])
 
     def find_agent(self, name: str) -> Agent | None:
         row = self.db.execute("SELECT * FROM agents WHERE name=?", (name,)).fetchone()
@@ -219,7 +233,7 @@ class Store:
             self.db.execute("UPDATE agents SET name=? WHERE name=?", (new, old))
             # Saved rooms follow the rename; otherwise `--room` would recreate the old name, empty.
             for r in self.db.execute("SELECT name, agents FROM rooms").fetchall():
-                members = json.loads(r["agents"])
+                members = _loads(r["agents"], [])
                 if old in members:
                     renamed = json.dumps([new if m == old else m for m in members])
                     self.db.execute("UPDATE rooms SET agents=? WHERE name=?", (renamed, r["name"]))
@@ -255,7 +269,7 @@ class Store:
         for new_id, role, meta in rows:
             if role != "summary" or not meta:
                 continue
-            fields = json.loads(meta)
+            fields = _loads(meta, {})
             if fields.get("through") in renumber:
                 fields["through"] = renumber[fields["through"]]
                 self.db.execute("UPDATE messages SET meta=? WHERE id=?", (json.dumps(fields), new_id))
@@ -295,7 +309,7 @@ class Store:
     # ---- transcript ---------------------------------------------------
     def messages(self, name: str) -> list[Message]:
         rows = self.db.execute("SELECT * FROM messages WHERE agent=? ORDER BY id", (name,))
-        return [Message(r["id"], r["agent"], r["role"], r["content"], r["status"], r["created_at"], json.loads(r["meta"])) for r in rows]
+        return [Message(r["id"], r["agent"], r["role"], r["content"], r["status"], r["created_at"], _loads(r["meta"], {})) for r in rows]
 
     def token_log(self, name: str, tokenizer: str) -> list[int] | None:
         """The ids the model has seen, or None when there is no log for this tokenizer."""
@@ -303,8 +317,11 @@ class Store:
         if not rows or any(r["tokenizer"] != tokenizer for r in rows):
             return None
         out: list[int] = []
-        for r in rows:
-            out += _unpack(r["tokens"])
+        try:
+            for r in rows:
+                out += _unpack(r["tokens"])
+        except ValueError:  # a damaged chunk: the turn renders the transcript again instead
+            return None
         return out
 
     def record_turn(
@@ -341,7 +358,7 @@ class Store:
         many of them its latest compaction summary covers (`history.turn_counts`' figures)."""
         through: dict[str, int] = {}
         for r in self.db.execute("SELECT agent, id, meta FROM messages WHERE role='summary' ORDER BY id"):
-            through[r["agent"]] = int(json.loads(r["meta"] or "{}").get("through", r["id"]))
+            through[r["agent"]] = int(_loads(r["meta"], {}).get("through", r["id"]))
         rows = self.db.execute("SELECT agent, id FROM messages WHERE role='user' ORDER BY id")
         counts: dict[str, tuple[int, int]] = {}
         for r in rows:
@@ -362,11 +379,16 @@ class Store:
         row = self.db.execute("SELECT agents FROM rooms WHERE name=?", (validate_name(name, "room"),)).fetchone()
         if row is None:
             raise NotFoundError(f"no room named {name!r}; open one with `semantic chat --agent a --agent b --save-room {name}`")
-        return json.loads(row["agents"])
+        members = _loads(row["agents"], [])
+        if not members or not all(isinstance(m, str) for m in members):
+            raise StoreDamagedError(
+                f"room {name!r} in {self.path} is damaged (its agent list): save it again with --save-room, or `semantic rooms rm {name}`"
+            )
+        return members
 
     def list_rooms(self) -> list[tuple[str, list[str]]]:
         """Every saved room, by name: (name, its agents in room order)."""
-        return [(r["name"], json.loads(r["agents"])) for r in self.db.execute("SELECT name, agents FROM rooms ORDER BY name")]
+        return [(r["name"], _loads(r["agents"], [])) for r in self.db.execute("SELECT name, agents FROM rooms ORDER BY name")]
 
     def delete_room(self, name: str) -> list[str]:
         """Forget a saved room (its agents stay); the agents it named."""
@@ -375,4 +397,4 @@ class Store:
             if row is None:
                 raise NotFoundError(f"no room named {name!r}; list the saved rooms with `semantic rooms ls`")
             self.db.execute("DELETE FROM rooms WHERE name=?", (name,))
-        return json.loads(row["agents"])
+        return _loads(row["agents"], [])

@@ -235,3 +235,63 @@ def test_config_precedence(home, monkeypatch):
     assert run_cli("config", "get", "nope").returncode == EXIT_USAGE
     path = run_cli("config", "path").stdout.decode().strip()
     assert path.startswith(str(home)) and "max_tokens = 77" in Path(path).read_text()
+
+
+def test_a_damaged_or_unusable_store_is_one_line_naming_the_file(tiny, home, tmp_path):
+    """A transcript database that is not one, and a home under a regular file: one line
+    that names the path and the way out, never "unexpected"."""
+    assert run_cli("agents", "new", "x").returncode == 0
+    db = home / "data" / "semantic.db"
+    for name in ("semantic.db-wal", "semantic.db-shm"):
+        (home / "data" / name).unlink(missing_ok=True)
+    db.write_bytes(b"not a database at all" * 100)
+    r = run_cli("agents", "ls")
+    assert r.returncode == 1 and r.stderr.count(b"\n") == 1, r.stderr
+    assert str(db).encode() in r.stderr and b"damaged" in r.stderr and b"unexpected" not in r.stderr
+    assert db.read_bytes() == b"not a database at all" * 100  # never overwritten
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    r = run_cli("agents", "ls", env={"SEMANTIC_HOME": str(blocker / "sub")})
+    assert r.returncode == 1 and r.stderr.count(b"\n") == 1 and b"unexpected" not in r.stderr and str(blocker).encode() in r.stderr
+
+
+def test_damaged_rows_cost_their_own_values_not_every_command(tiny, home):
+    """An agent's settings, a message's figures or a token chunk that are not what they
+    should be: `agents ls`, `rooms ls` and the next turn still work (defaults, a re-render);
+    a room whose member list is damaged says so by name."""
+    model = str(tiny["llama"])
+    for name in ("a", "b"):
+        assert run_cli("chat", "-a", name, "--model", model, "--max-tokens", "2", "-m", "hi").returncode == 0
+    assert run_cli("chat", "-a", "a", "-a", "b", "--save-room", "r", "--all", "--max-tokens", "2", "-m", "hi").returncode == 0
+    db = sqlite3.connect(home / "data" / "semantic.db")
+    try:
+        with db:
+            db.execute("UPDATE agents SET settings='{broken' WHERE name='a'")
+            db.execute("UPDATE messages SET meta='[1, 2' WHERE agent='a'")
+            db.execute("UPDATE token_chunks SET tokens=X'010203' WHERE agent='a'")
+            db.execute("UPDATE rooms SET agents='not json' WHERE name='r'")
+    finally:
+        db.close()
+    listed = run_cli("agents", "ls", "--json")
+    assert listed.returncode == 0 and sorted(a["name"] for a in json.loads(listed.stdout)) == ["a", "b"], listed.stderr
+    assert run_cli("rooms", "ls").returncode == 0
+    turn = run_cli("chat", "-a", "a", "--max-tokens", "2", "--json", "-m", "again")
+    assert turn.returncode == 0, turn.stderr
+    assert json.loads(turn.stdout)["prompt_tokens"] > 0  # the damaged log was not trusted: the transcript rendered again
+    assert [row[0] for row in _db_rows(home, "SELECT content FROM messages WHERE agent='a' AND role='user' ORDER BY id")][-1] == "again"
+    room = run_cli("chat", "--room", "r", "--all", "-m", "hi")
+    assert room.returncode == 1 and b"room 'r'" in room.stderr and b"damaged" in room.stderr and room.stderr.count(b"\n") == 1
+    assert run_cli("rooms", "rm", "r").returncode == 0  # the way out works
+
+
+@pytest.mark.parametrize("closed", ["<&-", ">&-"])
+def test_a_closed_standard_stream_is_like_dev_null(tiny, home, closed):
+    from conftest import SEMANTIC
+
+    cmd = f"{SEMANTIC} chat -a c --model {tiny['llama']} --max-tokens 2" + (" -m hi" if closed == ">&-" else "")
+    r = subprocess.run(["bash", "-c", f"{cmd} {closed}"], capture_output=True, timeout=120)
+    if closed == "<&-":
+        assert r.returncode == EXIT_BAD_INPUT and b"empty message" in r.stderr, r.stderr
+    else:
+        assert r.returncode == 0 and b"unexpected" not in r.stderr, r.stderr
+        assert [row[0] for row in _db_rows(home, "SELECT role FROM messages WHERE agent='c' ORDER BY id")] == ["user", "assistant"]

@@ -164,6 +164,7 @@ def _interrupted(newline: str = "") -> NoReturn:
 def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("SEMANTIC_DEBUG") == "1"
     os.umask(0o077)  # everything this tool writes is private to the user
+    _open_standard_streams()
     try:
         from .. import interrupts
 
@@ -201,7 +202,30 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(usage_error.exit_code) from exc
         if debug:  # the last resort: one line, unless debugging
             raise
+        if (environment := _environment_error(exc)) is not None:
+            _fail(environment, 1)
         _fail(f"unexpected {type(exc).__name__}: {exc} (rerun with SEMANTIC_DEBUG=1 for a traceback and please report it)", 1)
+
+
+def _environment_error(exc: Exception) -> str | None:
+    """One line for what the machine refused (a full disk, a read-only or missing directory,
+    a database SQLite cannot write), with what to check; None for anything else."""
+    import sqlite3
+
+    if isinstance(exc, sqlite3.Error):
+        return f"a database operation failed ({exc}): check the free disk space and that semantic's files are yours and writable"
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if isinstance(exc.filename, str) else ""
+        return f"{exc.strerror}{where}: check the free disk space, the path, and that semantic's directories are yours and writable"
+    return None
+
+
+def _open_standard_streams() -> None:
+    """A command started with stdin, stdout or stderr closed (`<&-`, `>&-`) gets /dev/null
+    there: no input (an empty message is refused as such), output discarded."""
+    for name, mode in (("stdin", "r"), ("stdout", "w"), ("stderr", "w")):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, mode))  # noqa: SIM115 - it lives as long as the process
 
 
 if __name__ == "__main__":
