@@ -220,9 +220,23 @@ class Store:
                 takeback.forget(self.db, agent.name)  # a put-back would restore the old log under the new prefix
         return new
 
-    def delete_agent(self, name: str) -> None:
+    def delete_agent(self, name: str) -> list[str]:
+        """Delete an agent; it leaves every saved room too (a room it leaves empty goes). The
+        rooms it was in: a room naming a deleted agent could no longer be opened."""
         self.get_agent(name)
-        self.db.execute("DELETE FROM agents WHERE name=?", (name,))
+        left: list[str] = []
+        with self._tx():
+            self.db.execute("DELETE FROM agents WHERE name=?", (name,))
+            for r in self.db.execute("SELECT name, agents FROM rooms").fetchall():
+                members = _loads(r["agents"], [])
+                if name in members:
+                    left.append(r["name"])
+                    rest = [m for m in members if m != name]
+                    if rest:
+                        self.db.execute("UPDATE rooms SET agents=? WHERE name=?", (json.dumps(rest), r["name"]))
+                    else:
+                        self.db.execute("DELETE FROM rooms WHERE name=?", (r["name"],))
+        return left
 
     def rename_agent(self, old: str, new: str) -> None:
         self.get_agent(old)

@@ -295,3 +295,17 @@ def test_a_closed_standard_stream_is_like_dev_null(tiny, home, closed):
     else:
         assert r.returncode == 0 and b"unexpected" not in r.stderr, r.stderr
         assert [row[0] for row in _db_rows(home, "SELECT role FROM messages WHERE agent='c' ORDER BY id")] == ["user", "assistant"]
+
+
+def test_a_bench_out_that_cannot_be_written_is_refused_before_the_run(home, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for out in (tmp_path, blocker / "results.json"):
+        r = run_cli("bench", "exp-005", "--model", "/nonexistent/model", "--out", str(out))
+        assert r.returncode == EXIT_USAGE and b"--out" in r.stderr and r.stderr.count(b"\n") == 1, r.stderr
+
+
+def test_an_unknown_flag_or_command_is_one_line(home):
+    for args in (["chat", "--bogus"], ["bogus"], ["cache", "ls", "--nope"]):
+        r = run_cli(*args)
+        assert r.returncode == EXIT_USAGE and r.stderr.count(b"\n") == 1 and b"--help" in r.stderr, (args, r.stderr)

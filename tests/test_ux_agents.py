@@ -254,3 +254,19 @@ def test_json_at_a_terminal_without_a_message_is_refused(home, capsys, monkeypat
     code, out, err = cli(capsys, "chat", "-a", "t1", "--json")
     assert code == 2 and out == ""
     assert err == "semantic: error: --json is for one-shot turns: pass -m TEXT or pipe the message in (the REPL shows replies as text)\n"
+
+
+def test_a_removed_agent_leaves_its_saved_rooms(tiny, home):
+    """`agents rm` takes the agent out of every saved room (a room it leaves empty goes), so
+    `--room` still opens the rest of the room instead of failing on a missing agent."""
+    from conftest import run_cli
+
+    model = str(tiny["llama"])
+    pair = run_cli("chat", "-a", "a", "-a", "b", "--model", model, "--save-room", "pair", "--all", "--max-tokens", "2", "-m", "hi")
+    assert pair.returncode == 0
+    assert run_cli("chat", "-a", "a", "--save-room", "solo", "--max-tokens", "2", "-m", "hi").returncode == 0
+    r = run_cli("agents", "rm", "a", "--yes")
+    assert r.returncode == 0 and b"left rooms pair, solo" in r.stderr, r.stderr
+    with closing(Store()) as store:
+        assert store.list_rooms() == [("pair", ["b"])]
+    assert run_cli("chat", "--room", "pair", "--max-tokens", "2", "-m", "still here?").returncode == 0

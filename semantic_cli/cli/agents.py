@@ -325,10 +325,11 @@ def rm(name: str = NAME, yes: bool = YES) -> None:
         store.get_agent(name)
         with _locked(name):
             _confirm(f"delete agent {name!r} and its conversation?", yes)
-            store.delete_agent(name)
+            rooms = store.delete_agent(name)
             freed = kv.release_agent(name)
             _history(name).unlink(missing_ok=True)
-    _status(f"removed agent {name!r}; {human_bytes(freed)} of KV cache freed (blocks shared with other agents stay)")
+    left = f"; it left room{'s' if len(rooms) > 1 else ''} {', '.join(rooms)}" if rooms else ""
+    _status(f"removed agent {name!r}; {human_bytes(freed)} of KV cache freed (blocks shared with other agents stay){left}")
 
 
 @app.command("rename")

@@ -196,10 +196,11 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(exc, bad_values):  # a flag's value out of its range or choices: one line, as our own usage errors
             bad: Any = exc
             _fail(bad.format_message(), bad.exit_code)
-        if isinstance(exc, usage_errors):
-            usage_error: Any = exc  # click's or typer's vendored ClickException: both have show() and exit_code
-            usage_error.show()
-            raise SystemExit(usage_error.exit_code) from exc
+        if isinstance(exc, usage_errors):  # an unknown flag or command, a missing argument: one line, as our own
+            usage_error: Any = exc  # click's or typer's vendored ClickException: both have format_message() and exit_code
+            context = getattr(usage_error, "ctx", None)
+            command = context.command_path if context is not None else "semantic"
+            _fail(f"{usage_error.format_message()} (see `{command} --help`)", usage_error.exit_code)
         if debug:  # the last resort: one line, unless debugging
             raise
         if (environment := _environment_error(exc)) is not None:

@@ -15,7 +15,24 @@ from . import render
 
 app = typer.Typer(help="Benchmarks: exactness (exp-005), block gather (exp-006), resume, batch, serve, distributed.", no_args_is_help=True)
 
-OUT = typer.Option(None, "--out", help="Where to write the results JSON (default: the data dir's bench/).")
+
+def _writable_out(path: Path | None) -> Path | None:
+    """--out is checked before the benchmark runs, not after it (when its results would be lost)."""
+    import os
+
+    if path is None:
+        return None
+    if path.is_dir():
+        raise typer.BadParameter(f"{path} is a directory: name a file, e.g. {path / 'results.json'}")
+    existing = path.parent.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise typer.BadParameter(f"cannot write under {existing}")
+    return path
+
+
+OUT = typer.Option(None, "--out", callback=_writable_out, help="Where to write the results JSON (default: the data dir's bench/).")
 JSON = typer.Option(False, "--json", metavar="", help="Print the results JSON on stdout instead of a table.")
 MODEL = typer.Option(None, "--model", help="Model to benchmark (default: the configured model).")
 
