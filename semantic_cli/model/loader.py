@@ -39,8 +39,17 @@ def requested_spec(flag: str | None) -> str:
     return flag or config.get("model") or DEFAULT
 
 
+def quiet_transformers() -> None:
+    """transformers (mlx-lm's tokenizer loader, the GGUF and PyPI conversions) logs advisories
+    on stderr when first imported ("PyTorch was not found..."); stderr is ours. Set before
+    anything here can import it."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
 def resolve(spec: str | None, on_progress: Progress | None = None) -> ModelRef:
     """Turn a model spec into something loadable, preparing it if needed."""
+    quiet_transformers()
     spec = spec or requested_spec(None)
     if spec == DEFAULT:
         from .default import ensure_default_model
@@ -167,9 +176,7 @@ def load(ref: ModelRef, split: Callable[[Any], str] | None = None) -> LoadedMode
     from ..backend import runtime
 
     runtime.mx()  # backend set-up before mlx_lm imports mlx
-    # transformers (mlx-lm's tokenizer loader) logs advisories on stderr; stderr is ours.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    quiet_transformers()
     try:
         from mlx_lm import load as mlx_load
 
