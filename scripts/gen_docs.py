@@ -149,7 +149,9 @@ def exit_codes() -> list[tuple[int, str, str]]:
         "OK": "Success.",
         "ERROR": "An error; the one line on stderr says what went wrong and what to do.",
         "USAGE": "Bad usage: an unknown command or option, a bad value, or an invalid agent name.",
-        "INTERRUPTED": "Interrupted by Ctrl-C during a one-shot reply (in the REPL, Ctrl-C stops the reply and returns to the prompt).",
+        "INTERRUPTED": "Interrupted by Ctrl-C during a one-shot reply (in the REPL, Ctrl-C stops the reply and returns to the prompt)."
+        " SIGTERM and SIGHUP stop a reply the same way (kept, marked interrupted) and end the command, REPL included,"
+        " with 143 and 129.",
     }
     out = []
     for name, code, comment in found:
