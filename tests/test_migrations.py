@@ -420,3 +420,76 @@ def test_a_database_being_created_by_another_process_is_waited_for(tmp_path):
     finally:
         db.close()
         other.close()
+
+
+# ---- concurrency and failure ------------------------------------------------
+def rows_of(path: Path) -> dict[str, list[tuple]]:
+    """Every row of the previous release's tables, in rowid order."""
+    with closing(sqlite3.connect(path)) as db:
+        return {t: db.execute(f"SELECT * FROM {t} ORDER BY rowid").fetchall() for t in ("agents", "messages", "token_chunks", "rooms")}
+
+
+OPEN_THE_STORE = """
+from semantic_cli.store import Store
+store = Store()
+print(store.db.execute("PRAGMA user_version").fetchone()[0], len(store.list_agents()))
+store.close()
+"""
+
+
+def _has_open(pid: int, path: Path) -> bool:
+    try:
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}") == str(path) for fd in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return False
+
+
+def test_two_processes_upgrading_one_old_store_at_once_both_succeed(old_home: Path, tmp_path: Path) -> None:
+    """Both read the old version, then wait for the write lock (held here until both do):
+    the one that gets it second finds the store already upgraded and runs no step again."""
+    path = store_path(old_home)
+    before = rows_of(path)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # as a third process would, mid-write
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_THE_STORE], stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 60
+        while not all(_has_open(p.pid, path) for p in procs):
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            assert time.monotonic() < deadline, "the processes never opened the store"
+            time.sleep(0.02)
+        time.sleep(2.0)  # both past reading the version, waiting on BEGIN IMMEDIATE
+        assert all(p.poll() is None for p in procs)
+        assert version_of(path) == 0
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    results = [p.communicate(timeout=60) for p in procs]
+    for p, (out, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0, err.decode()
+        assert out.decode().split() == [str(LATEST_STORE), str(len(AGENTS))]
+    assert version_of(path) == LATEST_STORE
+    assert rows_of(path) == before
+    fresh = tmp_path / "fresh.db"
+    Store(fresh).close()
+    assert schema_of(path) == schema_of(fresh)
+
+
+def test_a_migration_that_fails_partway_changes_nothing(old_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every step, and the version, in one transaction: a failure in the last statement of
+    the last step leaves the version, the schema and every row as they were, and the next
+    opening upgrades it whole."""
+    from semantic_cli import store as store_module
+    from semantic_cli.errors import SemanticError
+
+    path = store_path(old_home)
+    before = (version_of(path), schema_of(path), rows_of(path))
+    failing_last_step = (*STORE_MIGRATIONS[-1], "INSERT INTO no_such_table VALUES (1)")
+    monkeypatch.setattr(store_module, "MIGRATIONS", [*STORE_MIGRATIONS[:-1], failing_last_step])
+    with pytest.raises((sqlite3.Error, SemanticError), match="no_such_table"):
+        Store()
+    assert (version_of(path), schema_of(path), rows_of(path)) == before
+    monkeypatch.setattr(store_module, "MIGRATIONS", STORE_MIGRATIONS)  # (not undo(): that would drop SEMANTIC_HOME too)
+    with closing(Store()) as store:
+        assert schema_version(store.db) == LATEST_STORE
+    assert rows_of(path) == before[2]

@@ -183,3 +183,19 @@ def test_models_ls_lists_every_kind_of_model(store: Path, home: Path, tiny: dict
     tsv = run_cli("models", "ls").stdout.decode().splitlines()
     assert tsv[0] == "MODEL\tKIND\tARCH\tSIZE\tDTYPE\tPATH" and len(tsv) == 6
     assert f"ollama:tiny:latest\tollama\tqwen3\t{tiny_ollama['bytes']}\tF32\t{tiny_ollama['path']}" in tsv
+
+
+def test_a_pulled_template_or_params_update_converts_again(store: Path, home: Path, tmp_path: Path) -> None:
+    """The conversion is keyed on every layer that shapes it, not the weights alone: an
+    `ollama pull` that changes only the params (or only the template) gets a new one."""
+    gguf = tmp_path / "tiny.gguf"  # the `store` fixture's weights, unchanged below
+    first = Path(resolve("ollama:tiny").path)
+    assert json.loads((first / "generation_config.json").read_text())["temperature"] == 0.6
+    conftest_gguf.ollama_store(store, gguf, "library/tiny", "latest", template=GO_CHATML, params={**PARAMS, "temperature": 0.2})
+    second = Path(resolve("ollama:tiny").path)
+    assert second != first and convert.is_converted(second)
+    assert json.loads((second / "generation_config.json").read_text())["temperature"] == 0.2
+    conftest_gguf.ollama_store(store, gguf, "library/tiny", "latest", template=GO_CHATML + "\n", params={**PARAMS, "temperature": 0.2})
+    third = Path(resolve("ollama:tiny").path)
+    assert third not in (first, second) and convert.is_converted(third)
+    assert resolve("ollama:tiny").path == str(third)  # and each is converted once

@@ -94,3 +94,32 @@ def test_concurrent_replies_are_complete_persisted_and_resumable(tiny, home, mon
         again = s.room({n: "follow-up" for n in names})
     for rec, before in zip(sorted(again, key=lambda r: r.key), sorted(recs, key=lambda r: r.key), strict=False):
         assert rec.tier == "warm" and rec.done.stats.cached_tokens == len(before.done.cached_log)
+
+
+def test_an_agent_named_twice_in_a_message_answers_once(tiny, home):
+    """`@b @all hi` and `@b @b hi` address each agent once: in the REPL (which runs what
+    `address` returns as it is) every agent addressed answers once, and its transcript holds
+    the message once."""
+    from test_repl import FOOTER, Term, rows
+
+    from semantic_cli.rooms import address
+
+    assert address("@b @all hi", ["a", "b"], None) == (["b", "a"], "hi")
+    assert address("@b @b hi", ["a", "b"], "a") == (["b"], "hi")
+    t = Term("--model", str(tiny["llama"]), "-a", "a", "-a", "b", "--max-tokens", "3", "--no-markdown")
+    try:
+        t.prompt("a")
+        t.send("@b @all hi")
+        t.expect(FOOTER)
+        t.expect(FOOTER)  # both panels finish
+        t.prompt("a")
+        assert [(r["role"], r["status"]) for r in rows(home, "a")] == [("user", "complete"), ("assistant", "complete")]
+        assert [(r["role"], r["status"]) for r in rows(home, "b")] == [("user", "complete"), ("assistant", "complete")]
+        t.say("@b @b again")
+        assert len(rows(home, "a")) == 2
+        assert [r["content"] for r in rows(home, "b") if r["role"] == "user"] == ["hi", "again"] and len(rows(home, "b")) == 4
+        assert "error" not in t.text, t.text[-2000:]
+        t.send("/quit")
+        assert t.exit_code() == 0
+    finally:
+        t.close()

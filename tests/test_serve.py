@@ -539,3 +539,191 @@ def test_limits_hold_without_asking_and_every_refusal_is_openai_shaped(tiny, hom
     assert code == 0 and "Traceback" not in log, log[-3000:]
     r = run_cli("serve", "--model", model, "--port", "0", "--api-key", "  ", timeout=60)
     assert r.returncode == EXIT_USAGE and len(r.stderr.splitlines()) == 1 and b"--api-key" in r.stderr, r.stderr
+
+
+def _hook(tmp_path, code: str) -> dict[str, str]:
+    """The env for a server process that imports `code` first (a sitecustomize on PYTHONPATH):
+    a test-only change to the real objects inside the real server."""
+    import os
+    import textwrap
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(textwrap.dedent(code))
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
+
+
+CHMOD_WITNESS = """
+    import os, stat
+
+    _real = os.chmod
+
+
+    def chmod(path, mode, *args, **kwargs):
+        st = os.stat(path)
+        if stat.S_ISSOCK(st.st_mode):  # what the socket's mode was between bind and this chmod
+            with open(os.environ["SOCKET_MODE_BEFORE_CHMOD"], "a") as f:
+                f.write(oct(stat.S_IMODE(st.st_mode)) + "\\n")
+        return _real(path, mode, *args, **kwargs)
+
+
+    os.chmod = chmod
+"""
+
+
+def test_the_unix_socket_is_0600_from_the_moment_it_exists(tiny, home, tmp_path):
+    """Others on the machine can never connect: the socket is 0600 once listening, and it is
+    created so (the umask at bind), not made so a moment later by chmod."""
+    import os
+    import stat
+
+    witness = tmp_path / "mode-before-chmod"
+    env = {**_hook(tmp_path, CHMOD_WITNESS), "SOCKET_MODE_BEFORE_CHMOD": str(witness)}
+    old = os.umask(0o022)  # the usual umask: a socket bound under it would be 0755
+    try:
+        with Server(home, tiny["llama"], env=env) as server:
+            st = os.stat(server.socket)
+            assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600, oct(st.st_mode)
+            assert st.st_uid == os.geteuid()
+            assert socket_client(server).models.list().data  # and it is the one the server listens on
+    finally:
+        os.umask(old)
+    assert witness.read_text().split() == ["0o600"], witness.read_text()  # never more open, even before the chmod
+
+
+def test_socket_path_that_is_a_regular_file_is_refused_and_left_alone(tiny, home, tmp_path):
+    from semantic_cli.errors import EXIT_UNSAFE
+
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"my notes\n")
+    r = run_cli("serve", "--model", str(tiny["llama"]), "--port", "0", "--socket", str(path), timeout=60)
+    assert r.returncode == EXIT_UNSAFE, (r.returncode, r.stderr)
+    assert len(r.stderr.splitlines()) == 1 and b"is not a socket of yours" in r.stderr, r.stderr
+    assert path.read_bytes() == b"my notes\n" and path.is_file()
+    assert not (home / "runtime" / "server.json").exists()
+
+
+def test_a_host_off_loopback_without_an_api_key_is_refused_in_one_line(tiny, home):
+    """A hostname is never taken for loopback (only `localhost` is): even this machine's own
+    name, which may resolve to 127.0.0.1, is refused without a key, as is a LAN address."""
+    import socket
+
+    for host in ("192.0.2.1", "lan-box.example", socket.gethostname()):
+        if host == "localhost":
+            continue
+        r = run_cli("serve", "--model", str(tiny["llama"]), "--port", "0", "--host", host, timeout=60)
+        assert r.returncode == EXIT_USAGE, (host, r.returncode, r.stderr)
+        assert len(r.stderr.splitlines()) == 1 and f"refusing to listen on {host} without an API key".encode() in r.stderr, r.stderr
+
+
+def test_a_host_that_is_no_address_here_is_a_usage_error_before_the_model_loads(tiny, home):
+    """With a key, a --host that does not resolve, or is not this machine's, is exit 2 in one
+    line (it was "busy, pass another --port", exit 4, after the model had loaded)."""
+    for host, needle in (("not a host", b"can resolve"), ("192.0.2.1", b"an address of this machine")):
+        started = time.monotonic()
+        r = run_cli("serve", "--model", str(tiny["llama"]), "--port", "0", "--api-key", "k", "--host", host, timeout=60)
+        assert r.returncode == EXIT_USAGE and len(r.stderr.splitlines()) == 1 and needle in r.stderr, (host, r.stderr)
+        assert time.monotonic() - started < 30
+
+
+def test_a_chunked_body_over_max_body_is_413(tiny, home):
+    """No Content-Length to refuse it by: the body is counted as it arrives."""
+    with Server(home, tiny["llama"], "--max-body", "2048") as server:
+        body = json.dumps({"model": "llama", "messages": [{"role": "user", "content": "x" * 4000}], "max_tokens": 2}).encode()
+
+        def chunked():
+            for i in range(0, len(body), 512):
+                yield body[i : i + 512]
+
+        r = httpx.post(server.url + "/chat/completions", content=chunked(), headers={"content-type": "application/json"}, timeout=60)
+        assert "content-length" not in r.request.headers and r.request.headers["transfer-encoding"] == "chunked"
+        assert r.status_code == 413 and r.json()["error"]["message"], r.text
+        small = json.dumps({"model": "llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+        ok = httpx.post(
+            server.url + "/chat/completions",
+            content=iter([small[:10], small[10:]]),
+            headers={"content-type": "application/json"},
+            timeout=60,
+        )
+        assert ok.status_code == 200, ok.text  # a chunked body under the limit is read whole
+
+
+ENGINE_FAILS_ONCE = """
+    from semantic_cli import engine
+
+    _real = engine.Batch.step
+    _steps = []
+
+
+    def step(self):
+        # The 6th step that runs agent "doomed" fails inside the generator, once.
+        if "doomed" in self.live and self._gen is not None:
+            _steps.append(1)
+            if len(_steps) == 6:
+                def boom(*args, **kwargs):
+                    raise RuntimeError("injected engine failure")
+
+                self._gen.next = boom
+        return _real(self)
+
+
+    engine.Batch.step = step
+"""
+
+
+def test_an_engine_failure_mid_turn_is_an_error_an_interrupted_turn_and_the_server_goes_on(tiny, home, tmp_path):
+    model = str(tiny["llama"])
+    assert _chat("-a", "doomed", "--model", model, "-m", "start", "--max-tokens", "2", "--no-server")[0] == 0
+    with Server(home, model, env=_hook(tmp_path, ENGINE_FAILS_ONCE)) as server:
+        client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=45)
+        msgs = [{"role": "user", "content": "go"}]
+        with pytest.raises(openai.InternalServerError) as caught:
+            client.chat.completions.create(model="doomed", messages=msgs, max_tokens=300)
+        assert "the engine failed" in caught.value.message and "injected engine failure" in caught.value.message
+        role, text, status = _messages("doomed")[-1]
+        assert (role, status) == ("assistant", "interrupted") and len(_messages("doomed")) == 4
+        # The server goes on: a stateless request and the same agent again, on a new batch.
+        fresh = client.chat.completions.create(model="llama", messages=msgs, max_tokens=5)
+        assert fresh.choices[0].finish_reason == "length" and fresh.usage.completion_tokens == 5
+        again = client.chat.completions.create(model="doomed", messages=[{"role": "user", "content": "again"}], max_tokens=5)
+        assert again.choices[0].finish_reason == "length"
+        assert [(r, s) for r, _, s in _messages("doomed")][-2:] == [("user", "complete"), ("assistant", "complete")]
+        code, log = server.stop()
+    assert code == 0 and "Traceback" not in log, log[-3000:]
+
+
+def test_stateless_requests_on_different_slots_run_at_the_same_time(tiny, home):
+    """Requests naming no slot take different ones: the second's first chunk arrives while
+    the first is still generating (4000 tokens, seconds here), instead of after it."""
+    with Server(home, tiny["llama"]) as server:
+        client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
+        first = client.chat.completions.create(model="llama", messages=[{"role": "user", "content": "one"}], max_tokens=4000, stream=True)
+        second_started = threading.Event()
+        got: dict = {}
+
+        def second() -> None:
+            stream = client.chat.completions.create(model="llama", messages=[{"role": "user", "content": "two"}], max_tokens=5, stream=True)
+            for c in stream:
+                if c.choices and c.choices[0].delta.content:
+                    second_started.set()
+                if c.choices and c.choices[0].finish_reason:
+                    got["reason"] = c.choices[0].finish_reason
+
+        thread = None
+        first_reasons = []
+        for c in first:
+            if not (c.choices and (c.choices[0].delta.content or c.choices[0].finish_reason)):
+                continue
+            if c.choices[0].finish_reason:
+                first_reasons.append(c.choices[0].finish_reason)
+                break
+            if thread is None:  # the first is generating: send the second
+                thread = threading.Thread(target=second)
+                thread.start()
+            elif second_started.is_set():
+                break  # the second streams while the first goes on
+        first.close()
+        assert thread is not None
+        thread.join(60)
+        assert first_reasons == [], "the second request waited for the first to finish"
+        assert second_started.is_set() and got.get("reason") == "length", got

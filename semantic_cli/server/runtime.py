@@ -8,6 +8,7 @@ with SIGKILL leaves its file behind, and the kernel drops its lock.
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import json
 import os
@@ -99,6 +100,14 @@ def unix_socket(path: Path) -> socket.socket:
     return sock
 
 
+def check_address(host: str, port: int) -> None:
+    """--host must be an address or a name this machine resolves (UsageError, not "busy")."""
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise UsageError(f"--host {host!r} is not an address or a name this machine can resolve ({exc}); use e.g. 127.0.0.1") from None
+
+
 def tcp_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -107,7 +116,11 @@ def tcp_socket(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise BusyError(f"cannot listen on {host}:{port} ({exc.strerror}): pass another --port") from None
+        if exc.errno == errno.EADDRINUSE:
+            raise BusyError(f"cannot listen on {host}:{port} ({exc.strerror}): pass another --port") from None
+        if exc.errno == errno.EACCES:
+            raise UsageError(f"cannot listen on {host}:{port} ({exc.strerror}): ports below 1024 need privileges") from None
+        raise UsageError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): pass an address of this machine as --host") from None
     sock.listen(128)
     return sock
 

@@ -40,14 +40,17 @@ def serve(opts: ServeOptions, on_ready: Callable[[runtime.ServerInfo], None]) ->
 
     if opts.host is not None:
         runtime.check_host(opts.host, opts.api_key)
+        runtime.check_address(opts.host, opts.port)  # before the model loads: a typo fails at once
     lock = runtime.ServerLock().acquire()
     sockets: list[socket.socket] = []
     remove_info: Callable[[], None] | None = None
+    made_socket = False  # only a socket this server created is removed: a refused path is left as it was
     worker = Worker(resolve(opts.model), opts.limits.max_queue)
     try:
         worker.start()  # loads the model: errors here are the command's
         if opts.socket_path is not None:
             sockets.append(runtime.unix_socket(opts.socket_path))
+            made_socket = True
         url = None
         if opts.host is not None:
             tcp = runtime.tcp_socket(opts.host, opts.port)
@@ -69,7 +72,7 @@ def serve(opts: ServeOptions, on_ready: Callable[[runtime.ServerInfo], None]) ->
         for sock in sockets:
             with contextlib.suppress(OSError):
                 sock.close()
-        if opts.socket_path is not None:
+        if made_socket and opts.socket_path is not None:
             with contextlib.suppress(OSError):
                 os.unlink(opts.socket_path)
         lock.release()
