@@ -309,3 +309,18 @@ def test_an_unknown_flag_or_command_is_one_line(home):
     for args in (["chat", "--bogus"], ["bogus"], ["cache", "ls", "--nope"]):
         r = run_cli(*args)
         assert r.returncode == EXIT_USAGE and r.stderr.count(b"\n") == 1 and b"--help" in r.stderr, (args, r.stderr)
+
+
+def test_a_hub_error_over_several_lines_is_one(home, monkeypatch):
+    """huggingface_hub's errors span lines; the model error quotes the first."""
+    from semantic_cli.backend import compat
+    from semantic_cli.errors import ModelError
+    from semantic_cli.model import loader
+
+    def offline(repo, cache_dir):
+        raise OSError("We couldn't connect to the hub.\nCheck your connection\nor set HF_HUB_OFFLINE=1.")
+
+    monkeypatch.setattr(compat, "hf_download", offline)
+    with pytest.raises(ModelError) as caught:
+        loader._hf_download("owner/name")
+    assert "\n" not in caught.value.message and "couldn't connect" in caught.value.message

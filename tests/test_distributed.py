@@ -150,6 +150,11 @@ def test_hostfile_option(tmp_path: Path, home: Path) -> None:
         launch.command(None, tmp_path / "missing.json", "ring", [])
     with pytest.raises(UsageError, match="not both"):
         launch.command("127.0.0.1", hostfile, "ring", [])
+    # A hostfile mlx.launch could not read is one line here, not its usage text and a stopped rank 0.
+    for bad, needle in (("[]", "a JSON list of hosts"), ("{oops", "not readable JSON"), ('[{"ips": []}]', "a JSON list of hosts")):
+        hostfile.write_text(bad)
+        with pytest.raises(UsageError, match=needle):
+            launch.command(None, hostfile, "ring", [])
 
 
 def test_serve_over_two_ranks(tmp_path: Path, tiny: dict[str, Path]) -> None:

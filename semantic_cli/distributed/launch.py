@@ -48,14 +48,31 @@ def strip_launch_options(argv: list[str]) -> list[str]:
     return out
 
 
+def check_hostfile(hostfile: Path) -> None:
+    """The hostfile as mlx.launch reads it: a JSON list of hosts (or {"hosts": [...]}), each with
+    an "ssh" name. Checked here so a bad one is one line, not mlx.launch's usage text."""
+    import json
+
+    if not hostfile.is_file():
+        raise UsageError(f"--hostfile {hostfile}: no such file")
+    try:
+        data = json.loads(hostfile.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--hostfile {hostfile}: not readable JSON ({exc})") from None
+    hosts = data.get("hosts") if isinstance(data, dict) else data
+    named = isinstance(hosts, list) and all(isinstance(h, dict) and isinstance(h.get("ssh"), str) and h["ssh"] for h in hosts)
+    if not named or not hosts:
+        raise UsageError(f'--hostfile {hostfile}: want a JSON list of hosts, each like {{"ssh": "host", "ips": ["10.0.0.1"]}}')
+
+
 def command(hosts: str | None, hostfile: Path | None, backend: str, argv: list[str]) -> list[str]:
     """The mlx.launch command line that runs `semantic ARGV` on every rank."""
     if backend not in BACKENDS:
         raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}")
     if hosts and hostfile:
         raise UsageError("give --hosts or --hostfile, not both")
-    if hostfile is not None and not hostfile.is_file():
-        raise UsageError(f"--hostfile {hostfile}: no such file")
+    if hostfile is not None:
+        check_hostfile(hostfile)
     launcher = Path(sys.executable).parent / "mlx.launch"
     cmd = [str(launcher) if launcher.exists() else "mlx.launch", "--python", sys.executable]
     # Remote ranks get only the environment `--env` names: the home, the split, and the exit-code line.

@@ -216,7 +216,8 @@ def _hf_download(repo: str) -> Path:
     try:
         return compat.hf_download(repo, paths.hf_dir())
     except Exception as exc:
-        raise ModelError(f"could not fetch {repo!r} from the Hugging Face hub ({exc}); check the name and your network") from exc
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__  # the hub's messages span lines
+        raise ModelError(f"could not fetch {repo!r} from the Hugging Face hub ({detail}); check the name and your network") from exc
 
 
 def _context_length(model_dir: Path) -> int:
