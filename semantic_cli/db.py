@@ -12,10 +12,12 @@ are left byte for byte as they were (StoreVersionError, exit code 9).
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import paths
 from .errors import StoreDamagedError, StoreVersionError
@@ -133,3 +135,13 @@ class Transaction:
     def __exit__(self, exc_type: object, *_: object) -> None:
         if self.owner:
             self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def json_column(text: str | None, default: Any) -> Any:
+    """A JSON column's value, or `default` where the row is damaged: a setting or a message's
+    figures falling back to defaults costs less than a store that no command can read."""
+    try:
+        value = json.loads(text or "null")
+    except ValueError:
+        return default
+    return value if isinstance(value, type(default)) else default

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import paths, takeback
-from .db import Transaction, connect, statements, unusable
+from .db import Transaction, connect, json_column, statements, unusable
 from .errors import NotFoundError, StoreDamagedError, UsageError
 
 # The one rule for agent and room names (rooms.py derives `@name` mentions from it).
@@ -138,16 +138,6 @@ def _unpack(blob: bytes) -> list[int]:
     return out.tolist()
 
 
-def _loads(text: str | None, default: Any) -> Any:
-    """A JSON column's value, or `default` where the row is damaged: a setting or a message's
-    figures falling back to defaults costs less than a store that no command can read."""
-    try:
-        value = json.loads(text or "null")
-    except ValueError:
-        return default
-    return value if isinstance(value, type(default)) else default
-
-
 class Store:
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or paths.db_file()
@@ -166,7 +156,7 @@ class Store:
 
     # ---- agents -------------------------------------------------------
     def _agent(self, row: sqlite3.Row) -> Agent:
-        return Agent(row["name"], row["model"], row["system"], _loads(row["settings"], {}), row["created_at"], row["last_active"])
+        return Agent(row["name"], row["model"], row["system"], json_column(row["settings"], {}), row["created_at"], row["last_active"])
 
     def find_agent(self, name: str) -> Agent | None:
         row = self.db.execute("SELECT * FROM agents WHERE name=?", (name,)).fetchone()
@@ -228,7 +218,7 @@ class Store:
         with self._tx():
             self.db.execute("DELETE FROM agents WHERE name=?", (name,))
             for r in self.db.execute("SELECT name, agents FROM rooms").fetchall():
-                members = _loads(r["agents"], [])
+                members = json_column(r["agents"], [])
                 if name in members:
                     left.append(r["name"])
                     rest = [m for m in members if m != name]
@@ -247,7 +237,7 @@ class Store:
             self.db.execute("UPDATE agents SET name=? WHERE name=?", (new, old))
             # Saved rooms follow the rename; otherwise `--room` would recreate the old name, empty.
             for r in self.db.execute("SELECT name, agents FROM rooms").fetchall():
-                members = _loads(r["agents"], [])
+                members = json_column(r["agents"], [])
                 if old in members:
                     renamed = json.dumps([new if m == old else m for m in members])
                     self.db.execute("UPDATE rooms SET agents=? WHERE name=?", (renamed, r["name"]))
@@ -283,7 +273,7 @@ class Store:
         for new_id, role, meta in rows:
             if role != "summary" or not meta:
                 continue
-            fields = _loads(meta, {})
+            fields = json_column(meta, {})
             if fields.get("through") in renumber:
                 fields["through"] = renumber[fields["through"]]
                 self.db.execute("UPDATE messages SET meta=? WHERE id=?", (json.dumps(fields), new_id))
@@ -323,7 +313,9 @@ class Store:
     # ---- transcript ---------------------------------------------------
     def messages(self, name: str) -> list[Message]:
         rows = self.db.execute("SELECT * FROM messages WHERE agent=? ORDER BY id", (name,))
-        return [Message(r["id"], r["agent"], r["role"], r["content"], r["status"], r["created_at"], _loads(r["meta"], {})) for r in rows]
+        return [
+            Message(r["id"], r["agent"], r["role"], r["content"], r["status"], r["created_at"], json_column(r["meta"], {})) for r in rows
+        ]
 
     def token_log(self, name: str, tokenizer: str) -> list[int] | None:
         """The ids the model has seen, or None when there is no log for this tokenizer."""
@@ -372,7 +364,7 @@ class Store:
         many of them its latest compaction summary covers (`history.turn_counts`' figures)."""
         through: dict[str, int] = {}
         for r in self.db.execute("SELECT agent, id, meta FROM messages WHERE role='summary' ORDER BY id"):
-            through[r["agent"]] = int(_loads(r["meta"], {}).get("through", r["id"]))
+            through[r["agent"]] = int(json_column(r["meta"], {}).get("through", r["id"]))
         rows = self.db.execute("SELECT agent, id FROM messages WHERE role='user' ORDER BY id")
         counts: dict[str, tuple[int, int]] = {}
         for r in rows:
@@ -393,7 +385,7 @@ class Store:
         row = self.db.execute("SELECT agents FROM rooms WHERE name=?", (validate_name(name, "room"),)).fetchone()
         if row is None:
             raise NotFoundError(f"no room named {name!r}; open one with `semantic chat --agent a --agent b --save-room {name}`")
-        members = _loads(row["agents"], [])
+        members = json_column(row["agents"], [])
         if not members or not all(isinstance(m, str) for m in members):
             raise StoreDamagedError(
                 f"room {name!r} in {self.path} is damaged (its agent list): save it again with --save-room, or `semantic rooms rm {name}`"
@@ -402,7 +394,7 @@ class Store:
 
     def list_rooms(self) -> list[tuple[str, list[str]]]:
         """Every saved room, by name: (name, its agents in room order)."""
-        return [(r["name"], _loads(r["agents"], [])) for r in self.db.execute("SELECT name, agents FROM rooms ORDER BY name")]
+        return [(r["name"], json_column(r["agents"], [])) for r in self.db.execute("SELECT name, agents FROM rooms ORDER BY name")]
 
     def delete_room(self, name: str) -> list[str]:
         """Forget a saved room (its agents stay); the agents it named."""
@@ -411,4 +403,4 @@ class Store:
             if row is None:
                 raise NotFoundError(f"no room named {name!r}; list the saved rooms with `semantic rooms ls`")
             self.db.execute("DELETE FROM rooms WHERE name=?", (name,))
-        return _loads(row["agents"], [])
+        return json_column(row["agents"], [])

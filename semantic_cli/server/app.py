@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import hmac
 import json
-import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -35,10 +34,9 @@ from ..events import TokenEvent
 from ..store import Store
 from ..turn import GenSettings, TurnNotSaved, TurnRecorded
 from . import openai_api, wire
+from .accesslog import AccessLog
 from .jobs import END, STARTED, Job, OtherModel, Saturated, ShuttingDown
 from .worker import Worker
-
-log = logging.getLogger("semantic.serve")
 
 
 @dataclass(frozen=True)
@@ -297,33 +295,6 @@ def build(worker: Worker, settings: Settings) -> Starlette:
     # request's Host header, before any key or Host check.
     app.router.redirect_slashes = False
     return app
-
-
-class AccessLog:
-    """One line per request on stderr (through `logging`): who, what, status, time."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 0
-
-        async def sending(message: Any) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, sending)
-        finally:
-            client = scope.get("client")
-            who = f"{client[0]}:{client[1]}" if client else "socket"
-            log.info("%s %s %s %d %.0f ms", who, scope["method"], scope["path"], status, (time.perf_counter() - started) * 1000)
 
 
 class _TooLarge(Exception):
