@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -42,18 +42,19 @@ def deferred() -> Iterator[Deferred]:
 
 
 _terminating: int | None = None  # SIGTERM or SIGHUP arrived: the command stops as for Ctrl-C, then ends
+_wakers: list[Callable[[], None]] = []  # what must be told at once: a prompt waiting for input
 
 
 def stop_on_termination() -> None:
     """SIGTERM and SIGHUP (the terminal closed) stop a command as Ctrl-C does: the reply being
     written is kept, marked interrupted, and nothing half-written is left; then the command
-    ends (exit 128 + the signal: `terminating`). Before, either signal killed the process
-    mid-turn and the turn was lost. Only where nothing else handles them (a server installs
-    its own; a rank under mlx.launch is left to the launcher, which stops ranks stuck in a
-    collective by killing them)."""
-    import os
+    ends (exit 128 + the signal: `terminating`), a REPL waiting at its prompt too (`waking`).
+    Before, either signal killed the process mid-turn and the turn was lost. Only where
+    nothing else handles them (a server installs its own) and not in a rank of a run over
+    several ranks, which the launcher stops (killing ranks stuck in a collective)."""
+    from .distributed import launched_rank
 
-    if os.environ.get("MLX_RANK") is not None or threading.current_thread() is not threading.main_thread():
+    if launched_rank() is not None or threading.current_thread() is not threading.main_thread():
         return
     for sig in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(sig) is signal.SIG_DFL:
@@ -63,6 +64,8 @@ def stop_on_termination() -> None:
 def _terminate(signum: int, frame: Any) -> None:
     global _terminating
     _terminating = signum
+    for wake in list(_wakers):
+        wake()  # a prompt leaves (prompt_toolkit holds SIGINT while it reads: the handler below does nothing then)
     handler = signal.getsignal(signal.SIGINT)
     if callable(handler):
         handler(signal.SIGINT, frame)  # a step notes it and stops at its end; elsewhere KeyboardInterrupt
@@ -73,3 +76,13 @@ def _terminate(signum: int, frame: Any) -> None:
 def terminating() -> int | None:
     """The signal (SIGTERM, SIGHUP) that is ending this command, if one is."""
     return _terminating
+
+
+@contextmanager
+def waking(wake: Callable[[], None]) -> Iterator[None]:
+    """While the block runs, SIGTERM or SIGHUP also calls `wake` (a prompt's way out)."""
+    _wakers.append(wake)
+    try:
+        yield
+    finally:
+        _wakers.remove(wake)

@@ -273,6 +273,29 @@ def test_sigterm_mid_reply_keeps_it_interrupted_and_ends_the_repl(term, home):
     assert user["content"] == "tell me a long story" and cut["status"] == "interrupted" and cut["content"].strip()
 
 
+def test_sigterm_at_an_idle_prompt_ends_the_repl(term, home):
+    """`kill` ends a REPL waiting for input (prompt_toolkit holds SIGINT while it reads)."""
+    import signal
+
+    t = term("--agent", "a", "--max-tokens", "4", "--no-markdown")
+    t.prompt()
+    t.child.kill(signal.SIGTERM)
+    assert t.exit_code(timeout=20) == 143, t.text[-2000:]
+
+
+def test_a_terminal_that_hangs_up_mid_reply_keeps_it_and_exits_129(term, home):
+    """The terminal closing (its pty's master gone: SIGHUP, then every write to it fails)
+    keeps the cut reply, marked interrupted, and the command exits 129."""
+    t = term("-a", "h", "--max-tokens", "4000", "-m", "go on forever")
+    t.until(lambda s: "first turn" in s and len(s.split("first turn", 1)[1].strip()) > 80, "a streaming reply")
+    os.close(t.child.child_fd)  # hang up
+    _, status = os.waitpid(t.child.pid, 0)
+    t.child.terminated = t.child.ptyproc.terminated = True  # reaped here: pexpect must not wait for it again
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 129, status
+    [user, cut] = rows(home, "h")
+    assert user["content"] == "go on forever" and cut["status"] == "interrupted" and cut["content"].strip()
+
+
 def test_multiline_input_history_and_search(term, home):
     t = term("--agent", "a", "--max-tokens", "6")
     t.prompt()

@@ -144,9 +144,10 @@ def _click_errors() -> tuple[tuple[type[Exception], ...], tuple[type[Exception],
     return errors, bad_values, aborts
 
 
-def _fail(message: str, code: int) -> None:
-    sys.stderr.write(f"semantic: error: {message}\n")
-    sys.stderr.flush()
+def _fail(message: str, code: int) -> NoReturn:
+    with contextlib.suppress(OSError):  # a terminal that hung up
+        sys.stderr.write(f"semantic: error: {message}\n")
+        sys.stderr.flush()
     raise SystemExit(code)
 
 
@@ -158,6 +159,11 @@ def _interrupted(newline: str = "") -> NoReturn:
         sys.stderr.write(f"{newline}interrupted\n")
         sys.stderr.flush()
     signum = interrupts.terminating()
+    if signum is not None:  # the terminal may be gone: Python's last flush of it must not turn the exit into 120
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.dup2(devnull, sys.stderr.fileno())
     raise SystemExit(EXIT_INTERRUPTED if signum is None else 128 + signum)
 
 
@@ -165,9 +171,9 @@ def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("SEMANTIC_DEBUG") == "1"
     os.umask(0o077)  # everything this tool writes is private to the user
     _open_standard_streams()
-    try:
-        from .. import interrupts
+    from .. import interrupts
 
+    try:
         interrupts.stop_on_termination()
         register(sys.argv[1:] if argv is None else argv)
         result = app(args=argv, standalone_mode=False, prog_name="semantic")
@@ -189,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(1) from None
     except Exception as exc:
+        if interrupts.terminating() is not None and not debug:  # e.g. EIO writing to the terminal that hung up
+            _interrupted()
         usage_errors, bad_values, aborts = _click_errors()
         if isinstance(exc, aborts):
             sys.stderr.write("\n")

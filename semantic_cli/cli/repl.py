@@ -137,7 +137,15 @@ class Repl:
         return self._prompts[self.current]
 
     def read(self) -> str:
-        return self._prompt().prompt([("bold", self.current), ("", "> ")])
+        session = self._prompt()
+
+        def leave() -> None:  # SIGTERM or SIGHUP at the prompt: it returns as for Ctrl-D
+            app = session.app
+            if app.is_running and app.loop is not None:
+                app.loop.call_soon_threadsafe(lambda: app.exit(exception=EOFError()) if app.is_running else None)
+
+        with interrupts.waking(leave):
+            return session.prompt([("bold", self.current), ("", "> ")])
 
     # ---- the loop -------------------------------------------------------
     def run(self) -> None:

@@ -138,6 +138,7 @@ def run(cmd: list[str], env_extra: dict[str, str] | None = None) -> int:
     reader = threading.Thread(target=_filter, args=(proc, gone, reaper, codes), daemon=True)
     reader.start()
     previous = signal.signal(signal.SIGTERM, lambda *_: _stop_rank0(proc.pid))
+    hangup = signal.signal(signal.SIGHUP, signal.SIG_DFL)  # a closed terminal ends this wrapper, and so the ranks
     try:
         while proc.poll() is None:
             try:
@@ -146,6 +147,7 @@ def run(cmd: list[str], env_extra: dict[str, str] | None = None) -> int:
                 continue
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGHUP, hangup)
         os.close(keep_open)
         reaper.cancel()
     reader.join(timeout=5)
