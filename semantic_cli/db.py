@@ -55,10 +55,16 @@ def connect(path: Path, synchronous: str, migrations: Sequence[Migration], what:
     return db
 
 
-def unusable(path: Path, what: str, exc: sqlite3.Error) -> StoreDamagedError:
-    """Why `what` at `path` cannot be used, and what to do: one line."""
+# SQLite's words for a file the machine will not let it use (anything else is a bug to report).
+DAMAGED = ("not a database", "malformed")
+MACHINE_REFUSED = ("readonly", "read-only", "disk I/O", "full", "unable to open")
+
+
+def unusable(path: Path, what: str, exc: sqlite3.Error) -> StoreDamagedError | None:
+    """Why `what` at `path` cannot be used, and what to do, in one line; None for an error
+    that says nothing about the file (a bug, a lock), which the caller lets through."""
     text = str(exc)
-    if "not a database" in text or "malformed" in text:
+    if any(words in text for words in DAMAGED):
         hint = "it is damaged: restore it from a backup, or move it aside to start a new one (semantic never overwrites it)"
     elif "readonly" in text or "read-only" in text:
         hint = "it is read-only: make it and its directory writable (or point SEMANTIC_HOME elsewhere)"
@@ -67,7 +73,7 @@ def unusable(path: Path, what: str, exc: sqlite3.Error) -> StoreDamagedError:
     elif "unable to open" in text:
         hint = "check that its directory exists and is writable by you"
     else:
-        hint = "check the file and its directory"
+        return None
     return StoreDamagedError(f"{what} {path} cannot be used ({text}): {hint}")
 
 

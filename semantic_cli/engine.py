@@ -145,6 +145,19 @@ def _done(st: _Live, reason: str, cache: Any, covered: list[int], now: float) ->
     return TurnDone(req.key, reason, "".join(st.text), list(st.generated), cache, log, stats, len(covered))
 
 
+def _in_float32(sample: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A sampler that sees float32 log-probabilities: a half-precision model's (a GPU's) would
+    overflow to inf under a small temperature's division (float16 at 1e-5 sampled at random)."""
+    from .backend import runtime
+
+    float32 = runtime.mx().float32
+
+    def sampled(logprobs: Any) -> Any:
+        return sample(logprobs.astype(float32) if logprobs.dtype != float32 else logprobs)
+
+    return sampled
+
+
 def _check(req: TurnRequest) -> None:
     if req.cached >= len(req.prompt):
         raise ValueError("a cache must leave at least one prompt token to process")
@@ -188,12 +201,12 @@ class Batch:
         # batch in one call only when every sequence shares the same object.
         top_k = req.top_k if 0 < req.top_k < self._vocab else 0  # k at or above the vocabulary cuts nothing (and mlx would fail)
         # Below GREEDY_BELOW mlx-lm's logits / temp overflows float32 (1e-300 sampled garbage),
-        # and far above it sampling already picks the top token: greedy is what was meant.
+        # and well above it sampling already picks the top token: greedy is what was meant.
         temp = req.temp if req.temp >= GREEDY_BELOW else 0.0
         key = (temp, req.top_p, top_k, req.min_p)
         if key not in self._samplers:
             top_p = req.top_p if req.top_p < 1.0 else 0.0
-            self._samplers[key] = self._make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=req.min_p)
+            self._samplers[key] = _in_float32(self._make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=req.min_p))
         processors = []
         if req.repeat_penalty != 1.0 and req.repeat_last_n > 0:  # per sequence: each keeps its own token context
             processors = self._make_processors(repetition_penalty=req.repeat_penalty, repetition_context_size=req.repeat_last_n)

@@ -145,8 +145,10 @@ class Store:
         try:
             self.db = connect(self.path, "FULL", MIGRATIONS, "the transcript database")
             self.db.execute("PRAGMA foreign_keys=ON")
-        except sqlite3.Error as exc:  # the KV index's failures cost a re-prefill; the transcript's stop the command
-            raise unusable(self.path, "the transcript database", exc) from exc
+        except sqlite3.DatabaseError as exc:  # the KV index's failures cost a re-prefill; the transcript's stop the command
+            if (refused := unusable(self.path, "the transcript database", exc)) is None:
+                raise
+            raise refused from exc
 
     def close(self) -> None:
         self.db.close()

@@ -88,3 +88,20 @@ def test_an_agents_own_settings_rank_between_the_flags_and_the_config(tiny, home
     assert _reply("own2", model) == default
     r = run_cli("agents", "edit", "own2", "--repeat-penalty", "0")
     assert r.returncode == EXIT_USAGE and b"--repeat-penalty" in r.stderr
+
+
+def test_a_small_temperature_samples_the_top_token_in_half_precision_too():
+    """A GPU runs the model in float16 or bfloat16: mlx-lm's logits / temp overflowed there
+    (float16 at 1e-5 picked tokens at random); the engine's samplers see float32."""
+    import mlx.core as mx
+    from mlx_lm.sample_utils import make_sampler
+
+    from semantic_cli.engine import _in_float32
+
+    logits = mx.array([[1.0, 3.0, 2.5, -1.0, 0.5]], dtype=mx.float16)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    mx.random.seed(0)
+    raw = make_sampler(temp=1e-5)
+    assert len({raw(logprobs).item() for _ in range(16)}) > 1  # what the engine must not do
+    ours = _in_float32(make_sampler(temp=1e-5))
+    assert {ours(logprobs).item() for _ in range(16)} == {1}

@@ -206,6 +206,8 @@ def main(argv: list[str] | None = None) -> None:
             _fail(bad.format_message(), bad.exit_code)
         if isinstance(exc, usage_errors):  # an unknown flag or command, a missing argument: one line, as our own
             usage_error: Any = exc  # click's or typer's vendored ClickException: both have format_message() and exit_code
+            if not usage_error.format_message():  # a group run bare: click has printed its help already
+                raise SystemExit(usage_error.exit_code) from None
             context = getattr(usage_error, "ctx", None)
             command = context.command_path if context is not None else "semantic"
             _fail(f"{usage_error.format_message()} (see `{command} --help`)", usage_error.exit_code)
@@ -219,14 +221,18 @@ def main(argv: list[str] | None = None) -> None:
 def _environment_error(exc: Exception) -> str | None:
     """One line for what the machine refused (a full disk, a read-only or missing directory,
     a database SQLite cannot write), with what to check; None for anything else."""
+    import errno
     import sqlite3
 
-    if isinstance(exc, sqlite3.Error):
+    from ..db import MACHINE_REFUSED
+
+    if isinstance(exc, sqlite3.OperationalError) and any(words in str(exc) for words in MACHINE_REFUSED):
         return f"a database operation failed ({exc}): check the free disk space and that semantic's files are yours and writable"
-    if isinstance(exc, OSError) and exc.strerror:
+    refused = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EIO)
+    if isinstance(exc, OSError) and exc.errno in refused and exc.strerror:
         where = f" ({exc.filename})" if isinstance(exc.filename, str) else ""
         return f"{exc.strerror}{where}: check the free disk space, the path, and that semantic's directories are yours and writable"
-    return None
+    return None  # anything else is a bug to report
 
 
 def _open_standard_streams() -> None:

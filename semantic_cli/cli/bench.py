@@ -24,6 +24,8 @@ def _writable_out(path: Path | None) -> Path | None:
         return None
     if path.is_dir():
         raise typer.BadParameter(f"{path} is a directory: name a file, e.g. {path / 'results.json'}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise typer.BadParameter(f"{path} cannot be written")
     existing = path.parent.absolute()
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

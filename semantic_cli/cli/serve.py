@@ -47,7 +47,7 @@ def serve(
     if no_tcp and no_socket:
         raise UsageError("--no-tcp and --no-socket leave nothing to listen on")
     if api_key and not api_key.strip():
-        raise UsageError("--api-key: a key of only spaces would refuse every request (a client's key is stripped); give a real key")
+        raise UsageError("--api-key: a key of only spaces would refuse every request; give a real key")
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     log = logging.getLogger("semantic.serve")
@@ -59,7 +59,7 @@ def serve(
         host=None if no_tcp else host,
         port=port,
         socket_path=None if no_socket else (socket_path or paths.server_socket()),
-        api_key=api_key or None,
+        api_key=api_key.strip() if api_key else None,  # as a client's key is compared: stripped
         limits=Limits(max_body=max_body, max_tokens=max_tokens, max_queue=max_queue, body_timeout=body_timeout),
     )
     err = render.stderr()

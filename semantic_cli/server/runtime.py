@@ -101,11 +101,13 @@ def unix_socket(path: Path) -> socket.socket:
 
 
 def check_address(host: str, port: int) -> None:
-    """--host must be an address or a name this machine resolves (UsageError, not "busy")."""
+    """--host must resolve and be an address of this machine (UsageError, not "busy"): a
+    throwaway socket is bound to it on any port, before the model loads."""
     try:
         socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
         raise UsageError(f"--host {host!r} is not an address or a name this machine can resolve ({exc}); use e.g. 127.0.0.1") from None
+    tcp_socket(host, 0).close()
 
 
 def tcp_socket(host: str, port: int) -> socket.socket:

@@ -133,7 +133,8 @@ def turn_job(body: dict[str, Any]) -> dict[str, Any]:
 
     from ..store import validate_name
 
-    raw_targets, raw_settings = body["targets"], body.get("settings") or {}
+    raw_targets, raw_settings = body["targets"], body.get("settings")
+    raw_settings = {} if raw_settings is None else raw_settings
     pairs = isinstance(raw_targets, list) and all(isinstance(p, list) and len(p) == 2 for p in raw_targets)
     if not pairs or not all(isinstance(x, str) for p in raw_targets for x in p):
         raise TypeError("targets: a list of [agent, message] pairs of strings")
