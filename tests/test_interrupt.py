@@ -318,6 +318,8 @@ def test_sigterm_or_sighup_mid_reply_keeps_the_turn_as_ctrl_c_does(tiny, home, s
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        # As from a terminal: a suite run under nohup would hand down SIGHUP ignored (which semantic keeps so).
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
     )
     assert os.read(proc.stdout.fileno(), 1)  # the reply is streaming
     time.sleep(0.3)

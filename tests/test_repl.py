@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sqlite3
 import time
 from collections.abc import Callable
@@ -41,7 +42,9 @@ class Term:
     def __init__(self, *args: str, rows: int = 40, cols: int = 120) -> None:
         env = dict(os.environ, TERM="xterm-256color", PROMPT_TOOLKIT_NO_CPR="1")
         env.pop("NO_COLOR", None)
-        self.child = pexpect.spawn(SEMANTIC, ["chat", *args], env=env, dimensions=(rows, cols), timeout=5)
+        # As from a terminal: a suite run under nohup would hand down SIGHUP ignored.
+        hangup_as_default = lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL)  # noqa: E731
+        self.child = pexpect.spawn(SEMANTIC, ["chat", *args], env=env, dimensions=(rows, cols), timeout=5, preexec_fn=hangup_as_default)
         self.raw = b""
         self.mark = 0  # expect() searches text drawn after the previous match
         self._text = ("", 0)
