@@ -157,6 +157,9 @@ class Chat:
         history = [] if is_new else self.store.messages(agent.name)
         msgs = prompting.chat_messages(agent, history)
         log = self.store.token_log(agent.name, lm.tokenizer_fingerprint) if history and not changes else None
+        vocab = getattr(getattr(lm.model, "args", None), "vocab_size", None)
+        if log and isinstance(vocab, int) and max(log) >= vocab:  # a damaged log: the model would read past its embeddings
+            log = None
         delta = None
         if log:
             delta = prompting.turn_delta(tok, msgs, user_text, log_ends_with_eos=log[-1] in tok.eos_token_ids)

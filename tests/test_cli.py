@@ -255,6 +255,22 @@ def test_a_damaged_or_unusable_store_is_one_line_naming_the_file(tiny, home, tmp
     assert r.returncode == 1 and r.stderr.count(b"\n") == 1 and b"unexpected" not in r.stderr and str(blocker).encode() in r.stderr
 
 
+def test_a_token_log_naming_ids_past_the_vocabulary_is_not_fed_to_the_model(tiny, home):
+    """A chunk of the right length whose ids the model has no embedding for (a damaged row)
+    is not trusted: the turn renders the transcript again instead of reading past the table."""
+    model = str(tiny["llama"])
+    assert run_cli("chat", "-a", "a", "--model", model, "--max-tokens", "2", "-m", "hi").returncode == 0
+    db = sqlite3.connect(home / "data" / "semantic.db")
+    try:
+        with db:
+            db.execute("UPDATE token_chunks SET tokens=? WHERE agent='a'", ((2**31).to_bytes(4, "little") * 8,))
+    finally:
+        db.close()
+    turn = run_cli("chat", "-a", "a", "--max-tokens", "2", "--json", "-m", "again")
+    assert turn.returncode == 0, turn.stderr
+    assert json.loads(turn.stdout)["prompt_tokens"] > 8  # the transcript's render, not the 8 bad ids and a delta
+
+
 def test_damaged_rows_cost_their_own_values_not_every_command(tiny, home):
     """An agent's settings, a message's figures or a token chunk that are not what they
     should be: `agents ls`, `rooms ls` and the next turn still work (defaults, a re-render);
