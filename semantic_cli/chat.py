@@ -295,7 +295,10 @@ class Chat:
         its partial reply is recorded as interrupted (`TurnNotSaved` if it cannot be). Stopped
         before its first token, only the user's message is recorded, unanswered, and what
         the prefill had read of it (`reading`, from the engine) is kept as cache."""
-        done = p.done = p.done or interrupted(p)
+        read = None  # a reply under way: the whole prompt was read
+        if not p.tokens:  # stopped in the prefill: what the engine says it had read, else only the cache
+            read = len(reading[p.agent.name][1]) if reading and p.agent.name in reading else p.request.cached
+        done = p.done = p.done or interrupted(p, read)
         self._record_or_raise(p, done)
         if not done.generated and reading and p.agent.name in reading:
             self.cache.keep_read(p, *reading[p.agent.name])

@@ -126,18 +126,20 @@ def unanswered_tokens(p: PendingTurn) -> list[int] | None:
     return p.request.prompt[: len(p.request.prompt) - p.opening]
 
 
-def partial_stats(p: PendingTurn) -> TurnStats:
+def partial_stats(p: PendingTurn, read: int | None = None) -> TurnStats:
     """A turn stopped before the engine ended it: TTFT as for a finished turn (0 when it was
-    stopped before its first token); no rates."""
+    stopped before its first token); no rates. `read`: how many prompt tokens the model had
+    read when a prefill was stopped (None: all of them)."""
     req = p.request
     ttft = p.first_token_at - p.started if p.first_token_at is not None else 0.0
-    return TurnStats(ttft, len(req.prompt), req.cached, len(req.prompt) - req.cached, len(p.tokens), 0.0, 0.0, req.restore_s)
+    prefilled = (len(req.prompt) if read is None else read) - req.cached
+    return TurnStats(ttft, len(req.prompt), req.cached, prefilled, len(p.tokens), 0.0, 0.0, req.restore_s)
 
 
-def interrupted(p: PendingTurn) -> TurnDone:
-    """The turn as it stands when stopped before the engine ended it."""
+def interrupted(p: PendingTurn, read: int | None = None) -> TurnDone:
+    """The turn as it stands when stopped before the engine ended it (`read`: partial_stats')."""
     req = p.request
-    return TurnDone(req.key, "interrupted", "".join(p.text), list(p.tokens), None, req.prompt + p.tokens, partial_stats(p))
+    return TurnDone(req.key, "interrupted", "".join(p.text), list(p.tokens), None, req.prompt + p.tokens, partial_stats(p, read))
 
 
 def transcript_rows(p: PendingTurn, done: TurnDone, model: str) -> tuple[list[tuple[str, str, str, dict]], list[int], bool]:

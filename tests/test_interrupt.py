@@ -332,3 +332,29 @@ def test_sigterm_or_sighup_mid_reply_keeps_the_turn_as_ctrl_c_does(tiny, home, s
         assert user.content == "go on forever" and reply.status == "interrupted" and 0 < reply.meta["generated_tokens"] < 4000
     finally:
         store.close()
+
+
+def test_a_turn_stopped_in_its_prefill_reports_what_was_read(tiny, home):
+    """Ctrl-C in the third pass of a long message's prefill: the cut turn's figures say two
+    passes' worth of tokens were prefilled, not the whole prompt (they stay as cache)."""
+    from semantic_cli.engine import PREFILL_STEP
+
+    text = " ".join(f"w{i}" for i in range(2 * PREFILL_STEP))
+    with Session() as s:
+        engine = get_engine(resolve(str(tiny["llama"])))
+
+        def press(n: int, layer: int) -> None:
+            if n == 3 and layer == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        agent = s.chat.open_agent("p", str(tiny["llama"]), None)
+        pending = s.chat.prepare(agent, text, GenSettings(max_tokens=4))
+        assert len(pending.request.prompt) > 3 * PREFILL_STEP
+        with pytest.MonkeyPatch.context() as m:
+            _layer_counter(engine.lm.model, m, press)
+            with pytest.raises(KeyboardInterrupt):
+                for _ in s.chat.run([pending]):
+                    pass
+        stats = pending.done.stats
+        assert stats.generated_tokens == 0 and stats.prompt_tokens == len(pending.request.prompt)
+        assert stats.prefilled_tokens == 2 * PREFILL_STEP - stats.cached_tokens
