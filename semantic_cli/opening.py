@@ -29,6 +29,10 @@ def with_flags(name: str, stored: Agent | None, model_flag: str | None, system: 
         now = time.time()
         return Agent(name, requested_spec(model_flag), system or "", {}, now, now)
     agent = stored
+    if model_flag is not None and not model_flag.strip():
+        from .model.loader import named
+
+        named(model_flag)  # refused: an empty --model read as no flag
     if model_flag and model_flag != stored.model:
         agent = replace(agent, model=model_flag)
     if system is not None and system != stored.system and not has_messages:

@@ -97,6 +97,7 @@ def test_system_persona_is_stored_on_first_use(tiny, home):
         (["--agent", "a", "--top-p", "nan", "-m", "hi"], None, EXIT_USAGE, b"--top-p must be"),
         (["--agent", "a", "--repeat-penalty", "inf", "-m", "hi"], None, EXIT_USAGE, b"--repeat-penalty must be"),
         (["--agent", "a", "--wait-timeout", "nan", "-m", "hi"], None, EXIT_USAGE, b"--wait-timeout"),
+        (["--agent", "a", "--model", "", "-m", "hi"], None, EXIT_USAGE, b"--model is empty"),
         (["-a", "a", "-a", "b", "--model", "{llama}", "--save-room", "bad name!", "--all", "-m", "hi"], None, EXIT_USAGE, b"invalid room"),
     ],
 )
@@ -358,3 +359,20 @@ def test_only_what_the_machine_refuses_is_an_environment_error_the_rest_is_a_bug
 def test_a_group_run_bare_prints_its_help_and_no_error_line(home):
     r = run_cli("agents")
     assert b"Usage" in r.stdout + r.stderr and b"error:" not in r.stderr, r.stderr
+
+
+def test_an_empty_model_flag_is_refused_for_an_existing_agent_and_in_every_command(tiny, home):
+    assert run_cli("chat", "-a", "e", "--model", str(tiny["llama"]), "--max-tokens", "2", "-m", "hi").returncode == 0
+    blanks = (["chat", "-a", "e", "--model", "", "-m", "hi"], ["agents", "new", "f", "--model", " "], ["bench", "exp-005", "--model", ""])
+    for args in blanks:
+        r = run_cli(*args)
+        assert r.returncode == EXIT_USAGE and b"--model is empty" in r.stderr and r.stderr.count(b"\n") == 1, (args, r.stderr)
+    assert [row[0] for row in _db_rows(home, "SELECT name FROM agents")] == ["e"]
+
+
+def test_cache_rank_names_a_shard_or_is_not_found(home):
+    assert run_cli("cache", "ls").returncode == 0
+    bad = run_cli("cache", "--rank", "../x", "ls")
+    assert bad.returncode == EXIT_USAGE and b"not a shard's name" in bad.stderr
+    missing = run_cli("cache", "--rank", "layers-w2-r1", "ls")
+    assert missing.returncode == EXIT_NOT_FOUND and b"no shard 'layers-w2-r1'" in missing.stderr

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from ..errors import CacheDamageError, UsageError
+from ..errors import CacheDamageError, NotFoundError, UsageError
 from . import render
 from .render import Column, fullness, human_age, human_bytes, plural, printable
 
@@ -39,9 +39,11 @@ def cover(
     root = paths.cache_dir(create=False) / "ranks"
     shards = sorted(p.name for p in root.glob("*") if p.is_dir()) if root.is_dir() else []
     if rank is not None:
-        if not re.fullmatch(r"[a-z]+-w\d+-r\d+", rank) or rank not in shards:
-            here = f"this host has {', '.join(shards)}" if shards else "this host has none"
-            raise UsageError(f"no shard {rank!r} under {root}: {here}")
+        here = f"this host has {', '.join(shards)}" if shards else "this host has none"
+        if not re.fullmatch(r"[a-z]+-w\d+-r\d+", rank):
+            raise UsageError(f"--rank {rank!r} is not a shard's name (LAYOUT-wN-rK, e.g. layers-w2-r1); {here}")
+        if rank not in shards:
+            raise NotFoundError(f"no shard {rank!r} under {root}: {here}")
         paths.rank_cache = rank
     elif shards:
         render.stderr().print(

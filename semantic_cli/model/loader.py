@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import config, paths
-from ..errors import ModelError, NotFoundError
+from ..errors import ModelError, NotFoundError, UsageError
 
 DEFAULT = "default"
 _HF_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -36,7 +36,14 @@ class ModelRef:
 
 
 def requested_spec(flag: str | None) -> str:
-    return flag or config.get("model") or DEFAULT
+    return named(flag) or config.get("model") or DEFAULT
+
+
+def named(flag: str | None) -> str | None:
+    """A --model value as given; an empty or blank one is refused (it read as the default)."""
+    if flag is not None and not flag.strip():
+        raise UsageError("--model is empty: name a model, or leave the flag out for the configured one")
+    return flag
 
 
 def quiet_transformers() -> None:
@@ -50,7 +57,7 @@ def quiet_transformers() -> None:
 def resolve(spec: str | None, on_progress: Progress | None = None) -> ModelRef:
     """Turn a model spec into something loadable, preparing it if needed."""
     quiet_transformers()
-    spec = spec or requested_spec(None)
+    spec = named(spec) or requested_spec(None)
     if spec == DEFAULT:
         from .default import ensure_default_model
 
