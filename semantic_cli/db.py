@@ -55,26 +55,28 @@ def connect(path: Path, synchronous: str, migrations: Sequence[Migration], what:
     return db
 
 
-# SQLite's words for a file the machine will not let it use (anything else is a bug to report).
-DAMAGED = ("not a database", "malformed")
-MACHINE_REFUSED = ("readonly", "read-only", "disk I/O", "full", "unable to open")
+# SQLite's words for a file the machine will not let it use, and what to do about each
+# (any other error is a bug to report).
+_UNUSABLE = (
+    (
+        ("not a database", "malformed"),
+        "it is damaged: restore it from a backup, or move it aside to start a new one (semantic never overwrites it)",
+    ),
+    (("readonly", "read-only"), "it is read-only: make it and its directory writable (or point SEMANTIC_HOME elsewhere)"),
+    (("disk I/O", "full"), "the disk may be full: free some space and try again"),
+    (("unable to open",), "check that its directory exists and is writable by you"),
+)
+MACHINE_REFUSED = tuple(words for found, _ in _UNUSABLE[1:] for words in found)  # all but damage
 
 
 def unusable(path: Path, what: str, exc: sqlite3.Error) -> StoreDamagedError | None:
     """Why `what` at `path` cannot be used, and what to do, in one line; None for an error
     that says nothing about the file (a bug, a lock), which the caller lets through."""
     text = str(exc)
-    if any(words in text for words in DAMAGED):
-        hint = "it is damaged: restore it from a backup, or move it aside to start a new one (semantic never overwrites it)"
-    elif "readonly" in text or "read-only" in text:
-        hint = "it is read-only: make it and its directory writable (or point SEMANTIC_HOME elsewhere)"
-    elif "disk I/O" in text or "full" in text:
-        hint = "the disk may be full: free some space and try again"
-    elif "unable to open" in text:
-        hint = "check that its directory exists and is writable by you"
-    else:
-        return None
-    return StoreDamagedError(f"{what} {path} cannot be used ({text}): {hint}")
+    for found, hint in _UNUSABLE:
+        if any(words in text for words in found):
+            return StoreDamagedError(f"{what} {path} cannot be used ({text}): {hint}")
+    return None
 
 
 def _enter_wal(db: sqlite3.Connection, timeout: float = 30.0) -> None:

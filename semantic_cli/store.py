@@ -216,19 +216,9 @@ class Store:
         """Delete an agent; it leaves every saved room too (a room it leaves empty goes). The
         rooms it was in: a room naming a deleted agent could no longer be opened."""
         self.get_agent(name)
-        left: list[str] = []
         with self._tx():
             self.db.execute("DELETE FROM agents WHERE name=?", (name,))
-            for r in self.db.execute("SELECT name, agents FROM rooms").fetchall():
-                members = json_column(r["agents"], [])
-                if name in members:
-                    left.append(r["name"])
-                    rest = [m for m in members if m != name]
-                    if rest:
-                        self.db.execute("UPDATE rooms SET agents=? WHERE name=?", (json.dumps(rest), r["name"]))
-                    else:
-                        self.db.execute("DELETE FROM rooms WHERE name=?", (r["name"],))
-        return left
+            return self._rooms_replace(name, None)
 
     def rename_agent(self, old: str, new: str) -> None:
         self.get_agent(old)
@@ -238,11 +228,23 @@ class Store:
         with self._tx():
             self.db.execute("UPDATE agents SET name=? WHERE name=?", (new, old))
             # Saved rooms follow the rename; otherwise `--room` would recreate the old name, empty.
-            for r in self.db.execute("SELECT name, agents FROM rooms").fetchall():
-                members = json_column(r["agents"], [])
-                if old in members:
-                    renamed = json.dumps([new if m == old else m for m in members])
-                    self.db.execute("UPDATE rooms SET agents=? WHERE name=?", (renamed, r["name"]))
+            self._rooms_replace(old, new)
+
+    def _rooms_replace(self, agent: str, by: str | None) -> list[str]:
+        """In every saved room naming `agent`, put `by` in its place (None: take it out, and
+        drop a room left empty); the rooms changed. Inside the caller's transaction."""
+        changed = []
+        for r in self.db.execute("SELECT name, agents FROM rooms").fetchall():
+            members = json_column(r["agents"], [])
+            if agent not in members:
+                continue
+            changed.append(r["name"])
+            members = [by if m == agent else m for m in members] if by is not None else [m for m in members if m != agent]
+            if members:
+                self.db.execute("UPDATE rooms SET agents=? WHERE name=?", (json.dumps(members), r["name"]))
+            else:
+                self.db.execute("DELETE FROM rooms WHERE name=?", (r["name"],))
+        return changed
 
     def fork_agent(self, source: str, new: str, through: int | None = None, chunks: int | None = None) -> Agent:
         """A copy of `source`: its messages up to id `through` (None: all) and the first

@@ -160,10 +160,7 @@ def _interrupted(newline: str = "") -> NoReturn:
         sys.stderr.flush()
     signum = interrupts.terminating()
     if signum is not None:  # the terminal may be gone: Python's last flush of it must not turn the exit into 120
-        with contextlib.suppress(OSError):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.dup2(devnull, sys.stderr.fileno())
+        _to_devnull(sys.stdout, sys.stderr)
     raise SystemExit(EXIT_INTERRUPTED if signum is None else 128 + signum)
 
 
@@ -192,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         _interrupted("\n")
     except BrokenPipeError:
         # The reader went away (`| head`): not an error worth a traceback.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _to_devnull(sys.stdout)
         raise SystemExit(1) from None
     except Exception as exc:
         if interrupts.terminating() is not None and not debug:  # e.g. EIO writing to the terminal that hung up
@@ -233,6 +230,15 @@ def _environment_error(exc: Exception) -> str | None:
         where = f" ({exc.filename})" if isinstance(exc.filename, str) else ""
         return f"{exc.strerror}{where}: check the free disk space, the path, and that semantic's directories are yours and writable"
     return None  # anything else is a bug to report
+
+
+def _to_devnull(*streams: Any) -> None:
+    """Point these streams' descriptors at /dev/null: their reader is gone, and what is left
+    in their buffers must not fail the exit."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in streams:
+            os.dup2(devnull, stream.fileno())
 
 
 def _open_standard_streams() -> None:

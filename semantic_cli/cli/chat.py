@@ -131,7 +131,7 @@ def chat(
 
             validate_name(save_room, "room")
         if socket_path is not None and not interactive:
-            text = _read(message)
+            text = read_message(message)
             turn = {"settings": asdict(sampling), "wait": waits, "wait_timeout": wait_timeout}
             _targets(names, text, to_all)  # a bad @mention is refused before anything else is said
 
@@ -190,7 +190,8 @@ def _check_numbers(sampling: dict[str, float | None], wait_timeout: float | None
         raise UsageError("--wait-timeout must be a finite number of seconds")
 
 
-def _read(message: str | None) -> str:
+def read_message(message: str | None) -> str:
+    """The turn's message: -m TEXT, else stdin (at most MAX_INPUT bytes), decoded and checked."""
     if message is not None:
         return decode_message(message.encode("utf-8", "surrogateescape"))
     return decode_message(read_input(sys.stdin.buffer, "the message"))
@@ -235,7 +236,7 @@ def _in_process(
                 store.save_room(save_room, names)
             Repl(session, opened, settings, markdown=not no_markdown, remote=remote, flags=(model, system)).run()
             return
-        text = _read(message)
+        text = read_message(message)
         by_name = {a.name: a for a in opened}
         targets = [(by_name[n], t) for n, t in _targets([a.name for a in opened], text, to_all)]
         announce = None if said else lambda: say_opened(store, [a.name for a in opened], model, system)

@@ -34,9 +34,9 @@ def relaunch(hosts: str | None, hostfile: Path | None, backend: str, message: st
                 "the REPL needs a terminal, which ranks started by mlx.launch do not have: pass -m TEXT or pipe the message in, "
                 "or run `semantic serve --hosts ...` and chat with it from a plain `semantic chat`"
             )
-        from .chat import decode_message, read_input
+        from .chat import read_message
 
-        argv += ["-m", decode_message(read_input(sys.stdin.buffer, "the message"))]
+        argv += ["-m", read_message(None)]
     raise SystemExit(launch.run(launch.command(hosts, hostfile, backend, argv), launch.shared_host_env(hosts)))
 
 
